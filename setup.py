@@ -1,0 +1,68 @@
+"""vizloc_ros: one setup.py for colcon (ament_python) and for pip."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "vizloc_ros"
+
+# Ranges that have wheels on x86_64 and on aarch64 (Jetson: torch/torchvision come
+# from NVIDIA's JetPack wheels; pip keeps them when they satisfy these ranges).
+INSTALL_REQUIRES = [
+    "numpy>=1.24,<3",
+    "torch>=2.1,<3",
+    "torchvision>=0.16,<1",
+    "transforms3d>=0.4.1,<0.5",
+    "gtsam>=4.2,<4.4",
+    "rosbags>=0.9.20,<0.12",
+    "safetensors>=0.4,<1",
+    "tqdm>=4.64,<5",
+    "matplotlib>=3.6,<4",
+    "evo>=1.25,<2",
+    "pyyaml>=6,<7",
+    "pillow>=9,<13",
+]
+
+EXTRAS = {
+    "test": ["pytest>=7", "hypothesis>=6.80"],
+    "export": ["onnx>=1.14", "onnxruntime>=1.16"],
+}
+
+
+def data_files():
+    files = [
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+    ]
+    for folder in ("launch", "config", "weights"):
+        found = [f for f in glob(f"{folder}/*") if not f.endswith("/__pycache__")]
+        if found:
+            files.append((f"share/{PACKAGE}/{folder}", found))
+    return files
+
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["test", "test.*", "benchmarks"]),
+    data_files=data_files(),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    python_requires=">=3.10",
+    zip_safe=True,
+    maintainer="vizloc_ros maintainers",
+    maintainer_email="maintainers@vizloc-ros.invalid",
+    description="Camera relocalization for ROS 2 (PoseNet / MapNet + pose-graph fusion)",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [
+            "vizloc-train = vizloc_ros.train:main",
+            "vizloc-eval = vizloc_ros.evaluate:main",
+            "vizloc-replay = vizloc_ros.replay:main",
+            "vizloc-synth = vizloc_ros.data.synthetic:main",
+            "vizloc-export = vizloc_ros.export:main",
+            "vizloc_regressor = vizloc_ros.nodes.regressor_node:main",
+            "vizloc_fusion = vizloc_ros.nodes.fusion_node:main",
+        ],
+    },
+)

@@ -1,0 +1,12 @@
+"""`vizloc-export`: Export a checkpoint to ONNX / TensorRT. Not implemented yet."""
+import sys
+
+from vizloc_ros.cli_common import not_built_yet
+
+
+def main(argv=None) -> int:
+    return not_built_yet("vizloc-export", "Export a checkpoint to ONNX / TensorRT", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
