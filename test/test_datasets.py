@@ -1,0 +1,121 @@
+"""Dataset loaders on tiny fixtures built here: conventions of DESIGN.md and clear errors."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from vizloc_ros import geometry
+from vizloc_ros.data.datasets import (Cambridge, DatasetError, KittiOdometry, SevenScenes,
+                                      TupleDataset, translation_stats)
+
+RNG = np.random.default_rng(3)
+
+
+def _random_pose():
+    q = geometry.quat_hemisphere(geometry.quat_normalize(RNG.normal(size=4)))
+    return RNG.normal(size=3), q
+
+
+def _png(path, grey=False):
+    data = RNG.integers(0, 255, size=(6, 8) if grey else (6, 8, 3), dtype=np.uint8)
+    Image.fromarray(data).save(path)
+    return data
+
+
+def make_sevenscenes(root, n=3):
+    poses = []
+    for seq, split in ((1, "TrainSplit.txt"), (2, "TestSplit.txt")):
+        (root / split).write_text(f"sequence{seq}\n")
+        folder = root / f"seq-{seq:02d}"
+        folder.mkdir()
+        for k in range(n):
+            t, q = _random_pose()
+            np.savetxt(folder / f"frame-{k:06d}.pose.txt", geometry.pose_to_matrix(t, q))
+            _png(folder / f"frame-{k:06d}.color.png")
+            poses.append((seq, t, q))
+    return poses
+
+
+def test_sevenscenes_reads_camera_to_world_poses(tmp_path):
+    poses = make_sevenscenes(tmp_path)
+    train = SevenScenes(tmp_path, "train")
+    test = SevenScenes(tmp_path, "test")
+    assert len(train) == 3 and len(test) == 3
+    sample = test[1]
+    _, t, q = poses[4]
+    assert sample["image"].shape == (6, 8, 3) and sample["image"].dtype == np.uint8
+    np.testing.assert_allclose(sample["t"], t, atol=1e-9)
+    np.testing.assert_allclose(sample["q"], q, atol=1e-9)
+    assert sample["q"][0] >= 0
+
+
+def test_cambridge_inverts_world_to_camera_rotation(tmp_path):
+    (tmp_path / "seq1").mkdir()
+    t, q_c2w = _random_pose()
+    q_w2c = geometry.quat_conjugate(q_c2w)
+    _png(tmp_path / "seq1" / "frame00001.png")
+    header = "Visual Landmark Dataset V1\nImageFile, Camera Position [X Y Z W P Q R]\n\n"
+    row = "seq1/frame00001.png " + " ".join(f"{v:.12f}" for v in (*t, *q_w2c))
+    (tmp_path / "dataset_train.txt").write_text(header + row + "\n")
+    sample = Cambridge(tmp_path, "train")[0]
+    np.testing.assert_allclose(sample["t"], t, atol=1e-9)
+    assert geometry.rotation_angle(sample["q"], q_c2w) < 1e-6
+
+
+def test_kitti_reads_3x4_rows_and_grey_images(tmp_path):
+    (tmp_path / "image_l").mkdir()
+    rows = []
+    for i in range(4):
+        t, q = _random_pose()
+        rows.append(geometry.pose_to_matrix(t, q)[:3].reshape(-1))
+        _png(tmp_path / "image_l" / f"{i:06d}.png", grey=True)
+    np.savetxt(tmp_path / "poses.txt", np.array(rows))
+    data = KittiOdometry(tmp_path, frames=[1, 3])
+    assert len(data) == 2
+    sample = data[1]
+    assert sample["image"].shape == (6, 8, 3)
+    np.testing.assert_allclose(geometry.pose_to_matrix(sample["t"], sample["q"])[:3].reshape(-1),
+                               rows[3], atol=1e-9)
+
+
+def test_tuples_carry_relative_poses(tmp_path):
+    make_sevenscenes(tmp_path, n=5)
+    base = SevenScenes(tmp_path, "train")
+    tuples = TupleDataset(base, steps=3, skip=2)
+    assert len(tuples) == 1
+    item = tuples[0]
+    assert item["image"].shape == (3, 6, 8, 3)
+    t_rel, q_rel = geometry.pose_relative(item["t"][0], item["q"][0], item["t"][1], item["q"][1])
+    np.testing.assert_allclose(item["t_rel"][0], t_rel, atol=1e-9)
+    mean, std = translation_stats(base)
+    assert mean.shape == (3,) and np.all(std >= 0.01)
+
+
+def test_missing_image_is_a_clear_error(tmp_path):
+    make_sevenscenes(tmp_path)
+    (tmp_path / "seq-01" / "frame-000001.color.png").unlink()
+    with pytest.raises(DatasetError, match="missing.*frame-000001.color.png"):
+        SevenScenes(tmp_path, "train")
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path):
+    make_sevenscenes(tmp_path)
+    (tmp_path / "seq-01" / "frame-000000.color.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="unreadable"):
+        SevenScenes(tmp_path, "train")[0]
+
+
+def test_nan_pose_and_wrong_columns_are_clear_errors(tmp_path):
+    make_sevenscenes(tmp_path)
+    (tmp_path / "seq-02" / "frame-000002.pose.txt").write_text("nan " * 16)
+    with pytest.raises(DatasetError, match="frame-000002.pose.txt"):
+        SevenScenes(tmp_path, "test")
+    kitti = tmp_path / "kitti"
+    (kitti / "image_0").mkdir(parents=True)
+    (kitti / "poses.txt").write_text("1 0 0 0 0 1 0 0 0 0 1\n")
+    with pytest.raises(DatasetError, match="12 columns"):
+        KittiOdometry(kitti)
+
+
+def test_missing_split_file_names_it(tmp_path):
+    with pytest.raises(DatasetError, match="TrainSplit.txt"):
+        SevenScenes(tmp_path, "train")
