@@ -1,0 +1,29 @@
+"""Pose regressors (PoseNet, MapNet, ...), their registry and checkpoint I/O.
+
+Importing this package registers every built-in architecture::
+
+    from vizloc_ros.models import build_model, load_checkpoint
+    model = build_model("mapnet", feat_dim=2048)
+    model, meta = load_checkpoint("weights/chess_mapnet")
+"""
+from vizloc_ros.models.base import PoseRegressor
+from vizloc_ros.models.registry import available_models, build_model, register_model
+from vizloc_ros.models import posenet as _posenet  # noqa: F401  (registers posenet*)
+from vizloc_ros.models import mapnet as _mapnet  # noqa: F401  (registers mapnet)
+from vizloc_ros.models.posenet import PoseNet
+from vizloc_ros.models.mapnet import MapNet
+from vizloc_ros.models.backbones import available_backbones
+from vizloc_ros.models.checkpoint import (
+    FORMAT as CHECKPOINT_FORMAT,
+    CheckpointError,
+    checkpoint_paths,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
+
+__all__ = [
+    "PoseRegressor", "PoseNet", "MapNet", "available_models", "build_model", "register_model",
+    "available_backbones", "CHECKPOINT_FORMAT", "CheckpointError", "checkpoint_paths",
+    "load_checkpoint", "read_checkpoint_meta", "save_checkpoint",
+]
