@@ -124,7 +124,8 @@ def quat_log(q) -> np.ndarray:
     v = q[..., 1:]
     n = np.linalg.norm(v, axis=-1, keepdims=True)
     safe_n = np.where(n < _SMALL_ANGLE, 1.0, n)
-    factor = np.where(n < _SMALL_ANGLE, (1.0 - n * n / (3.0 * w * w)) / w,
+    safe_w = np.where(np.abs(w) < _EPS, 1.0, w)  # both branches are evaluated: no 1/0 at 180 deg
+    factor = np.where(n < _SMALL_ANGLE, (1.0 - n * n / (3.0 * safe_w * safe_w)) / safe_w,
                       np.arctan2(n, w) / safe_n)
     return v * factor
 
