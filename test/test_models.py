@@ -1,0 +1,216 @@
+"""Pose regressors: registry, shapes, decoding, determinism, MC dropout, ImageNet init."""
+import json
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from vizloc_ros.geometry import torch_quat_log
+from vizloc_ros.models import (
+    MapNet,
+    PoseNet,
+    PoseRegressor,
+    available_backbones,
+    available_models,
+    build_model,
+    register_model,
+)
+from vizloc_ros.models.backbones import torch_cache_path
+
+EXPECTED_MODELS = {"posenet": ("googlenet", "quat"), "posenet_resnet18": ("resnet18", "quat"),
+                   "posenet_resnet34": ("resnet34", "quat"), "posenet_resnet50": ("resnet50", "quat"),
+                   "mapnet": ("resnet34", "logq")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_cpu():
+    """One intra-op thread: on the shared 2-core test machine OpenMP threads spin against
+    other processes and tiny forward passes take seconds instead of milliseconds. Flush
+    denormals: untrained backbones with fresh batch-norm statistics produce denormal
+    floats, ~30x slower on CPU (trained weights do not)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 64, 64)
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED_MODELS))
+def model(request):
+    torch.manual_seed(0)
+    return build_model(request.param, feat_dim=64).eval()
+
+
+def test_registry_lists_the_builtin_models():
+    assert set(EXPECTED_MODELS) <= set(available_models())
+    assert available_models() == sorted(available_models())
+    assert {"googlenet", "resnet18", "resnet34", "resnet50"} <= set(available_backbones())
+
+
+def test_unknown_model_lists_the_available_ones():
+    with pytest.raises(ValueError, match="unknown model 'posenet_vgg'") as err:
+        build_model("posenet_vgg")
+    for name in EXPECTED_MODELS:
+        assert name in str(err.value)
+
+
+def test_register_model_rejects_duplicates_and_non_regressors():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("posenet")(lambda **kw: None)
+
+    @register_model("test_models_not_a_regressor")
+    def bad(**kwargs):
+        return nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="not a PoseRegressor"):
+        build_model("test_models_not_a_regressor")
+
+
+def test_model_contract(model, images):
+    name = model.architecture
+    backbone, rotation_format = EXPECTED_MODELS[name]
+    assert isinstance(model, PoseRegressor)
+    assert model.rotation_format == rotation_format and model.backbone_name == backbone
+    assert isinstance(model, MapNet if rotation_format == "logq" else PoseNet)
+    with torch.no_grad():
+        raw = model(images)
+        t, q = model.predict(images)
+        again = model(images)
+    assert raw.shape == (2, 3 + (4 if rotation_format == "quat" else 3))
+    assert t.shape == (2, 3) and q.shape == (2, 4)
+    assert torch.allclose(q.norm(dim=-1), torch.ones(2), atol=1e-6)
+    assert (q[:, 0] >= 0).all()
+    assert torch.equal(raw, again), "eval mode must be deterministic"
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_config_is_json_and_rebuilds_the_same_network(model):
+    config = json.loads(json.dumps(model.config()))
+    rebuilt = build_model(model.architecture, **config)
+    assert type(rebuilt) is type(model) and rebuilt.config() == model.config()
+    ours = {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == ours
+    assert "t_mean" in ours and "t_std" in ours
+
+
+def test_mc_dropout_varies_outputs_and_leaves_batch_norm_alone(model, images):
+    model.eval()
+    bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bn, "backbones have batch norm"
+    stats_before = [m.running_mean.clone() for m in bn]
+    try:
+        model.mc_dropout(True)
+        with torch.no_grad():
+            a, b = model(images), model(images)
+        assert not torch.equal(a, b), "dropout should sample different masks"
+        assert all(not m.training for m in bn)
+        assert all(torch.equal(m.running_mean, s) for m, s in zip(bn, stats_before))
+        assert all(d.training for d in model.dropout_modules())
+        model.eval()  # the MC setting survives a later eval()
+        assert all(d.training for d in model.dropout_modules()) and all(not m.training for m in bn)
+    finally:
+        model.mc_dropout(False)
+    assert not any(d.training for d in model.dropout_modules())
+    with torch.no_grad():
+        assert torch.equal(model(images), model(images))
+
+
+def test_mc_dropout_off_restores_training_mode_dropout():
+    net = build_model("posenet_resnet18", feat_dim=16).train()
+    net.mc_dropout(True).mc_dropout(False)
+    assert all(d.training for d in net.dropout_modules())
+
+
+def test_decode_uses_pose_stats_and_hemisphere():
+    net = build_model("posenet_resnet18", feat_dim=16)
+    net.set_pose_stats([1.0, 2.0, 3.0], [2.0, 0.5, 1.0])
+    raw = torch.tensor([[1.0, 2.0, -1.0, -2.0, 0.0, 0.0, 0.0]])
+    t, q = net.decode(raw)
+    assert torch.allclose(t, torch.tensor([[3.0, 3.0, 2.0]]))
+    assert torch.allclose(q, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(net.normalize_translation(t), raw[:, :3])
+    mapnet = build_model("mapnet", feat_dim=16)
+    angle = 2.5  # radians about z; log-quaternion = axis * angle / 2
+    t, q = mapnet.decode(torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, angle / 2]]))
+    assert torch.allclose(q, torch.tensor([[math.cos(angle / 2), 0, 0, math.sin(angle / 2)]]), atol=1e-6)
+    assert torch.allclose(torch_quat_log(q), torch.tensor([[0.0, 0.0, angle / 2]]), atol=1e-6)
+    with pytest.raises(ValueError, match="expects raw output"):
+        mapnet.decode(raw)
+
+
+def test_set_pose_stats_validates():
+    net = build_model("posenet_resnet18", feat_dim=16)
+    with pytest.raises(ValueError):
+        net.set_pose_stats([0.0, 0.0], [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError):
+        net.set_pose_stats([0.0, 0.0, 0.0], [1.0, 0.0, 1.0])
+    net.set_pose_stats(torch.tensor([1.0, 2.0, 3.0]), (1.0, 1.0, 2.0))
+    assert net.t_std.tolist() == [1.0, 1.0, 2.0]
+
+
+def test_googlenet_trains_without_aux_outputs(images):
+    torch.manual_seed(0)
+    net = build_model("posenet", feat_dim=16).train()
+    out = net(images)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 7)
+    out.sum().backward()
+    assert net.fc_q.weight.grad is not None
+
+
+def test_constructor_arguments():
+    assert build_model("posenet", backbone="resnet18", feat_dim=8).backbone_name == "resnet18"
+    with pytest.raises(ValueError, match="resnet18"):
+        build_model("posenet_resnet18", backbone="resnet34")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_model("posenet", backbone="vgg16")
+    with pytest.raises(ValueError, match="dropout"):
+        build_model("mapnet", dropout=1.5)
+    assert build_model("mapnet", dropout=0.3).config() == {"backbone": "resnet34", "feat_dim": 2048,
+                                                           "dropout": 0.3}
+
+
+# ------------------------------------------------------------------ ImageNet initialisation (offline)
+
+def _fake_imagenet_resnet18(path):
+    torch.manual_seed(123)
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), path)
+    return reference
+
+
+def test_pretrained_from_a_local_file(tmp_path):
+    reference = _fake_imagenet_resnet18(tmp_path / "r18.pth")
+    net = build_model("posenet_resnet18", feat_dim=8, pretrained=str(tmp_path / "r18.pth"))
+    assert torch.equal(net.backbone.conv1.weight, reference.conv1.weight)
+    assert torch.equal(net.backbone.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+    assert "pretrained" not in net.config(), "a checkpoint must rebuild without the ImageNet file"
+
+
+def test_pretrained_from_torch_cache_never_downloads(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    expected = torch_cache_path("resnet18")
+    assert str(expected).startswith(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not in the torch cache") as err:
+        build_model("posenet_resnet18", pretrained="torch-cache")
+    assert str(expected) in str(err.value) and "never downloads" in str(err.value)
+    expected.parent.mkdir(parents=True)
+    reference = _fake_imagenet_resnet18(expected)
+    net = build_model("posenet_resnet18", feat_dim=8, pretrained="torch-cache")
+    assert torch.equal(net.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_pretrained_file_that_does_not_fit(tmp_path):
+    _fake_imagenet_resnet18(tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match="does not fit backbone 'resnet34'"):
+        build_model("mapnet", feat_dim=8, pretrained=str(tmp_path / "r18.pth"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_model("mapnet", pretrained=str(tmp_path / "missing.pth"))
