@@ -1,11 +1,197 @@
-"""`vizloc-export`: Export a checkpoint to ONNX / TensorRT. Not implemented yet."""
-import sys
+"""`vizloc-export`: a checkpoint -> ONNX (dynamic batch) validated with ONNX Runtime,
+and, where TensorRT is importable (Jetson, x86 with TensorRT), an fp16 engine.
 
-from vizloc_ros.cli_common import not_built_yet
+The exported network takes the *preprocessed* image batch (B, 3, crop_h, crop_w) float32
+and returns (B, 7): metric translation and unit quaternion (w, x, y, z) with w >= 0, so
+runtimes without PyTorch need no pose decoding of their own. The checkpoint's JSON is
+copied beside every exported file: ``PoseEstimator`` reads preprocessing from it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LOG = logging.getLogger(__name__)
+OPSET = 17
+
+
+class PoseOutput(torch.nn.Module):
+    """Wraps a PoseRegressor so its graph ends in (t_metric, q_wxyz) concatenated."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        t, q = self.model.decode(self.model(images))
+        return torch.cat([t, q], dim=-1)
+
+
+def _atomic_target(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def export_onnx(model, spec, out_path: Path, opset: int = OPSET) -> Path:
+    """Export with a dynamic batch dimension; written to a temporary name, then renamed."""
+    wrapper = PoseOutput(model.eval().float().cpu())
+    dummy = torch.zeros(2, 3, *spec.crop)
+    tmp = _atomic_target(out_path)
+    try:
+        torch.onnx.export(wrapper, (dummy,), str(tmp), dynamo=False, input_names=["images"],
+                          output_names=["pose"], opset_version=opset,
+                          dynamic_axes={"images": {0: "batch"}, "pose": {0: "batch"}})
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def validate_onnx(model, spec, onnx_path: Path, batch: int = 4, seed: int = 0) -> float:
+    """Max abs difference between ONNX Runtime and PyTorch on random normalised inputs."""
+    import onnxruntime as ort
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, *spec.crop, generator=gen)
+    with torch.inference_mode():
+        ref = PoseOutput(model.eval().float().cpu())(x).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"images": x.numpy()})[0]
+    return float(np.max(np.abs(out - ref)))
+
+
+class TensorRTEngine:
+    """A deserialised TensorRT engine run through torch CUDA tensors (no pycuda needed)."""
+
+    def __init__(self, path: Path):
+        try:
+            import tensorrt as trt
+        except ImportError as exc:
+            raise RuntimeError(f"{path} is a TensorRT engine but the tensorrt Python package "
+                               "is not installed (JetPack ships it; on x86: pip install tensorrt)"
+                               ) from exc
+        if not torch.cuda.is_available():
+            raise RuntimeError("a TensorRT engine needs CUDA, which is not available")
+        self._trt = trt
+        logger = trt.Logger(trt.Logger.WARNING)
+        with open(path, "rb") as handle:
+            self.engine = trt.Runtime(logger).deserialize_cuda_engine(handle.read())
+        if self.engine is None:
+            raise RuntimeError(f"{path}: TensorRT could not deserialise this engine "
+                               "(built for another GPU or TensorRT version?)")
+        self.context = self.engine.create_execution_context()
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        images = torch.from_numpy(x).cuda()
+        self.context.set_input_shape("images", tuple(images.shape))
+        out = torch.empty((images.shape[0], 7), dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address("images", images.data_ptr())
+        self.context.set_tensor_address("pose", out.data_ptr())
+        stream = torch.cuda.current_stream()
+        self.context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return out.cpu().numpy()
+
+
+def build_tensorrt_engine(onnx_path: Path, engine_path: Path, spec, max_batch: int = 32) -> Path:
+    """Build an fp16 engine with an optimisation profile for batch 1..max_batch."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    shape = (3, *spec.crop)
+    profile.set_shape("images", (1, *shape), (1, *shape), (max_batch, *shape))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT failed to build the engine")
+    tmp = _atomic_target(engine_path)
+    tmp.write_bytes(bytes(serialized))
+    os.replace(tmp, engine_path)
+    return engine_path
+
+
+def _tensorrt_available() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vizloc-export",
+        description="Export a vizloc_ros checkpoint to ONNX (validated with ONNX Runtime) and, "
+                    "when TensorRT is available, to an fp16 TensorRT engine.")
+    parser.add_argument("weights", help="checkpoint (X.safetensors with X.json beside it)")
+    parser.add_argument("--out", default=None,
+                        help="output stem (default: beside the checkpoint, same name)")
+    parser.add_argument("--tensorrt", choices=("auto", "yes", "no"), default="auto",
+                        help="build a TensorRT fp16 engine: auto = when tensorrt is importable")
+    parser.add_argument("--max-batch", type=int, default=32, help="largest batch of the engine")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="max abs difference ONNX vs PyTorch accepted (default 1e-4)")
+    return parser
 
 
 def main(argv=None) -> int:
-    return not_built_yet("vizloc-export", "Export a checkpoint to ONNX / TensorRT", argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from vizloc_ros.models import CheckpointError, load_checkpoint
+    from vizloc_ros.preprocess import InputSpec
+
+    try:
+        model, meta = load_checkpoint(args.weights)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"vizloc-export: {exc}", file=sys.stderr)
+        return 2
+    spec = InputSpec.from_meta(meta.get("input"))
+    src = Path(args.weights)
+    src_json = src.with_suffix(".json") if src.suffix == ".safetensors" else Path(f"{src}.json")
+    stem = Path(args.out) if args.out else src.with_suffix("") if src.suffix else src
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    onnx_path = stem.with_name(stem.name + ".onnx")
+    export_onnx(model, spec, onnx_path)
+    json_path = stem.with_name(stem.name + ".json")
+    if src_json.resolve() != json_path.resolve():
+        shutil.copyfile(src_json, json_path)
+    diff = validate_onnx(model, spec, onnx_path)
+    print(f"ONNX: {onnx_path} (opset {OPSET}, dynamic batch); max abs difference vs PyTorch "
+          f"{diff:.3g}")
+    if not diff <= args.tolerance:
+        print(f"vizloc-export: ONNX output differs from PyTorch by {diff:.3g} "
+              f"(> tolerance {args.tolerance})", file=sys.stderr)
+        return 1
+    want_trt = args.tensorrt == "yes" or (args.tensorrt == "auto" and _tensorrt_available())
+    if want_trt:
+        engine_path = stem.with_name(stem.name + ".engine")
+        try:
+            build_tensorrt_engine(onnx_path, engine_path, spec, args.max_batch)
+        except (ImportError, RuntimeError) as exc:
+            print(f"vizloc-export: TensorRT engine not built: {exc}", file=sys.stderr)
+            return 1
+        print(f"TensorRT fp16 engine: {engine_path}")
+    else:
+        print("TensorRT: not available here (no tensorrt module or no CUDA); ONNX only")
+    summary = {"onnx": str(onnx_path), "max_abs_diff": diff, "json": str(json_path)}
+    print(json.dumps(summary))
+    return 0
 
 
 if __name__ == "__main__":

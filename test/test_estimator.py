@@ -1,0 +1,138 @@
+"""PoseEstimator: agreement with a float64 reference, covariance sanity, bad input, ONNX export."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from vizloc_ros import geometry
+from vizloc_ros.estimator import PoseEstimator, make_psd, mean_and_covariance, resolve_device
+from vizloc_ros.models import build_model, save_checkpoint
+from vizloc_ros.preprocess import InputSpec, preprocess
+
+SPEC = InputSpec(resize=48, crop=(48, 64))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("mapnet", feat_dim=64)
+    model.set_pose_stats([1.0, 2.0, 0.5], [2.0, 1.5, 0.3])
+    cov = np.diag([0.04, 0.04, 0.01, 1e-3, 1e-3, 2e-3]).tolist()
+    path = tmp_path_factory.mktemp("ckpt") / "mapnet_tiny"
+    save_checkpoint(path, model.eval(), {"input": SPEC.to_meta(), "scene": "test",
+                                         "validation_errors": {"cov_ros": cov}})
+    return path, model
+
+
+def _image(seed, h=60, w=80):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_fp32_cpu_path_matches_float64_reference(checkpoint):
+    path, model = checkpoint
+    estimator = PoseEstimator(path, device="cpu")
+    reference = build_model("mapnet", feat_dim=64)
+    reference.load_state_dict(model.state_dict())
+    reference = reference.double().eval()
+    for seed in range(3):  # fresh inputs per check
+        image = _image(100 + seed)
+        result = estimator.estimate(image)
+        x = preprocess(torch.from_numpy(image[None]), SPEC).double()
+        with torch.no_grad():
+            t_ref, q_ref = reference.decode(reference(x))
+        t_ref, q_ref = t_ref[0].numpy(), q_ref[0].numpy()
+        assert np.linalg.norm(result.t - t_ref) / np.linalg.norm(t_ref) < 1e-5
+        assert np.linalg.norm(result.q - q_ref) < 1e-5
+
+
+def test_validation_covariance_is_used_without_mc_dropout(checkpoint):
+    estimator = PoseEstimator(checkpoint[0], device="cpu")
+    result = estimator.estimate(_image(1))
+    np.testing.assert_allclose(np.diag(result.cov)[:3], [0.04, 0.04, 0.01])
+    assert result.latency_s > 0 and result.q[0] >= 0
+
+
+def test_mc_dropout_covariance_is_spd_and_finite(checkpoint):
+    estimator = PoseEstimator(checkpoint[0], device="cpu", mc_dropout_samples=8)
+    result = estimator.estimate(_image(2))
+    assert np.all(np.isfinite(result.cov))
+    np.testing.assert_allclose(result.cov, result.cov.T)
+    assert np.linalg.eigvalsh(result.cov).min() > 0
+    assert np.abs(result.cov - estimator._validation_cov).max() > 0  # really from samples
+
+
+def test_batch_equals_single_images(checkpoint):
+    estimator = PoseEstimator(checkpoint[0], device="cpu")
+    images = [_image(s) for s in range(3)]
+    batch = estimator.estimate_batch(images)
+    for image, result in zip(images, batch):
+        np.testing.assert_allclose(estimator.estimate(image).t, result.t, rtol=1e-5, atol=1e-6)
+
+
+def test_mono_images_are_accepted(checkpoint):
+    estimator = PoseEstimator(checkpoint[0], device="cpu")
+    mono = _image(3)[..., 0]
+    a = estimator.estimate(mono, encoding="mono8")
+    b = estimator.estimate(np.repeat(mono[..., None], 3, axis=2))
+    np.testing.assert_allclose(a.t, b.t, atol=1e-6)
+
+
+@pytest.mark.parametrize("image, encoding", [
+    (np.zeros((0, 0, 3), np.uint8), "rgb8"),
+    (np.zeros((60, 80, 3), np.float32), "rgb8"),
+    (np.zeros((60, 80, 4), np.uint8), "rgb8"),
+    (np.zeros((60, 80, 2), np.uint8), "rgb8"),
+    (np.zeros((60, 80, 3), np.uint8), "bayer_rggb8"),
+    (np.full((60, 80, 3), np.nan), "rgb8"),
+    (np.zeros((20, 30, 3), np.uint8), "rgb8"),  # smaller than the crop
+])
+def test_bad_input_is_a_value_error_and_leaves_no_damage(checkpoint, image, encoding):
+    estimator = PoseEstimator(checkpoint[0], device="cpu")
+    good = _image(5)
+    before = estimator.estimate(good).t
+    with pytest.raises(ValueError):
+        estimator.estimate(image, encoding=encoding)
+    np.testing.assert_allclose(estimator.estimate(good).t, before)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA fallback")
+def test_cuda_request_without_cuda_falls_back_once_or_fails_when_required(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert resolve_device("cuda").type == "cpu"
+    assert sum("CUDA is not available" in r.message for r in caplog.records) == 1
+    with pytest.raises(RuntimeError, match="required"):
+        resolve_device("cuda", require=True)
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+
+
+def test_psd_floor_repairs_degenerate_and_nan_covariances():
+    assert np.linalg.eigvalsh(make_psd(np.zeros((6, 6)))).min() > 0
+    assert np.all(np.isfinite(make_psd(np.full((6, 6), np.nan))))
+    bad = -np.eye(6)
+    assert np.linalg.eigvalsh(make_psd(bad)).min() > 0
+
+
+def test_sample_covariance_of_known_rotations():
+    rng = np.random.default_rng(0)
+    rot = rng.normal(scale=0.02, size=(4000, 3))
+    q = geometry.quat_hemisphere(geometry.quat_exp(0.5 * rot))
+    t = rng.normal(scale=0.1, size=(4000, 3))
+    _, _, cov = mean_and_covariance(t, q)
+    np.testing.assert_allclose(np.diag(cov), [0.01] * 3 + [4e-4] * 3, rtol=0.1)
+
+
+def test_onnx_export_validates_and_runs_in_the_estimator(checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from vizloc_ros import export
+
+    out = tmp_path / "exported"
+    assert export.main([str(checkpoint[0]), "--out", str(out), "--tensorrt", "no"]) == 0
+    onnx_estimator = PoseEstimator(out.with_suffix(".onnx"))
+    torch_estimator = PoseEstimator(checkpoint[0], device="cpu")
+    for batch in (1, 3):
+        images = [_image(50 + k) for k in range(batch)]
+        for a, b in zip(onnx_estimator.estimate_batch(images), torch_estimator.estimate_batch(images)):
+            assert np.abs(a.t - b.t).max() < 1e-4
+            assert np.abs(a.q - b.q).max() < 1e-4

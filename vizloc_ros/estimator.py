@@ -1,0 +1,334 @@
+"""PoseEstimator: image -> camera pose in ``map`` + 6x6 covariance, on CPU, CUDA or TensorRT.
+
+The regressor node and ``vizloc-replay`` both go through this class, so a pose seen in
+a replay report is the pose the robot would have published.
+
+Why the pieces are here:
+
+* preprocessing (resize, crop, normalise) runs on the inference device through
+  :mod:`vizloc_ros.preprocess`, the same code the training data loader uses;
+* on CUDA the host image goes through a pinned buffer with a non-blocking upload, the
+  model runs in fp16 / channels_last, and the forward pass is replayed from a CUDA graph
+  per batch size (captured on first use, so a new image size costs nothing extra: the
+  graph's input is the fixed-size crop);
+* on the CPU the model runs under ``inference_mode`` in channels_last with one core
+  left free for ROS callbacks;
+* uncertainty: with ``mc_dropout_samples = N > 1`` the N dropout samples run as one batch
+  and their spread gives the covariance; otherwise the covariance measured on the
+  validation split (stored in the checkpoint JSON) is used. Either way the result is
+  symmetric positive definite, finite, and never below a floor.
+
+Covariance convention (ROS order x, y, z, rot_x, rot_y, rot_z): the translation block is
+in the ``map`` frame; the rotation block is that of a small rotation vector applied on
+the left (in ``map``): R_true = exp(delta) * R_est.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vizloc_ros import geometry
+from vizloc_ros.preprocess import InputSpec, preprocess, to_rgb_array
+
+LOG = logging.getLogger(__name__)
+
+#: default standard deviations used when a checkpoint carries no validation errors:
+#: deliberately pessimistic so the fusion does not over-trust an unknown network.
+DEFAULT_SIGMA_T = 0.5
+DEFAULT_SIGMA_R = np.deg2rad(10.0)
+#: covariance floor (variances): 1 cm and 0.2 deg standard deviation.
+FLOOR_VAR_T = 0.01 ** 2
+FLOOR_VAR_R = np.deg2rad(0.2) ** 2
+_MAX_GRAPHS = 4
+
+
+@dataclass
+class PoseEstimate:
+    """One camera pose in ``map``: translation (3,), quaternion (w,x,y,z) with w >= 0,
+    6x6 covariance in ROS order, and the wall-clock latency of producing it."""
+
+    t: np.ndarray
+    q: np.ndarray
+    cov: np.ndarray
+    latency_s: float
+
+
+def resolve_device(device: str = "auto", require: bool = False) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device.
+
+    A CUDA request on a machine without CUDA falls back to the CPU with one warning,
+    unless ``require`` is set, in which case it fails with a clear RuntimeError.
+    """
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if torch.cuda.is_available():
+            return torch.device(device)
+        if require:
+            raise RuntimeError(f"device {device!r} was required but CUDA is not available "
+                               f"(torch {torch.__version__}, cuda build: {torch.version.cuda})")
+        LOG.warning("device %r requested but CUDA is not available: running on the CPU", device)
+        return torch.device("cpu")
+    raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def make_psd(cov: np.ndarray, floor_t: float = FLOOR_VAR_T, floor_r: float = FLOOR_VAR_R) -> np.ndarray:
+    """Symmetric positive definite 6x6 covariance with per-block variance floors.
+
+    Non-finite input is replaced by the pessimistic default. Eigenvalues are clipped so the
+    matrix stays invertible however degenerate the samples were.
+    """
+    cov = np.asarray(cov, dtype=float)
+    if cov.shape != (6, 6) or not np.all(np.isfinite(cov)):
+        return default_covariance()
+    cov = 0.5 * (cov + cov.T)
+    floors = np.array([floor_t] * 3 + [floor_r] * 3)
+    cov = cov + np.diag(np.maximum(floors - np.diag(cov), 0.0))
+    vals, vecs = np.linalg.eigh(cov)
+    vals = np.maximum(vals, min(floor_t, floor_r))
+    cov = (vecs * vals) @ vecs.T
+    return 0.5 * (cov + cov.T)
+
+
+def default_covariance() -> np.ndarray:
+    return np.diag([DEFAULT_SIGMA_T ** 2] * 3 + [DEFAULT_SIGMA_R ** 2] * 3)
+
+
+def covariance_from_meta(meta: dict) -> np.ndarray:
+    """Covariance from the checkpoint's validation errors (``validation_errors.cov_ros``)."""
+    block = (meta or {}).get("validation_errors") or {}
+    cov = block.get("cov_ros")
+    if cov is None:
+        LOG.warning("checkpoint has no validation covariance: using a pessimistic default "
+                    "(%.2f m, %.0f deg)", DEFAULT_SIGMA_T, np.rad2deg(DEFAULT_SIGMA_R))
+        return default_covariance()
+    try:
+        return make_psd(np.asarray(cov, dtype=float).reshape(6, 6))
+    except ValueError:
+        LOG.warning("checkpoint validation covariance is malformed: using the default")
+        return default_covariance()
+
+
+def mean_and_covariance(t_samples: np.ndarray, q_samples: np.ndarray):
+    """Mean pose and ROS-order sample covariance of N pose samples.
+
+    The mean rotation is the normalised sign-aligned quaternion average (exact enough for
+    the few-degree spread of dropout samples); rotation deviations are left rotation
+    vectors log(R_i * R_mean^T), matching the module's covariance convention.
+    """
+    t_mean = t_samples.mean(axis=0)
+    q = q_samples * np.sign(np.sum(q_samples * q_samples[:1], axis=1, keepdims=True) + 1e-12)
+    q_mean = geometry.quat_hemisphere(geometry.quat_normalize(q.mean(axis=0)))
+    rot_dev = geometry.so3_log(geometry.quat_to_matrix(q_samples)
+                               @ geometry.quat_to_matrix(q_mean).T)
+    dev = np.concatenate([t_samples - t_mean, rot_dev], axis=1)
+    cov = dev.T @ dev / max(len(dev) - 1, 1)
+    return t_mean, q_mean, cov
+
+
+class _TorchRunner:
+    """Runs a PoseRegressor: raw images in, (t, q) samples out, with the fast paths."""
+
+    def __init__(self, model, spec: InputSpec, device: torch.device, precision: str,
+                 use_graphs: bool, compile_model: bool):
+        self.spec = spec
+        self.device = device
+        self.dtype = torch.float16 if (precision == "fp16" and device.type == "cuda") else torch.float32
+        if precision == "fp16" and device.type != "cuda":
+            LOG.warning("fp16 requested on %s: running fp32 (fp16 is a GPU path)", device)
+        model = model.to(device=device).eval()
+        model = model.to(memory_format=torch.channels_last)
+        if self.dtype == torch.float16:
+            model = model.half()
+        self.model = model
+        self.forward = torch.compile(model.forward) if compile_model else model.forward
+        self.use_graphs = use_graphs and device.type == "cuda"
+        self._graphs: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+        self._pinned: dict[tuple, torch.Tensor] = {}
+
+    def upload(self, batch: np.ndarray) -> torch.Tensor:
+        """(B, H, W, 3) uint8 host array -> tensor on the device (pinned, non-blocking on CUDA)."""
+        host = torch.from_numpy(batch)
+        if self.device.type != "cuda":
+            return host
+        key = tuple(batch.shape)
+        pinned = self._pinned.get(key)
+        if pinned is None:
+            if len(self._pinned) >= _MAX_GRAPHS:
+                self._pinned.clear()
+            pinned = self._pinned[key] = torch.empty(key, dtype=torch.uint8, pin_memory=True)
+        pinned.copy_(host)
+        return pinned.to(self.device, non_blocking=True)
+
+    def _run_graph(self, x: torch.Tensor) -> torch.Tensor:
+        key = x.shape[0]
+        entry = self._graphs.get(key)
+        if entry is None:
+            static_in = x.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up iterations, as CUDA graphs require
+                for _ in range(2):
+                    self.forward(static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.forward(static_in)
+            entry = (graph, static_in, static_out)
+            self._graphs[key] = entry
+            if len(self._graphs) > _MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    @torch.inference_mode()
+    def __call__(self, batch: np.ndarray, samples: int):
+        """Returns t (S, B, 3) and q (S, B, 4) float64 numpy; S = max(samples, 1)."""
+        x = preprocess(self.upload(batch), self.spec, dtype=self.dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        repeats = max(samples, 1)
+        if repeats > 1:
+            x = x.repeat(repeats, 1, 1, 1)
+        self.model.mc_dropout(repeats > 1)
+        try:
+            raw = self._run_graph(x) if self.use_graphs and repeats == 1 else self.forward(x)
+        finally:
+            self.model.mc_dropout(False)
+        t, q = self.model.decode(raw.float())
+        b = batch.shape[0]
+        t = t.reshape(repeats, b, 3).double().cpu().numpy()
+        q = q.reshape(repeats, b, 4).double().cpu().numpy()
+        return t, q
+
+
+class _ExportedRunner:
+    """Runs an exported network (ONNX Runtime or a TensorRT engine) that outputs (B, 7):
+    metric translation and unit quaternion (w, x, y, z), as written by ``vizloc-export``."""
+
+    def __init__(self, path: Path, spec: InputSpec):
+        self.spec = spec
+        self.path = path
+        if path.suffix == ".onnx":
+            try:
+                import onnxruntime as ort
+            except ImportError as exc:
+                raise RuntimeError("running an .onnx file needs onnxruntime "
+                                   "(pip install 'vizloc_ros[export]')") from exc
+            self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+            self.input_name = self.session.get_inputs()[0].name
+            self.run = self._run_onnx
+        else:
+            from vizloc_ros.export import TensorRTEngine  # imports tensorrt, clear error if absent
+            self.engine = TensorRTEngine(path)
+            self.run = self.engine.infer
+
+    def _run_onnx(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def __call__(self, batch: np.ndarray, samples: int):
+        with torch.inference_mode():
+            x = preprocess(torch.from_numpy(batch), self.spec).numpy()
+        out = np.asarray(self.run(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float64)
+        t = out[None, :, :3]
+        q = geometry.quat_hemisphere(geometry.quat_normalize(out[None, :, 3:7]))
+        return t, q
+
+
+class PoseEstimator:
+    """Image -> camera pose in ``map`` with covariance.
+
+    Args:
+        weights: a checkpoint (``X.safetensors`` + ``X.json``), or an exported ``X.onnx`` /
+            ``X.engine`` with the checkpoint's ``X.json`` beside it.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        precision: ``fp32`` | ``fp16`` (fp16 only on CUDA).
+        mc_dropout_samples: N > 1 runs N dropout samples per image; 0 or 1 uses the
+            validation covariance of the checkpoint.
+        require_device: fail instead of falling back to the CPU when CUDA is missing.
+        cuda_graphs, compile_model: GPU fast-path switches (graphs on by default).
+        cpu_threads: torch threads on the CPU; default leaves one core for ROS callbacks.
+        warmup: run one dummy frame at construction so the first real frame is not slow.
+    """
+
+    def __init__(self, weights, device: str = "auto", precision: str = "fp32",
+                 mc_dropout_samples: int = 0, require_device: bool = False,
+                 cuda_graphs: bool = True, compile_model: bool = False,
+                 cpu_threads: int | None = None, warmup: bool = True):
+        from vizloc_ros.models import load_checkpoint, read_checkpoint_meta
+
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+        if not isinstance(mc_dropout_samples, int) or mc_dropout_samples < 0:
+            raise ValueError(f"mc_dropout_samples must be an integer >= 0, got {mc_dropout_samples!r}")
+        self.device = resolve_device(device, require=require_device)
+        if self.device.type == "cpu":
+            threads = cpu_threads or max(1, (os.cpu_count() or 2) - 1)
+            torch.set_num_threads(threads)
+        path = Path(weights)
+        self.mc_dropout_samples = mc_dropout_samples
+        if path.suffix in (".onnx", ".engine", ".plan"):
+            self.meta = read_checkpoint_meta(path.with_suffix(".json"))
+            self.spec = InputSpec.from_meta(self.meta.get("input"))
+            self._runner = _ExportedRunner(path, self.spec)
+            if mc_dropout_samples > 1:
+                LOG.warning("MC dropout is not available in exported networks: "
+                            "using the validation covariance")
+                self.mc_dropout_samples = 0
+        else:
+            model, self.meta = load_checkpoint(path, device="cpu")
+            self.spec = InputSpec.from_meta(self.meta.get("input"))
+            self._runner = _TorchRunner(model, self.spec, self.device, precision,
+                                        use_graphs=cuda_graphs, compile_model=compile_model)
+        self.map_frame = self.meta.get("map_frame", "map")
+        self._validation_cov = covariance_from_meta(self.meta)
+        self._mc_scale = float((self.meta.get("validation_errors") or {}).get("mc_dropout_scale", 1.0))
+        if warmup:
+            crop_h, crop_w = self.spec.crop
+            dummy = np.zeros((max(crop_h, 1), max(crop_w, 1), 3), dtype=np.uint8)
+            self.estimate(dummy)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.spec
+
+    def estimate(self, image: np.ndarray, encoding: str = "rgb8") -> PoseEstimate:
+        """One image (HxWx3 or HxW uint8) -> :class:`PoseEstimate`. Bad input: ValueError."""
+        return self.estimate_batch([image], encoding)[0]
+
+    def estimate_batch(self, images, encoding: str = "rgb8") -> list[PoseEstimate]:
+        """Many images of one size at once (replay, GPU throughput). Bad input: ValueError."""
+        if len(images) == 0:
+            return []
+        start = time.perf_counter()
+        arrays = [to_rgb_array(img, encoding, min_size=self.spec.crop) for img in images]
+        shape = arrays[0].shape
+        if any(a.shape != shape for a in arrays):
+            raise ValueError("estimate_batch needs images of one size; got "
+                             f"{sorted({a.shape for a in arrays})}")
+        t, q = self._runner(np.stack(arrays), self.mc_dropout_samples)
+        latency = (time.perf_counter() - start) / len(arrays)
+        results = []
+        for i in range(len(arrays)):
+            if t.shape[0] > 1:
+                t_i, q_i, cov = mean_and_covariance(t[:, i], q[:, i])
+                cov = make_psd(cov * self._mc_scale)
+            else:
+                t_i, q_i, cov = t[0, i], q[0, i], self._validation_cov
+            if not (np.all(np.isfinite(t_i)) and np.all(np.isfinite(q_i))):
+                raise FloatingPointError("the network produced a non-finite pose")
+            results.append(PoseEstimate(t=np.asarray(t_i, dtype=float),
+                                        q=geometry.quat_hemisphere(geometry.quat_normalize(q_i)),
+                                        cov=cov.copy(), latency_s=latency))
+        return results
