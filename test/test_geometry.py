@@ -20,8 +20,9 @@ rotvecs = st.tuples(coord, coord, coord).map(lambda v: np.array(v) * 0.99 * np.p
 
 
 def same_rotation(q_a, q_b, tol=TOL):
-    return np.allclose(g.quat_hemisphere(q_a), g.quat_hemisphere(q_b), atol=tol) or \
-        np.allclose(q_a, -np.asarray(q_b), atol=tol)
+    """q and -q are the same rotation (hemisphere flips are ambiguous at w == 0)."""
+    q_a, q_b = np.asarray(q_a), np.asarray(q_b)
+    return np.allclose(q_a, q_b, atol=tol) or np.allclose(q_a, -q_b, atol=tol)
 
 
 def T(x):

@@ -89,8 +89,16 @@ def rotation_distance(pred_rot: torch.Tensor, true_q: torch.Tensor, kind: str = 
     _check_choice("rotation distance", kind, ROTATION_DISTANCES)
     true_q = torch_quat_normalize(true_q)
     if kind == "logq":
-        pred_log = pred_rot if rotation_format == "logq" else torch_quat_log(rotation_to_quat(pred_rot, "quat"))
-        return vector_distance(pred_log - torch_quat_log(true_q), norm)
+        # The hemisphere w >= 0 makes log(q) == log(-q) except at w == 0 (180 degrees),
+        # where the log has two values, +-axis * pi / 2: take the nearer pair.
+        true_logs = (torch_quat_log(true_q), torch_quat_log(-true_q))
+        if rotation_format == "logq":
+            pred_logs = (pred_rot,)
+        else:
+            pred_q = rotation_to_quat(pred_rot, "quat")
+            pred_logs = (torch_quat_log(pred_q), torch_quat_log(-pred_q))
+        dists = [vector_distance(p - t, norm) for p in pred_logs for t in true_logs]
+        return torch.stack(dists, dim=0).amin(dim=0)
     pred_q = rotation_to_quat(pred_rot, rotation_format)
     if kind == "quat":
         return torch.minimum(vector_distance(pred_q - true_q, norm), vector_distance(pred_q + true_q, norm))
