@@ -127,6 +127,18 @@ def test_caller_meta_is_merged(small, tmp_path):
     assert list(tmp_path.glob("x*")) == [] and list(tmp_path.glob("y*")) == []
 
 
+def test_refuses_to_save_what_cannot_be_loaded(small, tmp_path):
+    with pytest.raises(TypeError, match="PoseRegressor"):
+        save_checkpoint(tmp_path / "lin", torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="dtype"):
+        save_checkpoint(tmp_path / "bf", small, dtype="bf16")
+    unregistered = build_model("posenet_resnet18", feat_dim=8)
+    unregistered.architecture = "not_registered_anywhere"
+    with pytest.raises(ValueError, match="not registered"):
+        save_checkpoint(tmp_path / "u", unregistered)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_path_forms_and_no_temporary_leftovers(saved, small, images):
     folder = saved.parent
     assert sorted(p.name for p in folder.iterdir()) == ["ckpt.json", "ckpt.safetensors"]

@@ -113,6 +113,10 @@ def build_meta(model: PoseRegressor, meta: dict | None = None, dtype: str = "fp3
     """The JSON sidecar for ``model``: model-derived keys + the caller's ``meta`` + defaults."""
     meta = dict(meta or {})
     architecture = model.architecture or type(model).__name__.lower()
+    if not is_registered(architecture):
+        # refuse to write a checkpoint that load_checkpoint could not rebuild
+        raise ValueError(f"model architecture {architecture!r} is not registered; available "
+                         f"models: {', '.join(available_models())} (see register_model)")
     derived = {
         "format": FORMAT,
         "architecture": architecture,
