@@ -87,8 +87,6 @@ class Renderer:
         self.camera = camera
         self.shading = shading
         self._rays_cam = camera.rays()
-        self._n = self._rays_cam.shape[1]
-        self._columns = np.arange(self._n)
         self._room_lo = scene.room_lo.astype(np.float32)
         self._room_hi = scene.room_hi.astype(np.float32)
         self._box_lo = scene.box_lo.astype(np.float32)
@@ -103,63 +101,109 @@ class Renderer:
         if np.any(origin <= self.scene.room_lo) or np.any(origin >= self.scene.room_hi):
             raise ValueError(f"camera position {origin} is outside the room "
                              f"{self.scene.room_lo} .. {self.scene.room_hi}")
-        rotation = quat_to_matrix(q_wc).astype(np.float32)
+        rotation = quat_to_matrix(q_wc)
         o = origin.astype(np.float32)
-        dirs = rotation @ self._rays_cam  # (3, N) world directions, camera z component = 1
+        h, w = self.camera.height, self.camera.width
+        dirs = (rotation.astype(np.float32) @ self._rays_cam).reshape(3, h, w)  # camera z component = 1
         # Rays parallel to a plane would divide by zero: nudge those components.
         tiny = np.float32(1e-9)
-        dirs_safe = np.where(np.abs(dirs) < tiny, tiny, dirs)
-        inv = np.float32(1.0) / dirs_safe
-        positive = dirs_safe > 0
+        np.copyto(dirs, tiny, where=np.abs(dirs) < tiny)
+        inv = np.float32(1.0) / dirs
+        negative = dirs < 0
 
-        # Room: the ray leaves through the wall it heads for on each axis; nearest wins.
-        depth = None
-        face = None
+        # np.where with a mask is slow in numpy; np.copyto(..., where=) and np.minimum are
+        # several times faster, so the nearest hit is kept with those.
+        # Room: from inside, the ray leaves through the farther of the two planes of each axis.
+        depth = np.empty((h, w), np.float32)
+        face = np.empty((h, w), np.int16)
         for axis in range(3):
-            bound = np.where(positive[axis], self._room_hi[axis], self._room_lo[axis])
-            t_axis = (bound - o[axis]) * inv[axis]
-            face_axis = np.where(positive[axis], axis * 2 + 1, axis * 2)
-            if depth is None:
-                depth, face = t_axis, face_axis
+            t_exit = np.maximum((self._room_lo[axis] - o[axis]) * inv[axis],
+                                (self._room_hi[axis] - o[axis]) * inv[axis])
+            code = np.subtract(2 * axis + 1, negative[axis], dtype=np.int16)  # hi wall if heading +
+            if axis == 0:
+                depth[:], face[:] = t_exit, code
             else:
-                closer = t_axis < depth
-                depth = np.where(closer, t_axis, depth)
-                face = np.where(closer, face_axis, face)
+                closer = t_exit < depth
+                np.copyto(depth, t_exit, where=closer)
+                np.copyto(face, code, where=closer)
 
-        # Boxes: slab test; the entry face is on the axis of the largest near distance.
+        # Boxes: slab test inside the image window the box projects to; the entry face is
+        # on the axis of the largest near distance, its low side when the ray heads +.
         for index in range(len(self._box_lo)):
+            window = self._box_window(index, rotation, origin)
+            if window is None:
+                continue
+            rows, cols = window
             lo, hi = self._box_lo[index], self._box_hi[index]
-            t_near = t_far = near_axis = None
+            inv_w, negative_w = inv[:, rows, cols], negative[:, rows, cols]
+            depth_w, face_w = depth[rows, cols], face[rows, cols]  # views
+            t_near = t_far = near_code = None
             for axis in range(3):
-                t1 = (lo[axis] - o[axis]) * inv[axis]
-                t2 = (hi[axis] - o[axis]) * inv[axis]
+                t1 = (lo[axis] - o[axis]) * inv_w[axis]
+                t2 = (hi[axis] - o[axis]) * inv_w[axis]
                 near, far = np.minimum(t1, t2), np.maximum(t1, t2)
-                if t_near is None:
-                    t_near, t_far, near_axis = near, far, np.zeros(self._n, dtype=np.int64)
+                code = np.add(2 * axis + 6 + 6 * index, negative_w[axis], dtype=np.int16)
+                if axis == 0:
+                    t_near, t_far, near_code = near, far, code
                 else:
                     later = near > t_near
-                    t_near = np.where(later, near, t_near)
-                    near_axis = np.where(later, axis, near_axis)
-                    t_far = np.minimum(t_far, far)
-            hit = (t_near <= t_far) & (t_near > 0) & (t_near < depth)
-            if not hit.any():
-                continue
-            side = np.where(positive[near_axis, self._columns], 0, 1)
-            depth = np.where(hit, t_near, depth)
-            face = np.where(hit, 6 + 6 * index + 2 * near_axis + side, face)
+                    np.copyto(t_near, near, where=later)
+                    np.copyto(near_code, code, where=later)
+                    np.minimum(t_far, far, out=t_far)
+            hit = (t_near <= t_far) & (t_near > 0) & (t_near < depth_w)
+            np.copyto(depth_w, t_near, where=hit)
+            np.copyto(face_w, near_code, where=hit)
 
-        points = o[:, None] + dirs * depth[None, :]  # (3, N) world hit points
-        colour = self.scene.atlas[self.scene.texel_index(face, points)]
+        scene = self.scene
+        points = o[:, None, None] + dirs * depth  # (3, H, W) world hit points
+        axis_of = np.take(scene.face_axis, face)
+        # texture coordinates: (y, z) on x-faces, (x, z) on y-faces, (x, y) on z-faces
+        u_coord = points[0].copy()
+        np.copyto(u_coord, points[1], where=axis_of == 0)
+        v_coord = points[2].copy()
+        np.copyto(v_coord, points[1], where=axis_of == 2)
+        inv_texel = np.float32(1.0 / scene.texel)
+        n_cols = np.take(scene.face_cols, face)
+        iu = np.clip(((u_coord - np.take(scene.face_u0, face)) * inv_texel).astype(np.int64), 0, n_cols - 1)
+        iv = np.clip(((v_coord - np.take(scene.face_v0, face)) * inv_texel).astype(np.int64), 0,
+                     np.take(scene.face_rows, face) - 1)
+        packed = np.take(scene.atlas_packed, np.take(scene.face_offset, face) + iv * n_cols + iu)
+        colour = packed.view(np.uint8).reshape(h, w, 4)[:, :, :3]
         if self.shading:
-            to_light = self._light[:, None] - points
-            dist2 = np.sum(to_light * to_light, axis=0)
-            normals = self.scene.face_normal[face].T  # (3, N)
-            lambert = np.maximum(np.sum(normals * to_light, axis=0), 0) / np.sqrt(dist2)
+            to_light = self._light[:, None, None] - points
+            dist2 = np.einsum("ahw,ahw->hw", to_light, to_light)
+            toward = to_light[0].copy()  # the light vector along the face's normal axis
+            np.copyto(toward, to_light[1], where=axis_of == 1)
+            np.copyto(toward, to_light[2], where=axis_of == 2)
+            lambert = np.maximum(toward * np.take(scene.face_sign, face), 0) / np.sqrt(dist2)
             shade = self.AMBIENT + self.DIFFUSE * lambert / (1.0 + self.FALLOFF * dist2)
-            colour = np.minimum(colour * shade[:, None], 255.0).astype(np.uint8)
+            colour = np.minimum(colour * shade[:, :, None], 255.0).astype(np.uint8)
+        else:
+            colour = np.ascontiguousarray(colour)
+        return RenderResult(rgb=colour, depth=depth, face_ids=face if return_face_ids else None)
+
+    def _box_window(self, index: int, rotation: np.ndarray, origin: np.ndarray):
+        """Pixel rows/columns (slices) a box can cover, or None when it cannot be seen.
+
+        A box entirely in front of the camera projects inside the hull of its projected
+        corners; one that straddles the camera plane gets the whole image.
+        """
+        lo, hi = self.scene.box_lo[index], self.scene.box_hi[index]
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        cam = (corners - origin) @ rotation  # R^T (p - o), row vectors
+        z = cam[:, 2]
         h, w = self.camera.height, self.camera.width
-        return RenderResult(rgb=colour.reshape(h, w, 3), depth=depth.reshape(h, w).astype(np.float32),
-                            face_ids=face.reshape(h, w) if return_face_ids else None)
+        if np.all(z <= 0):
+            return None
+        if np.any(z <= 1e-3):
+            return slice(0, h), slice(0, w)
+        u = self.camera.fx * cam[:, 0] / z + self.camera.cx
+        v = self.camera.fy * cam[:, 1] / z + self.camera.cy
+        c0, c1 = max(0, int(np.floor(u.min())) - 1), min(w, int(np.ceil(u.max())) + 2)
+        r0, r1 = max(0, int(np.floor(v.min())) - 1), min(h, int(np.ceil(v.max())) + 2)
+        if c0 >= c1 or r0 >= r1:
+            return None
+        return slice(r0, r1), slice(c0, c1)
 
 
 def depth_to_millimetres(depth_m: np.ndarray) -> np.ndarray:

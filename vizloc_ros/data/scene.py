@@ -105,6 +105,9 @@ class Scene:
     face_u0: np.ndarray = field(init=False)
     face_v0: np.ndarray = field(init=False)
     face_normal: np.ndarray = field(init=False)  # (F, 3)
+    face_axis: np.ndarray = field(init=False)  # (F,) int8: the axis the face is normal to
+    face_sign: np.ndarray = field(init=False)  # (F,) float32: its normal's sign on that axis
+    atlas_packed: np.ndarray = field(init=False)  # (texels,) uint32 RGBA: one 4-byte gather per pixel
 
     def __post_init__(self):
         spec = self.spec
@@ -122,6 +125,10 @@ class Scene:
         self.face_u0 = np.array([f.uv_origin[0] for f in self.faces], dtype=np.float32)
         self.face_v0 = np.array([f.uv_origin[1] for f in self.faces], dtype=np.float32)
         self.face_normal = np.array([f.normal for f in self.faces], dtype=np.float32)
+        self.face_axis = np.array([f.axis for f in self.faces], dtype=np.int8)
+        self.face_sign = np.array([f.normal[f.axis] for f in self.faces], dtype=np.float32)
+        rgba = np.concatenate([self.atlas, np.full((len(self.atlas), 1), 255, np.uint8)], axis=1)
+        self.atlas_packed = np.ascontiguousarray(rgba).view(np.uint32).reshape(-1)
 
     @property
     def texel(self) -> float:
