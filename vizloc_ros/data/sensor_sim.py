@@ -154,50 +154,56 @@ def simulate_visual_odometry(trajectory: Trajectory, rate_hz: float = 30.0, nois
     true_t, true_q = pose_relative(t_map[0], q_map[0], t_map, q_map)
     true_R = quat_to_matrix(true_q)
 
-    R = np.eye(3)
-    p = np.zeros(3)
-    scale_error = 0.0
-    cov = np.diag([noise.initial_std ** 2] * 6 + [0.0])
+    # Per-step true motion, noise and scale walk, all at once; only the recursion is a loop.
+    delta_R = np.einsum("nji,njk->nik", true_R[:-1], true_R[1:])
+    delta_t = np.einsum("nji,nj->ni", true_R[:-1], true_t[1:] - true_t[:-1])
+    distance = np.linalg.norm(delta_t, axis=1)
+    step_std = np.sqrt(np.stack([np.diag(noise.step_covariance(d, dt)) for d in distance]))  # (n-1, 7)
+    sample = rng.normal(0.0, 1.0, step_std.shape) * step_std
+    scale_error = np.cumsum(sample[:, 6])
+    measured_t = (1.0 + scale_error)[:, None] * delta_t + sample[:, :3]
+    measured_R = delta_R @ so3_exp(sample[:, 3:6])
+
     out_t = np.zeros((n, 3))
     out_R = np.zeros((n, 3, 3))
     out_cov = np.zeros((n, 6, 6))
-    out_linear = np.zeros((n, 3))
-    out_angular = np.zeros((n, 3))
-    out_twist_cov = np.zeros((n, 6, 6))
-    scales = np.zeros(n)
+    R = np.eye(3)
+    p = np.zeros(3)
+    cov = np.diag([noise.initial_std ** 2] * 6 + [0.0])
     out_R[0], out_cov[0] = R, cov[:6, :6]
-    step_cov = noise.step_covariance(0.0, dt)
-    out_twist_cov[0] = np.diag(np.diag(step_cov)[:6]) / dt ** 2
+    scale_var = np.zeros(n)
+    F = np.eye(7)
+    G = np.zeros((7, 7))
+    G[6, 6] = 1.0
     for k in range(1, n):
-        delta_R = true_R[k - 1].T @ true_R[k]
-        delta_t = true_R[k - 1].T @ (true_t[k] - true_t[k - 1])
-        distance = float(np.linalg.norm(delta_t))
-        step_cov = noise.step_covariance(distance, dt)
-        sample = rng.normal(0.0, 1.0, 7) * np.sqrt(np.diag(step_cov))  # step_cov is diagonal
-        scale_error += sample[6]
-        measured_t = (1.0 + scale_error) * delta_t + sample[:3]
-        measured_R = delta_R @ so3_exp(sample[3:6])
-        # first-order propagation of (dp, dtheta, ds) in odom axes
-        R_next = R @ measured_R
-        F = np.eye(7)
-        F[0:3, 3:6] = -_skew(R @ measured_t)
-        F[0:3, 6] = R @ delta_t
-        G = np.zeros((7, 7))
+        # first-order propagation of the error (dp, dtheta, ds), position and rotation
+        # errors in odom axes; this step's scale increment already acts on this step
+        step = k - 1
+        R_next = R @ measured_R[step]
+        lever = R @ delta_t[step]
+        F[0:3, 3:6] = -_skew(R @ measured_t[step])
+        F[0:3, 6] = lever
         G[0:3, 0:3] = R
         G[3:6, 3:6] = R_next
-        G[0:3, 6] = R @ delta_t  # this step's scale increment acts on this step already
-        G[6, 6] = 1.0
-        cov = F @ cov @ F.T + G @ step_cov @ G.T
-        p = p + R @ measured_t
+        G[0:3, 6] = lever
+        cov = F @ cov @ F.T + (G * step_std[step] ** 2) @ G.T
+        p = p + R @ measured_t[step]
         R = R_next
         out_t[k], out_R[k] = p, R
         out_cov[k] = 0.5 * (cov[:6, :6] + cov[:6, :6].T)
-        out_linear[k] = measured_t / dt
-        out_angular[k] = so3_log(measured_R) / dt
-        twist_var = np.diag(step_cov)[:6] / dt ** 2
-        twist_var[:3] += cov[6, 6] * (distance / dt) ** 2
-        out_twist_cov[k] = np.diag(twist_var)
-        scales[k] = scale_error
+        scale_var[k] = cov[6, 6]
+
+    # Twist in base_link, as VO reports it: the measured step over the period.
+    out_linear = np.zeros((n, 3))
+    out_angular = np.zeros((n, 3))
+    out_linear[1:] = measured_t / dt
+    out_angular[1:] = so3_log(measured_R) / dt
     out_linear[0], out_angular[0] = out_linear[1 % n], out_angular[1 % n]
+    twist_var = np.zeros((n, 6))
+    twist_var[1:] = step_std[:, :6] ** 2 / dt ** 2
+    twist_var[1:, :3] += (scale_var[1:] * (distance / dt) ** 2)[:, None]
+    twist_var[0] = np.diag(noise.step_covariance(0.0, dt))[:6] / dt ** 2
+    out_twist_cov = np.einsum("ni,ij->nij", twist_var, np.eye(6))
+    scales = np.concatenate([[0.0], scale_error])
     return OdometrySamples(times, out_t, matrix_to_quat(out_R), out_cov, out_linear, out_angular,
                            out_twist_cov, true_t, true_q, (t_map[0], q_map[0]), scales)

@@ -276,6 +276,9 @@ def trajectory_from_tum(scene: Scene, stamps, t, q_wxyz, duration: float | None 
     stamps, t, q_wxyz = stamps[order], t[order], q_wxyz[order]
     keep = np.concatenate([[True], np.diff(stamps) > 1e-9])
     stamps, t, q_wxyz = stamps[keep] - stamps[0], t[keep], q_wxyz[keep]
+    if duration is not None and duration > stamps[-1]:
+        raise ValueError(f"the TUM trajectory spans {stamps[-1]:.2f} s; a window of {duration:.2f} s "
+                         f"does not fit in it")
     if start is None:
         start = _first_window_without_gaps(stamps, duration, MAX_TUM_GAP)
     end = stamps[-1] if duration is None else start + duration
@@ -354,7 +357,7 @@ def _fit_into_room(scene: Scene, positions: np.ndarray):
     offsets_xy = offsets_xy[np.argsort(np.linalg.norm(offsets_xy - room_centre, axis=1))]
     radius = np.max(np.linalg.norm(centred[:, :2], axis=1)) + 1e-9
     max_scale = min(1.0, 0.5 * float(np.min(free_hi - free_lo)) / radius * 1.4)
-    subsample = centred[:: max(1, len(centred) // 400)]
+    subsample = centred[:: max(1, len(centred) // 150)]
     for scale in max_scale * np.array([1.0, 0.85, 0.7, 0.55, 0.4, 0.3, 0.2, 0.1]):
         z_extent = scale * (subsample[:, 2].max() - subsample[:, 2].min())
         if z_extent > 2.0:
@@ -362,9 +365,13 @@ def _fit_into_room(scene: Scene, positions: np.ndarray):
         for angle in np.linspace(0.0, 2 * np.pi, 12, endpoint=False):
             c, s = math.cos(angle), math.sin(angle)
             xy = scale * subsample[:, :2] @ np.array([[c, s], [-s, c]])
-            candidates = xy[None, :, :] + offsets_xy[:, None, :]  # (O, N, 2)
+            # cheap pre-filter: the path's bounding box must fit between the walls
+            inside = np.all((offsets_xy + xy.min(axis=0) >= free_lo) & (offsets_xy + xy.max(axis=0) <= free_hi), axis=1)
+            if not inside.any():
+                continue
+            candidates = xy[None, :, :] + offsets_xy[inside][:, None, :]  # (O, N, 2)
             ok = np.all(scene.free_space_mask(candidates, WALL_MARGIN, BOX_MARGIN), axis=1)
             if ok.any():
                 best = int(np.argmax(ok))
-                return angle, scale, np.array([*offsets_xy[best], height_mid])
+                return angle, scale, np.array([*offsets_xy[inside][best], height_mid])
     return None
