@@ -1,0 +1,405 @@
+"""Synthetic world: trajectories, sensors (IMU, visual odometry), the bag and 7-Scenes
+outputs of vizloc-synth, the CLI and the demo cache. Small images, few frames."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vizloc_ros import messages as m
+from vizloc_ros.data import synthetic as synth
+from vizloc_ros.data.bag_io import BagWriter, list_topics, read_messages, topic_message_counts
+from vizloc_ros.data.scene import get_scene
+from vizloc_ros.data.sensor_sim import (GRAVITY, ImuNoise, VoNoise, simulate_imu,
+                                        simulate_visual_odometry)
+from vizloc_ros.data.sevenscenes_writer import read_pose
+from vizloc_ros.data.trajectories import (BOX_MARGIN, CAMERA_IN_BASE_T, WALL_MARGIN, camera_poses,
+                                          random_walk, static_trajectory, trajectory_from_tum)
+from vizloc_ros.data.tum import read_tum, write_tum
+from vizloc_ros.geometry import (pose_compose, pose_inverse, quat_rotate, quat_to_matrix, rotation_angle,
+                                 so3_log)
+
+SCENE = get_scene("demo")
+SMALL = (80, 60)
+FRAMES = 16
+
+
+@pytest.fixture(scope="module")
+def walk():
+    return random_walk(SCENE, 20.0, seed=3)
+
+
+# --------------------------------------------------------------------------- trajectories
+
+def test_walk_is_deterministic_for_a_seed():
+    a, b = random_walk(SCENE, 10.0, seed=11), random_walk(SCENE, 10.0, seed=11)
+    np.testing.assert_array_equal(a.position_ctrl, b.position_ctrl)
+    c = random_walk(SCENE, 10.0, seed=12)
+    assert np.abs(a.position_ctrl - c.position_ctrl).max() > 0.1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 101])
+def test_walks_stay_inside_the_room_at_realistic_speed(seed):
+    trajectory = random_walk(SCENE, 20.0, seed=seed)
+    times = trajectory.sample_times(50.0)
+    xyz = trajectory.position(times)
+    assert np.all(SCENE.clearance(xyz[:, :2]) >= min(WALL_MARGIN, BOX_MARGIN) - 0.2)
+    assert np.all((xyz[:, 2] > 0.8) & (xyz[:, 2] < 2.0))
+    speed = np.linalg.norm(trajectory.velocity(times), axis=1)
+    assert 0.3 <= np.median(speed) <= 0.8 and speed.max() < 1.2
+    assert np.linalg.norm(trajectory.acceleration(times), axis=1).max() < 3.0
+    euler = trajectory.euler(times)
+    assert np.abs(euler[:, 1]).max() < 0.35 and np.abs(euler[:, 2]).max() < 0.15  # pitch, roll
+    _, q_cam = camera_poses(trajectory, times)
+    optical_axis = quat_rotate(q_cam, np.array([0.0, 0.0, 1.0]))
+    assert np.abs(optical_axis[:, 2]).max() < 0.35  # mostly horizontal
+
+
+def test_trajectory_is_smooth_and_derivatives_are_consistent(walk):
+    dt = 1e-3
+    times = np.linspace(0.5, 19.0, 40) + 0.0123  # off the knots (the third derivative jumps there)
+    p0, p1 = walk.position(times - dt), walk.position(times + dt)
+    np.testing.assert_allclose(walk.velocity(times), (p1 - p0) / (2 * dt), atol=1e-5)
+    v0, v1 = walk.velocity(times - dt), walk.velocity(times + dt)
+    np.testing.assert_allclose(walk.acceleration(times), (v1 - v0) / (2 * dt), atol=1e-4)
+    R0, R1 = walk.rotation(times - dt), walk.rotation(times + dt)
+    body_rate = so3_log(np.einsum("nji,njk->nik", R0, R1)) / (2 * dt)
+    np.testing.assert_allclose(walk.angular_velocity_body(times), body_rate, atol=1e-4)
+    # continuity at the knots (C2): no jump in acceleration across a knot
+    knots = np.arange(1, 19) * walk.dt
+    np.testing.assert_allclose(walk.acceleration(knots - 1e-7), walk.acceleration(knots + 1e-7), atol=1e-4)
+
+
+def test_camera_is_the_base_pose_times_the_extrinsic(walk):
+    times = np.array([0.0, 5.0, 10.0])
+    t_base, q_base = walk.pose(times)
+    t_cam, q_cam = camera_poses(walk, times)
+    np.testing.assert_allclose(t_cam, t_base + quat_rotate(q_base, CAMERA_IN_BASE_T), atol=1e-12)
+    # the optical axis (camera z) is the base's forward axis (base x)
+    np.testing.assert_allclose(quat_rotate(q_cam, [0, 0, 1.0]), quat_rotate(q_base, [1.0, 0, 0]), atol=1e-12)
+    np.testing.assert_allclose(quat_rotate(q_cam, [0, 1.0, 0]), quat_rotate(q_base, [0, 0, -1.0]), atol=1e-12)
+
+
+def _synthetic_tum(path, seconds=25.0, rate=100.0):
+    """A hand-held-like recording: circles of 1.5 m radius with shake, z up world."""
+    t = np.arange(0.0, seconds, 1.0 / rate)
+    angle = 0.3 * t
+    xyz = np.stack([1.5 * np.cos(angle) + 10.0, 1.5 * np.sin(angle) - 4.0, 1.2 + 0.05 * np.sin(2 * t)], -1)
+    half = 0.5 * (angle + np.pi / 2)
+    q = np.stack([np.cos(half), 0.02 * np.sin(5 * t), 0.02 * np.cos(3 * t), np.sin(half)], -1)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    write_tum(path, t + 1.3e9, xyz, q)
+    return xyz
+
+
+def test_tum_driven_trajectory_fits_the_room_and_keeps_the_timing(tmp_path):
+    path = tmp_path / "circle.tum"
+    _synthetic_tum(path)
+    stamps, t, q = read_tum(path)
+    trajectory = trajectory_from_tum(SCENE, stamps, t, q, duration=20.0)
+    assert trajectory.duration == pytest.approx(20.0, abs=0.11)
+    times = trajectory.sample_times(20.0)
+    xyz = trajectory.position(times)
+    assert np.all(SCENE.free_space_mask(xyz[:, :2], WALL_MARGIN - 0.05, BOX_MARGIN - 0.05))
+    speed = np.linalg.norm(trajectory.velocity(times), axis=1)
+    assert np.median(speed) <= 0.45 + 0.05  # 1.5 m * 0.3 rad/s, never faster (only shrunk)
+    assert np.median(speed) > 0.05
+    # yaw turns at the recording's rate, and the re-based attitude is about level
+    yaw_rate = np.gradient(trajectory.euler(times)[:, 0], times)
+    assert np.median(np.abs(yaw_rate)) == pytest.approx(0.3, abs=0.05)
+    assert np.abs(trajectory.euler(times)[:, 1:]).max() < 0.1
+
+
+def test_real_tum_files_drive_the_room_when_available():
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "trajectories"
+    files = sorted(folder.glob("*.tum"))
+    if not files:
+        pytest.skip("real trajectories not present beside the project")
+    stamps, t, q = read_tum(files[0])
+    trajectory = trajectory_from_tum(SCENE, stamps, t, q, duration=10.0)
+    xyz = trajectory.position(trajectory.sample_times(20.0))
+    assert np.all(SCENE.free_space_mask(xyz[:, :2], WALL_MARGIN - 0.05, BOX_MARGIN - 0.05))
+
+
+def test_tum_window_longer_than_the_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "short.tum"
+    _synthetic_tum(path, seconds=3.0)
+    with pytest.raises(ValueError, match="does not fit|no .* window"):
+        trajectory_from_tum(SCENE, *read_tum(path), duration=10.0)
+
+
+# --------------------------------------------------------------------------- IMU
+
+def test_imu_at_rest_measures_gravity_up_and_no_rotation():
+    samples = simulate_imu(static_trajectory([0.0, 0.0, 1.2], yaw=0.7, duration=1.0), 200.0, ImuNoise.none())
+    assert len(samples.times) == 201
+    np.testing.assert_allclose(samples.accel, np.tile([0.0, 0.0, 9.81], (201, 1)), atol=1e-9)
+    np.testing.assert_allclose(samples.gyro, 0.0, atol=1e-9)
+
+
+def test_tilted_imu_at_rest_measures_gravity_in_its_own_axes():
+    pitch = 0.3
+    samples = simulate_imu(static_trajectory([0.0, 0.0, 1.2], pitch=pitch, duration=1.0), 200.0, ImuNoise.none())
+    # nose down by `pitch` (positive pitch about base y tilts x down): the specific force
+    # (pointing up, away from gravity) now has a component along -x in the body frame
+    np.testing.assert_allclose(samples.accel[0], [-9.81 * math.sin(pitch), 0.0, 9.81 * math.cos(pitch)], atol=1e-9)
+
+
+def test_imu_in_motion_matches_the_trajectory(walk):
+    samples = simulate_imu(walk, 200.0, ImuNoise.none())
+    i = np.arange(200, len(samples.times) - 200, 500)
+    times = samples.times[i]
+    dt = 1e-3
+    accel_world = (walk.position(times + dt) - 2 * walk.position(times) + walk.position(times - dt)) / dt ** 2
+    R = walk.rotation(times)
+    expected = np.einsum("nji,nj->ni", R, accel_world - GRAVITY)
+    np.testing.assert_allclose(samples.accel[i], expected, atol=1e-3)
+
+
+def test_imu_noise_matches_its_reported_covariance():
+    noise = ImuNoise(gyro_initial_bias=0.0, accel_initial_bias=0.0, gyro_bias_random_walk=0.0,
+                     accel_bias_random_walk=0.0)
+    samples = simulate_imu(static_trajectory([0, 0, 1.2], duration=10.0), 200.0, noise, seed=5)
+    assert np.std(samples.gyro, axis=0) == pytest.approx(np.sqrt(np.diag(samples.gyro_cov)), rel=0.1)
+    assert np.std(samples.accel, axis=0) == pytest.approx(np.sqrt(np.diag(samples.accel_cov)), rel=0.1)
+    biased = simulate_imu(static_trajectory([0, 0, 1.2], duration=10.0), 200.0, ImuNoise(), seed=5)
+    assert np.abs(biased.gyro_bias[-1] - biased.gyro_bias[0]).max() > 0  # the bias wanders
+
+
+# --------------------------------------------------------------------------- visual odometry
+
+def test_drift_free_odometry_is_the_relative_ground_truth(walk):
+    odom = simulate_visual_odometry(walk, 30.0, VoNoise.none())
+    t_map, q_map = walk.pose(odom.times)
+    t_expected, q_expected = pose_compose(*pose_inverse(t_map[0], q_map[0]), t_map, q_map)
+    np.testing.assert_allclose(odom.t, t_expected, atol=1e-9)
+    assert rotation_angle(odom.q, q_expected).max() < 1e-6
+    np.testing.assert_allclose(odom.t[0], 0.0, atol=1e-12)
+    assert np.all(np.linalg.eigvalsh(odom.pose_cov) > 0)  # never a zero covariance
+
+
+def test_odometry_drift_grows_and_its_covariance_is_honest(walk):
+    final_errors, quarter_errors, nees = [], [], []
+    for seed in range(20):
+        odom = simulate_visual_odometry(walk, 30.0, VoNoise(), seed=seed)
+        error = odom.t - odom.true_t
+        quarter_errors.append(np.linalg.norm(error[len(error) // 4]))
+        final_errors.append(np.linalg.norm(error[-1]))
+        nees.append(error[-1] @ np.linalg.solve(odom.pose_cov[-1][:3, :3], error[-1]))
+    assert np.mean(final_errors) > 1.5 * np.mean(quarter_errors)
+    assert 0.02 < np.mean(final_errors) < 0.5  # ~10 m walked: centimetres to decimetres of drift
+    assert 1.5 < np.mean(nees) < 5.0  # chi-square with 3 dof: mean 3 when the covariance is honest
+    covs = odom.pose_cov
+    assert np.trace(covs[-1]) > 100 * np.trace(covs[0])  # uncertainty grows with distance
+    np.testing.assert_allclose(covs, np.swapaxes(covs, 1, 2))
+    assert np.all(np.linalg.eigvalsh(covs) > 0)
+
+
+# --------------------------------------------------------------------------- vizloc-synth outputs
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "demo"
+    synth.generate_demo(root, split="all", fmt="both", frames=FRAMES, size=SMALL, progress=False)
+    return root
+
+
+def test_output_layout(dataset):
+    assert sorted(p.name for p in dataset.iterdir()) == [
+        "TestSplit.txt", "TrainSplit.txt", "bags", "scene.json", "seq-01", "seq-02", "seq-03", "seq-04",
+        "seq-05", "trajectories"]
+    assert (dataset / "TrainSplit.txt").read_text().split() == ["sequence1", "sequence2", "sequence3", "sequence4"]
+    assert (dataset / "TestSplit.txt").read_text().split() == ["sequence5"]
+    names = sorted(p.name for p in (dataset / "seq-05").iterdir())
+    assert len(names) == 3 * FRAMES
+    assert names[:3] == ["frame-000000.color.png", "frame-000000.depth.png", "frame-000000.pose.txt"]
+    assert not [p for p in dataset.parent.iterdir() if p.name.startswith(".")]  # no staging left
+    meta = json.loads((dataset / "scene.json").read_text())
+    assert meta["camera"]["width"] == SMALL[0] and meta["frames"]["camera"] == "camera_optical_frame"
+    assert [s["split"] for s in meta["sequences"]] == ["train"] * 4 + ["test"]
+    assert len({tuple(s["map_T_odom"]["t"]) for s in meta["sequences"]}) == 5  # different paths
+
+
+def test_sevenscenes_frames_are_consistent(dataset):
+    meta = json.loads((dataset / "scene.json").read_text())
+    cam = meta["camera"]
+    colour = np.asarray(Image.open(dataset / "seq-05" / "frame-000007.color.png"))
+    depth = np.asarray(Image.open(dataset / "seq-05" / "frame-000007.depth.png"))
+    pose = read_pose(dataset / "seq-05" / "frame-000007.pose.txt")
+    assert colour.shape == (SMALL[1], SMALL[0], 3) and colour.dtype == np.uint8
+    assert depth.dtype == np.uint16 and depth.shape == SMALL[::-1]
+    assert 300 < depth.min() and depth.max() < 8000  # millimetres inside a 6 x 5 m room
+    np.testing.assert_allclose(pose[3], [0, 0, 0, 1])
+    np.testing.assert_allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-8)
+    # back-project the centre pixel with the depth and the camera-to-world pose: a point
+    # inside the room (on a surface), in front of the camera
+    v, u = SMALL[1] // 2, SMALL[0] // 2
+    z = depth[v, u] / 1000.0
+    point_cam = np.array([(u - cam["cx"]) / cam["fx"] * z, (v - cam["cy"]) / cam["fy"] * z, z])
+    point = pose[:3, :3] @ point_cam + pose[:3, 3]
+    lo, hi = np.array(meta["room"]["lo"]), np.array(meta["room"]["hi"])
+    assert np.all(point >= lo - 0.01) and np.all(point <= hi + 0.01)
+    # the camera of the pose file is the ground-truth base pose times the extrinsic
+    stamps, t_base, q_base = read_tum(dataset / "trajectories" / "seq-05_ground_truth.tum")
+    index = int(np.argmin(np.abs(stamps - stamps[0] - 7 / 15.0)))
+    t_cam, _ = pose_compose(t_base[index], q_base[index], meta["base_to_camera"]["t"], meta["base_to_camera"]["q_wxyz"])
+    np.testing.assert_allclose(pose[:3, 3], t_cam, atol=1e-6)
+
+
+def test_bag_reads_back_with_anyreader(dataset):
+    from rosbags.highlevel import AnyReader
+
+    bag = dataset / "bags" / "seq-05"
+    with AnyReader([bag], default_typestore=m.rosbags_typestore()) as reader:
+        types = {c.topic: c.msgtype for c in reader.connections}
+        assert types == synth.BAG_TOPICS
+        stamps: dict[str, list[int]] = {}
+        frames: dict[str, set] = {}
+        first: dict[str, object] = {}
+        for connection, log_time, raw in reader.messages():
+            msg = reader.deserialize(raw, connection.msgtype)
+            first.setdefault(connection.topic, msg)
+            if connection.topic in (synth.TOPIC_TF, synth.TOPIC_TF_STATIC):
+                header_ns = m.header_stamp_ns(msg.transforms[0])
+                frames.setdefault(connection.topic, set()).add(
+                    (msg.transforms[0].header.frame_id, msg.transforms[0].child_frame_id))
+            else:
+                header_ns = m.header_stamp_ns(msg)
+                frames.setdefault(connection.topic, set()).add(msg.header.frame_id)
+            assert header_ns == log_time  # bag time = header stamp (simulated clock)
+            stamps.setdefault(connection.topic, []).append(log_time)
+        tf_static_qos = [c.ext.offered_qos_profiles for c in reader.connections if c.topic == synth.TOPIC_TF_STATIC]
+    duration = (FRAMES - 1) / 15.0
+    assert len(stamps[synth.TOPIC_IMAGE]) == FRAMES == len(stamps[synth.TOPIC_CAMERA_INFO])
+    assert len(stamps[synth.TOPIC_IMU]) == int(duration * 200) + 1
+    assert len(stamps[synth.TOPIC_ODOM]) == int(duration * 30) + 1 == len(stamps[synth.TOPIC_GROUND_TRUTH])
+    assert len(stamps[synth.TOPIC_TF_STATIC]) == 1
+    assert stamps[synth.TOPIC_IMAGE][0] == synth.EPOCH_NS
+    assert np.allclose(np.diff(stamps[synth.TOPIC_IMAGE]), 1e9 / 15, atol=1)
+    assert np.allclose(np.diff(stamps[synth.TOPIC_IMU]), 5e6, atol=1)
+    assert frames[synth.TOPIC_IMAGE] == {"camera_optical_frame"} == frames[synth.TOPIC_CAMERA_INFO]
+    assert frames[synth.TOPIC_ODOM] == {"odom"} and first[synth.TOPIC_ODOM].child_frame_id == "base_link"
+    assert frames[synth.TOPIC_TF] == {("odom", "base_link")}
+    assert frames[synth.TOPIC_TF_STATIC] == {("base_link", "camera_optical_frame")}
+    assert frames[synth.TOPIC_GROUND_TRUTH] == {"map"} and frames[synth.TOPIC_IMU] == {"base_link"}
+    assert "TRANSIENT_LOCAL" in str(tf_static_qos).upper()
+
+    image = first[synth.TOPIC_IMAGE]
+    assert (image.encoding, image.width, image.height) == ("rgb8", SMALL[0], SMALL[1])
+    colour = np.asarray(Image.open(dataset / "seq-05" / "frame-000000.color.png"))
+    np.testing.assert_array_equal(m.image_to_numpy(image), colour)  # the same rendering in both outputs
+    info = m.camera_info_to_intrinsics(first[synth.TOPIC_CAMERA_INFO])
+    meta = json.loads((dataset / "scene.json").read_text())["camera"]
+    assert info["fx"] == pytest.approx(meta["fx"]) and info["cx"] == pytest.approx(meta["cx"])
+    t_static, q_static = m.pose_from_msg(first[synth.TOPIC_TF_STATIC].transforms[0])
+    np.testing.assert_allclose(t_static, CAMERA_IN_BASE_T)
+    np.testing.assert_allclose(quat_to_matrix(q_static)[:, 2], [1, 0, 0], atol=1e-12)  # optical z = base x
+
+
+def test_bag_covariances_and_ground_truth(dataset):
+    bag = dataset / "bags" / "seq-05"
+    odom_covs, gt, odom_poses = [], [], []
+    imu = None
+    for record in read_messages(bag, [synth.TOPIC_ODOM, synth.TOPIC_IMU, synth.TOPIC_GROUND_TRUTH]):
+        if record.topic == synth.TOPIC_ODOM:
+            odom_covs.append(m.pose_covariance_from_msg(record.msg))
+            odom_poses.append(m.pose_from_msg(record.msg))
+        elif record.topic == synth.TOPIC_IMU:
+            imu = m.imu_from_msg(record.msg)
+        else:
+            gt.append(m.pose_from_msg(record.msg))
+    for cov in odom_covs:
+        assert np.all(np.diag(cov) > 0) and np.all(np.linalg.eigvalsh(cov) > 0)
+    assert np.trace(odom_covs[-1]) > np.trace(odom_covs[0])
+    assert imu.gyro_cov is not None and np.all(np.diag(imu.gyro_cov) > 0)
+    assert imu.accel_cov is not None and imu.orientation_wxyz is None
+    assert abs(np.linalg.norm(imu.accel) - 9.81) < 1.5  # gravity dominates a walking IMU
+    # odometry starts at the origin of odom; ground truth starts at map_T_odom
+    np.testing.assert_allclose(odom_poses[0][0], 0.0, atol=1e-12)
+    meta = json.loads((dataset / "scene.json").read_text())["sequences"][4]
+    np.testing.assert_allclose(gt[0][0], meta["map_T_odom"]["t"], atol=1e-9)
+    assert rotation_angle(gt[0][1], np.array(meta["map_T_odom"]["q_wxyz"])) < 1e-9
+
+
+def test_bag_io_helpers_and_their_errors(dataset, tmp_path):
+    bag = dataset / "bags" / "seq-01"
+    assert list_topics(bag)[synth.TOPIC_IMU] == "sensor_msgs/msg/Imu"
+    assert topic_message_counts(bag)[synth.TOPIC_IMAGE] == FRAMES
+    times = [r.log_time_ns for r in read_messages(bag, [synth.TOPIC_IMU, synth.TOPIC_ODOM])]
+    assert times == sorted(times)
+    with pytest.raises(ValueError, match="has no topic /nope.*it has: /camera/camera_info"):
+        list(read_messages(bag, ["/nope"]))
+    with pytest.raises(ValueError, match="expected geometry_msgs/msg/PoseStamped"):
+        list(read_messages(bag, [synth.TOPIC_ODOM], expected_types={synth.TOPIC_ODOM: "geometry_msgs/msg/PoseStamped"}))
+    with pytest.raises(FileNotFoundError, match="no rosbag2"):
+        list_topics(tmp_path / "missing")
+    with pytest.raises(ValueError, match="not a rosbag2"):
+        list_topics(tmp_path)
+    # a failing writer leaves nothing behind
+    target = tmp_path / "broken"
+    with pytest.raises(RuntimeError):
+        with BagWriter(target) as writer:
+            writer.add_topic("/x", "std_msgs/msg/Header")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- CLI and cache
+
+def test_cli_refuses_an_existing_output_and_bad_flags(tmp_path, capsys):
+    existing = tmp_path / "out"
+    existing.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        synth.main(["--out", str(existing), "--frames", "3", "--size", "40x30", "--quiet"])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    for bad in (["--size", "big"], ["--frames", "1"], ["--format", "zip"], ["--split", "val"],
+                ["--trajectory", str(tmp_path / "none.tum")], ["--focal", "-3"]):
+        with pytest.raises(SystemExit) as exit_info:
+            synth.main(["--out", str(tmp_path / "new"), *bad])
+        assert exit_info.value.code == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_writes_and_overwrites_atomically(tmp_path):
+    out = tmp_path / "bags_only"
+    args = ["--out", str(out), "--format", "bag", "--split", "test", "--frames", "3", "--size", "40x30", "--quiet"]
+    assert synth.main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["bags", "scene.json", "trajectories"]
+    assert synth.main(args + ["--overwrite", "--seed", "4"]) == 0
+    assert json.loads((out / "scene.json").read_text())["sequences"][0]["seed"] == 4101
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bags_only"]
+
+
+def test_cli_with_a_tum_trajectory_and_a_failing_one(tmp_path, capsys):
+    good = tmp_path / "circle.tum"
+    _synthetic_tum(good)
+    out = tmp_path / "tum_out"
+    assert synth.main(["--out", str(out), "--trajectory", str(good), "--frames", "5", "--size", "40x30",
+                       "--format", "7scenes", "--quiet"]) == 0
+    assert (out / "TestSplit.txt").read_text().split() == ["sequence1"]
+    assert json.loads((out / "scene.json").read_text())["sequences"][0]["source"] == "tum:circle.tum"
+    short = tmp_path / "short.tum"
+    _synthetic_tum(short, seconds=1.0)
+    failed = tmp_path / "failed"
+    assert synth.main(["--out", str(failed), "--trajectory", str(short), "--frames", "60", "--size", "40x30",
+                       "--quiet"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert not failed.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cached_demo_bag_honours_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert synth.demo_cache_dir() == tmp_path / "cache" / "vizloc_ros" / "demo"
+    bag = synth.cached_demo_bag(frames=4, size=(40, 30))
+    assert bag.is_relative_to(tmp_path / "cache" / "vizloc_ros" / "demo") and bag.name == "seq-05"
+    assert list_topics(bag)[synth.TOPIC_IMAGE] == "sensor_msgs/msg/Image"
+    stamp = os.stat(bag / "metadata.yaml").st_mtime_ns
+    assert synth.cached_demo_bag(frames=4, size=(40, 30)) == bag  # second call: no rebuild
+    assert os.stat(bag / "metadata.yaml").st_mtime_ns == stamp
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert synth.demo_cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "vizloc_ros" / "demo"
