@@ -349,6 +349,25 @@ def test_bag_io_helpers_and_their_errors(dataset, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_read_messages_in_header_stamp_order(tmp_path):
+    """A recorder that received messages late: log order differs from stamp order."""
+    types = m.rosbags_types()
+    bag = tmp_path / "late"
+    log_and_stamp = [(10, 5), (20, 15), (30, 12), (40, 35), (50, 45)]  # (log ms, stamp ms)
+    with BagWriter(bag) as writer:
+        writer.add_topic("/pose", "geometry_msgs/msg/PoseStamped")
+        for log_ms, stamp_ms in log_and_stamp:
+            writer.write("/pose", log_ms * 10**6,
+                         m.make_pose_stamped(types, stamp_ms * 1e-3, "map", [stamp_ms, 0, 0], [1, 0, 0, 0]))
+    by_log = [r.stamp_ns // 10**6 for r in read_messages(bag)]
+    assert by_log == [5, 15, 12, 35, 45]
+    by_stamp = list(read_messages(bag, order="header", reorder_window_ns=20 * 10**6))
+    assert [r.stamp_ns // 10**6 for r in by_stamp] == [5, 12, 15, 35, 45]
+    assert by_stamp[1].log_time_ns == 30 * 10**6
+    with pytest.raises(ValueError, match="increase reorder_window_ns"):
+        list(read_messages(bag, order="header", reorder_window_ns=1 * 10**6))
+
+
 # --------------------------------------------------------------------------- CLI and cache
 
 def test_cli_refuses_an_existing_output_and_bad_flags(tmp_path, capsys):

@@ -28,6 +28,7 @@ import array
 import io
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -102,9 +103,10 @@ _TYPE_NAMES = {
     "Imu": "sensor_msgs/msg/Imu",
 }
 
-_ROSBAGS_TYPES_CACHE: dict[int, MessageTypes] = {}
+_ROSBAGS_TYPES_CACHE: dict[int, tuple[object, MessageTypes]] = {}
 
 
+@lru_cache(maxsize=1)
 def rosbags_typestore():
     """The rosbags typestore every bag of this project is written with (ROS 2 Jazzy)."""
     from rosbags.typesys import Stores, get_typestore
@@ -114,16 +116,16 @@ def rosbags_typestore():
 def rosbags_types(typestore=None) -> MessageTypes:
     """Message classes from a rosbags typestore (default: ROS 2 Jazzy)."""
     typestore = typestore if typestore is not None else rosbags_typestore()
-    key = id(typestore)
+    key = id(typestore)  # the cache keeps the typestore alive, so the id stays unique
     if key not in _ROSBAGS_TYPES_CACHE:
         classes = {name: typestore.types[full] for name, full in _TYPE_NAMES.items()}
-        _ROSBAGS_TYPES_CACHE[key] = MessageTypes(
+        _ROSBAGS_TYPES_CACHE[key] = typestore, MessageTypes(
             **classes,
             byte_array=lambda data: np.frombuffer(bytes(data), dtype=np.uint8)
             if not isinstance(data, np.ndarray) else np.ascontiguousarray(data, dtype=np.uint8).reshape(-1),
             float_sequence=lambda values: np.asarray(values, dtype=np.float64).reshape(-1),
         )
-    return _ROSBAGS_TYPES_CACHE[key]
+    return _ROSBAGS_TYPES_CACHE[key][1]
 
 
 def message_types_from_modules(builtin_interfaces_msg, std_msgs_msg, geometry_msgs_msg,

@@ -11,17 +11,18 @@ metadata version :data:`BAG_VERSION` (8: readable by rosbag2 on Humble and Jazzy
 
 Reading: :func:`list_topics` / :func:`topic_message_counts` describe a bag;
 :func:`read_messages` yields deserialised messages of chosen topics in the bag's
-log-time order (for bags recorded live that is receive order; header stamps are
-available with :func:`vizloc_ros.messages.header_stamp_ns`).
+log-time order (for bags recorded live that is receive order) or, with
+``order="header"``, in header-stamp order.
 """
 from __future__ import annotations
 
+import heapq
 import os
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
-from vizloc_ros.messages import rosbags_typestore
+from vizloc_ros.messages import rosbags_typestore, stamp_to_ns
 
 #: rosbag2 metadata version written (see module docstring)
 BAG_VERSION = 8
@@ -30,8 +31,21 @@ BAG_VERSION = 8
 class BagMessage(NamedTuple):
     topic: str
     msgtype: str
-    log_time_ns: int
+    log_time_ns: int  # when the message was recorded
+    stamp_ns: int  # its header stamp (first transform's for TFMessage), else the log time
     msg: object
+
+
+def message_stamp_ns(msg, fallback_ns: int) -> int:
+    """Header stamp of a message in ns; TFMessage uses its first transform; else ``fallback_ns``."""
+    header = getattr(msg, "header", None)
+    if header is None:
+        transforms = getattr(msg, "transforms", None)
+        if transforms:
+            header = getattr(transforms[0], "header", None)
+    if header is None:
+        return int(fallback_ns)
+    return stamp_to_ns(header.stamp)
 
 
 def _latched_qos():
@@ -169,12 +183,42 @@ def topic_message_counts(path) -> dict[str, int]:
 
 
 def read_messages(path, topics: Iterable[str] | None = None, expected_types: dict[str, str] | None = None,
-                  start_ns: int | None = None, stop_ns: int | None = None) -> Iterator[BagMessage]:
-    """Deserialised messages of ``topics`` (all when None) in log-time order.
+                  start_ns: int | None = None, stop_ns: int | None = None, order: str = "log",
+                  reorder_window_ns: int = 1_000_000_000) -> Iterator[BagMessage]:
+    """Deserialised messages of ``topics`` (all when None).
 
-    Raises ``ValueError`` naming the bag and the topics it has when a requested topic is
+    ``order="log"`` yields them in the bag's log-time order (receive order). ``"header"``
+    yields them in header-stamp order, which is what a replay that uses message stamps
+    needs when the recorder received them out of order: messages are held back until
+    the log time has moved ``reorder_window_ns`` past their stamp, and a message later
+    than that raises ``ValueError`` (rather than silently breaking the order).
+    Raises ``ValueError`` naming the bag and its topics when a requested topic is
     missing, or when ``expected_types`` (topic -> type) disagrees with the bag.
     """
+    if order not in ("log", "header"):
+        raise ValueError(f"order must be 'log' or 'header', not {order!r}")
+    messages = _read_in_log_order(path, topics, expected_types, start_ns, stop_ns)
+    if order == "log":
+        yield from messages
+        return
+    heap: list[tuple[int, int, BagMessage]] = []
+    last_yielded = None
+    for count, record in enumerate(messages):
+        if last_yielded is not None and record.stamp_ns < last_yielded[0]:
+            raise ValueError(
+                f"bag {path}: {record.topic} message stamped {record.stamp_ns} ns was logged at "
+                f"{record.log_time_ns} ns, after a message stamped {last_yielded[0]} ns on {last_yielded[1]} "
+                f"was already given out; increase reorder_window_ns (now {reorder_window_ns})")
+        heapq.heappush(heap, (record.stamp_ns, count, record))
+        while heap and heap[0][0] <= record.log_time_ns - reorder_window_ns:
+            stamp, _, ready = heapq.heappop(heap)
+            last_yielded = (stamp, ready.topic)
+            yield ready
+    while heap:
+        yield heapq.heappop(heap)[2]
+
+
+def _read_in_log_order(path, topics, expected_types, start_ns, stop_ns) -> Iterator[BagMessage]:
     reader = _open_reader(path)
     try:
         available = {c.topic: c.msgtype for c in reader.connections}
@@ -193,6 +237,7 @@ def read_messages(path, topics: Iterable[str] | None = None, expected_types: dic
             except Exception as exc:  # noqa: BLE001 - re-raised with context
                 raise ValueError(f"bag {path}: cannot decode a {connection.msgtype} on "
                                  f"{connection.topic} at {timestamp} ns: {exc}") from exc
-            yield BagMessage(connection.topic, connection.msgtype, int(timestamp), msg)
+            yield BagMessage(connection.topic, connection.msgtype, int(timestamp),
+                             message_stamp_ns(msg, timestamp), msg)
     finally:
         reader.close()
