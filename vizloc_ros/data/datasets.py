@@ -227,19 +227,20 @@ class KittiOdometry(PoseDataset):
 class TupleDataset:
     """MapNet tuples: ``steps`` frames ``skip`` apart from one sequence of a dataset.
 
-    A tuple never crosses a gap in time larger than ``max_gap`` seconds (a new sequence).
+    A tuple starts every ``stride`` frames and never crosses a gap in time larger than ``max_gap`` seconds (a new sequence).
     Samples are dicts with stacked ``image`` (T, H, W, 3), ``t`` (T, 3), ``q`` (T, 4) and
     the relative poses between consecutive frames ``t_rel`` (T-1, 3), ``q_rel`` (T-1, 4).
     """
 
-    def __init__(self, base: PoseDataset, steps: int = 3, skip: int = 10, max_gap: float = 5.0):
-        if steps < 2 or skip < 1:
-            raise ValueError("MapNet tuples need steps >= 2 and skip >= 1")
+    def __init__(self, base: PoseDataset, steps: int = 3, skip: int = 10, max_gap: float = 5.0,
+                 stride: int = 1):
+        if steps < 2 or skip < 1 or stride < 1:
+            raise ValueError("MapNet tuples need steps >= 2, skip >= 1 and stride >= 1")
         self.base, self.steps, self.skip = base, steps, skip
         stamps = base.stamps()
         span = (steps - 1) * skip
         self.starts = []
-        for i in range(len(base) - span):
+        for i in range(0, len(base) - span, stride):
             window = stamps[i:i + span + 1]
             if np.all(np.diff(window) > 0) and np.all(np.diff(window) <= max_gap):
                 self.starts.append(i)

@@ -119,12 +119,18 @@ class SequenceSpec:
         return sequence_dir_name(self.number)
 
 
-def demo_sequences(split: str = "all", frames: int = 300, seed: int = 0) -> list[SequenceSpec]:
-    """The demo scene's recordings: 4 training walks (seq-01..04), 1 test walk (seq-05)."""
+def demo_sequences(split: str = "all", frames: int = 300, seed: int = 0,
+                   train_walks: int = 4) -> list[SequenceSpec]:
+    """The demo scene's recordings: ``train_walks`` training walks (seq-01..04, then
+    seq-06 onwards) and 1 test walk (seq-05). More walks cover more of the room; the
+    first four and the test walk do not change with ``train_walks``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    if train_walks < 1:
+        raise ValueError(f"train_walks must be >= 1, not {train_walks}")
     base = 1000 * int(seed)
-    train = [SequenceSpec(n, "train", base + n, frames) for n in range(1, 5)]
+    numbers = [n for n in range(1, train_walks + 2) if n != 5][:train_walks]
+    train = [SequenceSpec(n, "train", base + n, frames) for n in numbers]
     test = [SequenceSpec(5, "test", base + 101, frames)]
     return {"train": train, "test": test, "all": train + test}[split]
 
@@ -426,6 +432,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"need at least 1, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -447,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="all", choices=SPLITS,
                         help="demo sequences: train (seq-01..04), test (seq-05) or all (default)")
     parser.add_argument("--frames", type=_positive_int, default=300, help="frames per sequence (default 300)")
+    parser.add_argument("--train-walks", type=_at_least_one, default=4,
+                        help="number of training walks (default 4: seq-01..04; more go to seq-06 on)")
     parser.add_argument("--size", type=_parse_size, default=(320, 240), help="image WIDTHxHEIGHT (default 320x240)")
     parser.add_argument("--focal", type=_positive_float, default=None,
                         help="focal length in pixels (default: 60 degree horizontal field of view)")
@@ -473,7 +491,7 @@ def main(argv=None) -> int:
         sequences = [SequenceSpec(i + 1, split, 1000 * args.seed + 500 + i, args.frames, str(path))
                      for i, path in enumerate(args.trajectory)]
     else:
-        sequences = demo_sequences(args.split, args.frames, args.seed)
+        sequences = demo_sequences(args.split, args.frames, args.seed, args.train_walks)
     config = SynthConfig(scene=args.scene, width=args.size[0], height=args.size[1], focal=args.focal,
                          camera_hz=args.camera_hz)
     try:
