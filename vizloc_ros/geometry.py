@@ -153,7 +153,8 @@ def rotation_angle(q_a, q_b) -> np.ndarray:
     return 2.0 * np.arccos(np.clip(d, 0.0, 1.0))
 
 
-def _hat(v) -> np.ndarray:
+def hat(v) -> np.ndarray:
+    """Skew-symmetric matrix [v]x with hat(a) @ b == cross(a, b)."""
     v = np.asarray(v, dtype=float)
     z = np.zeros_like(v[..., 0])
     x, y, w = v[..., 0], v[..., 1], v[..., 2]
@@ -181,7 +182,7 @@ def se3_exp(xi) -> np.ndarray:
     xi = np.asarray(xi, dtype=float)
     rho, omega = xi[..., :3], xi[..., 3:]
     theta = np.linalg.norm(omega, axis=-1)[..., None, None]
-    W = _hat(omega)
+    W = hat(omega)
     b, c = _se3_coeffs(theta)
     V = np.eye(3) + b * W + c * (W @ W)
     T = np.zeros(xi.shape[:-1] + (4, 4))
@@ -196,7 +197,7 @@ def se3_log(T) -> np.ndarray:
     T = np.asarray(T, dtype=float)
     omega = so3_log(T[..., :3, :3])
     theta = np.linalg.norm(omega, axis=-1)[..., None, None]
-    W = _hat(omega)
+    W = hat(omega)
     small = theta < 1e-3
     safe = np.where(small, 1.0, theta)
     d = np.where(small, 1.0 / 12.0 + theta ** 2 / 720.0,

@@ -1,0 +1,439 @@
+"""The relocalization pipeline without ROS: what the nodes do, so the replay does it too.
+
+The two rclpy nodes are thin adapters over the two cores defined here, and
+``vizloc-replay`` drives the very same cores from a bag. Every decision (which frame
+is processed, what is dropped and why, which stamp and frame an output carries, the
+``map -> odom`` arithmetic) lives here and is tested without ROS 2.
+
+* :class:`LatestFrameSlot` - keep only the newest camera frame; older ones are
+  dropped and counted (a slow network never builds a queue);
+* :class:`RegressorCore` - image message -> ``PoseEstimator`` -> base pose in ``map``
+  (through the camera extrinsic, covariance propagated) = ``/vizloc/absolute_pose``;
+* :class:`FusionCore` - absolute pose / odometry / IMU / initial pose messages ->
+  ``SlidingWindowFusion`` -> ``/vizloc/pose``, ``/vizloc/path`` and the TF transform.
+
+Messages may be rclpy or rosbags messages: the cores only read fields (messages.py).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from vizloc_ros import geometry, messages
+
+LOG = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- frames
+
+class LatestFrameSlot:
+    """A one-element mailbox between a subscription callback and a worker thread.
+
+    ``put`` never blocks: a frame not yet taken is replaced by the newer one and counted
+    as dropped. ``take`` waits for a frame. Memory is bounded by one frame whatever the
+    input rate, and the worker always processes the newest frame.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._item = None
+        self._closed = False
+        self.received = 0
+        self.dropped = 0
+
+    def put(self, item) -> bool:
+        """Store ``item``; returns True when it replaced (dropped) an unprocessed one."""
+        with self._cond:
+            replaced = self._item is not None
+            if replaced:
+                self.dropped += 1
+            self._item = item
+            self.received += 1
+            self._cond.notify()
+            return replaced
+
+    def take(self, timeout: float | None = None):
+        """The newest item, or None on timeout / close."""
+        with self._cond:
+            if self._item is None and not self._closed:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class StampRateLimiter:
+    """Accept at most ``max_rate`` frames per second of *message time* (0 = all).
+
+    Using header stamps rather than the wall clock makes replay and live runs drop
+    the same frames.
+    """
+
+    def __init__(self, max_rate: float = 0.0):
+        if not np.isfinite(max_rate) or max_rate < 0:
+            raise ValueError(f"max_rate must be >= 0, got {max_rate}")
+        self.period = 1.0 / max_rate if max_rate > 0 else 0.0
+        self._last = None
+
+    def accept(self, stamp: float) -> bool:
+        if self.period == 0.0:
+            return True
+        if self._last is not None and 0.0 <= stamp - self._last < self.period * 0.999:
+            return False
+        self._last = stamp
+        return True
+
+
+def camera_to_base(t_cam, q_cam, cov_cam, base_T_camera):
+    """Camera pose in ``map`` (+ ROS-order covariance) -> base pose in ``map``.
+
+    map_T_base = map_T_camera * inverse(base_T_camera). A rotation error delta (left,
+    map axes) of the camera moves the base by delta x r, where r = R_cam * t_cb is the
+    lever arm from camera to base in map axes; the covariance is propagated with that
+    Jacobian, so a camera mounted far from the base gets an honest translation spread.
+    """
+    t_bc, q_bc = base_T_camera
+    t_cb, q_cb = geometry.pose_inverse(t_bc, q_bc)
+    t_base, q_base = geometry.pose_compose(t_cam, q_cam, t_cb, q_cb)
+    lever = geometry.quat_rotate(q_cam, t_cb)
+    J = np.eye(6)
+    J[:3, 3:] = -geometry.hat(lever)
+    cov = J @ np.asarray(cov_cam, dtype=float) @ J.T
+    return t_base, q_base, 0.5 * (cov + cov.T)
+
+
+@dataclass
+class AbsolutePose:
+    """What ``/vizloc/absolute_pose`` carries: base pose in ``frame_id`` at ``stamp``."""
+
+    stamp: float
+    frame_id: str
+    t: np.ndarray
+    q: np.ndarray
+    cov: np.ndarray
+    latency_s: float = 0.0
+    t_cam: np.ndarray | None = None
+    q_cam: np.ndarray | None = None
+
+
+class RegressorCore:
+    """Image messages -> absolute base poses in ``map``.
+
+    Args:
+        estimator: a :class:`~vizloc_ros.estimator.PoseEstimator` (anything with
+            ``estimate_batch(images)`` returning objects with t, q, cov, latency_s).
+        base_T_camera: (t, q_wxyz) of the camera optical frame in the base frame;
+            None means "not known yet" (the node may learn it from TF later) and the
+            camera pose is then used as the base pose, with one warning.
+        map_frame: frame of the published poses.
+        max_rate: process at most this many frames per second of message time.
+    """
+
+    def __init__(self, estimator, base_T_camera=None, map_frame: str = "map",
+                 max_rate: float = 0.0):
+        self.estimator = estimator
+        self.map_frame = map_frame
+        self.limiter = StampRateLimiter(max_rate)
+        self.base_T_camera = None
+        if base_T_camera is not None:
+            self.set_extrinsic(*base_T_camera)
+        self.counters: Counter = Counter()
+        self.last_error: str | None = None
+        self._warned_extrinsic = False
+
+    def set_extrinsic(self, t, q_wxyz) -> None:
+        t = np.asarray(t, dtype=float).reshape(3)
+        q = geometry.quat_normalize(np.asarray(q_wxyz, dtype=float).reshape(4))
+        if not np.all(np.isfinite(t)):
+            raise ValueError("camera extrinsic translation is not finite")
+        self.base_T_camera = (t, q)
+
+    def decode(self, msg) -> tuple[float, np.ndarray]:
+        """(stamp, HxWx3 RGB) of an Image or CompressedImage message; ValueError if bad."""
+        stamp = messages.header_stamp_sec(msg)
+        if not np.isfinite(stamp) or stamp <= 0:
+            raise ValueError(f"image stamp {stamp} is zero or invalid")
+        return stamp, messages.image_to_rgb(msg)
+
+    def _drop(self, reason: str, detail: str) -> None:
+        self.counters[f"dropped_{reason}"] += 1
+        self.last_error = detail
+
+    def process(self, msg) -> AbsolutePose | None:
+        """One image message -> AbsolutePose, or None (dropped and counted)."""
+        results = self.process_batch([msg])
+        return results[0]
+
+    def process_batch(self, msgs) -> list[AbsolutePose | None]:
+        """Many image messages (replay batches them for GPU throughput).
+
+        Images of one size go through the estimator together; a bad image is dropped and
+        counted without affecting the others.
+        """
+        out: list[AbsolutePose | None] = [None] * len(msgs)
+        decoded: dict[tuple, list[tuple[int, float, np.ndarray]]] = {}
+        for i, msg in enumerate(msgs):
+            self.counters["received"] += 1
+            try:
+                stamp, image = self.decode(msg)
+            except ValueError as exc:
+                self._drop("invalid_image", str(exc))
+                continue
+            if not self.limiter.accept(stamp):
+                self.counters["dropped_rate"] += 1
+                continue
+            decoded.setdefault(image.shape, []).append((i, stamp, image))
+        for group in decoded.values():
+            try:
+                estimates = self.estimator.estimate_batch([g[2] for g in group])
+            except (ValueError, FloatingPointError) as exc:
+                for _ in group:
+                    self._drop("estimator", str(exc))
+                continue
+            for (i, stamp, _), est in zip(group, estimates):
+                pose = self._to_base(stamp, est)
+                if pose is not None:
+                    out[i] = pose
+                    self.counters["published"] += 1
+        return out
+
+    def _to_base(self, stamp: float, est) -> AbsolutePose | None:
+        cov = np.asarray(est.cov, dtype=float)
+        if not (np.all(np.isfinite(est.t)) and np.all(np.isfinite(est.q)) and np.all(np.isfinite(cov))):
+            self._drop("non_finite", "estimator returned a non-finite pose")
+            return None
+        if self.base_T_camera is None:
+            if not self._warned_extrinsic:
+                LOG.warning("camera extrinsic unknown: publishing the camera pose as the base pose")
+                self._warned_extrinsic = True
+            t, q, cov_b = np.asarray(est.t, float), np.asarray(est.q, float), cov
+        else:
+            t, q, cov_b = camera_to_base(est.t, est.q, cov, self.base_T_camera)
+        return AbsolutePose(stamp=stamp, frame_id=self.map_frame, t=t, q=q, cov=cov_b,
+                            latency_s=float(est.latency_s), t_cam=np.asarray(est.t, float),
+                            q_cam=np.asarray(est.q, float))
+
+
+# --------------------------------------------------------------------------- fusion
+
+@dataclass
+class TransformOut:
+    """A TF transform to broadcast: ``parent -> child`` at ``stamp``."""
+
+    stamp: float
+    parent: str
+    child: str
+    t: np.ndarray
+    q: np.ndarray
+
+
+@dataclass
+class FusionOutput:
+    """Everything the fusion node publishes after one update."""
+
+    stamp: float
+    frame_id: str
+    t: np.ndarray
+    q: np.ndarray
+    cov: np.ndarray
+    transform: TransformOut | None
+    path_appended: bool
+
+
+@dataclass
+class FusionSettings:
+    """Node-level settings around the fusion (frames, TF, path), DESIGN.md names."""
+
+    map_frame: str = "map"
+    odom_frame: str = "odom"
+    base_frame: str = "base_link"
+    publish_tf: bool = True
+    transform_tolerance: float = 0.1
+    use_odom: bool = True
+    use_imu: bool = False
+    path_max_length: int = 10000
+    path_min_spacing: float = 0.0
+
+    def __post_init__(self):
+        if not np.isfinite(self.transform_tolerance) or self.transform_tolerance < 0:
+            raise ValueError(f"transform_tolerance must be >= 0, got {self.transform_tolerance}")
+        for name in ("map_frame", "odom_frame", "base_frame"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string")
+
+
+class FusionCore:
+    """Messages in -> fused outputs, exactly as the fusion node publishes them."""
+
+    def __init__(self, fusion_config=None, settings: FusionSettings | None = None):
+        from vizloc_ros.fusion import FusionConfig, SlidingWindowFusion
+
+        self.settings = settings or FusionSettings()
+        if fusion_config is None:
+            fusion_config = FusionConfig()
+        elif isinstance(fusion_config, dict):
+            fusion_config = FusionConfig.from_dict(fusion_config)
+        fusion_config.use_odom = self.settings.use_odom
+        fusion_config.use_imu = self.settings.use_imu
+        self.fusion = SlidingWindowFusion(fusion_config)
+        self.counters: Counter = Counter()
+        self.path: deque = deque(maxlen=self.settings.path_max_length)
+        self.last_reason: str | None = None
+
+    # -- inputs --------------------------------------------------------------
+    def on_absolute(self, msg) -> FusionOutput | None:
+        """A ``/vizloc/absolute_pose`` message (PoseWithCovarianceStamped of the base)."""
+        self.counters["absolute_received"] += 1
+        try:
+            frame = msg.header.frame_id
+            if frame != self.settings.map_frame:
+                raise ValueError(f"absolute pose in frame {frame!r}, expected {self.settings.map_frame!r}")
+            stamp = self._stamp(msg)
+            t, q, cov = messages.pose_with_covariance_from_msg(msg)
+        except ValueError as exc:
+            return self._drop("absolute_invalid", str(exc))
+        return self.add_absolute(stamp, t, q, cov)
+
+    def add_absolute(self, stamp, t, q, cov) -> FusionOutput | None:
+        result = self.fusion.add_absolute(stamp, t, q, cov)
+        self.counters[f"absolute_{result.status}"] += 1
+        self.last_reason = result.reason
+        return self._output(stamp) if result.status in ("accepted", "initialising") else None
+
+    def on_odometry(self, msg) -> FusionOutput | None:
+        if not self.settings.use_odom:
+            return None
+        self.counters["odom_received"] += 1
+        try:
+            stamp = self._stamp(msg)
+            t, q, cov = messages.pose_with_covariance_from_msg(msg)
+        except ValueError as exc:
+            return self._drop("odom_invalid", str(exc))
+        return self.add_odometry(stamp, t, q, cov)
+
+    def add_odometry(self, stamp, t, q, cov) -> FusionOutput | None:
+        result = self.fusion.add_odometry(stamp, t, q, cov)
+        self.counters[f"odom_{result.status}"] += 1
+        if result.status != "accepted":
+            self.last_reason = result.reason
+            return None
+        return self._output(stamp)
+
+    def on_imu(self, msg) -> None:
+        if not self.settings.use_imu:
+            return None
+        self.counters["imu_received"] += 1
+        try:
+            reading = messages.imu_from_msg(msg)
+        except ValueError as exc:
+            self._drop("imu_invalid", str(exc))
+            return None
+        result = self.fusion.add_imu(reading.stamp, reading.gyro, reading.accel)
+        self.counters[f"imu_{result.status}"] += 1
+        return None
+
+    def on_initial_pose(self, msg) -> FusionOutput | None:
+        """rviz "2D Pose Estimate": reset the fusion at the given pose and covariance."""
+        self.counters["initialpose_received"] += 1
+        try:
+            if msg.header.frame_id != self.settings.map_frame:
+                raise ValueError(f"initial pose in frame {msg.header.frame_id!r}, "
+                                 f"expected {self.settings.map_frame!r}")
+            stamp = messages.header_stamp_sec(msg)
+            t, q, cov = messages.pose_with_covariance_from_msg(msg)
+        except ValueError as exc:
+            return self._drop("initialpose_invalid", str(exc))
+        result = self.fusion.set_initial_pose(stamp, t, q, cov)
+        self.counters[f"initialpose_{result.status}"] += 1
+        self.path.clear()
+        return self._output(stamp) if result.status == "accepted" else None
+
+    def reset(self) -> None:
+        """``~/reset``: forget the window and the path; re-initialise from measurements."""
+        self.fusion.reset()
+        self.path.clear()
+        self.counters["resets"] += 1
+
+    # -- helpers -------------------------------------------------------------
+    @staticmethod
+    def _stamp(msg) -> float:
+        stamp = messages.header_stamp_sec(msg)
+        if not np.isfinite(stamp) or stamp <= 0:
+            raise ValueError(f"stamp {stamp} is zero or invalid")
+        return stamp
+
+    def _drop(self, reason: str, detail: str) -> None:
+        self.counters[f"dropped_{reason}"] += 1
+        self.last_reason = detail
+        return None
+
+    def _output(self, stamp: float) -> FusionOutput | None:
+        estimate = self.fusion.estimate()
+        if estimate is None:
+            return None
+        t, q, cov = estimate.t, estimate.q, estimate.cov_ros
+        if not (np.all(np.isfinite(t)) and np.all(np.isfinite(q)) and np.all(np.isfinite(cov))):
+            return self._drop("non_finite_estimate", "fusion produced a non-finite estimate")
+        s = self.settings
+        transform = None
+        if s.publish_tf:
+            tf_stamp = estimate.stamp + s.transform_tolerance
+            if s.use_odom and estimate.map_T_odom is not None:
+                t_mo, q_mo = estimate.map_T_odom
+                transform = TransformOut(tf_stamp, s.map_frame, s.odom_frame,
+                                         np.asarray(t_mo, float), np.asarray(q_mo, float))
+            elif not s.use_odom:
+                transform = TransformOut(tf_stamp, s.map_frame, s.base_frame, t.copy(), q.copy())
+        appended = False
+        if not self.path or (estimate.stamp > self.path[-1][0] and
+                             np.linalg.norm(t - self.path[-1][1]) >= s.path_min_spacing):
+            self.path.append((estimate.stamp, t.copy(), q.copy()))
+            appended = True
+        return FusionOutput(stamp=estimate.stamp, frame_id=s.map_frame, t=t, q=q, cov=cov,
+                            transform=transform, path_appended=appended)
+
+    def path_arrays(self):
+        """(stamps, t, q) of the fused path so far."""
+        if not self.path:
+            return np.zeros(0), np.zeros((0, 3)), np.zeros((0, 4))
+        stamps, ts, qs = zip(*self.path)
+        return np.array(stamps), np.stack(ts), np.stack(qs)
+
+
+def diagnostics_summary(counters: Counter, latency_s=None, rate_hz=None) -> dict:
+    """Key/value pairs for diagnostic_updater (strings), from a core's counters."""
+    out = {k: str(v) for k, v in sorted(counters.items())}
+    if latency_s is not None:
+        out["latency_ms"] = f"{1000 * latency_s:.1f}"
+    if rate_hz is not None:
+        out["input_rate_hz"] = f"{rate_hz:.1f}"
+    return out
+
+
+class RateMeter:
+    """Messages per second over a sliding window of wall time (diagnostics only)."""
+
+    def __init__(self, window: float = 5.0):
+        self.window = window
+        self._times: deque = deque()
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._times.append(now)
+        while self._times and now - self._times[0] > self.window:
+            self._times.popleft()
+
+    def rate(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        while self._times and now - self._times[0] > self.window:
+            self._times.popleft()
+        return len(self._times) / self.window
