@@ -1,11 +1,632 @@
-"""`vizloc-replay`: Replay a rosbag2 through the relocalization pipeline. Not implemented yet."""
-import sys
+"""`vizloc-replay`: run the live pipeline on a recording and report how well it localized.
 
-from vizloc_ros.cli_common import not_built_yet
+The replay drives the same cores as the nodes (:mod:`vizloc_ros.pipeline`): images go
+through :class:`~vizloc_ros.pipeline.RegressorCore` (batched: the estimator is
+stateless, so batching changes speed, not results), the resulting
+``/vizloc/absolute_pose`` messages, the odometry and the IMU messages go through
+:class:`~vizloc_ros.pipeline.FusionCore` in header-stamp order, and whatever the fusion
+node would publish is written to an output bag. Ground truth is only read for the
+report.
+
+Output folder (built under a temporary name, renamed when complete)::
+
+    bag/                    rosbag2 (mcap): /vizloc/absolute_pose, /vizloc/pose, /vizloc/path, /tf
+    ground_truth.tum  absolute.tum  fused.tum  odometry.tum
+    metrics.json  report.md  trajectories.png  errors.png  error_cdf.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vizloc_ros import geometry, messages
+
+LOG = logging.getLogger("vizloc-replay")
+
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+GT_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarianceStamped",
+            "nav_msgs/msg/Odometry", "geometry_msgs/msg/TransformStamped")
+TF_TYPE = "tf2_msgs/msg/TFMessage"
+#: ground truth further than this from an evaluated stamp is not interpolated across
+GT_MAX_GAP_S = 0.25
+
+
+class ReplayError(RuntimeError):
+    """The replay cannot run: the message says why and what to do."""
+
+
+@dataclass
+class ReplayOptions:
+    bag: Path
+    out: Path
+    weights: Path | None = None
+    image_topic: str = "/camera/image_raw"
+    ground_truth: str = "/ground_truth/pose"
+    odom_topic: str | None = "/odom"
+    imu_topic: str | None = None
+    fusion: bool = True
+    device: str = "auto"
+    batch_size: int = 16
+    overwrite: bool = False
+    progress: bool = True
+    map_frame: str = "map"
+    odom_frame: str = "odom"
+    base_frame: str = "base_link"
+    camera_extrinsic: tuple | None = None  # (t, q_wxyz) base -> camera
+    fusion_params: dict = field(default_factory=dict)
+    mc_dropout_samples: int = 0
+
+
+# --------------------------------------------------------------------------- bag reading
+
+def _tf_graph(transforms):
+    """{(parent, child): (t, q)} from static transforms."""
+    edges = {}
+    for tf in transforms:
+        t, q = messages.pose_from_msg(tf)
+        edges[(tf.header.frame_id, tf.child_frame_id)] = (t, q)
+    return edges
+
+
+def static_chain(edges: dict, parent: str, child: str):
+    """parent_T_child by composing static edges (either direction); None if unconnected."""
+    graph: dict = {}
+    for (a, b), (t, q) in edges.items():
+        graph.setdefault(a, []).append((b, t, q))
+        t_inv, q_inv = geometry.pose_inverse(t, q)
+        graph.setdefault(b, []).append((a, t_inv, q_inv))
+    frontier = [(parent, np.zeros(3), np.array([1.0, 0, 0, 0]))]
+    seen = {parent}
+    while frontier:
+        frame, t, q = frontier.pop()
+        if frame == child:
+            return t, q
+        for nxt, t_e, q_e in graph.get(frame, []):
+            if nxt not in seen:
+                seen.add(nxt)
+                frontier.append((nxt, *geometry.pose_compose(t, q, t_e, q_e)))
+    return None
+
+
+def _check_topics(bag: Path, options: ReplayOptions) -> dict:
+    from vizloc_ros.data.bag_io import list_topics
+
+    try:
+        topics = list_topics(bag)
+    except FileNotFoundError:
+        raise ReplayError(f"bag not found: {bag}") from None
+    except Exception as exc:  # rosbags raises several types for corrupt bags
+        raise ReplayError(f"cannot open bag {bag}: {exc}") from None
+    listing = "\n".join(f"  {name}  [{kind}]" for name, kind in sorted(topics.items()))
+
+    def need(topic, allowed, what, hint=""):
+        if topic not in topics:
+            raise ReplayError(f"{what} topic {topic!r} is not in {bag}{hint}. The bag has:\n{listing}")
+        if topics[topic] not in allowed:
+            raise ReplayError(f"{what} topic {topic!r} carries {topics[topic]}, expected one of "
+                              f"{', '.join(allowed)}")
+
+    need(options.image_topic, IMAGE_TYPES, "image")
+    if options.ground_truth.startswith("tf:"):
+        need("/tf", (TF_TYPE,), "TF (ground truth)")
+    else:
+        need(options.ground_truth, GT_TYPES, "ground-truth",
+             " (use --ground-truth tf:map->base_link for a TF chain)")
+    if options.fusion and options.odom_topic:
+        need(options.odom_topic, ("nav_msgs/msg/Odometry",), "odometry", " (--odom-topic none to fuse without it)")
+    if options.fusion and options.imu_topic:
+        need(options.imu_topic, ("sensor_msgs/msg/Imu",), "IMU")
+    return topics
+
+
+class _GroundTruth:
+    """Ground-truth base poses in ``map`` from a pose topic or a TF chain."""
+
+    def __init__(self, spec: str, base_frame: str):
+        self.spec = spec
+        self.stamps: list[float] = []
+        self.t: list[np.ndarray] = []
+        self.q: list[np.ndarray] = []
+        self.tf_parent = self.tf_child = None
+        if spec.startswith("tf:"):
+            try:
+                self.tf_parent, self.tf_child = [s.strip() for s in spec[3:].split("->")]
+            except ValueError:
+                raise ReplayError(f"--ground-truth {spec!r}: expected tf:PARENT->CHILD") from None
+        self.dynamic: dict = {}
+        self.bad = 0
+
+    def add(self, topic: str, msg) -> None:
+        try:
+            if self.tf_parent is None:
+                stamp = messages.header_stamp_sec(msg)
+                t, q = messages.pose_from_msg(msg)
+                self._append(stamp, t, q)
+            else:
+                for tf in msg.transforms:
+                    key = (tf.header.frame_id, tf.child_frame_id)
+                    t, q = messages.pose_from_msg(tf)
+                    self.dynamic.setdefault(key, []).append(
+                        (messages.header_stamp_sec(tf), t, q))
+        except ValueError:
+            self.bad += 1
+
+    def _append(self, stamp, t, q):
+        self.stamps.append(stamp)
+        self.t.append(t)
+        self.q.append(q)
+
+    def finish(self, static_edges: dict):
+        """Resolve a TF chain (direct edge, or two dynamic edges through one frame)."""
+        if self.tf_parent is not None:
+            direct = self.dynamic.get((self.tf_parent, self.tf_child))
+            if direct:
+                for stamp, t, q in direct:
+                    self._append(stamp, t, q)
+            else:
+                pairs = [(a, b) for (a, b) in self.dynamic if a == self.tf_parent]
+                for _, mid in pairs:
+                    second = self.dynamic.get((mid, self.tf_child))
+                    if not second:
+                        continue
+                    first = self.dynamic[(self.tf_parent, mid)]
+                    s1 = np.array([f[0] for f in first])
+                    t1, q1 = _interpolate(s1, np.array([f[1] for f in first]),
+                                          np.array([f[2] for f in first]),
+                                          np.array([s[0] for s in second]))
+                    for k, (stamp, t, q) in enumerate(second):
+                        if np.all(np.isfinite(t1[k])):
+                            self._append(stamp, *geometry.pose_compose(t1[k], q1[k], t, q))
+                    break
+            if not self.stamps:
+                raise ReplayError(f"no TF path {self.tf_parent} -> {self.tf_child} in the bag's /tf "
+                                  f"(dynamic edges: {sorted(self.dynamic)})")
+        if not self.stamps:
+            raise ReplayError(f"no valid ground truth on {self.spec}")
+        order = np.argsort(self.stamps, kind="stable")
+        return (np.asarray(self.stamps)[order], np.asarray(self.t)[order], np.asarray(self.q)[order])
+
+
+def _interpolate(stamps, t, q, query, max_gap: float = GT_MAX_GAP_S):
+    """Poses at ``query`` stamps: linear translation, slerp rotation; NaN where the
+    nearest samples are more than ``max_gap`` apart or the stamp is outside the range."""
+    t_out = np.full((len(query), 3), np.nan)
+    q_out = np.full((len(query), 4), np.nan)
+    if len(stamps) == 0:
+        return t_out, q_out
+    idx = np.searchsorted(stamps, query)
+    for k, (i, s) in enumerate(zip(idx, query)):
+        if i < len(stamps) and abs(stamps[i] - s) < 1e-9:
+            t_out[k], q_out[k] = t[i], q[i]
+            continue
+        if i == 0 or i >= len(stamps):
+            continue
+        a, b = i - 1, i
+        if stamps[b] - stamps[a] > max_gap:
+            continue
+        w = (s - stamps[a]) / (stamps[b] - stamps[a])
+        t_out[k] = (1 - w) * t[a] + w * t[b]
+        q_rel = geometry.quat_multiply(geometry.quat_conjugate(q[a]), q[b])
+        q_out[k] = geometry.quat_hemisphere(geometry.quat_normalize(
+            geometry.quat_multiply(q[a], geometry.quat_exp(w * geometry.quat_log(q_rel)))))
+    return t_out, q_out
+
+
+def _previous(stamps, t, q, query):
+    """Causal association: the latest pose at or before each query stamp (NaN before the first)."""
+    t_out = np.full((len(query), 3), np.nan)
+    q_out = np.full((len(query), 4), np.nan)
+    if len(stamps) == 0:
+        return t_out, q_out
+    idx = np.searchsorted(stamps, np.asarray(query) + 1e-9, side="right") - 1
+    ok = idx >= 0
+    t_out[ok] = t[idx[ok]]
+    q_out[ok] = q[idx[ok]]
+    return t_out, q_out
+
+
+# --------------------------------------------------------------------------- the run
+
+def run_replay(options: ReplayOptions) -> dict:
+    """Replay a bag; returns metrics. Writes the output folder atomically."""
+    from tqdm import tqdm
+
+    from vizloc_ros.data.bag_io import BagWriter, read_messages
+    from vizloc_ros.estimator import PoseEstimator
+    from vizloc_ros.models import CheckpointError
+    from vizloc_ros.pipeline import FusionCore, FusionSettings, RegressorCore
+    from vizloc_ros.report import write_report
+
+    bag, out = Path(options.bag), Path(options.out)
+    if options.batch_size < 1:
+        raise ReplayError("--batch-size must be >= 1")
+    if out.exists() and not options.overwrite:
+        raise ReplayError(f"output folder {out} exists; pass --overwrite to replace it")
+    topics = _check_topics(bag, options)
+    weights = options.weights or default_weights()
+    try:
+        estimator = PoseEstimator(weights, device=options.device,
+                                  mc_dropout_samples=options.mc_dropout_samples)
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise ReplayError(f"cannot load weights {weights}: {exc}") from None
+    regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
+                              map_frame=options.map_frame)
+    use_odom = bool(options.fusion and options.odom_topic)
+    use_imu = bool(options.fusion and options.imu_topic)
+    settings = FusionSettings(map_frame=options.map_frame, odom_frame=options.odom_frame,
+                              base_frame=options.base_frame, use_odom=use_odom, use_imu=use_imu)
+    fusion_core = FusionCore(dict(options.fusion_params), settings) if options.fusion else None
+
+    wanted = [options.image_topic]
+    wanted += ["/tf"] if options.ground_truth.startswith("tf:") else [options.ground_truth]
+    if "/tf_static" in topics:
+        wanted.append("/tf_static")
+    if options.odom_topic and options.odom_topic in topics:
+        wanted.append(options.odom_topic)
+    if use_imu:
+        wanted.append(options.imu_topic)
+    gt = _GroundTruth(options.ground_truth, options.base_frame)
+    static_edges: dict = {}
+    events: list = []          # (stamp, order, kind, payload)
+    odom_track: list = []      # (stamp, t, q) for the odometry-only trajectory
+    pending: list = []
+    image_stamps: list = []
+    n_images = None
+    try:
+        from vizloc_ros.data.bag_io import topic_message_counts
+        n_images = topic_message_counts(bag).get(options.image_topic)
+    except Exception:  # counts are for the progress bar only
+        pass
+
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+    started = time.perf_counter()
+    bar = tqdm(total=n_images, desc="replay", unit="frame", disable=not options.progress,
+               dynamic_ncols=True)
+    order = 0
+
+    def flush_images():
+        nonlocal order
+        if not pending:
+            return
+        if regressor.base_T_camera is None and options.camera_extrinsic is None:
+            frame = pending[0].header.frame_id
+            chain = static_chain(static_edges, options.base_frame, frame)
+            if chain is not None:
+                regressor.set_extrinsic(*chain)
+        for msg, pose in zip(pending, regressor.process_batch(pending)):
+            if pose is not None:
+                events.append((pose.stamp, order, "absolute", pose))
+                order += 1
+        bar.update(len(pending))
+        bar.set_postfix(fps=f"{bar.n / max(time.perf_counter() - started, 1e-9):.1f}")
+        pending.clear()
+
+    try:
+        try:
+            for record in read_messages(bag, wanted):
+                if record.topic == options.image_topic:
+                    pending.append(record.msg)
+                    try:
+                        image_stamps.append(messages.header_stamp_sec(record.msg))
+                    except (ValueError, AttributeError):
+                        pass
+                    if len(pending) >= options.batch_size:
+                        flush_images()
+                elif record.topic == "/tf_static":
+                    try:
+                        static_edges.update(_tf_graph(record.msg.transforms))
+                    except ValueError:
+                        pass
+                elif record.topic == options.odom_topic:
+                    try:
+                        stamp = messages.header_stamp_sec(record.msg)
+                        t, q = messages.pose_from_msg(record.msg)
+                        odom_track.append((stamp, t, q))
+                    except ValueError:
+                        stamp = None
+                    if use_odom:
+                        events.append((stamp if stamp is not None else -1.0, order, "odom", record.msg))
+                        order += 1
+                elif use_imu and record.topic == options.imu_topic:
+                    try:
+                        stamp = messages.header_stamp_sec(record.msg)
+                    except ValueError:
+                        stamp = -1.0
+                    events.append((stamp, order, "imu", record.msg))
+                    order += 1
+                if record.topic == options.ground_truth or (record.topic == "/tf" and gt.tf_parent):
+                    gt.add(record.topic, record.msg)
+            flush_images()
+        except ReplayError:
+            raise
+        except ValueError as exc:
+            raise ReplayError(f"bag {bag}: {exc}") from None
+        except Exception as exc:  # a truncated / corrupt bag surfaces as various reader errors
+            raise ReplayError(f"bag {bag} could not be read to the end ({type(exc).__name__}: {exc}); "
+                              "is it truncated or corrupt?") from None
+        bar.close()
+        gt_stamps, gt_t, gt_q = gt.finish(static_edges)
+        inference_s = time.perf_counter() - started
+
+        absolute = [e[3] for e in events if e[2] == "absolute"]
+        if not absolute:
+            raise ReplayError(f"no image on {options.image_topic} could be processed "
+                              f"({dict(regressor.counters)}; last error: {regressor.last_error})")
+        abs_stamps = np.array([p.stamp for p in absolute])
+        gt_at_abs = _interpolate(gt_stamps, gt_t, gt_q, abs_stamps)
+        if not np.any(np.isfinite(gt_at_abs[0][:, 0])):
+            raise ReplayError(f"ground truth on {options.ground_truth} never overlaps the images "
+                              f"(images {abs_stamps.min():.3f}..{abs_stamps.max():.3f} s, ground truth "
+                              f"{gt_stamps.min():.3f}..{gt_stamps.max():.3f} s)")
+
+        writer = BagWriter(staging / "bag", typestore=messages.rosbags_typestore())
+        types = messages.rosbags_types()
+        fused: list = []
+        with writer:
+            writer.add_topic("/vizloc/absolute_pose", "geometry_msgs/msg/PoseWithCovarianceStamped")
+            writer.add_topic("/vizloc/pose", "geometry_msgs/msg/PoseWithCovarianceStamped")
+            writer.add_topic("/vizloc/path", "nav_msgs/msg/Path")
+            writer.add_topic("/tf", TF_TYPE)
+            last_path_write = -np.inf
+            events.sort(key=lambda e: (e[0], e[1]))
+            for stamp, _, kind, payload in events:
+                output = None
+                if kind == "absolute":
+                    msg = messages.make_pose_with_covariance_stamped(
+                        types, payload.stamp, payload.frame_id, payload.t, payload.q, payload.cov)
+                    writer.write("/vizloc/absolute_pose", int(round(payload.stamp * 1e9)), msg)
+                    if fusion_core is not None:
+                        output = fusion_core.on_absolute(msg)
+                elif kind == "odom":
+                    output = fusion_core.on_odometry(payload)
+                elif kind == "imu":
+                    fusion_core.on_imu(payload)
+                if output is None:
+                    continue
+                ns = int(round(output.stamp * 1e9))
+                writer.write("/vizloc/pose", ns, messages.make_pose_with_covariance_stamped(
+                    types, output.stamp, output.frame_id, output.t, output.q, output.cov))
+                fused.append((output.stamp, output.t, output.q))
+                if output.transform is not None:
+                    tf = output.transform
+                    writer.write("/tf", ns, messages.make_tf_message(types, [
+                        messages.make_transform_stamped(types, tf.stamp, tf.parent, tf.child, tf.t, tf.q)]))
+                if output.stamp - last_path_write >= 1.0:  # a growing Path at 1 Hz of bag time
+                    p_stamps, p_t, p_q = fusion_core.path_arrays()
+                    writer.write("/vizloc/path", ns, messages.make_path(
+                        types, output.stamp, options.map_frame, p_t, p_q, stamps=p_stamps))
+                    last_path_write = output.stamp
+            if fusion_core is not None and fusion_core.path:
+                p_stamps, p_t, p_q = fusion_core.path_arrays()
+                writer.write("/vizloc/path", int(round(p_stamps[-1] * 1e9)) + 1, messages.make_path(
+                    types, p_stamps[-1], options.map_frame, p_t, p_q, stamps=p_stamps))
+        elapsed = time.perf_counter() - started
+
+        result = _assemble(options, absolute, fused, odom_track, (gt_stamps, gt_t, gt_q),
+                           regressor, fusion_core, elapsed, inference_s, len(image_stamps))
+        write_report(staging, result)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        return result["metrics"]
+    except BaseException:
+        bar.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, elapsed,
+              inference_s, n_images) -> dict:
+    """Trajectories evaluated at the image stamps, and the metrics of each source."""
+    from vizloc_ros.metrics import pose_errors, summarize_errors, trajectory_metrics
+
+    gt_stamps, gt_t, gt_q = gt
+    stamps = np.array([p.stamp for p in absolute])
+    raw_t = np.stack([p.t for p in absolute])
+    raw_q = np.stack([p.q for p in absolute])
+    truth_t, truth_q = _interpolate(gt_stamps, gt_t, gt_q, stamps)
+    valid = np.all(np.isfinite(truth_t), axis=1)
+    trajectories = {"ground_truth": (gt_stamps, gt_t, gt_q), "absolute": (stamps, raw_t, raw_q)}
+    sources = {"absolute": (raw_t, raw_q)}
+    if fused:
+        f_stamps = np.array([f[0] for f in fused])
+        order = np.argsort(f_stamps, kind="stable")
+        f_stamps, f_t, f_q = f_stamps[order], np.stack([f[1] for f in fused])[order], \
+            np.stack([f[2] for f in fused])[order]
+        keep = np.r_[np.diff(f_stamps) > 0, True]  # the last output at each stamp
+        trajectories["fused"] = (f_stamps[keep], f_t[keep], f_q[keep])
+        sources["fused"] = _previous(f_stamps[keep], f_t[keep], f_q[keep], stamps)
+    if len(odom_track) >= 2:
+        o_stamps = np.array([o[0] for o in odom_track])
+        order = np.argsort(o_stamps, kind="stable")
+        o_stamps = o_stamps[order]
+        o_t = np.stack([o[1] for o in odom_track])[order]
+        o_q = np.stack([o[2] for o in odom_track])[order]
+        # anchor odometry in map with the ground truth at its first usable stamp
+        g_t, g_q = _interpolate(gt_stamps, gt_t, gt_q, o_stamps)
+        first = np.flatnonzero(np.all(np.isfinite(g_t), axis=1))
+        if len(first):
+            k = first[0]
+            t_inv, q_inv = geometry.pose_inverse(o_t[k], o_q[k])
+            m_t, m_q = geometry.pose_compose(g_t[k], g_q[k], t_inv, q_inv)
+            om_t, om_q = geometry.pose_compose(np.broadcast_to(m_t, o_t.shape),
+                                               np.broadcast_to(m_q, o_q.shape), o_t, o_q)
+            trajectories["odometry"] = (o_stamps, om_t, om_q)
+            sources["odometry"] = _interpolate(o_stamps, om_t, om_q, stamps)
+    metrics: dict = {"bag": str(options.bag), "weights": str(options.weights or default_weights()),
+                     "frames": {"images": int(n_images), "estimated": int(len(absolute)),
+                                "evaluated": int(valid.sum())},
+                     "sources": {}, "counts": {}, "timing": {}}
+    per_frame = {"stamp": stamps[valid]}
+    for name, (t, q) in sources.items():
+        ok = valid & np.all(np.isfinite(t), axis=1)
+        if not np.any(ok):
+            continue
+        t_err, r_err = pose_errors(t[ok], q[ok], truth_t[ok], truth_q[ok])
+        summary = summarize_errors(t_err, r_err)
+        tail = max(1, len(t_err) // 10)
+        summary["final_median_translation_m"] = float(np.median(t_err[-tail:]))
+        summary.update(trajectory_metrics(stamps[ok], t[ok], q[ok], truth_t[ok], truth_q[ok]))
+        metrics["sources"][name] = summary
+        full_t = np.full(len(stamps), np.nan)
+        full_r = np.full(len(stamps), np.nan)
+        full_t[ok], full_r[ok] = t_err, r_err
+        per_frame[f"{name}_translation_m"] = full_t[valid]
+        per_frame[f"{name}_rotation_deg"] = full_r[valid]
+    counts = {"images_" + k: int(v) for k, v in regressor.counters.items()}
+    if fusion_core is not None:
+        counts.update({k: int(v) for k, v in fusion_core.counters.items()})
+        counts.update({"fusion_" + k: int(v) for k, v in fusion_core.fusion.counters.items()})
+    metrics["counts"] = counts
+    metrics["timing"] = {"seconds": round(elapsed, 3),
+                         "frames_per_second": round(len(absolute) / max(elapsed, 1e-9), 2),
+                         "inference_frames_per_second": round(len(absolute) / max(inference_s, 1e-9), 2),
+                         "device": str(regressor.estimator.device)}
+    return {"metrics": metrics, "trajectories": trajectories, "per_frame": per_frame}
+
+
+def default_weights() -> Path:
+    """The shipped MapNet: installed share folder first, then the source tree."""
+    candidates = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory("vizloc_ros")) / "weights")
+    except Exception:  # no ROS, or not installed with colcon
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "weights")
+    candidates.append(Path(sys.prefix) / "share" / "vizloc_ros" / "weights")
+    for folder in candidates:
+        if (folder / "mapnet_demo.safetensors").is_file():
+            return folder / "mapnet_demo.safetensors"
+    raise ReplayError("the shipped weights mapnet_demo.safetensors were not found "
+                      f"(looked in {', '.join(map(str, candidates))}); pass --weights")
+
+
+# --------------------------------------------------------------------------- CLI
+
+def format_table(metrics: dict) -> str:
+    names = [n for n in ("absolute", "fused", "odometry") if n in metrics["sources"]]
+    rows = [("median translation (m)", "median_translation_m", "{:.3f}"),
+            ("median rotation (deg)", "median_rotation_deg", "{:.2f}"),
+            ("final median transl. (m)", "final_median_translation_m", "{:.3f}"),
+            ("within 25 cm, 2 deg", "within_25cm_2deg", "{:.1%}"),
+            ("within 50 cm, 5 deg", "within_50cm_5deg", "{:.1%}"),
+            ("ATE RMSE (m)", "ate_rmse_m", "{:.3f}"),
+            ("ATE RMSE, SE(3)-aligned (m)", "ate_rmse_m_se3_aligned", "{:.3f}")]
+    width = max(len(r[0]) for r in rows)
+    lines = [" " * width + "".join(f"{n:>12}" for n in names)]
+    for label, key, fmt in rows:
+        cells = []
+        for n in names:
+            value = metrics["sources"][n].get(key)
+            cells.append(f"{fmt.format(value) if value is not None else '-':>12}")
+        lines.append(label.ljust(width) + "".join(cells))
+    counts = metrics["counts"]
+    lines.append("")
+    lines.append(f"images: {metrics['frames']['images']} read, {metrics['frames']['estimated']} estimated; "
+                 f"absolute measurements accepted {counts.get('absolute_accepted', 0)}, "
+                 f"rejected {counts.get('absolute_rejected', 0)}, dropped {counts.get('absolute_dropped', 0)}; "
+                 f"{metrics['timing']['frames_per_second']:.1f} frames/s end to end on "
+                 f"{metrics['timing']['device']}")
+    return "\n".join(lines)
+
+
+def _extrinsic(values):
+    if values is None:
+        return None
+    x, y, z, qx, qy, qz, qw = values
+    return np.array([x, y, z]), geometry.quat_normalize(geometry.ros_to_wxyz([qx, qy, qz, qw]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vizloc-replay",
+        description="Replay a rosbag2 (mcap / sqlite3) or ROS 1 bag through the vizloc_ros pipeline "
+                    "(estimator + fusion, exactly as the nodes run) and report how well it localized.")
+    parser.add_argument("bag", nargs="?", help="bag folder (rosbag2) or .bag file (ROS 1)")
+    parser.add_argument("--demo", action="store_true",
+                        help="replay the demo scene's test walk (rendered with vizloc-synth on first "
+                             "use and cached) with the shipped MapNet")
+    parser.add_argument("--weights", help="checkpoint (default: the shipped weights/mapnet_demo)")
+    parser.add_argument("--image-topic", default="/camera/image_raw",
+                        help="sensor_msgs/Image or CompressedImage topic (default /camera/image_raw)")
+    parser.add_argument("--ground-truth", default="/ground_truth/pose",
+                        help="PoseStamped / PoseWithCovarianceStamped / Odometry / TransformStamped topic, "
+                             "or tf:PARENT->CHILD for a TF chain (default /ground_truth/pose)")
+    parser.add_argument("--odom-topic", default="/odom", help="nav_msgs/Odometry topic, or 'none'")
+    parser.add_argument("--imu-topic", default="none", help="sensor_msgs/Imu topic to fuse, or 'none' (default)")
+    parser.add_argument("--no-fusion", action="store_true", help="raw network poses only")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
+    parser.add_argument("--mc-dropout-samples", type=int, default=0,
+                        help="MC dropout samples per image for the covariance (default 0: validation covariance)")
+    parser.add_argument("--camera-extrinsic", type=float, nargs=7, metavar=("X", "Y", "Z", "QX", "QY", "QZ", "QW"),
+                        help="base -> camera transform when the bag has no /tf_static for it")
+    parser.add_argument("--base-frame", default="base_link")
+    parser.add_argument("--out", help="output folder (default vizloc_replay_<bag name>; "
+                                      "--demo: vizloc_demo_report, replaced on each run)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
 
 
 def main(argv=None) -> int:
-    return not_built_yet("vizloc-replay", "Replay a rosbag2 through the relocalization pipeline", argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.demo == bool(args.bag):
+        parser.error("give a BAG or --demo (not both)")
+    overwrite = args.overwrite
+    try:
+        if args.demo:
+            from vizloc_ros.data.synthetic import cached_demo_bag
+
+            print("vizloc-replay: preparing the demo bag (rendered once, then cached) ...", file=sys.stderr)
+            bag = cached_demo_bag(progress=not args.no_progress)
+            out = Path(args.out or "vizloc_demo_report")
+            overwrite = overwrite or args.out is None
+        else:
+            bag = Path(args.bag)
+            out = Path(args.out or f"vizloc_replay_{bag.resolve().name}")
+        options = ReplayOptions(
+            bag=bag, out=out, weights=Path(args.weights) if args.weights else None,
+            image_topic=args.image_topic, ground_truth=args.ground_truth,
+            odom_topic=None if args.odom_topic.lower() == "none" else args.odom_topic,
+            imu_topic=None if args.imu_topic.lower() == "none" else args.imu_topic,
+            fusion=not args.no_fusion, device=args.device, batch_size=args.batch_size,
+            overwrite=overwrite, progress=not args.no_progress, base_frame=args.base_frame,
+            camera_extrinsic=_extrinsic(args.camera_extrinsic),
+            mc_dropout_samples=args.mc_dropout_samples)
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            metrics = run_replay(options)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    except ReplayError as exc:
+        print(f"vizloc-replay: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vizloc-replay: interrupted; no report was written", file=sys.stderr)
+        return 130
+    print(format_table(metrics))
+    print(f"\nreport: {out.resolve()}/report.md (plots, TUM files, metrics.json, result bag in {out}/bag)")
+    return 0
 
 
 if __name__ == "__main__":
