@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=7", "hypothesis>=6.80"],
+    "test": ["pytest>=7", "hypothesis>=6.80", "jsonschema>=4"],
     "export": ["onnx>=1.14", "onnxruntime>=1.16"],
 }
 

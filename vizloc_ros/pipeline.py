@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +123,7 @@ class AbsolutePose:
     latency_s: float = 0.0
     t_cam: np.ndarray | None = None
     q_cam: np.ndarray | None = None
+    stamp_ns: int | None = None  # the image header stamp, exact (float seconds lose ns)
 
 
 class RegressorCore:
@@ -157,12 +158,12 @@ class RegressorCore:
             raise ValueError("camera extrinsic translation is not finite")
         self.base_T_camera = (t, q)
 
-    def decode(self, msg) -> tuple[float, np.ndarray]:
-        """(stamp, HxWx3 RGB) of an Image or CompressedImage message; ValueError if bad."""
-        stamp = messages.header_stamp_sec(msg)
-        if not np.isfinite(stamp) or stamp <= 0:
-            raise ValueError(f"image stamp {stamp} is zero or invalid")
-        return stamp, messages.image_to_rgb(msg)
+    def decode(self, msg) -> tuple[int, np.ndarray]:
+        """(stamp in ns, HxWx3 RGB) of an Image or CompressedImage message; ValueError if bad."""
+        stamp_ns = messages.header_stamp_ns(msg)
+        if stamp_ns <= 0:
+            raise ValueError(f"image stamp {stamp_ns} ns is zero or invalid")
+        return stamp_ns, messages.image_to_rgb(msg)
 
     def _drop(self, reason: str, detail: str) -> None:
         self.counters[f"dropped_{reason}"] += 1
@@ -184,14 +185,14 @@ class RegressorCore:
         for i, msg in enumerate(msgs):
             self.counters["received"] += 1
             try:
-                stamp, image = self.decode(msg)
-            except ValueError as exc:
+                stamp_ns, image = self.decode(msg)
+            except (ValueError, AttributeError) as exc:
                 self._drop("invalid_image", str(exc))
                 continue
-            if not self.limiter.accept(stamp):
+            if not self.limiter.accept(stamp_ns * 1e-9):
                 self.counters["dropped_rate"] += 1
                 continue
-            decoded.setdefault(image.shape, []).append((i, stamp, image))
+            decoded.setdefault(image.shape, []).append((i, stamp_ns, image))
         for group in decoded.values():
             try:
                 estimates = self.estimator.estimate_batch([g[2] for g in group])
@@ -199,14 +200,14 @@ class RegressorCore:
                 for _ in group:
                     self._drop("estimator", str(exc))
                 continue
-            for (i, stamp, _), est in zip(group, estimates):
-                pose = self._to_base(stamp, est)
+            for (i, stamp_ns, _), est in zip(group, estimates):
+                pose = self._to_base(stamp_ns, est)
                 if pose is not None:
                     out[i] = pose
                     self.counters["published"] += 1
         return out
 
-    def _to_base(self, stamp: float, est) -> AbsolutePose | None:
+    def _to_base(self, stamp_ns: int, est) -> AbsolutePose | None:
         cov = np.asarray(est.cov, dtype=float)
         if not (np.all(np.isfinite(est.t)) and np.all(np.isfinite(est.q)) and np.all(np.isfinite(cov))):
             self._drop("non_finite", "estimator returned a non-finite pose")
@@ -218,9 +219,9 @@ class RegressorCore:
             t, q, cov_b = np.asarray(est.t, float), np.asarray(est.q, float), cov
         else:
             t, q, cov_b = camera_to_base(est.t, est.q, cov, self.base_T_camera)
-        return AbsolutePose(stamp=stamp, frame_id=self.map_frame, t=t, q=q, cov=cov_b,
+        return AbsolutePose(stamp=stamp_ns * 1e-9, frame_id=self.map_frame, t=t, q=q, cov=cov_b,
                             latency_s=float(est.latency_s), t_cam=np.asarray(est.t, float),
-                            q_cam=np.asarray(est.q, float))
+                            q_cam=np.asarray(est.q, float), stamp_ns=int(stamp_ns))
 
 
 # --------------------------------------------------------------------------- fusion
@@ -234,6 +235,7 @@ class TransformOut:
     child: str
     t: np.ndarray
     q: np.ndarray
+    stamp_ns: int = 0
 
 
 @dataclass
@@ -247,6 +249,7 @@ class FusionOutput:
     cov: np.ndarray
     transform: TransformOut | None
     path_appended: bool
+    stamp_ns: int = 0  # exact stamp of the input the estimate is at (float seconds lose ns)
 
 
 @dataclass
@@ -288,6 +291,22 @@ class FusionCore:
         self.counters: Counter = Counter()
         self.path: deque = deque(maxlen=self.settings.path_max_length)
         self.last_reason: str | None = None
+        # float stamp -> exact ns of recent inputs, so outputs carry the input's stamp exactly
+        self._exact_ns: "OrderedDict[float, int]" = OrderedDict()
+
+    def _remember(self, msg) -> float:
+        stamp_ns = messages.header_stamp_ns(msg)
+        stamp = stamp_ns * 1e-9
+        if stamp_ns <= 0 or not np.isfinite(stamp):
+            raise ValueError(f"stamp {stamp_ns} ns is zero or invalid")
+        self._exact_ns[stamp] = stamp_ns
+        if len(self._exact_ns) > 4096:
+            self._exact_ns.popitem(last=False)
+        return stamp
+
+    def exact_ns(self, stamp: float) -> int:
+        """The exact ns of an input stamped ``stamp`` (rounded seconds if none matches)."""
+        return self._exact_ns.get(stamp, int(round(stamp * 1e9)))
 
     # -- inputs --------------------------------------------------------------
     def on_absolute(self, msg) -> FusionOutput | None:
@@ -297,7 +316,7 @@ class FusionCore:
             frame = msg.header.frame_id
             if frame != self.settings.map_frame:
                 raise ValueError(f"absolute pose in frame {frame!r}, expected {self.settings.map_frame!r}")
-            stamp = self._stamp(msg)
+            stamp = self._remember(msg)
             t, q, cov = messages.pose_with_covariance_from_msg(msg)
         except ValueError as exc:
             return self._drop("absolute_invalid", str(exc))
@@ -314,7 +333,7 @@ class FusionCore:
             return None
         self.counters["odom_received"] += 1
         try:
-            stamp = self._stamp(msg)
+            stamp = self._remember(msg)
             t, q, cov = messages.pose_with_covariance_from_msg(msg)
         except ValueError as exc:
             return self._drop("odom_invalid", str(exc))
@@ -348,7 +367,7 @@ class FusionCore:
             if msg.header.frame_id != self.settings.map_frame:
                 raise ValueError(f"initial pose in frame {msg.header.frame_id!r}, "
                                  f"expected {self.settings.map_frame!r}")
-            stamp = messages.header_stamp_sec(msg)
+            stamp = self._remember(msg)
             t, q, cov = messages.pose_with_covariance_from_msg(msg)
         except ValueError as exc:
             return self._drop("initialpose_invalid", str(exc))
@@ -364,13 +383,6 @@ class FusionCore:
         self.counters["resets"] += 1
 
     # -- helpers -------------------------------------------------------------
-    @staticmethod
-    def _stamp(msg) -> float:
-        stamp = messages.header_stamp_sec(msg)
-        if not np.isfinite(stamp) or stamp <= 0:
-            raise ValueError(f"stamp {stamp} is zero or invalid")
-        return stamp
-
     def _drop(self, reason: str, detail: str) -> None:
         self.counters[f"dropped_{reason}"] += 1
         self.last_reason = detail
@@ -384,22 +396,24 @@ class FusionCore:
         if not (np.all(np.isfinite(t)) and np.all(np.isfinite(q)) and np.all(np.isfinite(cov))):
             return self._drop("non_finite_estimate", "fusion produced a non-finite estimate")
         s = self.settings
+        stamp_ns = self.exact_ns(estimate.stamp)
         transform = None
         if s.publish_tf:
+            tf_ns = stamp_ns + int(round(s.transform_tolerance * 1e9))
             tf_stamp = estimate.stamp + s.transform_tolerance
             if s.use_odom and estimate.map_T_odom is not None:
                 t_mo, q_mo = estimate.map_T_odom
                 transform = TransformOut(tf_stamp, s.map_frame, s.odom_frame,
-                                         np.asarray(t_mo, float), np.asarray(q_mo, float))
+                                         np.asarray(t_mo, float), np.asarray(q_mo, float), tf_ns)
             elif not s.use_odom:
-                transform = TransformOut(tf_stamp, s.map_frame, s.base_frame, t.copy(), q.copy())
+                transform = TransformOut(tf_stamp, s.map_frame, s.base_frame, t.copy(), q.copy(), tf_ns)
         appended = False
         if not self.path or (estimate.stamp > self.path[-1][0] and
                              np.linalg.norm(t - self.path[-1][1]) >= s.path_min_spacing):
             self.path.append((estimate.stamp, t.copy(), q.copy()))
             appended = True
         return FusionOutput(stamp=estimate.stamp, frame_id=s.map_frame, t=t, q=q, cov=cov,
-                            transform=transform, path_appended=appended)
+                            transform=transform, path_appended=appended, stamp_ns=stamp_ns)
 
     def path_arrays(self):
         """(stamps, t, q) of the fused path so far."""

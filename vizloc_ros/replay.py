@@ -386,9 +386,10 @@ def run_replay(options: ReplayOptions) -> dict:
             for stamp, _, kind, payload in events:
                 output = None
                 if kind == "absolute":
+                    stamp_msg = messages.time_from_ns(types, payload.stamp_ns)
                     msg = messages.make_pose_with_covariance_stamped(
-                        types, payload.stamp, payload.frame_id, payload.t, payload.q, payload.cov)
-                    writer.write("/vizloc/absolute_pose", int(round(payload.stamp * 1e9)), msg)
+                        types, stamp_msg, payload.frame_id, payload.t, payload.q, payload.cov)
+                    writer.write("/vizloc/absolute_pose", payload.stamp_ns, msg)
                     if fusion_core is not None:
                         output = fusion_core.on_absolute(msg)
                 elif kind == "odom":
@@ -397,18 +398,20 @@ def run_replay(options: ReplayOptions) -> dict:
                     fusion_core.on_imu(payload)
                 if output is None:
                     continue
-                ns = int(round(output.stamp * 1e9))
+                ns = output.stamp_ns
                 writer.write("/vizloc/pose", ns, messages.make_pose_with_covariance_stamped(
-                    types, output.stamp, output.frame_id, output.t, output.q, output.cov))
+                    types, messages.time_from_ns(types, ns), output.frame_id, output.t, output.q,
+                    output.cov))
                 fused.append((output.stamp, output.t, output.q))
                 if output.transform is not None:
                     tf = output.transform
                     writer.write("/tf", ns, messages.make_tf_message(types, [
-                        messages.make_transform_stamped(types, tf.stamp, tf.parent, tf.child, tf.t, tf.q)]))
+                        messages.make_transform_stamped(types, messages.time_from_ns(types, tf.stamp_ns),
+                                                        tf.parent, tf.child, tf.t, tf.q)]))
                 if output.stamp - last_path_write >= 1.0:  # a growing Path at 1 Hz of bag time
                     p_stamps, p_t, p_q = fusion_core.path_arrays()
                     writer.write("/vizloc/path", ns, messages.make_path(
-                        types, output.stamp, options.map_frame, p_t, p_q, stamps=p_stamps))
+                        types, messages.time_from_ns(types, ns), options.map_frame, p_t, p_q, stamps=p_stamps))
                     last_path_write = output.stamp
             if fusion_core is not None and fusion_core.path:
                 p_stamps, p_t, p_q = fusion_core.path_arrays()

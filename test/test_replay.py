@@ -1,0 +1,187 @@
+"""vizloc-replay on a small generated bag: report consistent with its own TUM files and evo,
+output bag readable, schema-valid metrics, and clear refusals of bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from vizloc_ros import replay
+from vizloc_ros.data.bag_io import list_topics, read_messages
+from vizloc_ros.data.synthetic import SequenceSpec, SynthConfig, generate
+from vizloc_ros.data.tum import read_tum
+from vizloc_ros.metrics import pose_errors
+from vizloc_ros.models import build_model, save_checkpoint
+from vizloc_ros.report import METRICS_SCHEMA
+
+
+@pytest.fixture(scope="module")
+def small_bag(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bag")
+    generate(root / "scene", [SequenceSpec(5, "test", 101, 24)], SynthConfig(width=80, height=60),
+             fmt="bag", progress=False)
+    return root / "scene" / "bags" / "seq-05"
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("posenet_resnet18", feat_dim=32)
+    model.set_pose_stats([0.0, 0.0, 1.3], [1.0, 1.0, 0.2])
+    path = tmp_path_factory.mktemp("w") / "tiny"
+    cov = np.diag([0.09, 0.09, 0.09, 0.01, 0.01, 0.01]).tolist()
+    save_checkpoint(path, model.eval(), {"input": {"resize": 48, "crop": [48, 64]},
+                                         "validation_errors": {"cov_ros": cov}})
+    return path.with_suffix(".safetensors")
+
+
+def _run(bag, weights, out, **kwargs):
+    options = replay.ReplayOptions(bag=bag, out=out, weights=weights, device="cpu", batch_size=8,
+                                   progress=False, **kwargs)
+    return replay.run_replay(options)
+
+
+@pytest.fixture(scope="module")
+def report(small_bag, tiny_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("r") / "report"
+    metrics = _run(small_bag, tiny_weights, out)
+    return out, metrics
+
+
+def test_report_files_exist_and_metrics_validate(report):
+    jsonschema = pytest.importorskip("jsonschema")
+    out, metrics = report
+    for name in ("metrics.json", "report.md", "trajectories.png", "errors.png", "error_cdf.png",
+                 "ground_truth.tum", "absolute.tum", "fused.tum", "odometry.tum"):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "metrics.json").read_text())
+    jsonschema.validate(on_disk, METRICS_SCHEMA)
+    assert on_disk["frames"]["images"] == 24
+    assert not list(out.parent.glob(".report.partial*"))
+
+
+def test_metrics_equal_independent_computation_from_tum_files(report):
+    out, metrics = report
+    g_s, g_t, g_q = read_tum(out / "ground_truth.tum")
+    a_s, a_t, a_q = read_tum(out / "absolute.tum")
+    rows = np.abs(g_s[None, :] - a_s[:, None]).argmin(axis=1)
+    assert np.abs(g_s[rows] - a_s).max() < 1e-6  # images are stamped on ground-truth ticks here
+    t_err, r_err = pose_errors(a_t, a_q, g_t[rows], g_q[rows])
+    source = metrics["sources"]["absolute"]
+    assert source["median_translation_m"] == pytest.approx(np.median(t_err), abs=1e-6)
+    assert source["median_rotation_deg"] == pytest.approx(np.median(r_err), abs=1e-4)
+
+
+def test_evo_ate_on_the_tum_files_equals_the_report(report):
+    from evo.core import metrics as evo_metrics
+    from evo.core import sync
+    from evo.tools import file_interface
+
+    out, metrics = report
+    ref = file_interface.read_tum_trajectory_file(str(out / "ground_truth.tum"))
+    est = file_interface.read_tum_trajectory_file(str(out / "absolute.tum"))
+    ref, est = sync.associate_trajectories(ref, est, max_diff=1e-3)
+    ape = evo_metrics.APE(evo_metrics.PoseRelation.translation_part)
+    ape.process_data((ref, est))
+    assert metrics["sources"]["absolute"]["ate_rmse_m"] == pytest.approx(ape.get_statistic(
+        evo_metrics.StatisticsType.rmse), rel=1e-6)
+
+
+def test_output_bag_has_the_promised_topics_frames_and_stamps(report, small_bag):
+    out, metrics = report
+    topics = list_topics(out / "bag")
+    assert topics == {"/vizloc/absolute_pose": "geometry_msgs/msg/PoseWithCovarianceStamped",
+                      "/vizloc/pose": "geometry_msgs/msg/PoseWithCovarianceStamped",
+                      "/vizloc/path": "nav_msgs/msg/Path", "/tf": "tf2_msgs/msg/TFMessage"}
+    image_stamps = {m.stamp_ns for m in read_messages(small_bag, ["/camera/image_raw"])}
+    absolute = list(read_messages(out / "bag", ["/vizloc/absolute_pose"]))
+    assert {m.stamp_ns for m in absolute} == image_stamps
+    assert all(m.msg.header.frame_id == "map" for m in absolute)
+    for record in read_messages(out / "bag", ["/tf", "/vizloc/pose"]):
+        if record.topic == "/tf":
+            tf = record.msg.transforms[0]
+            assert (tf.header.frame_id, tf.child_frame_id) == ("map", "odom")
+        else:
+            cov = np.asarray(record.msg.pose.covariance)
+            assert np.all(np.isfinite(cov)) and record.msg.header.frame_id == "map"
+
+
+def test_missing_topic_lists_the_bag_topics(small_bag, tiny_weights, tmp_path):
+    with pytest.raises(replay.ReplayError, match=r"(?s)not in .*The bag has:.*/camera/image_raw"):
+        _run(small_bag, tiny_weights, tmp_path / "o", image_topic="/nope")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_refused_unless_overwrite(small_bag, tiny_weights, tmp_path):
+    (tmp_path / "o").mkdir()
+    with pytest.raises(replay.ReplayError, match="exists"):
+        _run(small_bag, tiny_weights, tmp_path / "o")
+    assert replay.main([str(small_bag), "--weights", str(tiny_weights), "--out", str(tmp_path / "o"),
+                        "--no-progress", "--device", "cpu"]) == 2
+
+
+def test_truncated_bag_is_a_clear_error_and_writes_nothing(small_bag, tiny_weights, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(small_bag, broken)
+    mcap = next(broken.glob("*.mcap"))
+    data = mcap.read_bytes()
+    mcap.write_bytes(data[: len(data) // 2])
+    with pytest.raises(replay.ReplayError):
+        _run(broken, tiny_weights, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    assert not list(tmp_path.glob(".o.partial*"))
+
+
+def _copy_with_shifted_ground_truth(src, dst, shift_s):
+    from vizloc_ros import messages
+    from vizloc_ros.data.bag_io import BagWriter
+
+    types = messages.rosbags_types()
+    with BagWriter(dst) as writer:
+        for topic, kind in list_topics(src).items():
+            writer.add_topic(topic, kind)
+        for record in read_messages(src):
+            msg = record.msg
+            if record.topic == "/ground_truth/pose":
+                t, q = messages.pose_from_msg(msg)
+                msg = messages.make_pose_stamped(types, messages.header_stamp_sec(msg) + shift_s,
+                                                 msg.header.frame_id, t, q)
+            writer.write(record.topic, record.log_time_ns, msg)
+
+
+def test_ground_truth_without_overlap_is_a_clear_error(small_bag, tiny_weights, tmp_path):
+    shifted = tmp_path / "shifted"
+    _copy_with_shifted_ground_truth(small_bag, shifted, 1000.0)
+    with pytest.raises(replay.ReplayError, match="never overlaps"):
+        _run(shifted, tiny_weights, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_tf_chain_is_a_clear_error(small_bag, tiny_weights, tmp_path):
+    with pytest.raises(replay.ReplayError, match="no TF path map -> nowhere"):
+        _run(small_bag, tiny_weights, tmp_path / "o", ground_truth="tf:map->nowhere")
+
+
+def test_unsupported_image_encoding_is_a_clear_error(small_bag, tiny_weights, tmp_path):
+    from dataclasses import replace as dc_replace
+
+    from vizloc_ros.data.bag_io import BagWriter
+
+    bad = tmp_path / "bad_encoding"
+    with BagWriter(bad) as writer:
+        for topic, kind in list_topics(small_bag).items():
+            writer.add_topic(topic, kind)
+        for record in read_messages(small_bag):
+            msg = record.msg
+            if record.topic == "/camera/image_raw":
+                msg = dc_replace(msg, encoding="yuv422_yuy2")
+            writer.write(record.topic, record.log_time_ns, msg)
+    with pytest.raises(replay.ReplayError, match="could be processed.*encoding"):
+        _run(bad, tiny_weights, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_fusion_gives_raw_only(small_bag, tiny_weights, tmp_path):
+    metrics = _run(small_bag, tiny_weights, tmp_path / "raw", fusion=False)
+    assert set(metrics["sources"]) == {"absolute", "odometry"}
