@@ -479,6 +479,71 @@ class _GraphFailure(RuntimeError):
     pass
 
 
+class _Smoother:
+    """The handful of IncrementalFixedLagSmoother calls used here, across GTSAM wrappers.
+
+    GTSAM 4.3 has everything on the smoother (setSmootherLag, marginalCovariance,
+    typed calculateEstimate*, getISAM2Result, dict timestamps). The 4.2 wrapper
+    (gtsam_unstable) lacks some of them; the fallbacks below go through the ISAM2 object
+    or the factor count instead. Only the 4.3 path is exercised by the tests here.
+    """
+
+    def __init__(self, lag: float, params):
+        self.s = IncrementalFixedLagSmoother(lag, params)
+        self.lag = lag
+        self.can_set_lag = hasattr(self.s, "setSmootherLag")
+        self._has_result = hasattr(self.s, "getISAM2Result")
+        self._dict_stamps = FixedLagSmootherKeyTimestampMap is None
+
+    def set_lag(self, lag: float) -> None:
+        if self.can_set_lag and lag != self.lag:
+            self.s.setSmootherLag(lag)
+            self.lag = lag
+
+    def update(self, graph, values, stamps: dict, remove: list) -> list[int]:
+        """Run one update; returns the slots the new factors got (needed to remove them)."""
+        n_before = None if self._has_result else self.s.getFactors().size()
+        if self._dict_stamps:
+            self.s.update(graph, values, stamps, remove)
+        else:
+            try:
+                self.s.update(graph, values, stamps, remove)
+                self._dict_stamps = True
+            except TypeError:  # pragma: no cover - GTSAM 4.2 wants its own map type
+                m = FixedLagSmootherKeyTimestampMap()
+                for k, v in stamps.items():
+                    m.insert((k, v))
+                self.s.update(graph, values, m, remove)
+        if self._has_result:
+            return list(self.s.getISAM2Result().getNewFactorsIndices())
+        return list(range(n_before, n_before + graph.size()))  # pragma: no cover - 4.2
+
+    def pose(self, key) -> gtsam.Pose3:
+        try:
+            return self.s.calculateEstimatePose3(key)
+        except AttributeError:  # pragma: no cover - 4.2
+            return self.s.calculateEstimate().atPose3(key)
+
+    def vector(self, key) -> np.ndarray:
+        try:
+            return np.asarray(self.s.calculateEstimateVector(key), dtype=float)
+        except AttributeError:  # pragma: no cover - 4.2
+            return np.asarray(self.s.calculateEstimate().atVector(key), dtype=float)
+
+    def bias(self, key):
+        try:
+            return self.s.calculateEstimateConstantBias(key)
+        except AttributeError:  # pragma: no cover - 4.2
+            return self.s.calculateEstimate().atConstantBias(key)
+
+    def marginal(self, key) -> np.ndarray:
+        try:
+            cov = self.s.marginalCovariance(key)
+        except AttributeError:  # pragma: no cover - 4.2
+            cov = self.s.getISAM2().marginalCovariance(key)
+        return np.asarray(cov, dtype=float)
+
+
 def _X(i):
     return gtsam.symbol("x", i)
 
@@ -539,14 +604,18 @@ class SlidingWindowFusion:
                 c.accel_bias_walk, base_T_imu)
         if self._nav:
             # "Virtual IMU": zero specific force without gravity is a constant-velocity
-            # model whose accelerometer noise is the white-noise acceleration; in gyro mode
-            # the real gyro drives the rotation, otherwise a rotation random walk.
-            gyro_density = c.gyro_noise_density if self._gyro else c.motion_sigma_rot
+            # model whose accelerometer noise is the white-noise acceleration (and zero
+            # rotation rate with motion_sigma_rot a rotation random walk). In gyro mode the
+            # real gyro replaces the virtual one; the virtual IMU also bridges IMU gaps.
+            gyro_walk = c.gyro_bias_walk if c.use_imu else 1e-4
+            accel_walk = c.accel_bias_walk if self._preint else 1e-3
             self._virt_params = self._pim_params(
-                (0.0, 0.0, 0.0), gyro_density, c.motion_sigma_acc,
-                c.gyro_bias_walk if c.use_imu else 1e-4,
-                c.accel_bias_walk if self._preint else 1e-3,
-                gtsam.Pose3(base_T_imu.rotation(), np.zeros(3)) if self._gyro else gtsam.Pose3())
+                (0.0, 0.0, 0.0), c.motion_sigma_rot, c.motion_sigma_acc, gyro_walk, accel_walk,
+                gtsam.Pose3())
+            if self._gyro:
+                self._gyro_params = self._pim_params(
+                    (0.0, 0.0, 0.0), c.gyro_noise_density, c.motion_sigma_acc, gyro_walk,
+                    accel_walk, gtsam.Pose3(base_T_imu.rotation(), np.zeros(3)))
             self._bias_prior_sigmas = np.array(
                 [c.accel_bias_sigma if self._preint else 1e-3] * 3
                 + [c.gyro_bias_sigma if c.use_imu else 1e-3] * 3)
@@ -558,7 +627,6 @@ class SlidingWindowFusion:
         # poses, Cholesky of the squared system reported "indeterminant" on well-posed
         # graphs; QR costs about nothing here and about 20 % with IMU.
         self._isam_params.setFactorization("QR")
-        self._ts_mode = None          # how this GTSAM build wants key timestamps
         self._clear_sensors()
         self._clear_graph()
         self._too_old_streak = 0
@@ -844,7 +912,7 @@ class SlidingWindowFusion:
                                      "consistent measurements", meas.stamp)
         self._start_from(subset)
         self.counters["initialisations"] += 1
-        self.counters["accepted"] += len(subset)
+        self.counters["accepted"] += 1      # the others were counted as "initialising"
         return MeasurementResult("accepted", f"initialised from {len(subset)} consistent "
                                  "measurements", meas.stamp)
 
@@ -932,7 +1000,25 @@ class SlidingWindowFusion:
     # ------------------------------------------------------------------ graph building
 
     def _new_smoother(self):
-        self._smoother = IncrementalFixedLagSmoother(1e12, self._isam_params)
+        c = self.config
+        if c.window_seconds is not None:
+            lag = c.window_seconds
+        else:
+            # The pose-count window sets the lag before every update; a wrapper without
+            # setSmootherLag (GTSAM 4.2) gets a time window of window_size camera periods.
+            lag = 1e12
+            probe = _Smoother(lag, self._isam_params)
+            if not probe.can_set_lag:  # pragma: no cover - 4.2
+                lag = c.window_size * self._key_period()
+            else:
+                self._smoother = probe
+                return
+        self._smoother = _Smoother(lag, self._isam_params)
+
+    def _key_period(self) -> float:  # pragma: no cover - 4.2 only
+        if len(self._key_stamps) >= 2:
+            return max(float(np.median(np.diff(self._key_stamps))), 1e-3)
+        return 0.1
 
     def _start_from(self, subset: list[_Meas], keep_bias: bool = False):
         bias = self._latest["bias"] if (keep_bias and self._latest and self._nav) else None
@@ -1118,36 +1204,18 @@ class SlidingWindowFusion:
     def _update(self, graph, values, stamps, remove):
         """One smoother update; on any GTSAM failure rebuild cleanly and raise _GraphFailure."""
         try:
-            self._smoother.setSmootherLag(self._window_lag())
-            if self._ts_mode is None:
-                try:
-                    self._smoother.update(graph, values, stamps, remove)
-                    self._ts_mode = "dict"
-                except TypeError:
-                    self._ts_mode = "map"
-                    self._smoother.update(graph, values, self._ts_map(stamps), remove)
-            elif self._ts_mode == "dict":
-                self._smoother.update(graph, values, stamps, remove)
-            else:
-                self._smoother.update(graph, values, self._ts_map(stamps), remove)
-            return list(self._smoother.getISAM2Result().getNewFactorsIndices())
+            self._smoother.set_lag(self._window_lag())
+            return self._smoother.update(graph, values, stamps, remove)
         except Exception as exc:  # noqa: BLE001 - IndeterminantLinearSystem and friends
             self.counters["graph_failures"] += 1
             self._recover()
             raise _GraphFailure(f"{type(exc).__name__}: {exc}") from exc
 
-    @staticmethod
-    def _ts_map(stamps):  # pragma: no cover - GTSAM 4.2 python wrapper
-        m = FixedLagSmootherKeyTimestampMap()
-        for k, v in stamps.items():
-            m.insert((k, v))
-        return m
-
     def _prune_marginalised(self):
         """Forget keys the smoother has marginalised (stamps before newest - lag)."""
         if not self._keys:
             return
-        cutoff = self._key_stamps[-1] - self._smoother.smootherLag()
+        cutoff = self._key_stamps[-1] - self._smoother.lag
         n = bisect.bisect_left(self._key_stamps, cutoff)
         if n <= 0:
             return
@@ -1181,8 +1249,8 @@ class SlidingWindowFusion:
 
     def _refresh_inner(self):
         key = self._keys[-1]
-        pose = self._smoother.calculateEstimatePose3(_X(key.idx))
-        cov = np.asarray(self._smoother.marginalCovariance(_X(key.idx)), dtype=float)
+        pose = self._smoother.pose(_X(key.idx))
+        cov = self._smoother.marginal(_X(key.idx))
         if not (np.all(np.isfinite(cov)) and np.all(np.isfinite(pose.matrix()))):
             raise _GraphFailure("non-finite estimate")
         latest = {"stamp": key.stamp, "key": key, "pose": pose, "cov": 0.5 * (cov + cov.T),
@@ -1195,16 +1263,10 @@ class SlidingWindowFusion:
         self._est_cache = None
 
     def _est_vector(self, k):
-        try:
-            return np.asarray(self._smoother.calculateEstimateVector(k), dtype=float)
-        except AttributeError:  # pragma: no cover - older wrappers
-            return np.asarray(self._smoother.calculateEstimate().atVector(k), dtype=float)
+        return self._smoother.vector(k)
 
     def _est_bias(self, k):
-        try:
-            return self._smoother.calculateEstimateConstantBias(k)
-        except AttributeError:  # pragma: no cover - older wrappers
-            return self._smoother.calculateEstimate().atConstantBias(k)
+        return self._smoother.bias(k)
 
     def _velocity_of(self, key: _Key):
         if self._latest is not None and self._latest["key"] is key:
@@ -1219,8 +1281,7 @@ class SlidingWindowFusion:
     def _key_state(self, key: _Key):
         if self._latest is not None and self._latest["key"] is key:
             return self._latest["pose"], self._latest["cov"]
-        return (self._smoother.calculateEstimatePose3(_X(key.idx)),
-                np.asarray(self._smoother.marginalCovariance(_X(key.idx)), dtype=float))
+        return self._smoother.pose(_X(key.idx)), self._smoother.marginal(_X(key.idx))
 
     # ------------------------------------------------------------------ prediction
 
@@ -1281,7 +1342,7 @@ class SlidingWindowFusion:
         q = B @ Q @ B.T
         dt = s - key.stamp
         try:
-            cov_v = np.asarray(self._smoother.marginalCovariance(_V(key.idx)), dtype=float)
+            cov_v = self._smoother.marginal(_V(key.idx))
         except Exception:  # noqa: BLE001
             cov_v = np.eye(3) * self.config.init_velocity_sigma ** 2
         Rb = pred.rotation().matrix()
@@ -1395,7 +1456,7 @@ class SlidingWindowFusion:
             if pim is not None:
                 return pim, True
         elif self._gyro:
-            pim = self._preintegrate(sa, sb, bias, self._virt_params, zero_accel=True)
+            pim = self._preintegrate(sa, sb, bias, self._gyro_params, zero_accel=True)
             if pim is not None:
                 return pim, True
         pim = gtsam.PreintegratedCombinedMeasurements(self._virt_params, bias)
