@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry, messages
+from vizloc_ros.data.ground_truth import (GroundTruthError, GroundTruthReader, interpolate_poses,
+                                          previous_poses, static_chain, tf_edges)
 
 LOG = logging.getLogger("vizloc-replay")
 
@@ -37,8 +39,6 @@ IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 GT_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarianceStamped",
             "nav_msgs/msg/Odometry", "geometry_msgs/msg/TransformStamped")
 TF_TYPE = "tf2_msgs/msg/TFMessage"
-#: ground truth further than this from an evaluated stamp is not interpolated across
-GT_MAX_GAP_S = 0.25
 
 
 class ReplayError(RuntimeError):
@@ -69,35 +69,6 @@ class ReplayOptions:
 
 # --------------------------------------------------------------------------- bag reading
 
-def _tf_graph(transforms):
-    """{(parent, child): (t, q)} from static transforms."""
-    edges = {}
-    for tf in transforms:
-        t, q = messages.pose_from_msg(tf)
-        edges[(tf.header.frame_id, tf.child_frame_id)] = (t, q)
-    return edges
-
-
-def static_chain(edges: dict, parent: str, child: str):
-    """parent_T_child by composing static edges (either direction); None if unconnected."""
-    graph: dict = {}
-    for (a, b), (t, q) in edges.items():
-        graph.setdefault(a, []).append((b, t, q))
-        t_inv, q_inv = geometry.pose_inverse(t, q)
-        graph.setdefault(b, []).append((a, t_inv, q_inv))
-    frontier = [(parent, np.zeros(3), np.array([1.0, 0, 0, 0]))]
-    seen = {parent}
-    while frontier:
-        frame, t, q = frontier.pop()
-        if frame == child:
-            return t, q
-        for nxt, t_e, q_e in graph.get(frame, []):
-            if nxt not in seen:
-                seen.add(nxt)
-                frontier.append((nxt, *geometry.pose_compose(t, q, t_e, q_e)))
-    return None
-
-
 def _check_topics(bag: Path, options: ReplayOptions) -> dict:
     from vizloc_ros.data.bag_io import list_topics
 
@@ -127,112 +98,6 @@ def _check_topics(bag: Path, options: ReplayOptions) -> dict:
     if options.fusion and options.imu_topic:
         need(options.imu_topic, ("sensor_msgs/msg/Imu",), "IMU")
     return topics
-
-
-class _GroundTruth:
-    """Ground-truth base poses in ``map`` from a pose topic or a TF chain."""
-
-    def __init__(self, spec: str, base_frame: str):
-        self.spec = spec
-        self.stamps: list[float] = []
-        self.t: list[np.ndarray] = []
-        self.q: list[np.ndarray] = []
-        self.tf_parent = self.tf_child = None
-        if spec.startswith("tf:"):
-            try:
-                self.tf_parent, self.tf_child = [s.strip() for s in spec[3:].split("->")]
-            except ValueError:
-                raise ReplayError(f"--ground-truth {spec!r}: expected tf:PARENT->CHILD") from None
-        self.dynamic: dict = {}
-        self.bad = 0
-
-    def add(self, topic: str, msg) -> None:
-        try:
-            if self.tf_parent is None:
-                stamp = messages.header_stamp_sec(msg)
-                t, q = messages.pose_from_msg(msg)
-                self._append(stamp, t, q)
-            else:
-                for tf in msg.transforms:
-                    key = (tf.header.frame_id, tf.child_frame_id)
-                    t, q = messages.pose_from_msg(tf)
-                    self.dynamic.setdefault(key, []).append(
-                        (messages.header_stamp_sec(tf), t, q))
-        except ValueError:
-            self.bad += 1
-
-    def _append(self, stamp, t, q):
-        self.stamps.append(stamp)
-        self.t.append(t)
-        self.q.append(q)
-
-    def finish(self, static_edges: dict):
-        """Resolve a TF chain (direct edge, or two dynamic edges through one frame)."""
-        if self.tf_parent is not None:
-            direct = self.dynamic.get((self.tf_parent, self.tf_child))
-            if direct:
-                for stamp, t, q in direct:
-                    self._append(stamp, t, q)
-            else:
-                pairs = [(a, b) for (a, b) in self.dynamic if a == self.tf_parent]
-                for _, mid in pairs:
-                    second = self.dynamic.get((mid, self.tf_child))
-                    if not second:
-                        continue
-                    first = self.dynamic[(self.tf_parent, mid)]
-                    s1 = np.array([f[0] for f in first])
-                    t1, q1 = _interpolate(s1, np.array([f[1] for f in first]),
-                                          np.array([f[2] for f in first]),
-                                          np.array([s[0] for s in second]))
-                    for k, (stamp, t, q) in enumerate(second):
-                        if np.all(np.isfinite(t1[k])):
-                            self._append(stamp, *geometry.pose_compose(t1[k], q1[k], t, q))
-                    break
-            if not self.stamps:
-                raise ReplayError(f"no TF path {self.tf_parent} -> {self.tf_child} in the bag's /tf "
-                                  f"(dynamic edges: {sorted(self.dynamic)})")
-        if not self.stamps:
-            raise ReplayError(f"no valid ground truth on {self.spec}")
-        order = np.argsort(self.stamps, kind="stable")
-        return (np.asarray(self.stamps)[order], np.asarray(self.t)[order], np.asarray(self.q)[order])
-
-
-def _interpolate(stamps, t, q, query, max_gap: float = GT_MAX_GAP_S):
-    """Poses at ``query`` stamps: linear translation, slerp rotation; NaN where the
-    nearest samples are more than ``max_gap`` apart or the stamp is outside the range."""
-    t_out = np.full((len(query), 3), np.nan)
-    q_out = np.full((len(query), 4), np.nan)
-    if len(stamps) == 0:
-        return t_out, q_out
-    idx = np.searchsorted(stamps, query)
-    for k, (i, s) in enumerate(zip(idx, query)):
-        if i < len(stamps) and abs(stamps[i] - s) < 1e-9:
-            t_out[k], q_out[k] = t[i], q[i]
-            continue
-        if i == 0 or i >= len(stamps):
-            continue
-        a, b = i - 1, i
-        if stamps[b] - stamps[a] > max_gap:
-            continue
-        w = (s - stamps[a]) / (stamps[b] - stamps[a])
-        t_out[k] = (1 - w) * t[a] + w * t[b]
-        q_rel = geometry.quat_multiply(geometry.quat_conjugate(q[a]), q[b])
-        q_out[k] = geometry.quat_hemisphere(geometry.quat_normalize(
-            geometry.quat_multiply(q[a], geometry.quat_exp(w * geometry.quat_log(q_rel)))))
-    return t_out, q_out
-
-
-def _previous(stamps, t, q, query):
-    """Causal association: the latest pose at or before each query stamp (NaN before the first)."""
-    t_out = np.full((len(query), 3), np.nan)
-    q_out = np.full((len(query), 4), np.nan)
-    if len(stamps) == 0:
-        return t_out, q_out
-    idx = np.searchsorted(stamps, np.asarray(query) + 1e-9, side="right") - 1
-    ok = idx >= 0
-    t_out[ok] = t[idx[ok]]
-    q_out[ok] = q[idx[ok]]
-    return t_out, q_out
 
 
 # --------------------------------------------------------------------------- the run
@@ -275,7 +140,10 @@ def run_replay(options: ReplayOptions) -> dict:
         wanted.append(options.odom_topic)
     if use_imu:
         wanted.append(options.imu_topic)
-    gt = _GroundTruth(options.ground_truth, options.base_frame)
+    try:
+        gt = GroundTruthReader(options.ground_truth, options.base_frame)
+    except GroundTruthError as exc:
+        raise ReplayError(str(exc)) from None
     static_edges: dict = {}
     events: list = []          # (stamp, order, kind, payload)
     odom_track: list = []      # (stamp, t, q) for the odometry-only trajectory
@@ -328,7 +196,7 @@ def run_replay(options: ReplayOptions) -> dict:
                         flush_images()
                 elif record.topic == "/tf_static":
                     try:
-                        static_edges.update(_tf_graph(record.msg.transforms))
+                        static_edges.update(tf_edges(record.msg.transforms))
                     except ValueError:
                         pass
                 elif record.topic == options.odom_topic:
@@ -359,7 +227,10 @@ def run_replay(options: ReplayOptions) -> dict:
             raise ReplayError(f"bag {bag} could not be read to the end ({type(exc).__name__}: {exc}); "
                               "is it truncated or corrupt?") from None
         bar.close()
-        gt_stamps, gt_t, gt_q = gt.finish(static_edges)
+        try:
+            gt_stamps, gt_t, gt_q = gt.finish(static_edges)
+        except GroundTruthError as exc:
+            raise ReplayError(str(exc)) from None
         inference_s = time.perf_counter() - started
 
         absolute = [e[3] for e in events if e[2] == "absolute"]
@@ -367,7 +238,7 @@ def run_replay(options: ReplayOptions) -> dict:
             raise ReplayError(f"no image on {options.image_topic} could be processed "
                               f"({dict(regressor.counters)}; last error: {regressor.last_error})")
         abs_stamps = np.array([p.stamp for p in absolute])
-        gt_at_abs = _interpolate(gt_stamps, gt_t, gt_q, abs_stamps)
+        gt_at_abs = interpolate_poses(gt_stamps, gt_t, gt_q, abs_stamps)
         if not np.any(np.isfinite(gt_at_abs[0][:, 0])):
             raise ReplayError(f"ground truth on {options.ground_truth} never overlaps the images "
                               f"(images {abs_stamps.min():.3f}..{abs_stamps.max():.3f} s, ground truth "
@@ -441,7 +312,7 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, 
     stamps = np.array([p.stamp for p in absolute])
     raw_t = np.stack([p.t for p in absolute])
     raw_q = np.stack([p.q for p in absolute])
-    truth_t, truth_q = _interpolate(gt_stamps, gt_t, gt_q, stamps)
+    truth_t, truth_q = interpolate_poses(gt_stamps, gt_t, gt_q, stamps)
     valid = np.all(np.isfinite(truth_t), axis=1)
     trajectories = {"ground_truth": (gt_stamps, gt_t, gt_q), "absolute": (stamps, raw_t, raw_q)}
     sources = {"absolute": (raw_t, raw_q)}
@@ -452,7 +323,7 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, 
             np.stack([f[2] for f in fused])[order]
         keep = np.r_[np.diff(f_stamps) > 0, True]  # the last output at each stamp
         trajectories["fused"] = (f_stamps[keep], f_t[keep], f_q[keep])
-        sources["fused"] = _previous(f_stamps[keep], f_t[keep], f_q[keep], stamps)
+        sources["fused"] = previous_poses(f_stamps[keep], f_t[keep], f_q[keep], stamps)
     if len(odom_track) >= 2:
         o_stamps = np.array([o[0] for o in odom_track])
         order = np.argsort(o_stamps, kind="stable")
@@ -460,7 +331,7 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, 
         o_t = np.stack([o[1] for o in odom_track])[order]
         o_q = np.stack([o[2] for o in odom_track])[order]
         # anchor odometry in map with the ground truth at its first usable stamp
-        g_t, g_q = _interpolate(gt_stamps, gt_t, gt_q, o_stamps)
+        g_t, g_q = interpolate_poses(gt_stamps, gt_t, gt_q, o_stamps)
         first = np.flatnonzero(np.all(np.isfinite(g_t), axis=1))
         if len(first):
             k = first[0]
@@ -469,7 +340,7 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, 
             om_t, om_q = geometry.pose_compose(np.broadcast_to(m_t, o_t.shape),
                                                np.broadcast_to(m_q, o_q.shape), o_t, o_q)
             trajectories["odometry"] = (o_stamps, om_t, om_q)
-            sources["odometry"] = _interpolate(o_stamps, om_t, om_q, stamps)
+            sources["odometry"] = interpolate_poses(o_stamps, om_t, om_q, stamps)
     metrics: dict = {"bag": str(options.bag), "weights": str(options.weights or default_weights()),
                      "frames": {"images": int(n_images), "estimated": int(len(absolute)),
                                 "evaluated": int(valid.sum())},

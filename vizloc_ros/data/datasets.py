@@ -275,7 +275,7 @@ def open_dataset(kind: str, root, split: str = "train", **kwargs) -> PoseDataset
     kinds = {"7scenes": SevenScenes, "cambridge": Cambridge, "kitti": KittiOdometry}
     if kind == "bag":
         from vizloc_ros.data.bag_dataset import BagDataset
-        return BagDataset(root, **kwargs)
+        return BagDataset(root, split=split, **kwargs)
     if kind not in kinds:
         raise DatasetError(f"unknown dataset kind {kind!r}; known: bag, {', '.join(kinds)}")
     if kind == "kitti":
