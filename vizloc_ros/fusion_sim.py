@@ -108,6 +108,7 @@ class SimSequence:
     abs_outlier: np.ndarray       # bool per absolute measurement
     config: SimConfig
     map_T_odom_true: tuple        # before any kidnap
+    imu_bias_true: tuple | None = None   # initial (gyro, accel) biases
 
 
 def synthetic_trajectory(duration: float = 30.0, rate: float = 100.0):
@@ -246,10 +247,8 @@ def simulate(stamps, t, q, config: SimConfig | None = None) -> SimSequence:
         arrival = s + rng.uniform(cfg.latency_min, cfg.latency_max)
         events.append((arrival, 2, "abs", (s, mt, mq, cov_abs.copy(), j)))
     events.sort(key=lambda e: (e[0], e[1]))
-    seq = SimSequence(events=events, truth=truth, abs_stamps=a_stamps, abs_outlier=outlier,
-                      config=cfg, map_T_odom_true=map_T_odom_true)
-    seq.imu_bias_true = imu_bias_true
-    return seq
+    return SimSequence(events=events, truth=truth, abs_stamps=a_stamps, abs_outlier=outlier,
+                       config=cfg, map_T_odom_true=map_T_odom_true, imu_bias_true=imu_bias_true)
 
 
 # --------------------------------------------------------------------------- evaluation
