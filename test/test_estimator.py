@@ -136,3 +136,23 @@ def test_onnx_export_validates_and_runs_in_the_estimator(checkpoint, tmp_path):
         for a, b in zip(onnx_estimator.estimate_batch(images), torch_estimator.estimate_batch(images)):
             assert np.abs(a.t - b.t).max() < 1e-4
             assert np.abs(a.q - b.q).max() < 1e-4
+
+
+def test_mc_samples_share_the_backbone_and_match_repeated_forwards(checkpoint):
+    _, model = checkpoint
+    x = torch.randn(2, 3, 48, 64)
+    model.mc_dropout(True)
+    try:
+        torch.manual_seed(3)
+        shared = model.forward_samples(x, 4)
+        model.mc_dropout(False)
+        model.eval()
+        assert shared.shape == (8, model.output_dim)
+        # without dropout every sample equals the plain forward pass
+        torch.manual_seed(3)
+        plain = model.forward_samples(x, 4)
+        np.testing.assert_allclose(plain.detach().numpy(), model(x).repeat(4, 1).detach().numpy(),
+                                   rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(shared[:2], shared[2:4])  # dropout made the samples differ
+    finally:
+        model.mc_dropout(False)

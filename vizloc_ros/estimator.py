@@ -199,11 +199,12 @@ class _TorchRunner:
         x = preprocess(self.upload(batch), self.spec, dtype=self.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         repeats = max(samples, 1)
-        if repeats > 1:
-            x = x.repeat(repeats, 1, 1, 1)
         self.model.mc_dropout(repeats > 1)
         try:
-            raw = self._run_graph(x) if self.use_graphs and repeats == 1 else self.forward(x)
+            if repeats > 1:
+                raw = self.model.forward_samples(x, repeats)
+            else:
+                raw = self._run_graph(x) if self.use_graphs else self.forward(x)
         finally:
             self.model.mc_dropout(False)
         t, q = self.model.decode(raw.float())

@@ -75,6 +75,12 @@ class PoseRegressor(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ pose statistics
+    def forward_samples(self, images: torch.Tensor, samples: int) -> torch.Tensor:
+        """``samples`` stochastic forward passes as one batch, sample-major:
+        (samples * B, D). Models whose dropout is confined to the head override this to
+        share the backbone pass."""
+        return self.forward(images.repeat(samples, 1, 1, 1))
+
     def set_pose_stats(self, mean, std) -> None:
         """Store the translation statistics of the training set (metres, map frame).
 

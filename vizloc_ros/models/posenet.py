@@ -54,6 +54,13 @@ class PoseNet(PoseRegressor):
         features = self.dropout(F.relu(self.fc_feat(self.backbone(images))))
         return torch.cat([self.fc_t(features), self.fc_q(features)], dim=-1)
 
+    def forward_samples(self, images: torch.Tensor, samples: int) -> torch.Tensor:
+        """Dropout sits only after ``fc_feat``: run the backbone once and only the dropout
+        and heads ``samples`` times (MC dropout at the cost of one forward pass)."""
+        hidden = F.relu(self.fc_feat(self.backbone(images)))
+        features = self.dropout(hidden.repeat(samples, 1))
+        return torch.cat([self.fc_t(features), self.fc_q(features)], dim=-1)
+
 
 def preset(cls, backbone: str, allow_other_backbone: bool):
     """Factory building ``cls`` with ``backbone`` unless kwargs say otherwise.
