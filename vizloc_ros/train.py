@@ -24,6 +24,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -332,8 +333,11 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> dict:
         if not state_path.is_file():
             raise ConfigError(f"--resume: no training state at {state_path}")
         start_epoch, best = load_train_state(state_path, model, optimizer, loss_fn)
-        for _ in range(start_epoch):
-            schedule.step() if schedule is not None else None
+        if schedule is not None:
+            with warnings.catch_warnings():  # replaying the schedule, no optimiser step needed
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(start_epoch):
+                    schedule.step()
         LOG.info("resumed from %s at epoch %d (best %.3f)", state_path, start_epoch, best)
 
     net = model
