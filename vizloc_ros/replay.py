@@ -120,8 +120,10 @@ def run_replay(options: ReplayOptions) -> dict:
     topics = _check_topics(bag, options)
     weights = options.weights or default_weights()
     try:
+        # offline: no ROS callbacks to leave a core for, so use every core
         estimator = PoseEstimator(weights, device=options.device,
-                                  mc_dropout_samples=options.mc_dropout_samples)
+                                  mc_dropout_samples=options.mc_dropout_samples,
+                                  cpu_threads=os.cpu_count() or 1)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise ReplayError(f"cannot load weights {weights}: {exc}") from None
     regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
