@@ -284,7 +284,7 @@ class FusionConfig:
     # motion_sigma_trans / motion_sigma_rot, which is also the fallback for odometry gaps.
     motion_model: str = "constant_velocity"
     motion_sigma_trans: float = 0.5       # m / sqrt(s)
-    motion_sigma_rot: float = 0.3         # rad / sqrt(s)
+    motion_sigma_rot: float = 0.5         # rad / sqrt(s)
     motion_sigma_acc: float = 0.5         # m/s^2 / sqrt(Hz)
     kidnap_consecutive: int = 5
     init_consistent: int = 3
