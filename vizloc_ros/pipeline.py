@@ -293,6 +293,7 @@ class FusionCore:
         self.last_reason: str | None = None
         # float stamp -> exact ns of recent inputs, so outputs carry the input's stamp exactly
         self._exact_ns: "OrderedDict[float, int]" = OrderedDict()
+        self._time_jumps_seen = 0
 
     def _remember(self, msg) -> float:
         stamp_ns = messages.header_stamp_ns(msg)
@@ -367,7 +368,9 @@ class FusionCore:
             if msg.header.frame_id != self.settings.map_frame:
                 raise ValueError(f"initial pose in frame {msg.header.frame_id!r}, "
                                  f"expected {self.settings.map_frame!r}")
-            stamp = self._remember(msg)
+            # A zero stamp (``ros2 topic pub /initialpose ...``) means "now": the fusion
+            # then uses the newest stamp it has seen.
+            stamp = self._remember(msg) if messages.header_stamp_ns(msg) != 0 else 0.0
             t, q, cov = messages.pose_with_covariance_from_msg(msg)
         except ValueError as exc:
             return self._drop("initialpose_invalid", str(exc))
@@ -396,6 +399,13 @@ class FusionCore:
         if not (np.all(np.isfinite(t)) and np.all(np.isfinite(q)) and np.all(np.isfinite(cov))):
             return self._drop("non_finite_estimate", "fusion produced a non-finite estimate")
         s = self.settings
+        jumps = self.fusion.counters.get("time_jumps", 0)
+        if jumps != self._time_jumps_seen:
+            # The fusion restarted after a jump back in time (a looping bag): the old path
+            # is from another run, and keeping it would stop the path from ever growing
+            # again (an entry is only appended after the newest stamp).
+            self._time_jumps_seen = jumps
+            self.path.clear()
         stamp_ns = self.exact_ns(estimate.stamp)
         transform = None
         if s.publish_tf:
