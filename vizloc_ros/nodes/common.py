@@ -1,0 +1,183 @@
+"""What both nodes share: parameters from the tables, message classes, QoS, diagnostics,
+throttled problem reports and a ``main`` that turns startup errors into one fatal line.
+
+Everything ROS-specific of the two nodes that is not wiring lives here, so the node
+modules read like the ros2/examples nodes.
+"""
+from __future__ import annotations
+
+import time
+
+import rclpy
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rcl_interfaces.msg import ParameterDescriptor
+
+from vizloc_ros import messages
+from vizloc_ros.pipeline import RateMeter, diagnostics_summary
+
+
+class StartupError(Exception):
+    """A configuration problem found at startup: logged as one fatal line, exit code 1."""
+
+
+# --------------------------------------------------------------------------- QoS
+
+def sensor_qos(depth: int) -> QoSProfile:
+    """SensorDataQoS with our depth: best effort matches reliable and best-effort publishers."""
+    return QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST,
+                      reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE)
+
+
+def reliable_qos(depth: int = 10) -> QoSProfile:
+    return QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST,
+                      reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+
+
+def latched_qos() -> QoSProfile:
+    """Reliable + transient_local, depth 1: what amcl uses for ``amcl_pose``; a late
+    subscriber (rviz, nav2) gets the last pose at once."""
+    return QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                      reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def static_tf_qos() -> QoSProfile:
+    """What tf2_ros uses for /tf_static: reliable, transient_local (latched), depth 100."""
+    return QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
+                      reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+# --------------------------------------------------------------------------- messages
+
+def ros_message_types() -> messages.MessageTypes:
+    """The rclpy message classes for the builders in :mod:`vizloc_ros.messages`."""
+    import builtin_interfaces.msg
+    import geometry_msgs.msg
+    import nav_msgs.msg
+    import sensor_msgs.msg
+    import std_msgs.msg
+    import tf2_msgs.msg
+
+    return messages.message_types_from_modules(
+        builtin_interfaces.msg, std_msgs.msg, geometry_msgs.msg, nav_msgs.msg, sensor_msgs.msg,
+        tf2_msgs.msg)
+
+
+# --------------------------------------------------------------------------- parameters
+
+def declare_parameters(node, table) -> dict:
+    """Declare every parameter of a :mod:`vizloc_ros.node_params` table; their values.
+
+    Read-only: the nodes read them once at startup, so ``ros2 param set`` is refused
+    instead of silently doing nothing. A value of the wrong type in the YAML becomes a
+    :class:`StartupError` naming the parameter.
+    """
+    values = {}
+    for param in table:
+        descriptor = ParameterDescriptor(description=param.description, read_only=True)
+        try:
+            values[param.name] = node.declare_parameter(param.name, param.default, descriptor).value
+        except ParameterException as exc:
+            hint = " (write 1.0, not 1)" if param.type_name == "double" and "INTEGER" in str(exc) else ""
+            raise StartupError(f"parameter {param.name!r} must be a {param.type_name}{hint}; "
+                               f"rclpy says: {exc}") from None
+    return values
+
+
+# --------------------------------------------------------------------------- logging
+
+class ProblemLog:
+    """One log line per kind of problem per ``period`` seconds, with how many were not shown.
+
+    rclpy's ``throttle_duration_sec`` throttles per call site; dropped messages of several
+    kinds reach the log through one call site here, so each kind gets its own throttle.
+    """
+
+    def __init__(self, logger, period: float = 5.0):
+        self.logger = logger
+        self.period = period
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, kind: str, text: str) -> None:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.period:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        more = self._suppressed.pop(kind, 0)
+        self._last[kind] = now
+        suffix = f" ({more} more like this in the last {now - last:.0f} s)" if more and last else ""
+        self.logger.warning(f"{text}{suffix}")
+
+
+def report_new_drops(problems: ProblemLog, before: dict, counters, detail: str | None,
+                     what: str) -> None:
+    """Log counters named ``dropped_*`` / ``*_rejected`` / ``*_dropped`` that grew, e.g.
+    "image dropped (invalid image): unsupported encoding '16UC1'"."""
+    for key, value in list(counters.items()):
+        if value <= before.get(key, 0):
+            continue
+        if key.startswith("dropped_"):
+            label = f"dropped ({key[len('dropped_'):].replace('_', ' ')})"
+        elif key.endswith(("_rejected", "_dropped")):
+            label = key.rsplit("_", 1)[1]
+        else:
+            continue
+        problems.warn(key, f"{what} {label}: {detail or 'no detail'}")
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+class Diagnostics:
+    """A diagnostic_updater task fed by a core's counters; a no-op without diagnostic_updater."""
+
+    def __init__(self, node, name: str, status_fn):
+        self.rate = RateMeter()
+        self.updater = None
+        try:
+            from diagnostic_updater import Updater
+        except ImportError:
+            node.get_logger().warning("diagnostic_updater is not installed: no /diagnostics "
+                                      "(apt install ros-$ROS_DISTRO-diagnostic-updater)")
+            return
+        self.updater = Updater(node)
+        self.updater.setHardwareID("none")
+        self._status_fn = status_fn
+        self.updater.add(name, self._run)
+
+    def _run(self, stat):
+        from diagnostic_msgs.msg import DiagnosticStatus
+
+        level_name, message, counters, latency = self._status_fn()
+        level = {"ok": DiagnosticStatus.OK, "warn": DiagnosticStatus.WARN,
+                 "error": DiagnosticStatus.ERROR}[level_name]
+        stat.summary(level, message)
+        for key, value in diagnostics_summary(counters, latency, self.rate.rate()).items():
+            stat.add(key, value)
+        return stat
+
+
+# --------------------------------------------------------------------------- main
+
+def run(node_class, args=None) -> int:
+    """Init, build the node, spin, shut down; a :class:`StartupError` is one fatal line."""
+    rclpy.init(args=args)
+    node = None
+    code = 0
+    try:
+        node = node_class()
+        rclpy.spin(node)
+    except StartupError as exc:
+        rclpy.logging.get_logger(getattr(node_class, "NODE_NAME", "vizloc")).fatal(str(exc))
+        code = 1
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+

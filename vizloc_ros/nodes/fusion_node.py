@@ -1,0 +1,168 @@
+"""vizloc_fusion: absolute poses + odometry (+ IMU) -> ``/vizloc/pose``, ``/vizloc/path``, TF.
+
+Every decision (gating, the ``map -> odom`` arithmetic, TF stamps, when the path grows)
+is made by :class:`~vizloc_ros.pipeline.FusionCore`, the code ``vizloc-replay`` runs;
+this node wires topics, QoS, TF and the ``~/reset`` service to it. Callbacks run on one
+executor thread, so the core needs no lock.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter, deque
+
+from rclpy.node import Node
+
+from vizloc_ros import messages, node_params
+from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters,
+                                     latched_qos, reliable_qos, report_new_drops,
+                                     ros_message_types, run, sensor_qos)
+from vizloc_ros.pipeline import FusionCore
+
+#: /vizloc/path is republished at most this often (seconds of message time): it can hold
+#: thousands of poses, and rviz does not need it at the odometry rate.
+PATH_PERIOD_S = 0.5
+
+
+class FusionNode(Node):
+    NODE_NAME = node_params.FUSION_NODE
+
+    def __init__(self):
+        super().__init__(self.NODE_NAME)
+        try:
+            p = node_params.fusion_settings(declare_parameters(self, node_params.FUSION_PARAMS))
+            self.core = FusionCore(p.config, p.settings)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        except ImportError as exc:  # gtsam missing
+            raise StartupError(f"cannot start the fusion: {exc} (pip install gtsam)") from None
+        s = self.settings = p.settings
+        self.types = ros_message_types()
+        self.problems = ProblemLog(self.get_logger())
+        self._latency = None
+        self._path_msgs: deque = deque(maxlen=s.path_max_length)  # (stamp, PoseStamped) like core.path
+        self._path_published_at = None
+
+        self.pose_pub = self.create_publisher(self.types.PoseWithCovarianceStamped,
+                                              node_params.FUSED_POSE_TOPIC, latched_qos())
+        self.path_pub = self.create_publisher(self.types.Path, node_params.PATH_TOPIC, latched_qos())
+        self.tf_broadcaster = None
+        if s.publish_tf:
+            from tf2_ros import TransformBroadcaster
+            self.tf_broadcaster = TransformBroadcaster(self)
+        self.diagnostics = Diagnostics(self, "vizloc_fusion: pose fusion", self._status)
+
+        T = self.types
+        self.create_subscription(T.PoseWithCovarianceStamped, node_params.ABSOLUTE_POSE_TOPIC,
+                                 self._on_absolute, reliable_qos(10))
+        self.create_subscription(T.PoseWithCovarianceStamped, node_params.INITIAL_POSE_TOPIC,
+                                 self._on_initial_pose, reliable_qos(1))
+        if s.use_odom:
+            self.create_subscription(T.Odometry, p.odom_topic, self._on_odometry, sensor_qos(50))
+        if s.use_imu:
+            self.create_subscription(T.Imu, p.imu_topic, self._on_imu, sensor_qos(400))
+        from std_srvs.srv import Trigger
+        self.create_service(Trigger, "~/reset", self._on_reset)
+        inputs = [node_params.ABSOLUTE_POSE_TOPIC] + [p.odom_topic] * s.use_odom + [p.imu_topic] * s.use_imu
+        tf = (f"{s.map_frame} -> {s.odom_frame if s.use_odom else s.base_frame}"
+              if s.publish_tf else "no TF")
+        self.get_logger().info(f"fusing {', '.join(inputs)}; publishing {node_params.FUSED_POSE_TOPIC}, "
+                               f"{node_params.PATH_TOPIC}, {tf}")
+
+    # -- inputs ----------------------------------------------------------------
+    def _on_absolute(self, msg) -> None:
+        self.diagnostics.rate.tick()
+        self._handle(self.core.on_absolute, msg, "absolute pose")
+
+    def _on_odometry(self, msg) -> None:
+        self._handle(self.core.on_odometry, msg, "odometry")
+
+    def _on_imu(self, msg) -> None:
+        self._handle(self.core.on_imu, msg, "IMU")
+
+    def _on_initial_pose(self, msg) -> None:
+        self.get_logger().info("initial pose received: restarting the fusion there")
+        self._path_msgs.clear()
+        self._handle(self.core.on_initial_pose, msg, "initial pose")
+        self._publish_path(force=True)
+
+    def _on_reset(self, request, response):
+        self.core.reset()
+        self._path_msgs.clear()
+        self._publish_path(force=True)
+        response.success = True
+        response.message = "fusion reset: waiting for consistent absolute poses"
+        self.get_logger().info(response.message)
+        return response
+
+    def _handle(self, method, msg, what: str) -> None:
+        """Run one core input; publish what it produced; report what it refused."""
+        start = time.perf_counter()
+        before = dict(self.core.counters)
+        try:
+            out = method(msg)
+            if out is not None:
+                self._publish(out)
+        except Exception as exc:  # noqa: BLE001 - one line per problem, never a traceback per message
+            self.core.counters["dropped_error"] += 1
+            self.problems.warn(f"error:{type(exc).__name__}", f"{what} dropped: {type(exc).__name__}: {exc}")
+        self._latency = time.perf_counter() - start
+        report_new_drops(self.problems, before, self.core.counters, self.core.last_reason, what)
+
+    # -- outputs ---------------------------------------------------------------
+    def _publish(self, out) -> None:
+        T = self.types
+        stamp = messages.time_from_ns(T, out.stamp_ns)
+        self.pose_pub.publish(messages.make_pose_with_covariance_stamped(
+            T, stamp, out.frame_id, out.t, out.q, out.cov))
+        if out.transform is not None and self.tf_broadcaster is not None:
+            tr = out.transform
+            self.tf_broadcaster.sendTransform(messages.make_transform_stamped(
+                T, messages.time_from_ns(T, tr.stamp_ns), tr.parent, tr.child, tr.t, tr.q))
+        if out.path_appended:
+            self._append_path()
+            self._publish_path()
+
+    def _append_path(self) -> None:
+        """Mirror core.path as PoseStamped messages, converting each pose once."""
+        path = self.core.path
+        if len(path) == 1 or not self._path_msgs or path[-2][0] != self._path_msgs[-1][0]:
+            self._path_msgs.clear()  # the core cleared its path (reset, time jump): rebuild
+            entries = list(path)
+        else:
+            entries = [path[-1]]
+        for stamp, t, q in entries:
+            self._path_msgs.append((stamp, messages.make_pose_stamped(
+                self.types, messages.time_from_ns(self.types, self.core.exact_ns(stamp)),
+                self.settings.map_frame, t, q)))
+
+    def _publish_path(self, force: bool = False) -> None:
+        newest = self._path_msgs[-1][0] if self._path_msgs else None
+        last = self._path_published_at
+        if not force and newest is not None and last is not None and 0.0 <= newest - last < PATH_PERIOD_S:
+            return
+        self._path_published_at = newest
+        stamp = self._path_msgs[-1][1].header.stamp if self._path_msgs else self.get_clock().now().to_msg()
+        self.path_pub.publish(self.types.Path(
+            header=self.types.Header(stamp=stamp, frame_id=self.settings.map_frame),
+            poses=[m for _, m in self._path_msgs]))
+
+    # -- diagnostics -----------------------------------------------------------
+    def _status(self):
+        counters = Counter(self.core.counters)
+        if not self.core.fusion.initialised:
+            return "warn", "not initialised: waiting for consistent absolute poses", counters, self._latency
+        if self.diagnostics.rate.rate() == 0.0:
+            return "warn", f"no absolute poses on {node_params.ABSOLUTE_POSE_TOPIC}", counters, self._latency
+        return "ok", "localized", counters, self._latency
+
+    def close(self) -> None:
+        """Nothing runs outside the executor."""
+
+
+def main(args=None):
+    sys.exit(run(FusionNode, args))
+
+
+if __name__ == "__main__":
+    main()

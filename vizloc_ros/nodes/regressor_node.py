@@ -1,0 +1,187 @@
+"""vizloc_regressor: camera images -> ``/vizloc/absolute_pose`` (network pose of the base in map).
+
+The subscription callback only drops the message into a one-frame slot
+(:class:`~vizloc_ros.pipeline.LatestFrameSlot`); a worker thread runs the network on the
+newest frame, so a slow network never blocks the executor or builds a queue (replaced
+frames are counted). What a frame becomes is decided by
+:class:`~vizloc_ros.pipeline.RegressorCore`, the code ``vizloc-replay`` runs too.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from collections import Counter
+
+from rclpy.duration import Duration
+from rclpy.node import Node
+from rclpy.time import Time
+
+from vizloc_ros import messages, node_params
+from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters,
+                                     reliable_qos, report_new_drops, ros_message_types, run,
+                                     sensor_qos, static_tf_qos)
+from vizloc_ros.pipeline import LatestFrameSlot, RegressorCore
+
+#: how long the first frame waits for the static TF base <- camera before the fallback is used
+FIRST_EXTRINSIC_WAIT_S = 2.0
+
+
+class RegressorNode(Node):
+    NODE_NAME = node_params.REGRESSOR_NODE
+
+    def __init__(self):
+        super().__init__(self.NODE_NAME)
+        try:
+            s = node_params.regressor_settings(declare_parameters(self, node_params.REGRESSOR_PARAMS),
+                                               node_params.default_weights)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        self.settings = s
+        self.types = ros_message_types()
+        self.problems = ProblemLog(self.get_logger())
+        self.estimator = self._load_estimator(s)
+        self.core = RegressorCore(self.estimator, base_T_camera=s.camera_extrinsic,
+                                  map_frame=s.map_frame, max_rate=s.max_rate)
+        self._extrinsic_from_tf = False
+        self._extrinsic_attempts = 0
+        self._lock = threading.Lock()  # core.counters: worker writes, diagnostics read
+        self._latency = None
+
+        # Static TF only: the camera mount comes from /tf_static (robot_state_publisher).
+        # A full TransformListener would also take every /tf message (odometry, our own
+        # map -> odom) for nothing, and warn TF_OLD_DATA at each loop of a bag.
+        from tf2_ros import Buffer
+        self.tf_buffer = Buffer()
+        self.create_subscription(self.types.TFMessage, "/tf_static", self._on_tf_static, static_tf_qos())
+
+        self.publisher = self.create_publisher(self.types.PoseWithCovarianceStamped,
+                                               node_params.ABSOLUTE_POSE_TOPIC, reliable_qos(10))
+        self.slot = LatestFrameSlot()
+        self.diagnostics = Diagnostics(self, "vizloc_regressor: pose regression", self._status)
+        image_type = self.types.CompressedImage if s.compressed else self.types.Image
+        self.subscription = self.create_subscription(image_type, s.subscribed_topic,
+                                                     self._on_image, sensor_qos(1))
+        self._running = True
+        self.worker = threading.Thread(target=self._work, name="vizloc_regressor_worker", daemon=True)
+        self.worker.start()
+        self.get_logger().info(
+            f"{s.weights.name} on {self.estimator.device} ({s.precision}); "
+            f"{s.subscribed_topic} -> {node_params.ABSOLUTE_POSE_TOPIC} in {s.map_frame!r}")
+
+    def _load_estimator(self, s):
+        """The PoseEstimator, or a StartupError naming the file and what is wrong with it."""
+        try:
+            from vizloc_ros.estimator import PoseEstimator
+            estimator = PoseEstimator(s.weights, device=s.device, precision=s.precision,
+                                      mc_dropout_samples=s.mc_dropout_samples)
+        except (ValueError, OSError, RuntimeError, ImportError) as exc:
+            raise StartupError(f"cannot load weights {s.weights}: {exc}") from None
+        if estimator.map_frame != s.map_frame:
+            self.get_logger().warning(
+                f"{s.weights.name} was trained in frame {estimator.map_frame!r} but map_frame "
+                f"is {s.map_frame!r}: poses are published in {s.map_frame!r} unchanged")
+        return estimator
+
+    # -- callbacks -------------------------------------------------------------
+    def _on_tf_static(self, msg) -> None:
+        for transform in msg.transforms:
+            self.tf_buffer.set_transform_static(transform, "vizloc_regressor")
+
+    def _on_image(self, msg) -> None:
+        """Never blocks: the worker takes the newest frame when it is free."""
+        self.slot.put(msg)
+        self.diagnostics.rate.tick()
+
+    def _work(self) -> None:
+        while self._running:
+            msg = self.slot.take(timeout=0.5)
+            if msg is None:
+                continue
+            try:
+                self._process(msg)
+            except Exception as exc:  # noqa: BLE001 - one line per problem, never a traceback per frame
+                with self._lock:
+                    self.core.counters["dropped_error"] += 1
+                self.problems.warn(f"error:{type(exc).__name__}",
+                                   f"frame dropped: {type(exc).__name__}: {exc}")
+
+    def _process(self, msg) -> None:
+        if not self._extrinsic_from_tf:
+            self._lookup_extrinsic(msg.header.frame_id)
+        with self._lock:
+            before = dict(self.core.counters)
+            pose = self.core.process(msg)
+            detail = self.core.last_error
+        report_new_drops(self.problems, before, self.core.counters, detail, "image")
+        if pose is None:
+            return
+        self._latency = pose.latency_s
+        out = messages.make_pose_with_covariance_stamped(
+            self.types, messages.time_from_ns(self.types, pose.stamp_ns), pose.frame_id,
+            pose.t, pose.q, pose.cov)
+        self.publisher.publish(out)
+
+    def _lookup_extrinsic(self, header_frame: str) -> None:
+        """base_frame <- camera frame from the static TF; the parameter is used until then.
+
+        The first frame waits up to FIRST_EXTRINSIC_WAIT_S (on this worker thread, never
+        in a callback) so /tf_static has time to arrive; later frames only check.
+        """
+        camera = self.settings.camera_frame or header_frame
+        base = self.settings.base_frame
+        if not camera:
+            self.get_logger().warning("images have no frame_id and camera_frame is empty: using the "
+                                      "camera_extrinsic parameter", throttle_duration_sec=30.0)
+            return
+        if camera == base:
+            with self._lock:
+                self.core.set_extrinsic((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0))
+            self._extrinsic_from_tf = True
+            return
+        wait = FIRST_EXTRINSIC_WAIT_S if self._extrinsic_attempts == 0 else 0.0
+        self._extrinsic_attempts += 1
+        try:
+            tf = self.tf_buffer.lookup_transform(base, camera, Time(), timeout=Duration(seconds=wait))
+            t, q = messages.pose_from_msg(tf)
+        except Exception as exc:  # noqa: BLE001 - tf2 raises several types; all mean "not yet"
+            fallback = ("identity: the camera pose is published as the base pose"
+                        if self._fallback_is_identity() else "as given")
+            self.get_logger().warning(
+                f"no TF {base} <- {camera} yet ({type(exc).__name__}): using the camera_extrinsic "
+                f"parameter ({fallback}) until it appears", throttle_duration_sec=30.0)
+            return
+        with self._lock:
+            self.core.set_extrinsic(t, q)
+        self._extrinsic_from_tf = True
+        self.get_logger().info(f"camera extrinsic from TF {base} <- {camera}: t={t.round(4).tolist()} "
+                               f"q_wxyz={q.round(4).tolist()}")
+
+    def _fallback_is_identity(self) -> bool:
+        t, q = self.settings.camera_extrinsic
+        return not t.any() and q[0] == 1.0
+
+    # -- diagnostics -----------------------------------------------------------
+    def _status(self):
+        with self._lock:
+            counters = Counter(self.core.counters)
+        counters["dropped_not_latest"] = self.slot.dropped
+        if self.diagnostics.rate.rate() == 0.0:
+            return "warn", f"no images on {self.settings.subscribed_topic}", counters, self._latency
+        if not self._extrinsic_from_tf:
+            return "warn", "camera extrinsic not from TF (using the parameter)", counters, self._latency
+        return "ok", "running", counters, self._latency
+
+    def close(self) -> None:
+        """Stop the worker before the node goes away (it publishes through the node)."""
+        self._running = False
+        self.slot.close()
+        if self.worker.is_alive():
+            self.worker.join(timeout=5.0)
+
+
+def main(args=None):
+    sys.exit(run(RegressorNode, args))
+
+
+if __name__ == "__main__":
+    main()
