@@ -1,0 +1,116 @@
+"""Relocalization: vizloc_regressor (camera -> absolute pose) + vizloc_fusion (-> pose, path, TF).
+
+    ros2 launch vizloc_ros relocalize.launch.py                     # your robot's topics
+    ros2 launch vizloc_ros relocalize.launch.py demo:=true rviz:=true
+
+Every parameter comes from ``params_file`` (config/vizloc.yaml by default). An argument
+left empty keeps the file's value; a non-empty one overrides it. ``demo:=true`` plays
+the demo scene's bag in a loop with ``--clock`` (rendered on first use and cached) and
+sets use_sim_time.
+"""
+import os
+
+from launch import LaunchDescription
+from launch.actions import (DeclareLaunchArgument, ExecuteProcess, LogInfo, OpaqueFunction,
+                            RegisterEventHandler, Shutdown)
+from launch.event_handlers import OnProcessExit
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+PACKAGE = "vizloc_ros"
+
+
+def _share() -> str:
+    """The installed share folder, or the source tree when run uninstalled."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        return get_package_share_directory(PACKAGE)
+    except Exception:  # noqa: BLE001 - PackageNotFoundError, or no ament index at all
+        return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _flag(context, name: str):
+    """'true'/'false' (any case) -> bool; '' -> None (keep the params file's value)."""
+    text = context.perform_substitution(LaunchConfiguration(name)).strip().lower()
+    if text == "":
+        return None
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"launch argument {name}:={text!r} must be true or false")
+
+
+def _player_exited(event, context):
+    """A looping player only stops on shutdown; anything else ends the demo with a reason."""
+    if event.returncode in (0, -2, -15, 130, 143):  # clean exit, SIGINT, SIGTERM
+        return None
+    reason = (f"demo: 'ros2 bag play' exited with code {event.returncode}; is rosbag2 installed "
+              f"(apt install ros-$ROS_DISTRO-rosbag2 ros-$ROS_DISTRO-rosbag2-storage-mcap)?")
+    return [LogInfo(msg=reason), Shutdown(reason=reason)]
+
+
+def _setup(context):
+    """Resolve the arguments once: demo bag, use_sim_time, and the parameter overrides."""
+    text = {name: context.perform_substitution(LaunchConfiguration(name)).strip()
+            for name in ("weights", "device", "image_topic", "odom_topic", "imu_topic", "params_file")}
+    demo = bool(_flag(context, "demo"))
+    use_sim_time = True if demo else bool(_flag(context, "use_sim_time"))
+    actions = []
+    if demo:
+        from vizloc_ros.data.synthetic import cached_demo_bag
+
+        bag = str(cached_demo_bag())  # rendered on first use (about a minute), then cached
+        # the bag path before --clock, whose rate argument is optional
+        player = ExecuteProcess(cmd=["ros2", "bag", "play", bag, "--loop", "--clock"],
+                                output="screen", name="demo_bag")
+        actions += [LogInfo(msg=f"demo: playing {bag} in a loop (sim time)"), player,
+                    RegisterEventHandler(OnProcessExit(target_action=player, on_exit=_player_exited))]
+
+    def strings(*names):
+        return {n: ParameterValue(text[n], value_type=str) for n in names if text[n]}
+
+    regressor = {"use_sim_time": use_sim_time, **strings("weights", "device", "image_topic")}
+    fusion = {"use_sim_time": use_sim_time, **strings("odom_topic", "imu_topic")}
+    for name in ("use_odom", "use_imu"):
+        value = _flag(context, name)
+        if value is not None:
+            fusion[name] = value
+    params_file = text["params_file"]
+    actions += [
+        Node(package=PACKAGE, executable="vizloc_regressor", name="vizloc_regressor",
+             output="screen", parameters=[params_file, regressor]),
+        Node(package=PACKAGE, executable="vizloc_fusion", name="vizloc_fusion",
+             output="screen", parameters=[params_file, fusion]),
+    ]
+    if _flag(context, "rviz"):
+        actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="log",
+                            arguments=["-d", os.path.join(_share(), "config", "vizloc.rviz")],
+                            parameters=[{"use_sim_time": use_sim_time}]))
+    return actions
+
+
+def generate_launch_description():
+    share = _share()
+    keep = " (empty: keep the params file's value)"
+    return LaunchDescription([
+        DeclareLaunchArgument("weights", default_value="",
+                              description="checkpoint .safetensors / .onnx / .engine" + keep),
+        DeclareLaunchArgument("device", default_value="", description="auto, cpu, cuda or cuda:N" + keep),
+        DeclareLaunchArgument("image_topic", default_value="", description="sensor_msgs/Image topic" + keep),
+        DeclareLaunchArgument("odom_topic", default_value="", description="nav_msgs/Odometry topic" + keep),
+        DeclareLaunchArgument("imu_topic", default_value="", description="sensor_msgs/Imu topic" + keep),
+        DeclareLaunchArgument("use_odom", default_value="", description="fuse odometry, publish map -> odom" + keep),
+        DeclareLaunchArgument("use_imu", default_value="", description="fuse the IMU" + keep),
+        DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "vizloc.yaml"),
+                              description="ROS 2 parameter file for both nodes"),
+        DeclareLaunchArgument("rviz", default_value="false",
+                              description="start rviz2 with config/vizloc.rviz"),
+        DeclareLaunchArgument("demo", default_value="false",
+                              description="play the demo scene's bag in a loop (implies use_sim_time)"),
+        DeclareLaunchArgument("use_sim_time", default_value="false",
+                              description="use /clock (a bag played with --clock)"),
+        OpaqueFunction(function=_setup),
+    ])
