@@ -1,0 +1,292 @@
+"""The ROS surface without ROS: launch arguments, the parameter tables, config/vizloc.yaml,
+the nodes' declarations, the rviz config and docs/ROS.md agree with each other; parameter
+values are checked into one clear error; rclpy stays under vizloc_ros/nodes/."""
+from __future__ import annotations
+
+import ast
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from vizloc_ros import node_params as P
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch" / "relocalize.launch.py"
+CONFIG = ROOT / "config" / "vizloc.yaml"
+NODES = ROOT / "vizloc_ros" / "nodes"
+
+LAUNCH_ARGUMENTS = {"weights", "device", "image_topic", "odom_topic", "imu_topic", "use_odom",
+                    "use_imu", "params_file", "rviz", "demo", "use_sim_time"}
+
+
+def _calls(tree, name):
+    """Call nodes whose function is ``name`` or ``something.name``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if (isinstance(func, ast.Name) and func.id == name) or \
+                    (isinstance(func, ast.Attribute) and func.attr == name):
+                yield node
+
+
+def _literal_first_args(tree, name):
+    return [c.args[0].value for c in _calls(tree, name)
+            if c.args and isinstance(c.args[0], ast.Constant)]
+
+
+# --------------------------------------------------------------------------- launch
+
+@pytest.fixture(scope="module")
+def launch_tree():
+    return ast.parse(LAUNCH.read_text(), filename=str(LAUNCH))
+
+
+def test_launch_declares_exactly_the_documented_arguments(launch_tree):
+    declared = _literal_first_args(launch_tree, "DeclareLaunchArgument")
+    assert len(declared) == len(set(declared)), "an argument is declared twice"
+    assert set(declared) == LAUNCH_ARGUMENTS
+    assert len(list(_calls(launch_tree, "DeclareLaunchArgument"))) == len(declared)  # all literal names
+
+
+def test_launch_uses_only_declared_arguments(launch_tree):
+    used = {call.args[1].value for call in _calls(launch_tree, "_flag")
+            if isinstance(call.args[1], ast.Constant)}
+    for node in ast.walk(launch_tree):  # the tuple of names read as text in _setup
+        if isinstance(node, ast.Tuple) and all(isinstance(e, ast.Constant) for e in node.elts):
+            names = {e.value for e in node.elts}
+            if "params_file" in names or "use_odom" in names:
+                used |= names
+    assert used and used <= LAUNCH_ARGUMENTS
+    assert {"demo", "rviz", "use_sim_time", "use_odom", "use_imu", "params_file", "weights"} <= used
+
+
+def test_launch_starts_both_nodes_and_plays_the_demo_bag_with_clock(launch_tree):
+    executables = {kw.value.value for call in _calls(launch_tree, "Node") for kw in call.keywords
+                   if kw.arg == "executable"}
+    assert executables == {"vizloc_regressor", "vizloc_fusion", "rviz2"}
+    cmds = [kw.value for call in _calls(launch_tree, "ExecuteProcess") for kw in call.keywords
+            if kw.arg == "cmd"]
+    assert len(cmds) == 1
+    words = [e.value if isinstance(e, ast.Constant) else None for e in cmds[0].elts]
+    assert words[:3] == ["ros2", "bag", "play"] and "--loop" in words and words[-1] == "--clock"
+    # --clock takes an optional rate: the bag path must not follow it
+    assert words.index(None) < words.index("--clock")
+    source = LAUNCH.read_text()
+    assert "cached_demo_bag()" in source and "OpaqueFunction" in source
+
+
+def test_launch_file_paths_exist():
+    assert (ROOT / "config" / "vizloc.rviz").is_file() and CONFIG.is_file()
+
+
+# --------------------------------------------------------------------------- parameters
+
+def test_yaml_lists_exactly_the_parameters_each_node_declares():
+    params = P.load_yaml_parameters(CONFIG)
+    assert set(params) == {P.REGRESSOR_NODE, P.FUSION_NODE}
+    for node, table in P.PARAMS_BY_NODE.items():
+        names = [p.name for p in table]
+        assert len(names) == len(set(names))
+        assert set(params[node]) == set(names), node
+
+
+@pytest.mark.parametrize("node", [P.REGRESSOR_NODE, P.FUSION_NODE])
+def test_yaml_values_have_the_declared_types_and_are_the_defaults(node):
+    """rclpy refuses an integer for a double parameter: the shipped file must not need luck."""
+    values = P.load_yaml_parameters(CONFIG)[node]
+    for param in P.PARAMS_BY_NODE[node]:
+        value = values[param.name]
+        assert type(value) is type(param.default), (param.name, value)
+        if isinstance(value, list):
+            assert all(type(v) is float for v in value), param.name
+        assert P.check_value(param, value) == param.default, param.name
+
+
+def test_yaml_settings_build():
+    values = P.load_yaml_parameters(CONFIG)
+    regressor = P.regressor_settings(values[P.REGRESSOR_NODE], default_weights=lambda: "w.safetensors")
+    assert regressor.subscribed_topic == "/camera/image_raw"
+    fusion = P.fusion_settings(values[P.FUSION_NODE])
+    assert fusion.settings.use_odom and fusion.config.window_seconds is None
+
+
+def _declare_calls(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    direct = list(_calls(tree, "declare_parameter")) + list(_calls(tree, "declare_parameters"))
+    return tree, direct
+
+
+@pytest.mark.parametrize("module, table", [("regressor_node.py", "REGRESSOR_PARAMS"),
+                                           ("fusion_node.py", "FUSION_PARAMS")])
+def test_nodes_declare_their_table_and_nothing_else(module, table):
+    _, calls = _declare_calls(NODES / module)
+    assert len(calls) == 1, "declare parameters only through common.declare_parameters(table)"
+    arg = calls[0].args[1]
+    assert isinstance(arg, ast.Attribute) and arg.attr == table
+
+
+def test_only_the_table_loop_declares_parameters():
+    _, calls = _declare_calls(NODES / "common.py")
+    assert len([c for c in calls if isinstance(c.func, ast.Attribute)]) == 1
+    for path in NODES.glob("*.py"):
+        source = path.read_text()
+        assert "use_sim_time" not in source or path.name == "common.py", \
+            f"{path.name}: use_sim_time is rclpy's; do not redeclare it"
+
+
+def test_node_modules_compile():
+    for path in NODES.glob("*.py"):
+        compile(path.read_text(), str(path), "exec")
+
+
+def test_fusion_table_covers_fusion_config_with_its_defaults():
+    from vizloc_ros.fusion import FusionConfig
+
+    defaults = FusionConfig()
+    exposed = {p.name: p for p in P.FUSION_CONFIG_PARAMS}
+    for f in fields(FusionConfig):
+        if f.name in P.FUSION_CONFIG_NOT_PARAMS:
+            assert f.name not in exposed
+            continue
+        assert f.name in exposed, f"FusionConfig.{f.name} is neither a parameter nor excluded"
+        default = getattr(defaults, f.name)
+        expected = exposed[f.name].default
+        if f.name == "window_seconds":
+            assert default is None and expected == 0.0
+        elif isinstance(expected, list):
+            assert list(default) == expected, f.name
+        else:
+            assert default == expected and type(default) is type(expected), f.name
+    assert set(exposed) - {f.name for f in fields(FusionConfig)} == {"imu_extrinsic"}
+    assert P.fusion_settings({}).config.base_T_camera == ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0))
+
+
+def test_settings_defaults_match_the_pipeline():
+    from vizloc_ros.pipeline import FusionSettings
+
+    defaults = FusionSettings()
+    for p in P.FUSION_SETTINGS_PARAMS:
+        if hasattr(defaults, p.name):
+            assert getattr(defaults, p.name) == p.default, p.name
+
+
+# --------------------------------------------------------------------------- checking values
+
+def test_regressor_settings_convert_the_extrinsic_from_ros_order():
+    s = P.regressor_settings({"camera_extrinsic": [0.1, 0.0, 0.2, -0.5, 0.5, -0.5, 0.5],
+                              "compressed": True, "weights": "/w/x.safetensors"})
+    t, q = s.camera_extrinsic
+    assert np.allclose(t, [0.1, 0.0, 0.2]) and np.allclose(q, [0.5, -0.5, 0.5, -0.5])
+    assert s.subscribed_topic == "/camera/image_raw/compressed" and s.weights == Path("/w/x.safetensors")
+
+
+def test_empty_weights_use_the_default_checkpoint():
+    s = P.regressor_settings({}, default_weights=lambda: "/share/weights/mapnet_demo.safetensors")
+    assert s.weights.name == "mapnet_demo.safetensors"
+
+
+def test_shipped_weights_are_found_from_the_source_tree():
+    if not (ROOT / "weights" / "mapnet_demo.safetensors").is_file():
+        with pytest.raises(ValueError, match="set the 'weights' parameter"):
+            P.default_weights()
+    else:
+        assert P.default_weights().name == "mapnet_demo.safetensors"
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"device": "tpu"}, "'device'"),
+    ({"device": 1}, "'device'"),
+    ({"precision": "fp64"}, "'precision'"),
+    ({"mc_dropout_samples": -1}, "'mc_dropout_samples'"),
+    ({"mc_dropout_samples": 2.0}, "'mc_dropout_samples'"),
+    ({"max_rate": -1.0}, "'max_rate'"),
+    ({"max_rate": float("nan")}, "'max_rate'"),
+    ({"compressed": "yes"}, "'compressed'"),
+    ({"camera_extrinsic": [0.0] * 6}, "'camera_extrinsic'"),
+    ({"camera_extrinsic": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]}, "'camera_extrinsic'.*norm"),
+    ({"image_topic": ""}, "'image_topic'"),
+    ({"wieghts": ""}, "unknown parameter"),
+])
+def test_bad_regressor_values_name_the_parameter(values, match):
+    with pytest.raises(ValueError, match=match):
+        P.regressor_settings(values, default_weights=lambda: "w.safetensors")
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"robust_kernel": "tukey"}, "'robust_kernel'"),
+    ({"window_size": 1}, "window_size"),
+    ({"window_seconds": -1.0}, "'window_seconds'"),
+    ({"gate_probability": 1.5}, "gate_probability"),
+    ({"transform_tolerance": -0.1}, "transform_tolerance"),
+    ({"use_odom": 1}, "'use_odom'"),
+    ({"gravity": [0.0, -9.81]}, "'gravity'"),
+    ({"imu_extrinsic": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]}, "'imu_extrinsic'"),
+    ({"path_max_length": 0}, "'path_max_length'"),
+    ({"kidnap_consecutive": 0}, "kidnap_consecutive"),
+    ({"base_T_camera": [0.0]}, "unknown parameter"),
+])
+def test_bad_fusion_values_name_the_parameter(values, match):
+    with pytest.raises(ValueError, match=match):
+        P.fusion_settings(values)
+
+
+def test_fusion_settings_map_onto_fusion_config():
+    s = P.fusion_settings({"use_odom": False, "use_imu": True, "window_seconds": 2.5,
+                           "robust_kernel": "cauchy", "imu_extrinsic": [0.1, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+                           "transform_tolerance": 0.3, "odom_topic": "/wheel/odom"})
+    assert s.odom_topic == "/wheel/odom" and s.settings.transform_tolerance == 0.3
+    assert (s.config.use_odom, s.config.use_imu) == (False, True)
+    assert s.config.window_seconds == 2.5 and s.config.robust_kernel == "cauchy"
+    t, q = s.config.base_T_imu
+    assert np.allclose(t, [0.1, 0, 0]) and np.allclose(q, [0, 0, 0, 1])  # ROS order -> wxyz
+
+
+def test_an_integer_for_a_double_is_a_type_error_like_rclpy_makes_it():
+    param = next(p for p in P.FUSION_PARAMS if p.name == "transform_tolerance")
+    assert P.check_value(param, 1) == 1.0  # the ROS-free check is lenient ...
+    assert param.type_name == "double"     # ... rclpy is not: the YAML test guards the file
+
+
+# --------------------------------------------------------------------------- rviz, docs, layout
+
+def test_rviz_config_shows_tf_poses_path_and_image():
+    config = yaml.safe_load((ROOT / "config" / "vizloc.rviz").read_text())
+    manager = config["Visualization Manager"]
+    assert manager["Global Options"]["Fixed Frame"] == "map"
+    shown = {(d["Class"].split("/")[-1], d.get("Topic", {}).get("Value")) for d in manager["Displays"]}
+    for expected in [("TF", None), ("PoseWithCovariance", "/vizloc/pose"),
+                     ("PoseWithCovariance", "/vizloc/absolute_pose"), ("Path", "/vizloc/path"),
+                     ("Image", "/camera/image_raw")]:
+        assert expected in shown
+
+
+def test_docs_list_every_parameter_and_launch_argument():
+    text = (ROOT / "docs" / "ROS.md").read_text()
+    for table in (P.REGRESSOR_PARAMS, P.FUSION_PARAMS):
+        for param in table:
+            assert f"`{param.name}`" in text, param.name
+    for name in LAUNCH_ARGUMENTS:
+        assert f"`{name}`" in text, name
+
+
+ROS_MODULES = {"rclpy", "rcl_interfaces", "tf2_ros", "diagnostic_updater", "launch", "launch_ros",
+               "geometry_msgs", "sensor_msgs", "nav_msgs", "std_msgs", "std_srvs", "tf2_msgs",
+               "builtin_interfaces", "diagnostic_msgs", "rosgraph_msgs"}
+
+
+def test_rclpy_is_imported_only_under_nodes():
+    offenders = []
+    for path in (ROOT / "vizloc_ros").rglob("*.py"):
+        if NODES in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ROS_MODULES]
+    assert not offenders
