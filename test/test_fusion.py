@@ -3,8 +3,6 @@ outliers, kidnap and /initialpose, on seeded sequences simulated from a syntheti
 trajectory (no ../shared data needed)."""
 from __future__ import annotations
 
-import math
-
 import gtsam
 import numpy as np
 import pytest
@@ -249,7 +247,6 @@ def test_late_measurement_is_inserted_at_its_own_stamp(base_seq):
 
 
 def test_out_of_order_measurements_within_the_window(base_seq):
-    rng = np.random.default_rng(5)
     events = list(base_seq.events)
     abs_idx = [i for i, e in enumerate(events) if e[2] == "abs"]
     # Reverse the order of every block of 4 network outputs (each delayed by the others).
@@ -268,7 +265,6 @@ def test_out_of_order_measurements_within_the_window(base_seq):
     assert np.sum(np.diff(stamps) < 0) > 50           # really out of order
     assert fusion.counters["dropped"] == 0
     assert s["ratio"] <= 0.35 and s["outliers_accepted"] == 0, s
-    del rng
 
 
 def test_measurement_older_than_the_window_is_dropped_and_counted(base_seq):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import gtsam
@@ -60,7 +60,6 @@ __all__ = [
 ]
 
 _DUPLICATE_S = 1e-3      # two poses closer than this in time would make a singular edge
-_BIG = 1e3               # "unconstrained" standard deviation (m) for rotation-only factors
 _ROBUST_KERNELS = ("huber", "cauchy", "none")
 _IMU_MODES = ("preintegration", "gyro")
 _MOTION_MODELS = ("constant_velocity", "random_walk")
