@@ -86,10 +86,24 @@ def _setup(context):
              output="screen", parameters=[params_file, fusion]),
     ]
     if _flag(context, "rviz"):
-        actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="log",
-                            arguments=["-d", os.path.join(_share(), "config", "vizloc.rviz")],
-                            parameters=[{"use_sim_time": use_sim_time}]))
+        if _has_package("rviz2"):
+            actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="log",
+                                arguments=["-d", os.path.join(_share(), "config", "vizloc.rviz")],
+                                parameters=[{"use_sim_time": use_sim_time}]))
+        else:  # a missing package would abort the launch and orphan the nodes already started
+            actions.append(LogInfo(msg="rviz:=true but rviz2 is not installed "
+                                       "(apt install ros-$ROS_DISTRO-rviz2): running without it"))
     return actions
+
+
+def _has_package(name: str) -> bool:
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        get_package_share_directory(name)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def generate_launch_description():

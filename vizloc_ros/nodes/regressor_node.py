@@ -100,6 +100,8 @@ class RegressorNode(Node):
             try:
                 self._process(msg)
             except Exception as exc:  # noqa: BLE001 - one line per problem, never a traceback per frame
+                if not self.context.ok():
+                    return  # Ctrl-C shut rclpy down under us: nothing to report
                 with self._lock:
                     self.core.counters["dropped_error"] += 1
                 self.problems.warn(f"error:{type(exc).__name__}",
@@ -116,6 +118,8 @@ class RegressorNode(Node):
         if pose is None:
             return
         self._latency = pose.latency_s
+        if not self.context.ok():
+            return
         out = messages.make_pose_with_covariance_stamped(
             self.types, messages.time_from_ns(self.types, pose.stamp_ns), pose.frame_id,
             pose.t, pose.q, pose.cov)
