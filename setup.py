@@ -34,7 +34,9 @@ def data_files():
         (f"share/{PACKAGE}", ["package.xml"]),
     ]
     for folder in ("launch", "config", "weights"):
-        found = [f for f in glob(f"{folder}/*") if not f.endswith("/__pycache__")]
+        # training resume states (*.state.safetensors) stay out of the install
+        found = sorted(f for f in glob(f"{folder}/*")
+                       if not f.endswith(("/__pycache__", ".state.safetensors")) and "/." not in f)
         if found:
             files.append((f"share/{PACKAGE}/{folder}", found))
     return files
