@@ -99,6 +99,7 @@ class FusionNode(Node):
         """Run one core input; publish what it produced; report what it refused."""
         start = time.perf_counter()
         before = dict(self.core.counters)
+        previous_reason, self.core.last_reason = self.core.last_reason, None
         try:
             out = method(msg)
             if out is not None:
@@ -107,7 +108,11 @@ class FusionNode(Node):
             self.core.counters["dropped_error"] += 1
             self.problems.warn(f"error:{type(exc).__name__}", f"{what} dropped: {type(exc).__name__}: {exc}")
         self._latency = time.perf_counter() - start
-        report_new_drops(self.problems, before, self.core.counters, self.core.last_reason, what)
+        # only this message's reason (the IMU path records none): never a stale one
+        detail = self.core.last_reason
+        if detail is None:
+            self.core.last_reason = previous_reason
+        report_new_drops(self.problems, before, self.core.counters, detail, what)
 
     # -- outputs ---------------------------------------------------------------
     def _publish(self, out) -> None:
