@@ -91,3 +91,34 @@ def test_bad_config_values_are_clear_errors(tiny_scene, override, message, capsy
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     assert train.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m"), *TINY]) == 2
     assert "TrainSplit.txt" in capsys.readouterr().err
+
+
+def test_fixed_relative_weights_get_no_gradient():
+    from vizloc_ros.losses import build_loss
+
+    loss_fn = build_loss({"relative": True, "learn_relative_weights": False, "s_t_rel": 2.3,
+                          "s_q_rel": -1.0})
+    pred = torch.randn(2, 3, 6, requires_grad=True)
+    q = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
+    loss_fn(pred, torch.randn(2, 3, 3), q).backward()
+    assert loss_fn.relative.s_t.grad is None and loss_fn.relative.s_q.grad is None
+    assert loss_fn.absolute.s_t.grad is not None
+    assert float(loss_fn.relative.s_t) == pytest.approx(2.3)
+
+
+def test_init_from_starts_from_a_checkpoint_and_refuses_another_architecture(tiny_scene, capsys):
+    first = tiny_scene / "out" / "first"
+    base = ["--data", str(tiny_scene / "scene"), "--epochs", "1", "--batch-size", "4",
+            "--set", "loss.relative=false", *TINY]
+    assert train.main([*base, "--model", "posenet_resnet18", "--out", str(first)]) == 0
+    second = tiny_scene / "out" / "second"
+    assert train.main([*base, "--model", "posenet_resnet18", "--out", str(second),
+                       "--set", f"model.init_from={first}.safetensors", "--set", "optim.lr=0"]) == 0
+    a, _ = load_checkpoint(first)
+    b, _ = load_checkpoint(second)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(x, y), name  # lr 0: the weights are the initial ones
+    assert train.main([*base, "--model", "mapnet", "--out", str(tiny_scene / "out" / "third"),
+                       "--set", f"model.init_from={first}.safetensors"]) == 2
+    assert "does not fit" in capsys.readouterr().err

@@ -237,7 +237,7 @@ class MapNetLoss(nn.Module):
                  beta: float = 500.0, s_t: float = 0.0, s_q: float = -3.0,
                  s_t_rel: float | None = None, s_q_rel: float | None = None,
                  rotation_norm: str | None = None, rotation_format: str | None = None,
-                 relative_mode: str = "simple"):
+                 relative_mode: str = "simple", learn_relative_weights: bool = True):
         super().__init__()
         if combine == "reprojection":
             raise ValueError("combine='reprojection' has no relative counterpart; use PoseLoss "
@@ -249,12 +249,20 @@ class MapNetLoss(nn.Module):
         self.relative = PoseLoss(s_t=s_t if s_t_rel is None else s_t_rel,
                                  s_q=s_q if s_q_rel is None else s_q_rel,
                                  rotation_format="quat", **common)
+        # Learned relative weights converge to s = log(L_rel); relative steps are small, so
+        # from scratch the relative translation term can outweigh the absolute one and
+        # reward near-constant predictions. Fixed weights keep it a regulariser.
+        self.learn_relative_weights = bool(learn_relative_weights)
+        if not self.learn_relative_weights and self.relative.s_t is not None:
+            self.relative.s_t.requires_grad_(False)
+            self.relative.s_q.requires_grad_(False)
 
     def config(self) -> dict:
         cfg = self.absolute.config()
         cfg.pop("min_depth")  # reprojection only
         cfg.update(relative=True, relative_mode=self.relative_mode,
-                   s_t_rel=self.relative._init_s[0], s_q_rel=self.relative._init_s[1])
+                   s_t_rel=self.relative._init_s[0], s_q_rel=self.relative._init_s[1],
+                   learn_relative_weights=self.learn_relative_weights)
         return cfg
 
     def _relative(self, t: torch.Tensor, q: torch.Tensor):
@@ -288,7 +296,7 @@ class MapNetLoss(nn.Module):
 
 _LOSS_KEYS = ("translation", "rotation", "combine", "beta", "s_t", "s_q", "rotation_norm",
               "rotation_format", "relative", "relative_mode", "s_t_rel", "s_q_rel", "points", "K",
-              "min_depth")
+              "min_depth", "learn_relative_weights")
 
 
 def build_loss(config: dict | None = None) -> nn.Module:

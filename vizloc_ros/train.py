@@ -38,7 +38,7 @@ from vizloc_ros.preprocess import InputSpec, preprocess
 LOG = logging.getLogger("vizloc-train")
 
 DEFAULTS = {
-    "model": {"name": "mapnet", "args": {}},
+    "model": {"name": "mapnet", "args": {}, "init_from": None},
     "loss": {"translation": "l1", "rotation": "logq", "combine": "learned",
              "s_t": 0.0, "s_q": -3.0, "relative": True},
     "data": {"kind": "7scenes", "root": None, "train_split": "train", "val_split": "test",
@@ -70,10 +70,14 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
     for key, value in (update or {}).items():
         if key not in out:
             raise ConfigError(f"unknown config key {where}{key!r}; known: {', '.join(sorted(out))}")
-        if isinstance(out[key], dict) and key not in ("args", "kwargs"):
+        if isinstance(out[key], dict) and key not in ("args", "kwargs", "loss"):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {where}{key} must be a mapping, got {value!r}")
             out[key] = _merge(out[key], value, f"{where}{key}.")
+        elif key == "loss":  # any build_loss() option; build_loss names the unknown ones
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key loss must be a mapping, got {value!r}")
+            out[key] = {**out[key], **value}
         else:
             out[key] = value
     return out
@@ -90,7 +94,7 @@ def _set_override(config: dict, assignment: str) -> None:
         if not isinstance(node.get(part), dict):
             raise ConfigError(f"unknown config key {key!r}")
         node = node[part]
-    if parts[-1] not in node and not key.startswith(("model.args.", "data.kwargs.")):
+    if parts[-1] not in node and not key.startswith(("model.args.", "data.kwargs.", "loss.")):
         raise ConfigError(f"unknown config key {key!r}")
     node[parts[-1]] = value
 
@@ -287,16 +291,27 @@ def _distributed():
 
 
 def train(config: dict, resume: bool = False, progress: bool = True) -> dict:
-    """Run training; returns the best validation metrics. Writes ``<out>.safetensors/.json``."""
+    """Run training; returns the best validation metrics. Writes ``<out>.safetensors/.json``.
+
+    Denormals are flushed while training (fresh batch-norm statistics produce them and
+    they make CPU kernels ~30x slower); the process-wide setting is restored afterwards.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        return _train(config, resume, progress)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _train(config: dict, resume: bool, progress: bool) -> dict:
     from tqdm import tqdm
 
     from vizloc_ros.data.datasets import TupleDataset, translation_stats
     from vizloc_ros.estimator import resolve_device
     from vizloc_ros.losses import build_loss
-    from vizloc_ros.models import build_model, save_checkpoint
+    from vizloc_ros.models import build_model, load_checkpoint, save_checkpoint
 
     rank, world, local_rank = _distributed()
-    torch.set_flush_denormal(True)  # fresh batch-norm statistics produce denormals: 30x slower on CPU
     if int(config["threads"]) > 0:
         torch.set_num_threads(int(config["threads"]))
     generator = _seed_everything(int(config["seed"]) + rank)
@@ -310,6 +325,14 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> dict:
     mean, std = translation_stats(train_set)
 
     model = build_model(config["model"]["name"], **(config["model"]["args"] or {}))
+    if config["model"]["init_from"]:
+        # fine-tuning (e.g. MapNet from a converged checkpoint); the architecture must match
+        init, _ = load_checkpoint(config["model"]["init_from"])
+        try:
+            model.load_state_dict(init.state_dict())
+        except RuntimeError as exc:
+            raise ConfigError(f"model.init_from {config['model']['init_from']} does not fit "
+                              f"{config['model']['name']}: {exc}") from None
     model.set_pose_stats(mean, std)
     model = model.to(device).to(memory_format=torch.channels_last)
     loss_fn = build_loss(dict(config["loss"])).to(device)
