@@ -422,24 +422,20 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"need at least 2, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"need at least {minimum}, got {value}")
+        return value
+    return parse
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"need at least 1, got {value}")
-    return value
+_positive_int = _int_at_least(2)  # frames: a sequence needs two poses for odometry
 
 
 def _positive_float(text: str) -> float:
@@ -463,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="all", choices=SPLITS,
                         help="demo sequences: train (seq-01..04), test (seq-05) or all (default)")
     parser.add_argument("--frames", type=_positive_int, default=300, help="frames per sequence (default 300)")
-    parser.add_argument("--train-walks", type=_at_least_one, default=4,
+    parser.add_argument("--train-walks", type=_int_at_least(1), default=4,
                         help="number of training walks (default 4: seq-01..04; more go to seq-06 on)")
     parser.add_argument("--size", type=_parse_size, default=(320, 240), help="image WIDTHxHEIGHT (default 320x240)")
     parser.add_argument("--focal", type=_positive_float, default=None,
