@@ -156,3 +156,26 @@ def test_mc_samples_share_the_backbone_and_match_repeated_forwards(checkpoint):
         assert not torch.allclose(shared[:2], shared[2:4])  # dropout made the samples differ
     finally:
         model.mc_dropout(False)
+
+
+def test_vizloc_eval_records_metrics_in_the_sidecar(checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from test_datasets import make_sevenscenes
+    from vizloc_ros import evaluate
+
+    weights = tmp_path / "w"
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(checkpoint[0].with_suffix(suffix), weights.with_suffix(suffix))
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    make_sevenscenes(scene, n=3)
+    # fixture images are 6x8: too small for the 48x64 crop, so each is refused clearly
+    assert evaluate.main([str(weights), str(scene), "--no-progress"]) == 2
+    from PIL import Image
+    for png in scene.glob("seq-*/*.color.png"):
+        Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(png)
+    assert evaluate.main([str(weights), str(scene), "--no-progress", "--record", "test"]) == 0
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    assert meta["metrics"]["test"]["frames"] == 3 and meta["metrics"]["test"]["split"] == "test"

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", dest="json_out", help="write the metrics here as JSON")
+    parser.add_argument("--record", metavar="NAME",
+                        help="also store the metrics in the checkpoint's JSON sidecar under "
+                             "metrics.NAME (e.g. test), with the dataset path")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -127,11 +130,28 @@ def main(argv=None) -> int:
         return 2
     print(format_table(metrics, f"{args.weights} on {args.data} ({args.split})"))
     if args.json_out:
-        path = Path(args.json_out)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, path)
+        _write_json_atomically(Path(args.json_out), metrics)
+    if args.record:
+        record_metrics(args.weights, args.record, {**metrics, "dataset": str(args.data),
+                                                   "kind": args.kind, "split": args.split})
     return 0
+
+
+def _write_json_atomically(path: Path, document: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def record_metrics(weights, name: str, metrics: dict) -> Path:
+    """Store ``metrics`` under ``metrics.<name>`` of the checkpoint's JSON sidecar."""
+    from vizloc_ros.models import checkpoint_paths
+
+    _, json_path = checkpoint_paths(weights)
+    meta = json.loads(json_path.read_text())
+    meta.setdefault("metrics", {})[name] = metrics
+    _write_json_atomically(json_path, meta)
+    return json_path
 
 
 if __name__ == "__main__":
