@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", default="resnet34")
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="torch CPU threads (default: the estimator's, cores - 1)")
-    parser.add_argument("--out", default="benchmarks/results/bench_estimator.json")
+    parser.add_argument("--out", default="benchmarks/results/bench_estimator.json",
+                        help="JSON output (default benchmarks/results/bench_estimator.json)")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
