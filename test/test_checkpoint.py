@@ -24,20 +24,8 @@ SCHEMA_KEYS = {"format", "architecture", "backbone", "model_config", "rotation_f
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fast_cpu():
-    """One intra-op thread and flushed denormals: see test_models.fast_cpu."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def images():
-    torch.manual_seed(0)
-    return torch.randn(2, 3, 64, 64)
+def _fast_cpu(fast_cpu):
+    """Every test here runs with conftest.fast_cpu."""
 
 
 def trained_like(name, images, **kwargs):
