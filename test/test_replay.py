@@ -133,26 +133,33 @@ def test_truncated_bag_is_a_clear_error_and_writes_nothing(small_bag, tiny_weigh
     assert not list(tmp_path.glob(".o.partial*"))
 
 
-def _copy_with_shifted_ground_truth(src, dst, shift_s):
-    from vizloc_ros import messages
+def _copy_bag(src, dst, topic, change):
+    """Copy a bag, passing every message of ``topic`` through ``change(msg) -> msg``."""
     from vizloc_ros.data.bag_io import BagWriter
 
-    types = messages.rosbags_types()
     with BagWriter(dst) as writer:
-        for topic, kind in list_topics(src).items():
-            writer.add_topic(topic, kind)
+        for name, kind in list_topics(src).items():
+            writer.add_topic(name, kind)
         for record in read_messages(src):
-            msg = record.msg
-            if record.topic == "/ground_truth/pose":
-                t, q = messages.pose_from_msg(msg)
-                msg = messages.make_pose_stamped(types, messages.header_stamp_sec(msg) + shift_s,
-                                                 msg.header.frame_id, t, q)
+            msg = change(record.msg) if record.topic == topic else record.msg
             writer.write(record.topic, record.log_time_ns, msg)
+
+
+def _shift_stamp(shift_s):
+    from vizloc_ros import messages
+
+    types = messages.rosbags_types()
+
+    def change(msg):
+        t, q = messages.pose_from_msg(msg)
+        return messages.make_pose_stamped(types, messages.header_stamp_sec(msg) + shift_s,
+                                          msg.header.frame_id, t, q)
+    return change
 
 
 def test_ground_truth_without_overlap_is_a_clear_error(small_bag, tiny_weights, tmp_path):
     shifted = tmp_path / "shifted"
-    _copy_with_shifted_ground_truth(small_bag, shifted, 1000.0)
+    _copy_bag(small_bag, shifted, "/ground_truth/pose", _shift_stamp(1000.0))
     with pytest.raises(replay.ReplayError, match="never overlaps"):
         _run(shifted, tiny_weights, tmp_path / "o")
     assert not (tmp_path / "o").exists()
@@ -166,17 +173,8 @@ def test_missing_tf_chain_is_a_clear_error(small_bag, tiny_weights, tmp_path):
 def test_unsupported_image_encoding_is_a_clear_error(small_bag, tiny_weights, tmp_path):
     from dataclasses import replace as dc_replace
 
-    from vizloc_ros.data.bag_io import BagWriter
-
     bad = tmp_path / "bad_encoding"
-    with BagWriter(bad) as writer:
-        for topic, kind in list_topics(small_bag).items():
-            writer.add_topic(topic, kind)
-        for record in read_messages(small_bag):
-            msg = record.msg
-            if record.topic == "/camera/image_raw":
-                msg = dc_replace(msg, encoding="yuv422_yuy2")
-            writer.write(record.topic, record.log_time_ns, msg)
+    _copy_bag(small_bag, bad, "/camera/image_raw", lambda msg: dc_replace(msg, encoding="yuv422_yuy2"))
     with pytest.raises(replay.ReplayError, match="could be processed.*encoding"):
         _run(bad, tiny_weights, tmp_path / "o")
     assert not (tmp_path / "o").exists()
