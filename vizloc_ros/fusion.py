@@ -223,6 +223,21 @@ def _as_quat(x, name: str) -> np.ndarray:
     return q / n
 
 
+def _pose_measurement(t, q_wxyz, cov_ros, what: str):
+    """Validated (Pose3, covariance in GTSAM tangent order and body axes) of a pose message;
+    ValueError naming the problem (``what`` prefixes the field names)."""
+    t = _as_vector(t, 3, f"{what}translation")
+    q = _as_quat(q_wxyz, f"{what}quaternion")
+    cov = _as_cov(cov_ros, f"{what}covariance")
+    pose = _pose3(t, q)
+    cov_g = ros_cov_to_gtsam(cov, rotation=pose.rotation().matrix())
+    try:
+        np.linalg.cholesky(cov_g)
+    except np.linalg.LinAlgError:
+        raise ValueError(f"{what}covariance is not positive definite") from None
+    return pose, cov_g
+
+
 def _stamp(x, name: str = "stamp") -> float:
     s = float(x)
     if not math.isfinite(s):
@@ -786,17 +801,9 @@ class SlidingWindowFusion:
         try:
             s = _stamp(stamp)
             try:
-                t = _as_vector(t_cam, 3, "translation")
-                q = _as_quat(q_cam_wxyz, "quaternion")
-                cov = _as_cov(cov_ros, "covariance")
+                m_cam, cov_cam = _pose_measurement(t_cam, q_cam_wxyz, cov_ros, "")
             except ValueError as exc:
                 return self._drop(s, str(exc))
-            m_cam = _pose3(t, q)
-            cov_cam = ros_cov_to_gtsam(cov, rotation=m_cam.rotation().matrix())
-            try:
-                np.linalg.cholesky(cov_cam)
-            except np.linalg.LinAlgError:
-                return self._drop(s, "covariance is not positive definite")
             pose = m_cam.compose(self._cam_T_base)
             A = self._ad_base_cam
             meas = _Meas(s, pose, A @ cov_cam @ A.T + self._floor_abs)
@@ -814,17 +821,9 @@ class SlidingWindowFusion:
             if not math.isfinite(s) or s <= 0.0:
                 s = self._newest if math.isfinite(self._newest) else 0.0
             try:
-                t = _as_vector(t_base, 3, "initial pose translation")
-                q = _as_quat(q_base, "initial pose quaternion")
-                cov = _as_cov(cov_ros, "initial pose covariance")
+                pose, cov_g = _pose_measurement(t_base, q_base, cov_ros, "initial pose ")
             except ValueError as exc:
                 return self._drop(s, str(exc))
-            pose = _pose3(t, q)
-            cov_g = ros_cov_to_gtsam(cov, rotation=pose.rotation().matrix())
-            try:
-                np.linalg.cholesky(cov_g)
-            except np.linalg.LinAlgError:
-                return self._drop(s, "initial pose covariance is not positive definite")
             bias = self._latest["bias"] if (self._latest and self._nav) else None
             self._clear_graph()
             self._too_old_streak = 0
