@@ -170,7 +170,9 @@ def main(argv=None) -> int:
     export_onnx(model, spec, onnx_path)
     json_path = stem.with_name(stem.name + ".json")
     if src_json.resolve() != json_path.resolve():
-        shutil.copyfile(src_json, json_path)
+        tmp = _atomic_target(json_path)  # never a half-copied sidecar beside a good engine
+        shutil.copyfile(src_json, tmp)
+        os.replace(tmp, json_path)
     diff = validate_onnx(model, spec, onnx_path)
     print(f"ONNX: {onnx_path} (opset {OPSET}, dynamic batch); max abs difference vs PyTorch "
           f"{diff:.3g}")
