@@ -195,9 +195,14 @@ class _TorchRunner:
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray, samples: int):
-        """Returns t (S, B, 3) and q (S, B, 4) float64 numpy; S = max(samples, 1)."""
+        """Returns t (S, B, 3) and q (S, B, 4) float64 numpy, S = max(samples, 1), and the
+        model's own covariances (B, 6, 6) or None."""
         x = preprocess(self.upload(batch), self.spec, dtype=self.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
+        if self.model.custom_inference:  # scene coordinates, retrieval, ...: the model's own path
+            t, q, cov = self.model.localize(x)
+            cov = None if cov is None else np.asarray(torch.as_tensor(cov).double().cpu())
+            return (t.double().cpu().numpy()[None], q.double().cpu().numpy()[None], cov)
         repeats = max(samples, 1)
         self.model.mc_dropout(repeats > 1)
         try:
@@ -211,7 +216,7 @@ class _TorchRunner:
         b = batch.shape[0]
         t = t.reshape(repeats, b, 3).double().cpu().numpy()
         q = q.reshape(repeats, b, 4).double().cpu().numpy()
-        return t, q
+        return t, q, None
 
 
 class _ExportedRunner:
@@ -244,7 +249,7 @@ class _ExportedRunner:
         out = np.asarray(self.run(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float64)
         t = out[None, :, :3]
         q = geometry.quat_hemisphere(geometry.quat_normalize(out[None, :, 3:7]))
-        return t, q
+        return t, q, None
 
 
 class PoseEstimator:
@@ -318,13 +323,15 @@ class PoseEstimator:
         if any(a.shape != shape for a in arrays):
             raise ValueError("estimate_batch needs images of one size; got "
                              f"{sorted({a.shape for a in arrays})}")
-        t, q = self._runner(np.stack(arrays), self.mc_dropout_samples)
+        t, q, model_cov = self._runner(np.stack(arrays), self.mc_dropout_samples)
         latency = (time.perf_counter() - start) / len(arrays)
         results = []
         for i in range(len(arrays)):
             if t.shape[0] > 1:
                 t_i, q_i, cov = mean_and_covariance(t[:, i], q[:, i])
                 cov = make_psd(cov * self._mc_scale)
+            elif model_cov is not None:  # the model's own uncertainty (e.g. PnP inliers)
+                t_i, q_i, cov = t[0, i], q[0, i], make_psd(model_cov[i])
             else:
                 t_i, q_i, cov = t[0, i], q[0, i], self._validation_cov
             if not (np.all(np.isfinite(t_i)) and np.all(np.isfinite(q_i))):

@@ -161,6 +161,11 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"vizloc-export: {exc}", file=sys.stderr)
         return 2
+    if model.custom_inference:
+        print(f"vizloc-export: {meta['architecture']!r} localizes with its own post-processing "
+              "(RANSAC, retrieval or map matching), not a (t, q) network output: run it from "
+              "its checkpoint", file=sys.stderr)
+        return 2
     spec = InputSpec.from_meta(meta.get("input"))
     src = Path(args.weights)
     src_json = src.with_suffix(".json") if src.suffix == ".safetensors" else Path(f"{src}.json")

@@ -161,6 +161,9 @@ def _collate(samples):
     out = {"image": torch.from_numpy(np.stack([s["image"] for s in samples])),
            "t": torch.from_numpy(np.stack([s["t"] for s in samples])).float(),
            "q": torch.from_numpy(np.stack([s["q"] for s in samples])).float()}
+    for key, value in samples[0].items():  # a model's extra targets (depth, triplets, ...)
+        if key not in out and isinstance(value, np.ndarray):
+            out[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
     return out
 
 
@@ -200,7 +203,7 @@ def predict_dataset(model, dataset, spec: InputSpec, device, batch_size: int = 3
     for start in range(0, len(dataset), batch_size):
         batch = _collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         x = preprocess(batch["image"].to(device), spec).contiguous(memory_format=torch.channels_last)
-        t, q = model.decode(model(x))
+        t, q, _ = model.localize(x)
         ts.append(t.double().cpu().numpy())
         qs.append(q.double().cpu().numpy())
     return np.concatenate(ts), np.concatenate(qs)
@@ -335,10 +338,14 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                               f"{config['model']['name']}: {exc}") from None
     model.set_pose_stats(mean, std)
     model = model.to(device).to(memory_format=torch.channels_last)
-    loss_fn = build_loss(dict(config["loss"])).to(device)
-    relative = bool(config["loss"].get("relative", False))
+    # models that are not pose regressors bring their own loss and training samples
+    custom_loss = model.training_loss(config)
+    loss_fn = (build_loss(dict(config["loss"])) if custom_loss is None else custom_loss).to(device)
+    relative = custom_loss is None and bool(config["loss"].get("relative", False))
     source = TupleDataset(train_set, config["tuple"]["steps"], config["tuple"]["skip"],
                           stride=int(config["tuple"]["stride"])) if relative else train_set
+    if custom_loss is not None:
+        source = model.training_dataset(train_set, config, spec)
     if len(source) == 0:
         raise ConfigError("the training split is too short for the requested tuples "
                           f"(steps={config['tuple']['steps']}, skip={config['tuple']['skip']})")
@@ -393,12 +400,15 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
             images = batch["image"]
             shape = images.shape  # (B, H, W, 3) or (B, T, H, W, 3)
             x = prepare_images(images.reshape(-1, *shape[-3:]), spec, device, True, config, generator)
-            raw = net(x)
-            t_gt = ((batch["t"].to(device) - t_mean) / t_std)
-            q_gt = batch["q"].to(device)
-            if relative:
-                raw = raw.reshape(shape[0], shape[1], -1)
-            loss = loss_fn(raw, t_gt, q_gt)
+            if custom_loss is not None:
+                loss = loss_fn(net, x, {k: v.to(device) for k, v in batch.items() if k != "image"})
+            else:
+                raw = net(x)
+                t_gt = ((batch["t"].to(device) - t_mean) / t_std)
+                q_gt = batch["q"].to(device)
+                if relative:
+                    raw = raw.reshape(shape[0], shape[1], -1)
+                loss = loss_fn(raw, t_gt, q_gt)
             if not torch.isfinite(loss):
                 LOG.warning("non-finite loss at step %d: batch skipped", steps)
                 optimizer.zero_grad(set_to_none=True)
@@ -417,6 +427,7 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
             schedule.step()
         last = epoch + 1 == epochs or (config["max_steps"] and steps >= int(config["max_steps"]))
         if rank == 0 and ((epoch + 1) % config["optim"]["val_every"] == 0 or last):
+            model.prepare_inference(train_set, spec, device)  # e.g. a retrieval database
             metrics, cov = validate(model, val_set, spec, device)
             score = metrics["median_translation_m"] + metrics["median_rotation_deg"] / 10.0
             msg = (f"epoch {epoch + 1}/{epochs}: loss {running if running is not None else float('nan'):.3f}"

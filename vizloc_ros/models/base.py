@@ -150,3 +150,44 @@ class PoseRegressor(nn.Module):
             for module in self.dropout_modules():
                 module.train(True)
         return self
+
+    # ------------------------------------------------------------------ plug-in hooks
+    # Models that are not (t, q) regressors (scene coordinate regression, retrieval,
+    # ground-plane matching) override these; the estimator, vizloc-train, vizloc-eval and
+    # the checkpoint code call them for every model, so no model has a private code path.
+
+    #: True when :meth:`forward` is not the pose regression: the estimator then calls
+    #: :meth:`localize` (no CUDA graph, no MC dropout, no ONNX export).
+    custom_inference: bool = False
+
+    def localize(self, images: torch.Tensor):
+        """images (B, 3, H, W), normalised -> (t (B, 3) metres, q (B, 4) w x y z,
+        cov (B, 6, 6) in ROS order or None). None: the estimator uses the checkpoint's
+        validation covariance."""
+        t, q = self.predict(images)
+        return t, q, None
+
+    def training_loss(self, config: dict):
+        """A module called as ``loss(net, x, batch)`` (``x`` the prepared images, ``batch``
+        the collated extras on the device) returning the scalar loss, or None for the
+        pose-regression losses of :mod:`vizloc_ros.losses` built from ``config["loss"]``."""
+        return None
+
+    def training_dataset(self, dataset, config: dict, spec):
+        """The samples :meth:`training_loss` needs (depth targets, triplets, ...), built
+        from the training split; only called when :meth:`training_loss` is not None."""
+        return dataset
+
+    def prepare_inference(self, dataset, spec, device, batch_size: int = 32) -> None:
+        """Called by the trainer before validation and saving, with the training split:
+        e.g. build a retrieval database or a map from the mapping images."""
+
+    def side_tensors(self) -> dict:
+        """``{name: {key: tensor}}`` saved by ``save_checkpoint`` beside the checkpoint as
+        ``<stem>.<name>.safetensors`` (e.g. a retrieval database) and handed back to
+        :meth:`load_side_tensors` by ``load_checkpoint``."""
+        return {}
+
+    def load_side_tensors(self, tensors: dict) -> None:
+        if tensors:
+            raise ValueError(f"{type(self).__name__} takes no side files, got {sorted(tensors)}")

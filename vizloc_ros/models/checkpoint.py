@@ -23,8 +23,9 @@ the exporter, the trainer and the weights README read it)::
       "storage_dtype": "fp32",                 # "fp32" | "fp16" (tensors; loaded as fp32)
       "training": {...},                       # free-form: data, epochs, loss config, ...
       "metrics": {...},                        # free-form: test-split metrics
-      "validation_errors": {...}               # free-form: per-frame / summary errors
-    }
+      "validation_errors": {...},              # free-form: per-frame / summary errors
+      "side_files": {"database": "X.database.safetensors"}   # only for models with
+    }                                          # side tensors (PoseRegressor.side_tensors)
 
 Required on load: ``format``, ``architecture``, ``model_config``, ``rotation_format``,
 ``input`` (with ``resize``, ``crop``, ``mean``, ``std``) and ``pose_stats`` (with
@@ -60,7 +61,7 @@ REQUIRED_KEYS = ("format", "architecture", "model_config", "rotation_format", "i
 REQUIRED_SUBKEYS = {"input": ("resize", "crop", "mean", "std"), "pose_stats": ("t_mean", "t_std")}
 #: keys derived from the model by save_checkpoint; a caller's meta may not contradict them
 MODEL_KEYS = ("format", "architecture", "backbone", "model_config", "rotation_format",
-              "pose_stats", "storage_dtype")
+              "pose_stats", "storage_dtype", "side_files")
 # Kept in fp32 in fp16 checkpoints: metres of translation offset do not survive fp16.
 _KEEP_FP32 = ("t_mean", "t_std")
 _SUFFIX = ".safetensors"
@@ -127,7 +128,7 @@ def build_meta(model: PoseRegressor, meta: dict | None = None, dtype: str = "fp3
         "storage_dtype": dtype,
     }
     for key in MODEL_KEYS:
-        if key in meta and _jsonable(meta[key]) != derived[key]:
+        if key in meta and key in derived and _jsonable(meta[key]) != derived[key]:
             raise ValueError(f"meta[{key!r}] = {meta[key]!r} contradicts the model ({derived[key]!r}); "
                              "it is derived from the model, leave it out")
     input_block = dict(DEFAULT_INPUT)
@@ -159,7 +160,7 @@ def save_checkpoint(path, model: PoseRegressor, meta: dict | None = None,
     if not isinstance(model, PoseRegressor):
         raise TypeError(f"save_checkpoint needs a PoseRegressor, got {type(model).__name__}")
     document = build_meta(model, meta, dtype)
-    text = json.dumps(document, indent=2, allow_nan=False) + "\n"
+    side = model.side_tensors()
 
     tensors = {}
     for name, tensor in model.state_dict().items():
@@ -178,18 +179,30 @@ def save_checkpoint(path, model: PoseRegressor, meta: dict | None = None,
     tag = f".tmp{os.getpid()}"
     st_tmp = st_path.with_name("." + st_path.name + tag)
     json_tmp = json_path.with_name("." + json_path.name + tag)
+    side_paths = {name: st_path.with_name(f"{st_path.name[:-len(_SUFFIX)]}.{name}{_SUFFIX}")
+                  for name in side}
+    if side_paths:
+        document["side_files"] = {name: path.name for name, path in side_paths.items()}
+    text = json.dumps(document, indent=2, allow_nan=False) + "\n"
+    side_tmps = {name: path.with_name("." + path.name + tag) for name, path in side_paths.items()}
     try:
         save_file(tensors, str(st_tmp), metadata={"format": FORMAT,
                                                   "architecture": document["architecture"]})
         _fsync(st_tmp)
+        for name, tmp in side_tmps.items():
+            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in side[name].items()},
+                      str(tmp), metadata={"format": FORMAT, "side_file": name})
+            _fsync(tmp)
         with open(json_tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(st_tmp, st_path)
+        for name, tmp in side_tmps.items():
+            os.replace(tmp, side_paths[name])
         os.replace(json_tmp, json_path)
     finally:
-        for tmp in (st_tmp, json_tmp):
+        for tmp in (st_tmp, json_tmp, *side_tmps.values()):
             tmp.unlink(missing_ok=True)
     return st_path
 
@@ -361,4 +374,30 @@ def load_checkpoint(path, device="cpu"):
     if not consistent:
         warnings.warn(f"{json_path}: pose_stats differ from the tensors' t_mean/t_std; "
                       "using the tensors", stacklevel=2)
+    _load_side_files(model, meta, st_path)
     return model.to(device).eval(), copy.deepcopy(meta)
+
+
+def _load_side_files(model: PoseRegressor, meta: dict, st_path: Path) -> None:
+    """Read the ``side_files`` the JSON names (beside the checkpoint) into the model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    side_files = meta.get("side_files") or {}
+    if not isinstance(side_files, dict):
+        raise CheckpointError(f"{st_path.with_suffix('.json')}: side_files must be an object")
+    side = {}
+    for name, file_name in side_files.items():
+        path = st_path.parent / Path(str(file_name)).name
+        if not path.is_file():
+            raise CheckpointError(f"side file {name!r} of {st_path} is missing: expected {path}")
+        _inspect_tensor_file(path)
+        try:
+            side[name] = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is corrupt: safetensors could not read it ({exc})") from None
+    try:
+        model.load_side_tensors(side)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"side files of {st_path} do not fit architecture "
+                              f"{meta['architecture']!r}: {exc}") from None
