@@ -43,3 +43,15 @@ def test_unaligned_ate_is_the_rmse_of_position_errors():
     assert abs(out["ate_rmse_m"] - rmse) < 1e-9
     assert out["ate_rmse_m_se3_aligned"] <= out["ate_rmse_m"] + 1e-9
     assert out["rpe_rmse_m_per_1m"] > 0
+
+
+def test_degenerate_estimate_reports_unaligned_ate_instead_of_failing():
+    from vizloc_ros.metrics import trajectory_metrics
+
+    n = 10
+    stamps = np.arange(n, dtype=float)
+    t_gt = np.column_stack([np.linspace(0, 2, n), np.sin(np.arange(n)), np.zeros(n)])
+    q = np.tile([1.0, 0.0, 0.0, 0.0], (n, 1))
+    out = trajectory_metrics(stamps, np.zeros((n, 3)), q, t_gt, q)
+    assert out["se3_alignment_degenerate"] is True
+    assert out["ate_rmse_m_se3_aligned"] == out["ate_rmse_m"] > 0

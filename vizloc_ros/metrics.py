@@ -67,6 +67,7 @@ def trajectory_metrics(stamps, t_est, q_est, t_gt, q_gt, rpe_delta_m: float = 1.
     import copy
 
     from evo.core import metrics as evo_metrics
+    from evo.core.geometry import GeometryException
     from evo.core.units import Unit
     from evo.main_ape import ape
     from evo.main_rpe import rpe
@@ -78,8 +79,15 @@ def trajectory_metrics(stamps, t_est, q_est, t_gt, q_gt, rpe_delta_m: float = 1.
     out = {}
     for aligned in (False, True):
         suffix = "_se3_aligned" if aligned else ""
-        result = ape(copy.deepcopy(ref), copy.deepcopy(est), evo_metrics.PoseRelation.translation_part,
-                     align=aligned)
+        try:
+            result = ape(copy.deepcopy(ref), copy.deepcopy(est), evo_metrics.PoseRelation.translation_part,
+                         align=aligned)
+        except GeometryException:
+            # a degenerate estimate (e.g. one pose for every frame) has no SE(3) alignment:
+            # report the unaligned figure and say so
+            result = ape(copy.deepcopy(ref), copy.deepcopy(est), evo_metrics.PoseRelation.translation_part,
+                         align=False)
+            out["se3_alignment_degenerate"] = True
         out[f"ate_rmse_m{suffix}"] = float(result.stats["rmse"])
         try:
             result = rpe(copy.deepcopy(ref), copy.deepcopy(est),
