@@ -1,0 +1,26 @@
+"""Shared fixtures of the geometric / retrieval model tests: a tiny synthetic world
+rendered as a 7-Scenes folder (colour, depth, poses, scene.json) and as bags."""
+from pathlib import Path
+
+from vizloc_ros.data.synthetic import SequenceSpec, SynthConfig, generate
+
+#: the network input of the tiny tests: 80x60 frames resized to 64x48, no crop
+TINY_INPUT = {"resize": 48, "crop": [48, 64]}
+
+
+def make_geo_scene(root: Path, train_frames: int = 16, test_frames: int = 8, size=(80, 60),
+                   train_walks: int = 1) -> Path:
+    """Training walk(s) seq-01.. and test walk seq-05, formats 7scenes + bag."""
+    sequences = [SequenceSpec(n, "train", n, train_frames) for n in range(1, train_walks + 1)]
+    sequences.append(SequenceSpec(5, "test", 101, test_frames))
+    return generate(root, sequences, SynthConfig(width=size[0], height=size[1]), fmt="both",
+                    progress=False)
+
+
+def train_args(scene: Path, model: str, out: Path, *extra: str) -> list[str]:
+    """vizloc-train arguments for a few CPU steps on the tiny scene."""
+    return ["--data", str(scene), "--model", model, "--epochs", "1", "--batch-size", "4",
+            "--out", str(out), "--device", "cpu", "--no-progress",
+            "--set", f"input.resize={TINY_INPUT['resize']}", "--set", "input.crop=[48,64]",
+            "--set", "augment.random_crop=false", "--set", "augment.color_jitter=0",
+            "--set", "threads=1", *extra]
