@@ -11,6 +11,7 @@ from vizloc_ros.models.registry import available_models, build_model, register_m
 from vizloc_ros.models import posenet as _posenet  # noqa: F401  (registers posenet*)
 from vizloc_ros.models import mapnet as _mapnet  # noqa: F401  (registers mapnet)
 from vizloc_ros.models import dsac as _dsac  # noqa: F401  (registers dsac)
+from vizloc_ros.models import netvlad as _netvlad  # noqa: F401  (registers netvlad)
 from vizloc_ros.models.posenet import PoseNet
 from vizloc_ros.models.mapnet import MapNet
 from vizloc_ros.models.backbones import available_backbones

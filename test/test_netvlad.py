@@ -1,0 +1,178 @@
+"""NetVLAD: the layer's normalisation and order invariance, the weakly supervised triplet
+loss, the database beside the checkpoint, training and the deployed path."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from geo_helpers import TINY_INPUT, make_geo_scene, train_args
+from vizloc_ros import geometry, train
+from vizloc_ros.data.datasets import SevenScenes
+from vizloc_ros.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from vizloc_ros.models.netvlad import NetVLAD, TripletSamples, thin_database, triplet_loss
+from vizloc_ros.preprocess import InputSpec
+
+SPEC = InputSpec.from_meta(TINY_INPUT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_cpu(fast_cpu):
+    """Every test here runs with conftest.fast_cpu."""
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    return make_geo_scene(tmp_path_factory.mktemp("netvlad") / "scene", train_frames=24)
+
+
+def test_descriptor_is_l2_normalised_intra_normalised_and_order_invariant():
+    torch.manual_seed(0)
+    layer = NetVLAD(clusters=8, dim=16, alpha=10.0)
+    features = torch.randn(3, 16, 5, 7)
+    out = layer(features)
+    assert out.shape == (3, 8 * 16)
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-6)
+    blocks = out.reshape(3, 8, 16).norm(dim=2)
+    assert torch.allclose(blocks, torch.full_like(blocks, 8 ** -0.5), atol=1e-5)
+    flat = features.flatten(2)
+    permuted = flat[:, :, torch.randperm(35)]
+    assert torch.allclose(layer(permuted), out, atol=1e-6)
+    assert torch.allclose(layer(permuted.reshape(3, 16, 7, 5)), out, atol=1e-6)
+
+
+def test_kmeans_initialisation_assigns_features_to_their_cluster():
+    torch.manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    features = torch.cat([c + 0.01 * torch.randn(50, 8) for c in centres])
+    layer = NetVLAD(clusters=4, dim=8, alpha=50.0)
+    layer.init_clusters(features)
+    soft = torch.softmax(layer.assign(torch.nn.functional.normalize(features, dim=1).T[None]), dim=1)[0]
+    labels = soft.argmax(dim=0).reshape(4, 50)
+    assert all(len(set(row.tolist())) == 1 for row in labels)
+    assert len({int(row[0]) for row in labels}) == 4
+
+
+def test_triplet_loss_takes_the_best_positive_and_hinges_on_the_margin():
+    q = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0]]), dim=1)
+    good, bad = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    far = torch.tensor([[-1.0, 0.0, 0.0]])
+    positives = torch.stack([torch.cat([bad, good])])
+    assert float(triplet_loss(q, positives, far[None], margin=0.1)) == 0.0  # min over positives
+    near_negative = torch.tensor([[[0.9, 0.1, 0.0]]])
+    loss = triplet_loss(q, positives, near_negative, margin=0.1)
+    d_neg = ((q - near_negative[0]) ** 2).sum()
+    assert torch.isclose(loss, 0.1 - d_neg)
+
+
+def test_triplet_samples_respect_the_radii(scene):
+    dataset = SevenScenes(scene, "train")
+    samples = TripletSamples(dataset, 2, 3, pos_radius=0.1, neg_radius=0.3, seed=0)
+    t, _ = dataset.poses()
+    for index in range(len(samples)):
+        i = samples.queries[index]
+        assert all(np.linalg.norm(t[j] - t[i]) <= 0.1 for j in samples.pos[i])
+        assert all(np.linalg.norm(t[j] - t[i]) > 0.3 for j in samples.neg[i])
+    sample = samples[0]
+    assert sample["image"].shape == (6, 60, 80, 3)
+    with pytest.raises(ValueError, match="neg_radius"):
+        TripletSamples(dataset, 2, 3, pos_radius=0.1, neg_radius=100.0)
+
+
+def test_thinning_keeps_one_image_per_place_and_direction():
+    t = np.array([[0, 0, 0], [0.05, 0, 0], [0.5, 0, 0], [0.02, 0, 0]], dtype=float)
+    yaw = np.radians([0, 5, 0, 90])
+    q = np.stack([np.cos(yaw / 2), 0 * yaw, 0 * yaw, np.sin(yaw / 2)], 1)
+    assert thin_database(t, q, 0.25, 15.0).tolist() == [0, 2, 3]
+
+
+def _tiny_config(scene, out, *sets):
+    return train.load_config(None, ["input.resize=48", "input.crop=[48,64]", "augment.random_crop=false",
+                                    "augment.color_jitter=0", "model.args.backbone=small",
+                                    "loss.pos_radius=0.1", "loss.neg_radius=0.3", "loss.positives=2",
+                                    "loss.negatives=3", *sets],
+                             **{"data.root": str(scene), "model.name": "netvlad", "out": str(out),
+                                "device": "cpu"})
+
+
+def test_training_steps_lower_the_triplet_loss(scene, tmp_path):
+    torch.manual_seed(0)
+    config = _tiny_config(scene, tmp_path / "m")
+    dataset = train.open_split(config, "train_split")
+    model = build_model("netvlad", backbone="small", feat_dim=16, clusters=4)
+    samples = model.training_dataset(dataset, config, SPEC)
+    loss_fn = model.training_loss(config)
+    batch = train._collate([samples[i] for i in range(0, len(samples), 4)][:4])
+    images = batch["image"]
+    x = train.prepare_images(images.reshape(-1, *images.shape[-3:]), SPEC, "cpu", False, config,
+                             torch.Generator())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(10):
+        loss = loss_fn(model, x, {})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_database_query_of_a_mapping_image_returns_its_pose_and_round_trips(scene, tmp_path):
+    torch.manual_seed(0)
+    dataset = SevenScenes(scene, "train")
+    model = build_model("netvlad", backbone="small", feat_dim=16, clusters=4, top_k=1,
+                        database_spacing=0.0).eval()
+    model.prepare_inference(dataset, SPEC, "cpu")
+    assert model.database_size == len(dataset)
+    from vizloc_ros.preprocess import preprocess
+    x = preprocess(torch.from_numpy(np.stack([dataset[i]["image"] for i in (3, 11)])), SPEC)
+    t, q, cov = model.localize(x)
+    t_gt, q_gt = dataset.poses()
+    np.testing.assert_allclose(t.numpy(), t_gt[[3, 11]], atol=1e-5)
+    assert np.degrees(geometry.rotation_angle(q.double().numpy(), q_gt[[3, 11]])).max() < 0.01
+    assert cov.shape == (2, 6, 6) and (torch.linalg.eigvalsh(cov) > 0).all()
+    path = save_checkpoint(tmp_path / "nv", model, {"input": TINY_INPUT}, dtype="fp16")
+    side = tmp_path / "nv.database.safetensors"
+    assert side.is_file()
+    meta = json.loads((tmp_path / "nv.json").read_text())
+    assert meta["side_files"] == {"database": "nv.database.safetensors"}
+    loaded, _ = load_checkpoint(path)
+    assert loaded.database_size == len(dataset)
+    np.testing.assert_allclose(loaded.db_t, model.db_t)
+    t2, _, _ = loaded.localize(x)
+    np.testing.assert_allclose(t2.numpy(), t.numpy(), atol=1e-5)
+    side.unlink()
+    with pytest.raises(CheckpointError, match="database"):
+        load_checkpoint(path)
+
+
+def test_without_a_database_localize_says_how_to_build_one():
+    model = build_model("netvlad", backbone="small", feat_dim=8, clusters=2).eval()
+    with pytest.raises(RuntimeError, match="prepare_inference"):
+        model.localize(torch.randn(1, 3, 48, 64))
+
+
+@pytest.fixture(scope="module")
+def trained(scene, tmp_path_factory):
+    out = tmp_path_factory.mktemp("netvlad_w") / "netvlad"
+    args = train_args(scene, "netvlad", out, "--set", "model.args.backbone=small",
+                      "--set", "model.args.feat_dim=16", "--set", "model.args.clusters=4",
+                      "--set", "loss.pos_radius=0.1", "--set", "loss.neg_radius=0.3",
+                      "--set", "loss.positives=2", "--set", "loss.negatives=2", "--set", "max_steps=3",
+                      "--set", "storage_dtype=fp16")
+    assert train.main(args) == 0
+    return out
+
+
+def test_vizloc_train_saves_the_database_and_the_estimator_and_replay_use_it(trained, scene, tmp_path):
+    from vizloc_ros import replay
+    from vizloc_ros.estimator import PoseEstimator
+
+    assert trained.with_name("netvlad.database.safetensors").is_file()
+    estimator = PoseEstimator(trained, device="cpu", cpu_threads=1)
+    estimate = estimator.estimate(SevenScenes(scene, "test")[0]["image"])
+    assert estimate.t.shape == (3,) and np.all(np.linalg.eigvalsh(estimate.cov) > 0)
+    options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
+                                   device="cpu", batch_size=4, progress=False)
+    assert replay.run_replay(options)["frames"]["estimated"] == 8
