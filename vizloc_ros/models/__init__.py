@@ -12,6 +12,7 @@ from vizloc_ros.models import posenet as _posenet  # noqa: F401  (registers pose
 from vizloc_ros.models import mapnet as _mapnet  # noqa: F401  (registers mapnet)
 from vizloc_ros.models import dsac as _dsac  # noqa: F401  (registers dsac)
 from vizloc_ros.models import netvlad as _netvlad  # noqa: F401  (registers netvlad)
+from vizloc_ros.models import allocentric as _allocentric  # noqa: F401  (registers allocentric)
 from vizloc_ros.models.posenet import PoseNet
 from vizloc_ros.models.mapnet import MapNet
 from vizloc_ros.models.backbones import available_backbones

@@ -1,0 +1,212 @@
+"""Allocentric spatial memory: the rotation x translation matcher recovers known planar
+shifts and rotations exactly, ground projection is consistent between the egocentric view
+and the allocentric map, and the model trains, saves its memory and runs deployed."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from geo_helpers import TINY_INPUT, make_geo_scene, train_args
+from vizloc_ros import geometry, train
+from vizloc_ros.data.datasets import SevenScenes
+from vizloc_ros.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from vizloc_ros.models.allocentric import (camera_level_attitude, correlate, correlate_direct,
+                                           pose_from_scores, rotate_views, splat)
+from vizloc_ros.preprocess import InputSpec
+
+SPEC = InputSpec.from_meta(TINY_INPUT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_cpu(fast_cpu):
+    """Every test here runs with conftest.fast_cpu."""
+
+
+def _egocentric_from_map(memory, r0, c0, yaw, S):
+    """What a robot at cell (r0, c0) with heading ``yaw`` sees of ``memory``: view cell
+    (i, j) at offset (j - h, i - h) cells in the robot frame, i.e. Rot(yaw) of it in the map."""
+    C, H, W = memory.shape
+    h = (S - 1) / 2
+    idx = torch.arange(S, dtype=torch.float64) - h
+    dy, dx = torch.meshgrid(idx, idx, indexing="ij")
+    wx = c0 + math.cos(yaw) * dx - math.sin(yaw) * dy
+    wy = r0 + math.sin(yaw) * dx + math.cos(yaw) * dy
+    grid = torch.stack([wx / (W - 1) * 2 - 1, wy / (H - 1) * 2 - 1], -1).float()[None]
+    return F.grid_sample(memory[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+
+
+def test_fft_correlation_equals_the_convolution():
+    torch.manual_seed(0)
+    memory = torch.randn(2, 3, 12, 15)
+    views = torch.randn(2, 4, 3, 5, 5)
+    assert torch.allclose(correlate(memory, views), correlate_direct(memory, views), atol=1e-4)
+
+
+@pytest.mark.parametrize("k0, r0, c0", [(0, 20, 25), (18, 31, 17), (7, 24, 30), (50, 18, 22), (36, 27, 26)])
+def test_matcher_recovers_a_known_planar_shift_and_rotation_exactly(k0, r0, c0):
+    torch.manual_seed(k0)
+    rotations = 72
+    # a smooth random map, like ground-projected features
+    memory = F.avg_pool2d(torch.randn(4, 52, 56)[None], 3, 1, 1)[0]
+    yaw = 2 * math.pi * k0 / rotations
+    view = _egocentric_from_map(memory, r0, c0, yaw, 21)
+    headings = torch.arange(rotations) * (2 * math.pi / rotations)
+    scores = correlate(memory, rotate_views(view[None], headings))[0]
+    best = int(scores.argmax())
+    assert (best // (52 * 56), (best // 56) % 52, best % 56) == (k0, r0, c0)
+    x, y, yaw_est, cov, cell, mass = pose_from_scores(scores, 0.01, (0.0, 0.0), 0.1)
+    assert cell == (k0, r0, c0)
+    assert abs(x - (c0 + 0.5) * 0.1) < 0.05 and abs(y - (r0 + 0.5) * 0.1) < 0.05
+    assert abs(math.remainder(yaw_est - yaw, 2 * math.pi)) < math.radians(2.5)
+    assert np.all(np.linalg.eigvalsh(cov) > 0)
+
+
+def test_splat_averages_features_per_cell_and_height_band():
+    points = torch.tensor([[[0.05, 0.05, 0.1], [0.07, 0.02, 0.2], [0.15, 0.05, 2.0], [5.0, 5.0, 0.0]]])
+    feats = torch.tensor([[[1.0], [3.0], [5.0], [7.0]]])
+    sums, counts = splat(points, feats, torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 2), 0.1, (2, 2), [1.0])
+    assert counts[0, 0, 0, 0] == 2 and counts[0, 1, 0, 1] == 1 and counts.sum() == 3  # (5, 5) is outside
+    assert sums[0, 0, 0, 0] == 4.0 and sums[0, 1, 0, 1] == 5.0
+
+
+def _model(**kwargs):
+    torch.manual_seed(0)
+    args = dict(backbone="small", feat_dim=4, resolution=0.2, max_range=3.0, rotations=36,
+                input_camera=[55.0, 55.0, 31.5, 23.5], camera_height=1.3)
+    args.update(kwargs)
+    return build_model("allocentric", **args).eval()
+
+
+def test_a_frame_localises_against_a_memory_of_itself():
+    """Ground projection: the allocentric splat at the true pose and the egocentric view
+    (nominal mount) agree, so the matcher finds the pose back."""
+    model = _model(camera_pitch=0.05)
+    rng = np.random.default_rng(0)
+    out = torch.cat([torch.randn(1, 4, 6, 8), torch.as_tensor(rng.uniform(1.0, 2.8, (1, 1, 6, 8)),
+                                                               dtype=torch.float32)], 1)
+    x, y, yaw = 0.9, -0.4, math.radians(70.0)
+    t, q = model.pose_matrix(x, y, yaw)
+    origin = torch.tensor([[-3.0, -3.0]])
+    sums, counts = model.allocentric_splat(out, out[:, -1], torch.as_tensor(t)[None].float(),
+                                           torch.as_tensor(q)[None].float(), origin, (30, 30))
+    model.set_memory(sums[0], counts[0], [-3.0, -3.0])
+    view, _ = model.egocentric_view(out)
+    scores = correlate(model.memory(), rotate_views(view, model.headings()))[0]
+    x_est, y_est, yaw_est, _, _, _ = pose_from_scores(scores, 0.05, model.map_origin, model.resolution)
+    assert math.hypot(x_est - x, y_est - y) < 0.2
+    assert abs(math.remainder(yaw_est - yaw, 2 * math.pi)) < math.radians(10.0)
+    # the planar pose has the mount's height and tilt
+    t2, q2 = model.pose_matrix(x_est, y_est, yaw_est)
+    assert t2[2] == pytest.approx(1.3)
+    att = camera_level_attitude(q2)
+    assert att[1] == pytest.approx(0.05, abs=1e-9) and att[2] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_planar_covariance_is_planar_with_the_mount_uncertainty():
+    model = _model(height_sigma=0.1, tilt_sigma_deg=4.0)
+    cov = model.planar_covariance(np.diag([0.01, 0.02, 0.03]))
+    assert np.allclose(np.diag(cov), [0.01, 0.02, 0.01, math.radians(4) ** 2, math.radians(4) ** 2, 0.03])
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    return make_geo_scene(tmp_path_factory.mktemp("alloc") / "scene", train_frames=30)
+
+
+def _tiny_config(scene, out, *sets):
+    return train.load_config(None, ["input.resize=48", "input.crop=[48,64]", "augment.random_crop=false",
+                                    "augment.color_jitter=0", "model.args.backbone=small",
+                                    "model.args.feat_dim=4", "model.args.resolution=0.2",
+                                    "model.args.max_range=4.0", "loss.memory_frames=2",
+                                    "loss.min_separation=5", "loss.memory_radius=1.0",
+                                    "loss.train_rotations=12", *sets],
+                             **{"data.root": str(scene), "model.name": "allocentric", "out": str(out),
+                                "device": "cpu"})
+
+
+def test_training_steps_lower_the_loss(scene, tmp_path):
+    torch.manual_seed(0)
+    config = _tiny_config(scene, tmp_path / "m", "loss.map_jitter=0.0")
+    dataset = train.open_split(config, "train_split")
+    model = build_model("allocentric", backbone="small", feat_dim=4, resolution=0.2, max_range=4.0)
+    samples = model.training_dataset(dataset, config, SPEC)
+    assert model.camera_height == pytest.approx(dataset.poses()[0][:, 2].mean())
+    loss_fn = model.training_loss(config)
+    batch = train._collate([samples[i] for i in range(0, len(samples), 3)][:4])
+    images = batch["image"]
+    x = train.prepare_images(images.reshape(-1, *images.shape[-3:]), SPEC, "cpu", False, config,
+                             torch.Generator())
+    extras = {k: v for k, v in batch.items() if k != "image"}
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(10):
+        loss = loss_fn(model, x, extras)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_memory_round_trips_beside_the_checkpoint(scene, tmp_path):
+    dataset = SevenScenes(scene, "train")
+    model = _model()
+    model.prepare_inference(dataset, SPEC, "cpu")
+    assert model.has_memory and model.memory_count.sum() > 0
+    x = torch.randn(1, 3, 48, 64)
+    t, q, cov = model.localize(x)
+    assert t.shape == (1, 3) and cov.shape == (1, 6, 6)
+    path = save_checkpoint(tmp_path / "al", model, {"input": TINY_INPUT}, dtype="fp16")
+    assert json.loads((tmp_path / "al.json").read_text())["side_files"] == {"memory": "al.memory.safetensors"}
+    loaded, _ = load_checkpoint(path)
+    assert torch.equal(loaded.memory_count, model.memory_count)
+    assert np.allclose(loaded.map_origin, model.map_origin)
+    t2, q2, _ = loaded.localize(x)
+    assert torch.allclose(t2, t, atol=1e-3)
+    (tmp_path / "al.memory.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="memory"):
+        load_checkpoint(path)
+
+
+def test_online_update_integrates_the_view_into_the_memory(scene):
+    dataset = SevenScenes(scene, "train")
+    model = _model(online_update=True)
+    model.prepare_inference(dataset, SPEC, "cpu")
+    before = model.memory_count.sum().item()
+    model.localize(torch.randn(1, 3, 48, 64))
+    assert model.memory_count.sum().item() > before
+
+
+@pytest.fixture(scope="module")
+def trained(scene, tmp_path_factory):
+    out = tmp_path_factory.mktemp("alloc_w") / "allocentric"
+    args = train_args(scene, "allocentric", out, "--set", "model.args.backbone=small",
+                      "--set", "model.args.feat_dim=4", "--set", "model.args.resolution=0.2",
+                      "--set", "model.args.max_range=3.0", "--set", "model.args.rotations=36",
+                      "--set", "loss.memory_frames=2", "--set", "loss.min_separation=5",
+                      "--set", "loss.memory_radius=1.0",
+                      "--set", "loss.train_rotations=12", "--set", "max_steps=3",
+                      "--set", "storage_dtype=fp16")
+    assert train.main(args) == 0
+    return out
+
+
+def test_vizloc_train_saves_the_memory_and_the_estimator_and_replay_use_it(trained, scene, tmp_path):
+    from vizloc_ros import replay
+    from vizloc_ros.estimator import PoseEstimator
+
+    assert trained.with_name("allocentric.memory.safetensors").is_file()
+    meta = json.loads(trained.with_suffix(".json").read_text())
+    assert meta["model_config"]["camera_height"] > 1.0
+    estimator = PoseEstimator(trained, device="cpu", cpu_threads=1)
+    estimate = estimator.estimate(SevenScenes(scene, "test")[0]["image"])
+    assert estimate.t[2] == pytest.approx(meta["model_config"]["camera_height"])
+    assert estimate.cov[2, 2] == pytest.approx(meta["model_config"]["height_sigma"] ** 2)
+    options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
+                                   device="cpu", batch_size=4, progress=False)
+    assert replay.run_replay(options)["frames"]["estimated"] == 8
