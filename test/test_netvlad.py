@@ -176,3 +176,13 @@ def test_vizloc_train_saves_the_database_and_the_estimator_and_replay_use_it(tra
     options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
                                    device="cpu", batch_size=4, progress=False)
     assert replay.run_replay(options)["frames"]["estimated"] == 8
+
+
+def test_replay_takes_netvlad_as_the_coarse_prior_of_the_fusion(trained, scene, tmp_path):
+    from vizloc_ros import replay
+
+    options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
+                                   prior_weights=trained, device="cpu", batch_size=4, progress=False)
+    metrics = replay.run_replay(options)
+    counts = json.dumps(metrics["counts"])
+    assert "coarse_" in counts

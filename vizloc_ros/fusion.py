@@ -573,7 +573,7 @@ def _B(i):
 _COUNTER_NAMES = ("accepted", "rejected", "dropped", "reinitialisations", "initialising",
                   "initialisations", "initial_poses", "odometry", "odometry_dropped",
                   "imu", "imu_dropped", "resets", "time_jumps", "graph_failures", "errors",
-                  "fallback_edges", "edges_upgraded")
+                  "fallback_edges", "edges_upgraded", "coarse_priors", "coarse_ignored")
 
 
 # --------------------------------------------------------------------------- fusion
@@ -809,6 +809,44 @@ class SlidingWindowFusion:
             meas = _Meas(s, pose, A @ cov_cam @ A.T + self._floor_abs)
             self._newest = max(self._newest, s)
             return self._process(meas)
+        except Exception as exc:  # noqa: BLE001
+            return self._internal_error(stamp, exc, "dropped")
+
+    def add_coarse_prior(self, stamp, t_cam, q_cam_wxyz, cov_ros) -> MeasurementResult:
+        """A coarse ``map -> camera`` pose (image retrieval such as NetVLAD) used only to
+        initialise and to recover from kidnapping, never to refine a running estimate.
+
+        While the window is empty it takes part in the initialisation like an absolute
+        measurement (with its own, large covariance). Once running, one that agrees with the
+        estimate is ignored (status ``dropped``, counted as ``coarse_ignored``); one that
+        fails the gate counts towards the kidnapped-robot check with the rejected absolute
+        measurements, so ``kidnap_consecutive`` mutually consistent ones restart the window
+        there. Never raises."""
+        try:
+            s = _stamp(stamp)
+            try:
+                m_cam, cov_cam = _pose_measurement(t_cam, q_cam_wxyz, cov_ros, "coarse prior ")
+            except ValueError as exc:
+                return self._drop(s, str(exc))
+            A = self._ad_base_cam
+            meas = _Meas(s, m_cam.compose(self._cam_T_base), A @ cov_cam @ A.T + self._floor_abs)
+            self._newest = max(self._newest, s)
+            self.counters["coarse_priors"] += 1
+            if not self.initialised:
+                return self._initialise_step(meas)
+            if s < self._window_start():
+                return self._drop(s, "older than the window")
+            pred, cov_pred = self._predict(s)
+            d2 = self._mahalanobis2(pred, cov_pred, meas)
+            if d2 <= self._gate:
+                self.counters["coarse_ignored"] += 1
+                return MeasurementResult("dropped", "coarse prior agrees with the estimate (not fused)", s, d2)
+            self.counters["rejected"] += 1
+            result = self._kidnap_check(meas, d2)
+            if result is not None:
+                return result
+            return MeasurementResult("rejected", f"coarse prior failed the {self.config.gate_probability:.3g} "
+                                     f"gate (d2={d2:.1f} > {self._gate:.1f})", s, d2)
         except Exception as exc:  # noqa: BLE001
             return self._internal_error(stamp, exc, "dropped")
 

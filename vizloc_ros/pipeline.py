@@ -329,6 +329,13 @@ class FusionCore:
         self.last_reason = result.reason
         return self._output(stamp) if result.status in ("accepted", "initialising") else None
 
+    def add_coarse_prior(self, stamp, t, q, cov) -> FusionOutput | None:
+        """A coarse pose (e.g. NetVLAD retrieval): initialisation and kidnap recovery only."""
+        result = self.fusion.add_coarse_prior(stamp, t, q, cov)
+        self.counters[f"coarse_{result.status}"] += 1
+        self.last_reason = result.reason
+        return self._output(stamp) if result.status in ("accepted", "initialising") else None
+
     def on_odometry(self, msg) -> FusionOutput | None:
         if not self.settings.use_odom:
             return None

@@ -65,6 +65,7 @@ class ReplayOptions:
     camera_extrinsic: tuple | None = None  # (t, q_wxyz) base -> camera
     fusion_params: dict = field(default_factory=dict)
     mc_dropout_samples: int = 0
+    prior_weights: Path | None = None  # coarse prior (e.g. NetVLAD): initialisation / kidnap only
 
 
 # --------------------------------------------------------------------------- bag reading
@@ -128,6 +129,14 @@ def run_replay(options: ReplayOptions) -> dict:
         raise ReplayError(f"cannot load weights {weights}: {exc}") from None
     regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
                               map_frame=options.map_frame)
+    prior = None
+    if options.prior_weights is not None and options.fusion:
+        try:
+            prior = RegressorCore(PoseEstimator(options.prior_weights, device=options.device,
+                                                cpu_threads=os.cpu_count() or 1),
+                                  base_T_camera=options.camera_extrinsic, map_frame=options.map_frame)
+        except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
+            raise ReplayError(f"cannot load prior weights {options.prior_weights}: {exc}") from None
     use_odom = bool(options.fusion and options.odom_topic)
     use_imu = bool(options.fusion and options.imu_topic)
     settings = FusionSettings(map_frame=options.map_frame, odom_frame=options.odom_frame,
@@ -177,6 +186,12 @@ def run_replay(options: ReplayOptions) -> dict:
             chain = static_chain(static_edges, options.base_frame, frame)
             if chain is not None:
                 regressor.set_extrinsic(*chain)
+        if prior is not None:
+            prior.base_T_camera = regressor.base_T_camera
+            for pose in prior.process_batch(pending):
+                if pose is not None:
+                    events.append((pose.stamp, order, "prior", pose))
+                    order += 1
         for msg, pose in zip(pending, regressor.process_batch(pending)):
             if pose is not None:
                 events.append((pose.stamp, order, "absolute", pose))
@@ -265,6 +280,8 @@ def run_replay(options: ReplayOptions) -> dict:
                     writer.write("/vizloc/absolute_pose", payload.stamp_ns, msg)
                     if fusion_core is not None:
                         output = fusion_core.on_absolute(msg)
+                elif kind == "prior":
+                    output = fusion_core.add_coarse_prior(payload.stamp, payload.t, payload.q, payload.cov)
                 elif kind == "odom":
                     output = fusion_core.on_odometry(payload)
                 elif kind == "imu":
@@ -447,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--odom-topic", default="/odom", help="nav_msgs/Odometry topic, or 'none'")
     parser.add_argument("--imu-topic", default="none", help="sensor_msgs/Imu topic to fuse, or 'none' (default)")
     parser.add_argument("--no-fusion", action="store_true", help="raw network poses only")
+    parser.add_argument("--prior-weights", help="a second checkpoint (e.g. NetVLAD retrieval) whose poses "
+                                                "only initialise the fusion and recover it after a kidnapping")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
     parser.add_argument("--mc-dropout-samples", type=int, default=0,
@@ -487,7 +506,8 @@ def main(argv=None) -> int:
             fusion=not args.no_fusion, device=args.device, batch_size=args.batch_size,
             overwrite=overwrite, progress=not args.no_progress, base_frame=args.base_frame,
             camera_extrinsic=_extrinsic(args.camera_extrinsic),
-            mc_dropout_samples=args.mc_dropout_samples)
+            mc_dropout_samples=args.mc_dropout_samples,
+            prior_weights=Path(args.prior_weights) if args.prior_weights else None)
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
