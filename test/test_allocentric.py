@@ -105,6 +105,26 @@ def test_a_frame_localises_against_a_memory_of_itself():
     assert att[1] == pytest.approx(0.05, abs=1e-9) and att[2] == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("search_factor", [1, 2])
+def test_localize_coarse_to_fine_finds_a_frame_in_a_memory_of_itself(search_factor):
+    model = _model(resolution=0.1, rotations=72, search_factor=search_factor)
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    out = torch.cat([torch.randn(1, 4, 6, 8), torch.as_tensor(rng.uniform(1.0, 2.8, (1, 1, 6, 8)),
+                                                               dtype=torch.float32)], 1)
+    x, y, yaw = -0.73, 0.41, math.radians(-128.0)
+    t, q = model.pose_matrix(x, y, yaw)
+    sums, counts = model.allocentric_splat(out, out[:, -1], torch.as_tensor(t)[None].float(),
+                                           torch.as_tensor(q)[None].float(), torch.tensor([[-4.0, -4.0]]), (80, 80))
+    model.set_memory(sums[0], counts[0], [-4.0, -4.0])
+    model.forward = lambda images: out.expand(len(images), -1, -1, -1)
+    t_est, q_est, cov = model.localize(torch.zeros(1, 3, 48, 64))
+    assert np.hypot(*(t_est[0, :2].numpy() - [x, y])) < 0.12
+    yaw_est = camera_level_attitude(q_est[0].double().numpy())[0]
+    assert abs(math.remainder(yaw_est - yaw, 2 * math.pi)) < math.radians(6.0)
+    assert np.all(np.linalg.eigvalsh(cov[0].numpy()) > 0)
+
+
 def test_planar_covariance_is_planar_with_the_mount_uncertainty():
     model = _model(height_sigma=0.1, tilt_sigma_deg=4.0)
     cov = model.planar_covariance(np.diag([0.01, 0.02, 0.03]))

@@ -257,6 +257,9 @@ class AllocentricLocalizer(PoseRegressor):
             from the mean of the training poses unless given).
         height_sigma, tilt_sigma_deg: covariance given to z and roll / pitch.
         online_update: integrate each localised view into the memory.
+        search_factor: the global search runs on cells and heading bins this many times
+            coarser (FFT correlation), then a direct search at full resolution refines it
+            around the best coarse match (1: one full-resolution search).
     """
 
     rotation_format = "quat"
@@ -268,7 +271,7 @@ class AllocentricLocalizer(PoseRegressor):
                  max_range: float = 4.0, rotations: int = 72, height_edges=(0.6, 1.6),
                  input_camera=None, camera_height: float | None = None, camera_pitch: float = 0.0,
                  camera_roll: float = 0.0, height_sigma: float = 0.15, tilt_sigma_deg: float = 5.0,
-                 online_update: bool = False, pretrained: str | None = None):
+                 online_update: bool = False, search_factor: int = 2, pretrained: str | None = None):
         super().__init__()
         self._backbone_name = str(backbone)
         self.feat_dim = int(feat_dim)
@@ -282,6 +285,7 @@ class AllocentricLocalizer(PoseRegressor):
         self.camera_pitch, self.camera_roll = float(camera_pitch), float(camera_roll)
         self.height_sigma, self.tilt_sigma_deg = float(height_sigma), float(tilt_sigma_deg)
         self.online_update = bool(online_update)
+        self.search_factor = int(search_factor)
         self.trunk, channels = _trunk(self._backbone_name, pretrained)
         self.feature_head = nn.Sequential(nn.Conv2d(channels, 128, 3, 1, 1), nn.ReLU(inplace=True),
                                           nn.Conv2d(128, self.feat_dim, 1))
@@ -300,7 +304,7 @@ class AllocentricLocalizer(PoseRegressor):
                 "input_camera": self.input_camera, "camera_height": self.camera_height,
                 "camera_pitch": self.camera_pitch, "camera_roll": self.camera_roll,
                 "height_sigma": self.height_sigma, "tilt_sigma_deg": self.tilt_sigma_deg,
-                "online_update": self.online_update}
+                "online_update": self.online_update, "search_factor": self.search_factor}
 
     @property
     def bands(self) -> int:
@@ -331,9 +335,11 @@ class AllocentricLocalizer(PoseRegressor):
         """Optical frame -> level frame (forward x, left y, up z) of the nominal mount."""
         return rot_zyx(0.0, self.camera_pitch, self.camera_roll) @ OPTICAL_IN_LEVEL
 
-    def egocentric_view(self, out: torch.Tensor, depth: torch.Tensor | None = None):
+    def egocentric_view(self, out: torch.Tensor, depth: torch.Tensor | None = None,
+                        resolution: float | None = None):
         """Network output (B, C + 1, h, w) -> egocentric ground grids (B, bands*C, S, S) and
-        counts, with the network's depth unless ``depth`` (B, h, w) is given."""
+        counts, with the network's depth unless ``depth`` (B, h, w) is given (cells of
+        ``resolution``, by default the model's)."""
         self._require_mount()
         B, _, h, w = out.shape
         feats = out[:, :-1].flatten(2).transpose(1, 2)
@@ -344,9 +350,10 @@ class AllocentricLocalizer(PoseRegressor):
         level = pts @ R.T
         level = torch.stack([level[..., 0], level[..., 1], level[..., 2] + self.camera_height], -1)
         valid = torch.isfinite(depth) & (depth > 0.1) & (depth < self.max_range)
-        S = self.view_size
-        origin = torch.full((B, 2), -(S / 2.0) * self.resolution, dtype=out.dtype, device=out.device)
-        sums, counts = splat(level, feats, valid, origin, self.resolution, (S, S), self.height_edges)
+        res = resolution or self.resolution
+        S = 2 * int(math.ceil(self.max_range / res)) + 1
+        origin = torch.full((B, 2), -(S / 2.0) * res, dtype=out.dtype, device=out.device)
+        sums, counts = splat(level, feats, valid, origin, res, (S, S), self.height_edges)
         return mean_grid(sums, counts), counts
 
     def allocentric_splat(self, out: torch.Tensor, depth: torch.Tensor, t_cw: torch.Tensor, q_cw: torch.Tensor,
@@ -374,6 +381,15 @@ class AllocentricLocalizer(PoseRegressor):
 
     def memory(self) -> torch.Tensor:
         return mean_grid(self.memory_sum[None], self.memory_count[None])[0]
+
+    def coarse_memory(self, factor: int) -> torch.Tensor:
+        """The memory summed over factor x factor blocks (same origin, cells factor times
+        larger): the grid of the coarse search."""
+        H, W = self.memory_count.shape[1:]
+        pad = (0, (-W) % factor, 0, (-H) % factor)
+        sums = F.avg_pool2d(F.pad(self.memory_sum, pad)[None], factor)[0]
+        counts = F.avg_pool2d(F.pad(self.memory_count, pad)[None], factor)[0]
+        return mean_grid(sums[None], counts[None])[0]
 
     def set_memory(self, sums: torch.Tensor, counts: torch.Tensor, origin) -> None:
         if sums.dim() != 3 or counts.dim() != 3 or counts.shape[0] != self.bands or \
@@ -500,13 +516,23 @@ class AllocentricLocalizer(PoseRegressor):
                                "does) or load a checkpoint with its .memory.safetensors")
         out = self.forward(images).float()
         view, counts = self.egocentric_view(out)
+        factor = max(int(self.search_factor), 1)
+        coarse_view, coarse_counts = self.egocentric_view(out, resolution=factor * self.resolution)
         memory = self.memory().to(view)
+        coarse = self.coarse_memory(factor).to(view)
         temperature = float(self.log_temperature.exp())
+        coarse_rotations = max(self.rotations // factor, 1)
         ts, qs, covs = [], [], []
-        for b in range(len(images)):  # one image at a time: 72 rotated views take ~100 MB each
-            scores = match_scores(memory, view[b:b + 1], counts[b:b + 1], self.headings(device=view.device),
-                                  self.bands)[0]
-            x, y, yaw, cov3, _, _ = pose_from_scores(scores, temperature, self.map_origin, self.resolution)
+        for b in range(len(images)):  # one image at a time: the rotated views take ~100 MB each
+            # coarse: every heading and cell at factor x the resolution (FFT correlation)
+            scores = match_scores(coarse, coarse_view[b:b + 1], coarse_counts[b:b + 1],
+                                  self.headings(coarse_rotations, view.device), self.bands)[0]
+            _, _, _, _, (k, r, c), mass = pose_from_scores(scores, temperature, self.map_origin,
+                                                           factor * self.resolution, window=1)
+            # fine: around the coarse peak, at the full resolution and heading step
+            x, y, yaw, cov3 = self._refine(memory, view[b], counts[b], k * 2 * math.pi / coarse_rotations,
+                                           (r + 0.5) * factor, (c + 0.5) * factor, factor, temperature)
+            cov3 = cov3 / max(mass, 0.01)
             t, q = self.pose_matrix(x, y, yaw)
             ts.append(t)
             qs.append(q)
@@ -517,6 +543,42 @@ class AllocentricLocalizer(PoseRegressor):
         return (torch.as_tensor(np.stack(ts), dtype=torch.float32, device=device),
                 torch.as_tensor(np.stack(qs), dtype=torch.float32, device=device),
                 torch.as_tensor(np.stack(covs), dtype=torch.float64))
+
+    def _refine(self, memory, view, counts, yaw0: float, row0: float, col0: float, factor: int,
+                temperature: float):
+        """Fine search around a coarse match (yaw0, fine-cell position row0/col0): headings
+        within one coarse bin, cells within factor + 1 of it; direct correlation.
+        Returns x, y, yaw and the 3x3 covariance of the fine distribution."""
+        step = 2 * math.pi / self.rotations
+        span = max(factor, 1)
+        yaws = yaw0 + step * torch.arange(-span, span + 1, dtype=torch.float32, device=view.device)
+        H, W = memory.shape[1:]
+        S = view.shape[-1]
+        h = S // 2
+        r_lo, r_hi = int(math.floor(row0)) - span - 1, int(math.ceil(row0)) + span
+        c_lo, c_hi = int(math.floor(col0)) - span - 1, int(math.ceil(col0)) + span
+        r_lo, c_lo = max(r_lo, 0), max(c_lo, 0)
+        r_hi, c_hi = min(r_hi, H - 1), min(c_hi, W - 1)
+        unit_memory = unit_cells(memory[None], self.bands)[0]
+        # the memory around the window, zero beyond the map, so that a valid conv gives the window
+        crop = F.pad(unit_memory, (h, h, h, h))[:, r_lo:r_hi + 1 + 2 * h, c_lo:c_hi + 1 + 2 * h]
+        views = rotate_views(unit_cells(view[None], self.bands), yaws)[0]       # (K, C, S, S)
+        observed = float((counts > 0).sum().clamp_min(1))
+        scores = F.conv2d(crop[None], views)[0] / observed                      # (K, h_w, w_w)
+        logp = torch.log_softmax(scores.double().flatten() / temperature, dim=0).reshape(scores.shape)
+        p = logp.exp()
+        xs = self.map_origin[0] + (torch.arange(c_lo, c_hi + 1, dtype=torch.float64) + 0.5) * self.resolution
+        ys = self.map_origin[1] + (torch.arange(r_lo, r_hi + 1, dtype=torch.float64) + 0.5) * self.resolution
+        offsets = (yaws.double().cpu() - yaw0)
+        X = torch.stack(torch.broadcast_tensors(xs[None, None, :], ys[None, :, None],
+                                                offsets[:, None, None]), dim=-1).reshape(-1, 3)
+        w = p.reshape(-1).cpu()
+        mean = w @ X
+        dev = X - mean
+        cov = (dev * w[:, None]).T @ dev
+        cov += torch.diag(torch.tensor([self.resolution ** 2 / 12] * 2 + [step ** 2 / 12], dtype=torch.float64))
+        yaw = math.atan2(math.sin(yaw0 + float(mean[2])), math.cos(yaw0 + float(mean[2])))
+        return float(mean[0]), float(mean[1]), yaw, cov.numpy()
 
     # ------------------------------------------------------------------ training hooks
     def training_loss(self, config: dict):
