@@ -7,10 +7,10 @@ Why the pieces are here:
 
 * preprocessing (resize, crop, normalise) runs on the inference device through
   :mod:`vizloc_ros.preprocess`, the same code the training data loader uses;
-* on CUDA the host image goes through a pinned buffer with a non-blocking upload, the
-  model runs in fp16 / channels_last, and the forward pass is replayed from a CUDA graph
-  per batch size (captured on first use, so a new image size costs nothing extra: the
-  graph's input is the fixed-size crop);
+* on CUDA the host images are stacked into a pinned buffer and uploaded without
+  blocking; the model runs in fp16 / channels_last, and preprocessing, network and
+  decoding are replayed from one CUDA graph per input shape and sample count (captured
+  on first use);
 * on the CPU the model runs under ``inference_mode`` in channels_last with one core
   left free for ROS callbacks;
 * uncertainty: with ``mc_dropout_samples = N > 1`` the N dropout samples run as one batch
@@ -46,7 +46,10 @@ DEFAULT_SIGMA_R = np.deg2rad(10.0)
 #: covariance floor (variances): 1 cm and 0.2 deg standard deviation.
 FLOOR_VAR_T = 0.01 ** 2
 FLOOR_VAR_R = np.deg2rad(0.2) ** 2
-_MAX_GRAPHS = 4
+_MAX_GRAPHS = 8
+#: images per CUDA-graph launch in a large batch: uploads of one chunk overlap the network
+#: run of the previous one
+_CHUNK = 8
 
 
 @dataclass
@@ -137,7 +140,15 @@ def mean_and_covariance(t_samples: np.ndarray, q_samples: np.ndarray):
 
 
 class _TorchRunner:
-    """Runs a PoseRegressor: raw images in, (t, q) samples out, with the fast paths."""
+    """Runs a PoseRegressor: raw images in, (t, q) samples out, with the fast paths.
+
+    The whole device-side computation (uint8 image -> resize / crop / normalise ->
+    network -> decoded pose) is one function, :meth:`_pipeline`. On CUDA it is captured
+    once per input shape and sample count into a CUDA graph, so a frame costs one host
+    copy, one upload, one graph launch and one 28-byte download per image; MC dropout is
+    captured with dropout sampling on (the graph advances the random generator on every
+    replay, so each call draws fresh masks).
+    """
 
     def __init__(self, model, spec: InputSpec, device: torch.device, precision: str,
                  use_graphs: bool, compile_model: bool):
@@ -146,6 +157,15 @@ class _TorchRunner:
         self.dtype = torch.float16 if (precision == "fp16" and device.type == "cuda") else torch.float32
         if precision == "fp16" and device.type != "cuda":
             LOG.warning("fp16 requested on %s: running fp32 (fp16 is a GPU path)", device)
+        from vizloc_ros.models.batchnorm_folding import fold_batch_norms
+
+        crop_h, crop_w = spec.crop
+        example = torch.rand(2, 3, max(crop_h, 1), max(crop_w, 1), generator=torch.Generator().manual_seed(0))
+        model = fold_batch_norms(model.float().eval(), (example - 0.45) / 0.225)
+        if device.type == "cuda" and self.dtype == torch.float32:
+            # fp32 means fp32: TF32 convolutions and matmuls differ from it by ~1e-3
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         model = model.to(device=device).eval()
         model = model.to(memory_format=torch.channels_last)
         if self.dtype == torch.float16:
@@ -153,8 +173,26 @@ class _TorchRunner:
         self.model = model
         self.forward = torch.compile(model.forward) if compile_model else model.forward
         self.use_graphs = use_graphs and device.type == "cuda"
-        self._graphs: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+        self._graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self._pinned: dict[tuple, torch.Tensor] = {}
+        self._device_in: dict[tuple, torch.Tensor] = {}
+        self._copy_stream = None
+        self._copy_pool = None
+
+    # ------------------------------------------------------------------ host -> device
+    def _stack_into(self, arrays: list[np.ndarray], out: np.ndarray) -> None:
+        """Stack images into ``out``. Large batches are copied by a few threads (numpy
+        releases the GIL while copying); one thread cannot fill pinned memory fast enough
+        to keep a GPU busy with 640x480 frames."""
+        if len(arrays) < 4 or out.nbytes < (2 << 20):
+            np.stack(arrays, out=out)
+            return
+        if self._copy_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._copy_pool = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) // 2)),
+                                                 thread_name_prefix="vizloc-upload")
+        list(self._copy_pool.map(lambda i: np.copyto(out[i], arrays[i]), range(len(arrays))))
 
     def upload(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """Same-size (H, W, 3) uint8 host images -> one (B, H, W, 3) tensor on the device.
@@ -165,54 +203,97 @@ class _TorchRunner:
         """
         if self.device.type != "cuda":
             return torch.from_numpy(np.stack(arrays))
-        key = (len(arrays), *arrays[0].shape)
-        pinned = self._pinned.get(key)
-        if pinned is None:
-            if len(self._pinned) >= _MAX_GRAPHS:
-                self._pinned.clear()
-            pinned = self._pinned[key] = torch.empty(key, dtype=torch.uint8, pin_memory=True)
-        np.stack(arrays, out=pinned.numpy())
+        pinned = self._buffer(self._pinned, (len(arrays), *arrays[0].shape),
+                              lambda k: torch.empty(k, dtype=torch.uint8, pin_memory=True))
+        self._stack_into(arrays, pinned.numpy())
         return pinned.to(self.device, non_blocking=True)
 
-    def _run_graph(self, x: torch.Tensor) -> torch.Tensor:
-        key = x.shape[0]
+    # ------------------------------------------------------------------ device work
+    def _pipeline(self, images: torch.Tensor, samples: int) -> torch.Tensor:
+        """uint8 (B, H, W, 3) on the device -> (samples * B, 7) float32: metric
+        translation and unit quaternion (w, x, y, z), sample-major."""
+        x = preprocess(images, self.spec, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+        self.model.mc_dropout(samples > 1)
+        try:
+            raw = self.model.forward_samples(x, samples) if samples > 1 else self.forward(x)
+        finally:
+            self.model.mc_dropout(False)
+        t, q = self.model.decode(raw.float())
+        return torch.cat([t, q], dim=-1)
+
+    def _graph_for(self, images: torch.Tensor, samples: int) -> tuple:
+        key = (*images.shape, samples)
         entry = self._graphs.get(key)
-        if entry is None:
-            static_in = x.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up iterations, as CUDA graphs require
-                for _ in range(2):
-                    self.forward(static_in)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self.forward(static_in)
-            entry = (graph, static_in, static_out)
-            self._graphs[key] = entry
-            if len(self._graphs) > _MAX_GRAPHS:
-                self._graphs.popitem(last=False)
-        graph, static_in, static_out = entry
-        static_in.copy_(x)
-        graph.replay()
-        return static_out
+        if entry is not None:
+            self._graphs.move_to_end(key)
+            return entry
+        static_in = images.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up iterations, as CUDA graphs require
+            for _ in range(2):
+                self._pipeline(static_in, samples)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._pipeline(static_in, samples)
+        entry = self._graphs[key] = (graph, static_in, static_out)
+        if len(self._graphs) > _MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return entry
+
+    def _buffer(self, cache: dict, key: tuple, make) -> torch.Tensor:
+        buffer = cache.get(key)
+        if buffer is None:
+            if len(cache) >= _MAX_GRAPHS:
+                cache.clear()
+            buffer = cache[key] = make(key)
+        return buffer
+
+    def _run_chunked(self, arrays: list[np.ndarray], repeats: int) -> torch.Tensor:
+        """Large CUDA batches in chunks of :data:`_CHUNK`: the host copy of chunk i+1 and
+        its upload (on a copy stream) overlap the graph replay of chunk i, so a batch of
+        640x480 frames is bounded by the slowest of copy, upload and network rather than
+        by their sum."""
+        n, shape = len(arrays), (len(arrays), *arrays[0].shape)
+        pinned = self._buffer(self._pinned, shape,
+                              lambda k: torch.empty(k, dtype=torch.uint8, pin_memory=True))
+        device_in = self._buffer(self._device_in, shape,
+                                 lambda k: torch.empty(k, dtype=torch.uint8, device=self.device))
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        pinned_np = pinned.numpy()
+        outputs = []
+        for start in range(0, n, _CHUNK):
+            stop = min(start + _CHUNK, n)
+            self._stack_into(arrays[start:stop], pinned_np[start:stop])
+            with torch.cuda.stream(self._copy_stream):
+                device_in[start:stop].copy_(pinned[start:stop], non_blocking=True)
+                uploaded = torch.cuda.Event()
+                uploaded.record(self._copy_stream)
+            compute.wait_event(uploaded)
+            graph, static_in, static_out = self._graph_for(device_in[start:stop], repeats)
+            static_in.copy_(device_in[start:stop])
+            graph.replay()
+            outputs.append(static_out.reshape(repeats, stop - start, 7).clone())
+        return torch.cat(outputs, dim=1)
 
     @torch.inference_mode()
     def __call__(self, arrays: list[np.ndarray], samples: int):
         """Returns t (S, B, 3) and q (S, B, 4) float64 numpy; S = max(samples, 1)."""
-        x = preprocess(self.upload(arrays), self.spec, dtype=self.dtype)
-        x = x.contiguous(memory_format=torch.channels_last)
         repeats = max(samples, 1)
-        self.model.mc_dropout(repeats > 1)
-        try:
-            if repeats > 1:
-                raw = self.model.forward_samples(x, repeats)
-            else:
-                raw = self._run_graph(x) if self.use_graphs else self.forward(x)
-        finally:
-            self.model.mc_dropout(False)
-        t, q = self.model.decode(raw.float())
-        pose = torch.cat([t, q], dim=-1).reshape(repeats, len(arrays), 7).cpu().numpy().astype(np.float64)
+        if self.use_graphs and len(arrays) >= 2 * _CHUNK:
+            out = self._run_chunked(arrays, repeats)
+        elif self.use_graphs:
+            images = self.upload(arrays)
+            graph, static_in, static_out = self._graph_for(images, repeats)
+            static_in.copy_(images)
+            graph.replay()
+            out = static_out
+        else:
+            out = self._pipeline(self.upload(arrays), repeats)
+        pose = out.reshape(repeats, len(arrays), 7).cpu().numpy().astype(np.float64)
         return pose[..., :3], pose[..., 3:]
 
 
