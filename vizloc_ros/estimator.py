@@ -370,9 +370,9 @@ class PoseEstimator:
         if self._runner.stream is not None:
             self._runner.stream.reset()
 
-    def estimate(self, image: np.ndarray, encoding: str = "rgb8") -> PoseEstimate:
+    def estimate(self, image: np.ndarray, encoding: str = "rgb8", stamp: float | None = None) -> PoseEstimate:
         """One image (HxWx3 or HxW uint8) -> :class:`PoseEstimate`. Bad input: ValueError."""
-        return self.estimate_batch([image], encoding)[0]
+        return self.estimate_batch([image], encoding, None if stamp is None else [stamp])[0]
 
     def estimate_batch(self, images, encoding: str = "rgb8", stamps=None) -> list[PoseEstimate]:
         """Many images of one size at once (replay, GPU throughput). Bad input: ValueError.

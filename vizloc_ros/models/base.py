@@ -95,6 +95,12 @@ class PoseRegressor(nn.Module):
         return 1
 
     @property
+    def pose_depends_on_history(self) -> bool:
+        """The absolute pose of a frame depends on earlier frames (VidLoc's clip), so the
+        network is not a single-image function (it cannot be exported as one)."""
+        return False
+
+    @property
     def streaming(self) -> bool:
         """Run-time output depends on earlier frames: the estimator keeps a FrameStream."""
         return self.context_frames > 1 or self.has_relative_head

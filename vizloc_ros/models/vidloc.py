@@ -67,6 +67,10 @@ class VidLoc(PoseRegressor):
     def context_frames(self) -> int:
         return self.clip_length
 
+    @property
+    def pose_depends_on_history(self) -> bool:
+        return True
+
     # ------------------------------------------------------------------ pieces
     def encode_frames(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> per-frame CNN features (N, feat_dim)."""
