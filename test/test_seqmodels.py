@@ -356,6 +356,27 @@ def test_vlocnet_estimator_returns_the_relative_head_from_the_second_frame(tmp_p
     assert est.estimate(images[0], stamp=2.0).relative is None
 
 
+@pytest.mark.parametrize("name", ["vidloc", "vlocnet"])
+def test_mc_dropout_through_the_frame_stream(tmp_path, name):
+    """MC dropout samples of a sequence model: one CNN pass, the window decoded S times."""
+    from vizloc_ros.estimator import PoseEstimator
+
+    torch.manual_seed(0)
+    model = build_model(name, **{**TINY_ARGS[name], "dropout": 0.5}).eval()
+    save_checkpoint(tmp_path / "m", model, {"input": {"resize": 32, "crop": list(CROP)},
+                                            "validation_errors": {"cov_ros": np.eye(6).tolist()}})
+    est = PoseEstimator(tmp_path / "m", device="cpu", mc_dropout_samples=6, cpu_threads=1)
+    rng = np.random.default_rng(11)
+    images = [rng.integers(0, 255, (CROP[0], CROP[1], 3), dtype=np.uint8) for _ in range(3)]
+    out = est.estimate_batch(images, stamps=[0.0, 0.1, 0.2])
+    for o in out:
+        assert np.all(np.isfinite(o.cov)) and not np.allclose(o.cov, np.eye(6))  # from the samples
+        assert np.all(np.linalg.eigvalsh(o.cov) > 0)
+    if name == "vlocnet":
+        assert out[0].relative is None and np.all(np.linalg.eigvalsh(out[2].relative.cov) > 0)
+    assert not any(d.training for d in est._runner.model.dropout_modules())  # switched off again
+
+
 class RelativeFake:
     """A sequential estimator with a relative head that knows the true camera motion."""
 
