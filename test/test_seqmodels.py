@@ -509,6 +509,21 @@ def test_demo_config_trains_and_writes_a_loadable_checkpoint_with_metrics(traine
         assert meta["training"]["unlabeled_tuples"] > 0
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_vizloc_eval_runs_every_model_and_matches_online_validation(trained, tiny_world, tmp_path, name):
+    """vizloc-eval goes through PoseEstimator (online mode for VidLoc) and gives the figure
+    the trainer's validation measured on the same split."""
+    from vizloc_ros import evaluate
+
+    assert evaluate.main([str(trained[name]), str(tiny_world), "--split", "test", "--device", "cpu",
+                          "--no-progress", "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    _, meta = load_checkpoint(trained[name])
+    assert metrics["frames"] == 16
+    assert metrics["median_translation_m"] == pytest.approx(
+        meta["metrics"]["validation"]["median_translation_m"], abs=0.02)
+
+
 def test_mapnet_plus_without_unlabeled_data_is_a_clear_error(tiny_world, tmp_path, capsys):
     code = train.main(["--model", "mapnet_plus", "--data", str(tiny_world), "--out", str(tmp_path / "m"),
                        "--set", "model.args.backbone=resnet18", "--set", "model.args.feat_dim=8",

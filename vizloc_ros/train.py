@@ -455,6 +455,9 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
     # tuples of frames: MapNet-style losses, and models that read clips (VidLoc, VLocNet)
     clips = relative or model.trains_on_clips or getattr(loss_fn, "trains_relative_head", False)
     relative_head = _check_relative_head(model, loss_fn)
+    if model.pose_depends_on_history and int(config["tuple"]["steps"]) != model.context_frames:
+        LOG.warning("training clips of tuple.steps=%s frames, but %s reads the last %d at run time; "
+                    "set them equal", config["tuple"]["steps"], model.architecture, model.context_frames)
     source = TupleDataset(train_set, config["tuple"]["steps"], config["tuple"]["skip"],
                           stride=int(config["tuple"]["stride"])) if clips else train_set
     if len(source) == 0:
