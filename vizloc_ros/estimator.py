@@ -16,7 +16,11 @@ Why the pieces are here:
 * uncertainty: with ``mc_dropout_samples = N > 1`` the N dropout samples run as one batch
   and their spread gives the covariance; otherwise the covariance measured on the
   validation split (stored in the checkpoint JSON) is used. Either way the result is
-  symmetric positive definite, finite, and never below a floor.
+  symmetric positive definite, finite, and never below a floor;
+* sequence models (VidLoc's clip, VLocNet's relative head) keep the last frames in a
+  :class:`~vizloc_ros.models.sequence.FrameStream`: images must then come in time order
+  (``stamps`` lets the stream start a new clip at a gap), and a model with a relative head
+  also returns the camera motion since the previous frame (:class:`RelativeEstimate`).
 
 Covariance convention (ROS order x, y, z, rot_x, rot_y, rot_z): the translation block is
 in the ``map`` frame; the rotation block is that of a small rotation vector applied on
@@ -53,14 +57,27 @@ _CHUNK = 8
 
 
 @dataclass
+class RelativeEstimate:
+    """Camera motion from the previous frame to this one: the pose of this camera in the
+    previous camera's optical frame (metres, (w, x, y, z)), 6x6 ROS-order covariance in
+    that frame."""
+
+    t: np.ndarray
+    q: np.ndarray
+    cov: np.ndarray
+
+
+@dataclass
 class PoseEstimate:
     """One camera pose in ``map``: translation (3,), quaternion (w,x,y,z) with w >= 0,
-    6x6 covariance in ROS order, and the wall-clock latency of producing it."""
+    6x6 covariance in ROS order, and the wall-clock latency of producing it; ``relative``
+    for models with a relative (odometry) head, when the frame had a predecessor."""
 
     t: np.ndarray
     q: np.ndarray
     cov: np.ndarray
     latency_s: float
+    relative: RelativeEstimate | None = None
 
 
 def resolve_device(device: str = "auto", require: bool = False) -> torch.device:
@@ -105,6 +122,21 @@ def make_psd(cov: np.ndarray, floor_t: float = FLOOR_VAR_T, floor_r: float = FLO
 
 def default_covariance() -> np.ndarray:
     return np.diag([DEFAULT_SIGMA_T ** 2] * 3 + [DEFAULT_SIGMA_R ** 2] * 3)
+
+
+#: per-step relative-pose sigmas used when a checkpoint has no relative validation errors
+DEFAULT_REL_SIGMA_T = 0.05
+DEFAULT_REL_SIGMA_R = np.deg2rad(2.0)
+
+
+def relative_covariance_from_meta(meta: dict) -> np.ndarray:
+    """Per-step covariance of a relative head (``validation_errors.relative_cov_ros``)."""
+    cov = ((meta or {}).get("validation_errors") or {}).get("relative_cov_ros")
+    try:
+        return make_psd(np.asarray(cov, dtype=float).reshape(6, 6), floor_t=1e-3 ** 2,
+                        floor_r=np.deg2rad(0.05) ** 2)
+    except (TypeError, ValueError):
+        return np.diag([DEFAULT_REL_SIGMA_T ** 2] * 3 + [DEFAULT_REL_SIGMA_R ** 2] * 3)
 
 
 def covariance_from_meta(meta: dict) -> np.ndarray:
@@ -173,6 +205,10 @@ class _TorchRunner:
         self.model = model
         self.forward = torch.compile(model.forward) if compile_model else model.forward
         self.use_graphs = use_graphs and device.type == "cuda"
+        self.stream = None
+        if model.streaming:
+            from vizloc_ros.models.sequence import FrameStream
+            self.stream = FrameStream(model)
         self._graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self._pinned: dict[tuple, torch.Tensor] = {}
         self._device_in: dict[tuple, torch.Tensor] = {}
@@ -280,9 +316,12 @@ class _TorchRunner:
         return torch.cat(outputs, dim=1)
 
     @torch.inference_mode()
-    def __call__(self, arrays: list[np.ndarray], samples: int):
-        """Returns t (S, B, 3) and q (S, B, 4) float64 numpy; S = max(samples, 1)."""
+    def __call__(self, arrays: list[np.ndarray], samples: int, stamps=None):
+        """Returns t (S, B, 3) and q (S, B, 4) float64 numpy; S = max(samples, 1); and the
+        relative poses (t (S, B, 3), q (S, B, 4), valid (B,)) or None (single-image models)."""
         repeats = max(samples, 1)
+        if self.stream is not None:
+            return self._call_stream(arrays, repeats, stamps)
         if self.use_graphs and len(arrays) >= 2 * _CHUNK:
             out = self._run_chunked(arrays, repeats)
         elif self.use_graphs:
@@ -294,7 +333,28 @@ class _TorchRunner:
         else:
             out = self._pipeline(self.upload(arrays), repeats)
         pose = out.reshape(repeats, len(arrays), 7).cpu().numpy().astype(np.float64)
-        return pose[..., :3], pose[..., 3:]
+        return pose[..., :3], pose[..., 3:], None
+
+    def _call_stream(self, arrays: list[np.ndarray], repeats: int, stamps):
+        """Sequence models (VidLoc, VLocNet): frames go through the model's frame stream in
+        stamp order (eager, since the stream's state changes with every frame)."""
+        x = preprocess(self.upload(arrays), self.spec, dtype=self.dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        relative = None
+        self.model.mc_dropout(repeats > 1)
+        try:
+            out = self.stream.push(x, stamps, repeats)
+            raw = out.pose.reshape(-1, out.pose.shape[-1])
+            if out.relative is not None:
+                t_rel, q_rel = self.model.decode_relative(out.relative.float())
+                relative = (t_rel.double().cpu().numpy(), q_rel.double().cpu().numpy(),
+                            out.has_relative.cpu().numpy())
+        finally:
+            self.model.mc_dropout(False)
+        t, q = self.model.decode(raw.float())
+        b = len(arrays)
+        return (t.reshape(repeats, b, 3).double().cpu().numpy(),
+                q.reshape(repeats, b, 4).double().cpu().numpy(), relative)
 
 
 class _ExportedRunner:
@@ -321,13 +381,15 @@ class _ExportedRunner:
     def _run_onnx(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]
 
-    def __call__(self, arrays: list[np.ndarray], samples: int):
+    stream = None
+
+    def __call__(self, arrays: list[np.ndarray], samples: int, stamps=None):
         with torch.inference_mode():
             x = preprocess(torch.from_numpy(np.stack(arrays)), self.spec).numpy()
         out = np.asarray(self.run(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float64)
         t = out[None, :, :3]
         q = geometry.quat_hemisphere(geometry.quat_normalize(out[None, :, 3:7]))
-        return t, q
+        return t, q, None
 
 
 class PoseEstimator:
@@ -377,22 +439,45 @@ class PoseEstimator:
                                         use_graphs=cuda_graphs, compile_model=compile_model)
         self.map_frame = self.meta.get("map_frame", "map")
         self._validation_cov = covariance_from_meta(self.meta)
+        self._relative_cov = relative_covariance_from_meta(self.meta) if self.has_relative_head else None
         self._mc_scale = float((self.meta.get("validation_errors") or {}).get("mc_dropout_scale", 1.0))
         if warmup:
             crop_h, crop_w = self.spec.crop
             dummy = np.zeros((max(crop_h, 1), max(crop_w, 1), 3), dtype=np.uint8)
             self.estimate(dummy)
+            self.reset()
 
     @property
     def input_spec(self) -> InputSpec:
         return self.spec
 
-    def estimate(self, image: np.ndarray, encoding: str = "rgb8") -> PoseEstimate:
-        """One image (HxWx3 or HxW uint8) -> :class:`PoseEstimate`. Bad input: ValueError."""
-        return self.estimate_batch([image], encoding)[0]
+    @property
+    def sequential(self) -> bool:
+        """The output depends on earlier frames (a sequence model): give images in time
+        order, with their stamps."""
+        return self._runner.stream is not None
 
-    def estimate_batch(self, images, encoding: str = "rgb8") -> list[PoseEstimate]:
-        """Many images of one size at once (replay, GPU throughput). Bad input: ValueError."""
+    @property
+    def has_relative_head(self) -> bool:
+        """Estimates carry the camera motion since the previous frame (visual odometry)."""
+        stream = self._runner.stream
+        return stream is not None and stream.model.has_relative_head
+
+    def reset(self) -> None:
+        """Forget earlier frames (sequence models); nothing to do for single-image ones."""
+        if self._runner.stream is not None:
+            self._runner.stream.reset()
+
+    def estimate(self, image: np.ndarray, encoding: str = "rgb8", stamp: float | None = None) -> PoseEstimate:
+        """One image (HxWx3 or HxW uint8) -> :class:`PoseEstimate`. Bad input: ValueError."""
+        return self.estimate_batch([image], encoding, None if stamp is None else [stamp])[0]
+
+    def estimate_batch(self, images, encoding: str = "rgb8", stamps=None) -> list[PoseEstimate]:
+        """Many images of one size at once (replay, GPU throughput). Bad input: ValueError.
+
+        Sequence models (:attr:`sequential`) take the images as consecutive frames in
+        time order; ``stamps`` (seconds) start a new clip at a gap or a jump back.
+        """
         if len(images) == 0:
             return []
         start = time.perf_counter()
@@ -401,7 +486,9 @@ class PoseEstimator:
         if any(a.shape != shape for a in arrays):
             raise ValueError("estimate_batch needs images of one size; got "
                              f"{sorted({a.shape for a in arrays})}")
-        t, q = self._runner(arrays, self.mc_dropout_samples)
+        if stamps is not None and len(stamps) != len(arrays):
+            raise ValueError(f"{len(arrays)} images but {len(stamps)} stamps")
+        t, q, relative = self._runner(arrays, self.mc_dropout_samples, stamps)
         if not (np.all(np.isfinite(t)) and np.all(np.isfinite(q))):
             raise FloatingPointError("the network produced a non-finite pose")
         latency = (time.perf_counter() - start) / len(arrays)
@@ -415,4 +502,19 @@ class PoseEstimator:
             poses = [(t[0, i], q_all[i], self._validation_cov) for i in range(len(arrays))]
         # mean_and_covariance already returns a unit, w >= 0 quaternion
         return [PoseEstimate(t=np.array(t_i, dtype=float), q=np.array(q_i, dtype=float), cov=cov.copy(),
-                             latency_s=latency) for t_i, q_i, cov in poses]
+                             latency_s=latency, relative=self._relative(relative, i))
+                for i, (t_i, q_i, cov) in enumerate(poses)]
+
+    def _relative(self, relative, i: int) -> RelativeEstimate | None:
+        if relative is None or not relative[2][i]:
+            return None
+        t_rel, q_rel, _ = relative
+        if t_rel.shape[0] > 1:
+            t_i, q_i, cov = mean_and_covariance(t_rel[:, i], q_rel[:, i])
+            cov = make_psd(cov * self._mc_scale, floor_t=1e-3 ** 2, floor_r=np.deg2rad(0.05) ** 2)
+        else:
+            t_i, q_i, cov = t_rel[0, i], q_rel[0, i], self._relative_cov
+        if not (np.all(np.isfinite(t_i)) and np.all(np.isfinite(q_i))):
+            return None
+        return RelativeEstimate(t=np.asarray(t_i, dtype=float),
+                                q=geometry.quat_hemisphere(geometry.quat_normalize(q_i)), cov=cov.copy())

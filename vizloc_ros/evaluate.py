@@ -37,7 +37,10 @@ def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int 
             by_shape.setdefault(sample["image"].shape, []).append(k)
         results = [None] * len(samples)
         for indices in by_shape.values():
-            for k, result in zip(indices, estimator.estimate_batch([samples[k]["image"] for k in indices])):
+            # sequence models read the frames in the dataset's order; stamps split recordings
+            stamps = [samples[k]["stamp"] for k in indices] if estimator.sequential else None
+            batch = estimator.estimate_batch([samples[k]["image"] for k in indices], stamps=stamps)
+            for k, result in zip(indices, batch):
                 results[k] = result
         t_est.extend(r.t for r in results)
         q_est.extend(r.q for r in results)

@@ -161,6 +161,14 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"vizloc-export: {exc}", file=sys.stderr)
         return 2
+    if model.pose_depends_on_history:
+        print(f"vizloc-export: {meta['architecture']} is a sequence model (its pose reads the last "
+              f"{model.context_frames} frames); only single-image networks export to ONNX / TensorRT. "
+              "Run the .safetensors checkpoint (PoseEstimator keeps the clip).", file=sys.stderr)
+        return 2
+    if model.has_relative_head:
+        LOG.warning("%s: only the absolute-pose head is exported; visual odometry from the relative "
+                    "head needs the .safetensors checkpoint", meta["architecture"])
     spec = InputSpec.from_meta(meta.get("input"))
     src = Path(args.weights)
     src_json = src.with_suffix(".json") if src.suffix == ".safetensors" else Path(f"{src}.json")

@@ -9,6 +9,8 @@ is processed, what is dropped and why, which stamp and frame an output carries, 
   dropped and counted (a slow network never builds a queue);
 * :class:`RegressorCore` - image message -> ``PoseEstimator`` -> base pose in ``map``
   (through the camera extrinsic, covariance propagated) = ``/vizloc/absolute_pose``;
+  sequence models get their frames in stamp order, and a network with a relative head
+  (VLocNet) can also drive :class:`VisualOdometry` = ``/vizloc/visual_odometry``;
 * :class:`FusionCore` - absolute pose / odometry / IMU / initial pose messages ->
   ``SlidingWindowFusion`` -> ``/vizloc/pose``, ``/vizloc/path`` and the TF transform.
 
@@ -112,8 +114,78 @@ def camera_to_base(t_cam, q_cam, cov_cam, base_T_camera):
 
 
 @dataclass
+class OdometryPose:
+    """What ``/vizloc/visual_odometry`` carries (nav_msgs/Odometry): the pose of
+    ``child_frame_id`` in ``frame_id`` with its accumulated covariance (ROS order, axes
+    of ``frame_id``), like any visual-odometry node."""
+
+    stamp: float
+    stamp_ns: int
+    frame_id: str
+    child_frame_id: str
+    t: np.ndarray
+    q: np.ndarray
+    cov: np.ndarray
+
+
+class VisualOdometry:
+    """The network's camera motion between consecutive frames (VLocNet's relative head,
+    :class:`~vizloc_ros.estimator.RelativeEstimate`) integrated into the pose of the base
+    in ``odom_frame``: visual odometry for robots that have none, fused as relative
+    constraints like wheel odometry.
+
+    The base moves by ``E * C * E^-1`` (E: base -> camera extrinsic, C: camera motion);
+    the per-step covariance is moved into the base and then the odometry frame (first
+    order) and accumulated, so the fusion sees its growth between two poses as the
+    uncertainty of that step. A frame without a relative estimate (the first one, or the
+    first after a gap) holds the pose: the fusion does not bridge odometry gaps.
+    """
+
+    def __init__(self, odom_frame: str = "odom", base_frame: str = "base_link"):
+        self.odom_frame, self.base_frame = odom_frame, base_frame
+        self.reset()
+
+    def reset(self) -> None:
+        self.t = np.zeros(3)
+        self.q = np.array([1.0, 0.0, 0.0, 0.0])
+        self.cov = np.diag([1e-6] * 6)
+        self.steps = 0
+        self.holds = 0
+
+    def add(self, stamp_ns: int, relative, base_T_camera=None) -> OdometryPose:
+        if relative is not None:
+            t_c = np.asarray(relative.t, float)
+            q_c = np.asarray(relative.q, float)
+            cov_c = np.asarray(relative.cov, float)
+            if base_T_camera is None:
+                t_e, q_e = np.zeros(3), np.array([1.0, 0.0, 0.0, 0.0])
+            else:
+                t_e, q_e = base_T_camera
+            t_ei, q_ei = geometry.pose_inverse(t_e, q_e)
+            t_b, q_b = geometry.pose_compose(*geometry.pose_compose(t_e, q_e, t_c, q_c), t_ei, q_ei)
+            R_e = geometry.quat_to_matrix(q_e)
+            R_b = geometry.quat_to_matrix(q_b)
+            J = np.zeros((6, 6))
+            J[:3, :3] = J[3:, 3:] = R_e
+            J[:3, 3:] = geometry.hat(R_b @ np.asarray(t_e, float)) @ R_e
+            R_o = geometry.quat_to_matrix(self.q)
+            A = np.zeros((6, 6))
+            A[:3, :3] = A[3:, 3:] = R_o
+            step = A @ J @ cov_c @ J.T @ A.T
+            self.t, self.q = geometry.pose_compose(self.t, self.q, t_b, q_b)
+            self.cov = 0.5 * ((self.cov + step) + (self.cov + step).T)
+            self.steps += 1
+        else:
+            self.holds += 1
+        return OdometryPose(stamp=stamp_ns * 1e-9, stamp_ns=int(stamp_ns), frame_id=self.odom_frame,
+                            child_frame_id=self.base_frame, t=self.t.copy(), q=self.q.copy(),
+                            cov=self.cov.copy())
+
+
+@dataclass
 class AbsolutePose:
-    """What ``/vizloc/absolute_pose`` carries: base pose in ``frame_id`` at ``stamp``."""
+    """What ``/vizloc/absolute_pose`` carries: base pose in ``frame_id`` at ``stamp``;
+    ``odometry``: the visual odometry at the same stamp, when the core produces it."""
 
     stamp: float
     frame_id: str
@@ -124,6 +196,7 @@ class AbsolutePose:
     t_cam: np.ndarray | None = None
     q_cam: np.ndarray | None = None
     stamp_ns: int | None = None  # the image header stamp, exact (float seconds lose ns)
+    odometry: OdometryPose | None = None
 
 
 class RegressorCore:
@@ -137,13 +210,26 @@ class RegressorCore:
             camera pose is then used as the base pose, with one warning.
         map_frame: frame of the published poses.
         max_rate: process at most this many frames per second of message time.
+        visual_odometry: also integrate the network's relative head (VLocNet) into
+            :class:`VisualOdometry` (``odom_frame`` -> ``base_frame``); the estimator must
+            have one (``estimator.has_relative_head``).
     """
 
     def __init__(self, estimator, base_T_camera=None, map_frame: str = "map",
-                 max_rate: float = 0.0):
+                 max_rate: float = 0.0, visual_odometry: bool = False, odom_frame: str = "odom",
+                 base_frame: str = "base_link"):
         self.estimator = estimator
         self.map_frame = map_frame
         self.limiter = StampRateLimiter(max_rate)
+        # sequence models (VidLoc, VLocNet) read earlier frames: feed them in stamp order
+        self.sequential = bool(getattr(estimator, "sequential", False))
+        self.visual_odometry = None
+        if visual_odometry:
+            if not getattr(estimator, "has_relative_head", False):
+                arch = (getattr(estimator, "meta", None) or {}).get("architecture", "this network")
+                raise ValueError(f"visual odometry needs a network with a relative-pose head "
+                                 f"(vlocnet); {arch!r} has none")
+            self.visual_odometry = VisualOdometry(odom_frame, base_frame)
         self.base_T_camera = None
         if base_T_camera is not None:
             self.set_extrinsic(*base_T_camera)
@@ -195,14 +281,24 @@ class RegressorCore:
             decoded.setdefault(image.shape, []).append((i, stamp_ns, image))
         for group in decoded.values():
             try:
-                estimates = self.estimator.estimate_batch([g[2] for g in group])
+                if self.sequential:
+                    group.sort(key=lambda g: g[1])
+                    estimates = self.estimator.estimate_batch([g[2] for g in group],
+                                                              stamps=[g[1] * 1e-9 for g in group])
+                else:
+                    estimates = self.estimator.estimate_batch([g[2] for g in group])
             except (ValueError, FloatingPointError) as exc:
                 for _ in group:
                     self._drop("estimator", str(exc))
                 continue
             for (i, stamp_ns, _), est in zip(group, estimates):
+                odometry = None
+                if self.visual_odometry is not None:  # every step counts, even if the pose is dropped
+                    odometry = self.visual_odometry.add(stamp_ns, getattr(est, "relative", None),
+                                                        self.base_T_camera)
                 pose = self._to_base(stamp_ns, est)
                 if pose is not None:
+                    pose.odometry = odometry
                     out[i] = pose
                     self.counters["published"] += 1
         return out

@@ -6,12 +6,16 @@ stateless, so batching changes speed, not results), the resulting
 ``/vizloc/absolute_pose`` messages, the odometry and the IMU messages go through
 :class:`~vizloc_ros.pipeline.FusionCore` in header-stamp order, and whatever the fusion
 node would publish is written to an output bag. Ground truth is only read for the
-report.
+report. Sequence models (VidLoc, VLocNet) get the images in stamp order, as the node does.
+With ``--visual-odom`` a network with a relative head (VLocNet) is its own odometry: the
+regressor core integrates its frame-to-frame motion into ``/vizloc/visual_odometry``,
+which the fusion uses instead of the bag's odometry (the bag's is still reported).
 
 Output folder (built under a temporary name, renamed when complete)::
 
     bag/                    rosbag2 (mcap): /vizloc/absolute_pose, /vizloc/pose, /vizloc/path, /tf
-    ground_truth.tum  absolute.tum  fused.tum  odometry.tum
+                            (+ /vizloc/visual_odometry)
+    ground_truth.tum  absolute.tum  fused.tum  odometry.tum  (visual_odometry.tum)
     metrics.json  report.md  trajectories.png  errors.png  error_cdf.png
 """
 from __future__ import annotations
@@ -41,6 +45,11 @@ GT_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarian
 TF_TYPE = "tf2_msgs/msg/TFMessage"
 
 
+#: trajectory sources of the report, in table order
+SOURCE_NAMES = ("absolute", "fused", "odometry", "visual_odometry")
+SHORT_NAMES = {"visual_odometry": "visual odom"}
+
+
 class ReplayError(RuntimeError):
     """The replay cannot run: the message says why and what to do."""
 
@@ -65,6 +74,7 @@ class ReplayOptions:
     camera_extrinsic: tuple | None = None  # (t, q_wxyz) base -> camera
     fusion_params: dict = field(default_factory=dict)
     mc_dropout_samples: int = 0
+    visual_odometry: bool = False  # the network's relative head as the fusion's odometry
 
 
 # --------------------------------------------------------------------------- bag reading
@@ -93,7 +103,7 @@ def _check_topics(bag: Path, options: ReplayOptions) -> dict:
     else:
         need(options.ground_truth, GT_TYPES, "ground-truth",
              " (use --ground-truth tf:map->base_link for a TF chain)")
-    if options.fusion and options.odom_topic:
+    if options.fusion and options.odom_topic and not options.visual_odometry:
         need(options.odom_topic, ("nav_msgs/msg/Odometry",), "odometry", " (--odom-topic none to fuse without it)")
     if options.fusion and options.imu_topic:
         need(options.imu_topic, ("sensor_msgs/msg/Imu",), "IMU")
@@ -126,9 +136,13 @@ def run_replay(options: ReplayOptions) -> dict:
                                   cpu_threads=os.cpu_count() or 1)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise ReplayError(f"cannot load weights {weights}: {exc}") from None
-    regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
-                              map_frame=options.map_frame)
-    use_odom = bool(options.fusion and options.odom_topic)
+    try:
+        regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
+                                  map_frame=options.map_frame, visual_odometry=options.visual_odometry,
+                                  odom_frame=options.odom_frame, base_frame=options.base_frame)
+    except ValueError as exc:
+        raise ReplayError(f"--visual-odom: {exc}") from None
+    use_odom = bool(options.fusion and (options.odom_topic or options.visual_odometry))
     use_imu = bool(options.fusion and options.imu_topic)
     settings = FusionSettings(map_frame=options.map_frame, odom_frame=options.odom_frame,
                               base_frame=options.base_frame, use_odom=use_odom, use_imu=use_imu)
@@ -149,6 +163,7 @@ def run_replay(options: ReplayOptions) -> dict:
     static_edges: dict = {}
     events: list = []          # (stamp, order, kind, payload)
     odom_track: list = []      # (stamp, t, q) for the odometry-only trajectory
+    vo_track: list = []        # (stamp, t, q) of the network's visual odometry
     pending: list = []
     image_stamps: list = []
     n_images = None
@@ -177,8 +192,14 @@ def run_replay(options: ReplayOptions) -> dict:
             chain = static_chain(static_edges, options.base_frame, frame)
             if chain is not None:
                 regressor.set_extrinsic(*chain)
+        if regressor.sequential:  # clips are read in stamp order
+            pending.sort(key=_stamp_or_zero)
         for msg, pose in zip(pending, regressor.process_batch(pending)):
             if pose is not None:
+                if pose.odometry is not None:  # odometry first: it covers the pose's stamp
+                    events.append((pose.stamp, order, "visual_odometry", pose.odometry))
+                    vo_track.append((pose.stamp, pose.odometry.t, pose.odometry.q))
+                    order += 1
                 events.append((pose.stamp, order, "absolute", pose))
                 order += 1
         bar.update(len(pending))
@@ -208,7 +229,7 @@ def run_replay(options: ReplayOptions) -> dict:
                         odom_track.append((stamp, t, q))
                     except ValueError:
                         stamp = None
-                    if use_odom:
+                    if use_odom and not options.visual_odometry:
                         events.append((stamp if stamp is not None else -1.0, order, "odom", record.msg))
                         order += 1
                 elif use_imu and record.topic == options.imu_topic:
@@ -254,6 +275,8 @@ def run_replay(options: ReplayOptions) -> dict:
             writer.add_topic("/vizloc/pose", "geometry_msgs/msg/PoseWithCovarianceStamped")
             writer.add_topic("/vizloc/path", "nav_msgs/msg/Path")
             writer.add_topic("/tf", TF_TYPE)
+            if options.visual_odometry:
+                writer.add_topic("/vizloc/visual_odometry", "nav_msgs/msg/Odometry")
             last_path_write = -np.inf
             events.sort(key=lambda e: (e[0], e[1]))
             for stamp, _, kind, payload in events:
@@ -267,6 +290,16 @@ def run_replay(options: ReplayOptions) -> dict:
                         output = fusion_core.on_absolute(msg)
                 elif kind == "odom":
                     output = fusion_core.on_odometry(payload)
+                elif kind == "visual_odometry":
+                    stamp_msg = messages.time_from_ns(types, payload.stamp_ns)
+                    msg = messages.make_odometry(types, stamp_msg, payload.frame_id, payload.child_frame_id,
+                                                 payload.t, payload.q, payload.cov)
+                    writer.write("/vizloc/visual_odometry", payload.stamp_ns, msg)
+                    writer.write("/tf", payload.stamp_ns, messages.make_tf_message(types, [
+                        messages.make_transform_stamped(types, stamp_msg, payload.frame_id,
+                                                        payload.child_frame_id, payload.t, payload.q)]))
+                    if fusion_core is not None:
+                        output = fusion_core.on_odometry(msg)
                 elif kind == "imu":
                     fusion_core.on_imu(payload)
                 if output is None:
@@ -293,7 +326,7 @@ def run_replay(options: ReplayOptions) -> dict:
         elapsed = time.perf_counter() - started
 
         result = _assemble(options, absolute, fused, odom_track, (gt_stamps, gt_t, gt_q),
-                           regressor, fusion_core, elapsed, inference_s, len(image_stamps))
+                           regressor, fusion_core, elapsed, inference_s, len(image_stamps), vo_track)
         write_report(staging, result)
         if out.exists():
             shutil.rmtree(out)
@@ -305,10 +338,39 @@ def run_replay(options: ReplayOptions) -> dict:
         raise
 
 
+def _stamp_or_zero(msg) -> float:
+    try:
+        return messages.header_stamp_sec(msg)
+    except (ValueError, AttributeError):
+        return 0.0
+
+
+def _anchored(track, gt_stamps, gt_t, gt_q):
+    """An odometry track (stamp, t, q) in its own frame, moved into ``map`` so that it
+    starts on the ground truth at its first usable stamp; None if it never overlaps."""
+    if len(track) < 2:
+        return None
+    o_stamps = np.array([o[0] for o in track])
+    order = np.argsort(o_stamps, kind="stable")
+    o_stamps = o_stamps[order]
+    o_t = np.stack([o[1] for o in track])[order]
+    o_q = np.stack([o[2] for o in track])[order]
+    g_t, g_q = interpolate_poses(gt_stamps, gt_t, gt_q, o_stamps)
+    first = np.flatnonzero(np.all(np.isfinite(g_t), axis=1))
+    if not len(first):
+        return None
+    k = first[0]
+    t_inv, q_inv = geometry.pose_inverse(o_t[k], o_q[k])
+    m_t, m_q = geometry.pose_compose(g_t[k], g_q[k], t_inv, q_inv)
+    om_t, om_q = geometry.pose_compose(np.broadcast_to(m_t, o_t.shape),
+                                       np.broadcast_to(m_q, o_q.shape), o_t, o_q)
+    return o_stamps, om_t, om_q
+
+
 def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, elapsed,
-              inference_s, n_images) -> dict:
+              inference_s, n_images, vo_track=()) -> dict:
     """Trajectories evaluated at the image stamps, and the metrics of each source."""
-    from vizloc_ros.metrics import pose_errors, summarize_errors, trajectory_metrics
+    from vizloc_ros.metrics import pose_errors, step_errors, summarize_errors, trajectory_metrics
 
     gt_stamps, gt_t, gt_q = gt
     stamps = np.array([p.stamp for p in absolute])
@@ -326,23 +388,13 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, 
         keep = np.r_[np.diff(f_stamps) > 0, True]  # the last output at each stamp
         trajectories["fused"] = (f_stamps[keep], f_t[keep], f_q[keep])
         sources["fused"] = previous_poses(f_stamps[keep], f_t[keep], f_q[keep], stamps)
-    if len(odom_track) >= 2:
-        o_stamps = np.array([o[0] for o in odom_track])
-        order = np.argsort(o_stamps, kind="stable")
-        o_stamps = o_stamps[order]
-        o_t = np.stack([o[1] for o in odom_track])[order]
-        o_q = np.stack([o[2] for o in odom_track])[order]
-        # anchor odometry in map with the ground truth at its first usable stamp
-        g_t, g_q = interpolate_poses(gt_stamps, gt_t, gt_q, o_stamps)
-        first = np.flatnonzero(np.all(np.isfinite(g_t), axis=1))
-        if len(first):
-            k = first[0]
-            t_inv, q_inv = geometry.pose_inverse(o_t[k], o_q[k])
-            m_t, m_q = geometry.pose_compose(g_t[k], g_q[k], t_inv, q_inv)
-            om_t, om_q = geometry.pose_compose(np.broadcast_to(m_t, o_t.shape),
-                                               np.broadcast_to(m_q, o_q.shape), o_t, o_q)
-            trajectories["odometry"] = (o_stamps, om_t, om_q)
-            sources["odometry"] = interpolate_poses(o_stamps, om_t, om_q, stamps)
+    # odometry alone (the bag's, and the network's visual odometry), anchored in map with
+    # the ground truth at its first usable stamp
+    for name, track in (("odometry", odom_track), ("visual_odometry", vo_track)):
+        anchored = _anchored(track, gt_stamps, gt_t, gt_q)
+        if anchored is not None:
+            trajectories[name] = anchored
+            sources[name] = interpolate_poses(*anchored, stamps)
     metrics: dict = {"bag": str(options.bag), "weights": str(options.weights or default_weights()),
                      "frames": {"images": int(n_images), "estimated": int(len(absolute)),
                                 "evaluated": int(valid.sum())},
@@ -356,6 +408,7 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, 
         summary = summarize_errors(t_err, r_err)
         tail = max(1, len(t_err) // 10)
         summary["final_median_translation_m"] = float(np.median(t_err[-tail:]))
+        summary.update(step_errors(t[ok], q[ok], truth_t[ok], truth_q[ok]))
         summary.update(trajectory_metrics(stamps[ok], t[ok], q[ok], truth_t[ok], truth_q[ok]))
         metrics["sources"][name] = summary
         full_t = np.full(len(stamps), np.nan)
@@ -396,16 +449,18 @@ def default_weights() -> Path:
 # --------------------------------------------------------------------------- CLI
 
 def format_table(metrics: dict) -> str:
-    names = [n for n in ("absolute", "fused", "odometry") if n in metrics["sources"]]
+    names = [n for n in SOURCE_NAMES if n in metrics["sources"]]
     rows = [("median translation (m)", "median_translation_m", "{:.3f}"),
             ("median rotation (deg)", "median_rotation_deg", "{:.2f}"),
             ("final median transl. (m)", "final_median_translation_m", "{:.3f}"),
             ("within 25 cm, 2 deg", "within_25cm_2deg", "{:.1%}"),
             ("within 50 cm, 5 deg", "within_50cm_5deg", "{:.1%}"),
             ("ATE RMSE (m)", "ate_rmse_m", "{:.3f}"),
-            ("ATE RMSE, SE(3)-aligned (m)", "ate_rmse_m_se3_aligned", "{:.3f}")]
+            ("ATE RMSE, SE(3)-aligned (m)", "ate_rmse_m_se3_aligned", "{:.3f}"),
+            ("median step error (m)", "median_step_translation_m", "{:.4f}"),
+            ("median step error (deg)", "median_step_rotation_deg", "{:.3f}")]
     width = max(len(r[0]) for r in rows)
-    lines = [" " * width + "".join(f"{n:>12}" for n in names)]
+    lines = [" " * width + "".join(f"{SHORT_NAMES.get(n, n):>12}" for n in names)]
     for label, key, fmt in rows:
         cells = []
         for n in names:
@@ -447,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--odom-topic", default="/odom", help="nav_msgs/Odometry topic, or 'none'")
     parser.add_argument("--imu-topic", default="none", help="sensor_msgs/Imu topic to fuse, or 'none' (default)")
     parser.add_argument("--no-fusion", action="store_true", help="raw network poses only")
+    parser.add_argument("--visual-odom", action="store_true",
+                        help="fuse the network's own relative-pose head (VLocNet) as visual odometry "
+                             "instead of --odom-topic (for robots without odometry)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
     parser.add_argument("--mc-dropout-samples", type=int, default=0,
@@ -487,7 +545,7 @@ def main(argv=None) -> int:
             fusion=not args.no_fusion, device=args.device, batch_size=args.batch_size,
             overwrite=overwrite, progress=not args.no_progress, base_frame=args.base_frame,
             camera_extrinsic=_extrinsic(args.camera_extrinsic),
-            mc_dropout_samples=args.mc_dropout_samples)
+            mc_dropout_samples=args.mc_dropout_samples, visual_odometry=args.visual_odom)
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:

@@ -46,7 +46,12 @@ def fold_batch_norms(model: nn.Module, example: torch.Tensor, atol: float = 1e-4
     if count == 0:
         return model
     folded_model = folded_model.float().eval()
-    reference, result = model(example), folded_model(example)
+    try:
+        reference, result = model(example), folded_model(example)
+    except Exception as exc:  # noqa: BLE001 - e.g. a sequence model that wants clips
+        LOG.debug("batch-norm folding not checked on %s (%s): kept the unfolded network",
+                  type(model).__name__, exc)
+        return model
     error = float((reference - result).abs().max())
     if not torch.isfinite(result).all() or error > atol * max(1.0, float(reference.abs().max())):
         LOG.warning("batch-norm folding changed %s's output by %.3g: kept the unfolded network",

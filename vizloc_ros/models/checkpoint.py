@@ -22,9 +22,16 @@ the exporter, the trainer and the weights README read it)::
       "map_frame": "map",                      # TF frame the predicted poses live in
       "storage_dtype": "fp32",                 # "fp32" | "fp16" (tensors; loaded as fp32)
       "training": {...},                       # free-form: data, epochs, loss config, ...
-      "metrics": {...},                        # free-form: test-split metrics
+      "metrics": {...},                        # free-form: validation / test-split metrics
       "validation_errors": {...}               # free-form: per-frame / summary errors
     }
+
+Keys the trainer writes and the estimator reads: ``validation_errors.cov_ros`` (6x6 ROS-order
+covariance of the validation errors, the estimator's uncertainty) and, for networks with a
+relative-pose head (``vlocnet``), ``validation_errors.relative_cov_ros`` (the same for one
+frame-to-frame step, in the earlier camera's frame: the visual odometry's uncertainty)
+with ``metrics.validation_relative`` (its per-step errors). Sequence models need nothing
+extra: ``model_config`` holds their clip length.
 
 Required on load: ``format``, ``architecture``, ``model_config``, ``rotation_format``,
 ``input`` (with ``resize``, ``crop``, ``mean``, ``std``) and ``pose_stats`` (with

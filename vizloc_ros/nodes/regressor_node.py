@@ -4,7 +4,10 @@ The subscription callback only drops the message into a one-frame slot
 (:class:`~vizloc_ros.pipeline.LatestFrameSlot`); a worker thread runs the network on the
 newest frame, so a slow network never blocks the executor or builds a queue (replaced
 frames are counted). What a frame becomes is decided by
-:class:`~vizloc_ros.pipeline.RegressorCore`, the code ``vizloc-replay`` runs too.
+:class:`~vizloc_ros.pipeline.RegressorCore`, the code ``vizloc-replay`` runs too: a
+sequence model (VidLoc) reads the clip of the last frames it processed, and with
+``visual_odometry`` a network's relative head (VLocNet) becomes ``nav_msgs/Odometry`` on
+``visual_odometry_topic`` (+ TF ``odom_frame -> base_frame``).
 """
 from __future__ import annotations
 
@@ -40,8 +43,13 @@ class RegressorNode(Node):
         self.types = ros_message_types()
         self.problems = ProblemLog(self.get_logger())
         self.estimator = self._load_estimator(s)
-        self.core = RegressorCore(self.estimator, base_T_camera=s.camera_extrinsic,
-                                  map_frame=s.map_frame, max_rate=s.max_rate)
+        try:
+            self.core = RegressorCore(self.estimator, base_T_camera=s.camera_extrinsic,
+                                      map_frame=s.map_frame, max_rate=s.max_rate,
+                                      visual_odometry=s.visual_odometry, odom_frame=s.odom_frame,
+                                      base_frame=s.base_frame)
+        except ValueError as exc:
+            raise StartupError(f"visual_odometry: {exc}") from None
         self._extrinsic_from_tf = False
         self._extrinsic_attempts = 0
         self._lock = threading.Lock()  # core.counters: worker writes, diagnostics read
@@ -56,6 +64,13 @@ class RegressorNode(Node):
 
         self.publisher = self.create_publisher(self.types.PoseWithCovarianceStamped,
                                                node_params.ABSOLUTE_POSE_TOPIC, reliable_qos(10))
+        self.odom_publisher = self.odom_tf = None
+        if s.visual_odometry:
+            self.odom_publisher = self.create_publisher(self.types.Odometry, s.visual_odometry_topic,
+                                                        reliable_qos(10))
+            if s.publish_odom_tf:
+                from tf2_ros import TransformBroadcaster
+                self.odom_tf = TransformBroadcaster(self)
         self.slot = LatestFrameSlot()
         self.diagnostics = Diagnostics(self, "vizloc_regressor: pose regression", self._status)
         image_type = self.types.CompressedImage if s.compressed else self.types.Image
@@ -120,9 +135,16 @@ class RegressorNode(Node):
         self._latency = pose.latency_s
         if not self.context.ok():
             return
+        stamp = messages.time_from_ns(self.types, pose.stamp_ns)
+        if pose.odometry is not None and self.odom_publisher is not None:  # odometry first
+            odom = pose.odometry
+            self.odom_publisher.publish(messages.make_odometry(
+                self.types, stamp, odom.frame_id, odom.child_frame_id, odom.t, odom.q, odom.cov))
+            if self.odom_tf is not None:
+                self.odom_tf.sendTransform(messages.make_transform_stamped(
+                    self.types, stamp, odom.frame_id, odom.child_frame_id, odom.t, odom.q))
         out = messages.make_pose_with_covariance_stamped(
-            self.types, messages.time_from_ns(self.types, pose.stamp_ns), pose.frame_id,
-            pose.t, pose.q, pose.cov)
+            self.types, stamp, pose.frame_id, pose.t, pose.q, pose.cov)
         self.publisher.publish(out)
 
     def _lookup_extrinsic(self, header_frame: str) -> None:
