@@ -425,12 +425,17 @@ class FusionCore:
             return None
         self.counters["imu_received"] += 1
         try:
+            stamp_ns = messages.header_stamp_ns(msg)
+            if stamp_ns <= 0:  # a driver before its clock is set: would look like a bag loop
+                raise ValueError(f"IMU stamp {stamp_ns} ns is zero or invalid")
             reading = messages.imu_from_msg(msg)
         except ValueError as exc:
             self._drop("imu_invalid", str(exc))
             return None
         result = self.fusion.add_imu(reading.stamp, reading.gyro, reading.accel)
         self.counters[f"imu_{result.status}"] += 1
+        if result.status != "accepted":
+            self.last_reason = result.reason
         return None
 
     def on_initial_pose(self, msg) -> FusionOutput | None:
@@ -448,6 +453,7 @@ class FusionCore:
             return self._drop("initialpose_invalid", str(exc))
         result = self.fusion.set_initial_pose(stamp, t, q, cov)
         self.counters[f"initialpose_{result.status}"] += 1
+        self.last_reason = result.reason
         self.path.clear()
         return self._output(stamp) if result.status == "accepted" else None
 

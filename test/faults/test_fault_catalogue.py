@@ -14,7 +14,6 @@ import fault_cases as F
 #: "group: name" of the cases that show a defect not fixed yet (strict xfail: a fix must
 #: remove its names here)
 KNOWN_DEFECTS = {
-    "messages: IMU: zero stamp",
     "weights: NaN in the weights (diverged training) (vizloc-replay)",
     "weights: sidecar value of the wrong type (vizloc-replay)",
     "weights: NaN in the weights (diverged training) (vizloc-eval)",
