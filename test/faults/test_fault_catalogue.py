@@ -14,8 +14,6 @@ import fault_cases as F
 #: "group: name" of the cases that show a defect not fixed yet (strict xfail: a fix must
 #: remove its names here)
 KNOWN_DEFECTS = {
-    "weights: NaN in the weights (diverged training) (vizloc-replay)",
-    "weights: sidecar value of the wrong type (vizloc-replay)",
     "weights: NaN in the weights (diverged training) (vizloc-eval)",
     "weights: sidecar value of the wrong type (vizloc-eval)",
     "weights: NaN in the weights (vizloc-export)",
@@ -23,14 +21,6 @@ KNOWN_DEFECTS = {
     "params: tab indentation",
     "params: a list at the top",
     "params: ros__parameters is a list",
-    "cli: vizloc-replay: --overwrite of a folder that is not a report",
-    "cli: vizloc-replay: --overwrite of the folder holding the bag",
-    "cli: vizloc-replay: --out is a file",
-    "cli: vizloc-replay: --out where no folder can be made",
-    "cli: vizloc-replay: --camera-extrinsic with a zero quaternion",
-    "cli: vizloc-replay: --camera-extrinsic with NaN",
-    "cli: vizloc-replay: --batch-size 100000",
-    "cli: vizloc-replay: disk full while writing",
     "cli: vizloc-eval: --json in a folder that does not exist",
     "cli: vizloc-eval: --json names a folder",
     "cli: vizloc-eval: --image-topic on the odometry topic",
