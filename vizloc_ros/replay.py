@@ -30,14 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry, messages
+from vizloc_ros.data.bag_dataset import GT_TYPES, IMAGE_TYPES
 from vizloc_ros.data.ground_truth import (GroundTruthError, GroundTruthReader, interpolate_poses,
                                           previous_poses, static_chain, tf_edges)
 
 LOG = logging.getLogger("vizloc-replay")
 
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-GT_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarianceStamped",
-            "nav_msgs/msg/Odometry", "geometry_msgs/msg/TransformStamped")
 TF_TYPE = "tf2_msgs/msg/TFMessage"
 #: largest --batch-size: every image of a batch is decoded in memory at once
 MAX_BATCH_SIZE = 1024

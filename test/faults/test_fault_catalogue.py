@@ -14,17 +14,11 @@ import fault_cases as F
 #: "group: name" of the cases that show a defect not fixed yet (strict xfail: a fix must
 #: remove its names here)
 KNOWN_DEFECTS = {
-    "weights: NaN in the weights (diverged training) (vizloc-eval)",
-    "weights: sidecar value of the wrong type (vizloc-eval)",
     "weights: NaN in the weights (vizloc-export)",
     "params: YAML syntax error",
     "params: tab indentation",
     "params: a list at the top",
     "params: ros__parameters is a list",
-    "cli: vizloc-eval: --json in a folder that does not exist",
-    "cli: vizloc-eval: --json names a folder",
-    "cli: vizloc-eval: --image-topic on the odometry topic",
-    "cli: vizloc-eval: --gt-topic on the image topic",
 }
 
 
