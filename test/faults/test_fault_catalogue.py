@@ -14,7 +14,6 @@ import fault_cases as F
 #: "group: name" of the cases that show a defect not fixed yet (strict xfail: a fix must
 #: remove its names here)
 KNOWN_DEFECTS = {
-    "weights: NaN in the weights (vizloc-export)",
     "params: YAML syntax error",
     "params: tab indentation",
     "params: a list at the top",
