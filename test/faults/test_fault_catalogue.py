@@ -13,12 +13,7 @@ import fault_cases as F
 
 #: "group: name" of the cases that show a defect not fixed yet (strict xfail: a fix must
 #: remove its names here)
-KNOWN_DEFECTS = {
-    "params: YAML syntax error",
-    "params: tab indentation",
-    "params: a list at the top",
-    "params: ros__parameters is a list",
-}
+KNOWN_DEFECTS: set[str] = set()
 
 
 def _cases():
