@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fault_cases as F
+import load_harness as L
 from vizloc_ros.pipeline import FrameWorker, LatestFrameSlot
 
 
@@ -23,9 +24,9 @@ def test_ten_times_more_images_than_the_network_serves(res):
     """Expected: the newest frame is always the one processed, the rest are counted drops,
     the latency stays near one service time, nothing non-finite is published."""
     size = (240, 320)
-    service = F.service_time(res.estimator, size)
+    service = L.service_time(res.estimator, size)
     rate = min(10.0 / service, 400.0)
-    run = F.image_load(res.estimator, rate, seconds=1.5, size=size, sample_every=0.5)
+    run = L.image_load(res.estimator, rate, seconds=1.5, size=size, sample_every=0.5)
     assert run["processed"] >= 3
     assert run["stale_frames_processed"] == 0 and run["nan_outputs"] == 0 and run["worker_errors"] == 0
     assert run["received"] == run["sent"]
@@ -40,7 +41,7 @@ def test_ten_times_more_images_than_the_network_serves(res):
 def test_odometry_at_1khz_and_imu_at_2khz_keep_the_fusion_bounded_and_finite():
     """Expected: every message handled, outputs finite, the odometry / IMU history trimmed
     to ``buffer_seconds`` (memory does not grow with time), localized at the end."""
-    run = F.fusion_load(seconds=2.5, odom_hz=1000, imu_hz=2000, abs_hz=10, paced=False, buffer_seconds=1.0)
+    run = L.fusion_load(seconds=2.5, odom_hz=1000, imu_hz=2000, abs_hz=10, paced=False, buffer_seconds=1.0)
     assert run["nan_outputs"] == 0
     assert run["messages"] == {"odom": 2500, "imu": 5000, "abs": 25}
     c = run["counters"]
