@@ -656,6 +656,13 @@ def _empty_file(res, folder):
     return st
 
 
+def _corrupt_onnx(res, folder):
+    path = folder / "exported.onnx"
+    path.write_bytes(b"\x08\x07garbage, not a protobuf" * 50)
+    shutil.copy(res.weights.with_suffix(".json"), path.with_suffix(".json"))
+    return path
+
+
 def _a_folder(res, folder):
     (folder / "weights_dir").mkdir()
     return folder / "weights_dir"
@@ -671,6 +678,7 @@ WEIGHT_FAULTS = {
     "JSON sidecar cut short": _bad_json,
     "sidecar value of the wrong type": _wrong_value_types,
     "empty file": _empty_file,
+    "corrupt ONNX file": _corrupt_onnx,
     "a folder given as weights": _a_folder,
 }
 
