@@ -428,11 +428,11 @@ class FusionCore:
             stamp_ns = messages.header_stamp_ns(msg)
             if stamp_ns <= 0:  # a driver before its clock is set: would look like a bag loop
                 raise ValueError(f"IMU stamp {stamp_ns} ns is zero or invalid")
-            reading = messages.imu_from_msg(msg)
+            stamp, gyro, accel = messages.imu_motion_from_msg(msg)  # the fusion uses no more
         except ValueError as exc:
             self._drop("imu_invalid", str(exc))
             return None
-        result = self.fusion.add_imu(reading.stamp, reading.gyro, reading.accel)
+        result = self.fusion.add_imu(stamp, gyro, accel)
         self.counters[f"imu_{result.status}"] += 1
         if result.status != "accepted":
             self.last_reason = result.reason
