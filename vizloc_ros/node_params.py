@@ -364,13 +364,28 @@ def load_yaml_parameters(path) -> dict[str, dict]:
     """
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        document = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"{path} is not valid YAML{line}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a UTF-8 text file: {exc}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: a parameter file maps node names to ros__parameters, "
+                         f"found {type(document).__name__} data at the top")
     out = {}
     for node, body in document.items():
         if not isinstance(body, dict) or "ros__parameters" not in body:
             raise ValueError(f"{path}: {node!r} has no ros__parameters")
-        out[node.lstrip("/")] = _flatten(body["ros__parameters"] or {})
+        params = body["ros__parameters"] or {}
+        if not isinstance(params, dict):
+            raise ValueError(f"{path}: ros__parameters of {node!r} must map names to values, "
+                             f"found {type(params).__name__} data")
+        out[str(node).lstrip("/")] = _flatten(params)
     return out
 
 

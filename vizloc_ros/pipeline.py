@@ -7,6 +7,7 @@ is processed, what is dropped and why, which stamp and frame an output carries, 
 
 * :class:`LatestFrameSlot` - keep only the newest camera frame; older ones are
   dropped and counted (a slow network never builds a queue);
+* :class:`FrameWorker` - the worker thread that runs the newest frame of the slot;
 * :class:`RegressorCore` - image message -> ``PoseEstimator`` -> base pose in ``map``
   (through the camera extrinsic, covariance propagated) = ``/vizloc/absolute_pose``;
   sequence models get their frames in stamp order, and a network with a relative head
@@ -71,6 +72,77 @@ class LatestFrameSlot:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+class FrameWorker:
+    """The regressor node's worker thread, ROS-free: newest frame of a slot -> ``handle``.
+
+    The thread takes the newest frame from a :class:`LatestFrameSlot` and calls
+    ``handle(msg)`` on it. An exception out of ``handle`` drops that frame (counted in
+    ``errors``) and goes to ``on_error(exc)``; the worker goes on unless ``on_error``
+    returns False (the node does when rclpy is shutting down). The node, the tests and
+    ``benchmarks/fault_suite.py`` run this same loop.
+    """
+
+    def __init__(self, slot: LatestFrameSlot, handle, on_error=None, name: str = "vizloc_worker",
+                 poll_s: float = 0.5):
+        self.slot = slot
+        self.handle = handle
+        self.on_error = on_error
+        self.poll_s = poll_s
+        self.errors = 0
+        self._running = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> "FrameWorker":
+        self._running = True
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while self._running:
+            msg = self.slot.take(timeout=self.poll_s)
+            if msg is None:
+                continue
+            try:
+                self.handle(msg)
+            except Exception as exc:  # noqa: BLE001 - one bad frame never ends the worker
+                self.errors += 1
+                if self.on_error is not None and self.on_error(exc) is False:
+                    return
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the loop (the frame being processed finishes) and join the thread."""
+        self._running = False
+        self.slot.close()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+def load_estimator(weights, **kwargs):
+    """A :class:`~vizloc_ros.estimator.PoseEstimator`; any problem with the weights is one
+    ``ValueError`` naming the file, never a traceback.
+
+    This is where a user's file meets the code, for the node, ``vizloc-replay`` and
+    ``vizloc-eval`` alike: a missing, truncated or pickled file, a sidecar with missing
+    keys or values of the wrong type, tensors of another network, or weights that give a
+    non-finite pose (NaN/inf in them, a diverged training; the estimator's warm-up frame
+    shows it).
+    """
+    from vizloc_ros.estimator import PoseEstimator
+
+    try:
+        return PoseEstimator(weights, **kwargs)
+    except FloatingPointError as exc:
+        raise ValueError(f"cannot load weights {weights}: {exc} on a blank image (NaN or inf in "
+                         "the weights? a diverged training?)") from None
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+        raise ValueError(f"cannot load weights {weights}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a sidecar value of the wrong type
+        raise ValueError(f"cannot load weights {weights}: {type(exc).__name__}: {exc}") from None
 
 
 class StampRateLimiter:
@@ -449,12 +521,17 @@ class FusionCore:
             return None
         self.counters["imu_received"] += 1
         try:
-            reading = messages.imu_from_msg(msg)
+            stamp_ns = messages.header_stamp_ns(msg)
+            if stamp_ns <= 0:  # a driver before its clock is set: would look like a bag loop
+                raise ValueError(f"IMU stamp {stamp_ns} ns is zero or invalid")
+            stamp, gyro, accel = messages.imu_motion_from_msg(msg)  # the fusion uses no more
         except ValueError as exc:
             self._drop("imu_invalid", str(exc))
             return None
-        result = self.fusion.add_imu(reading.stamp, reading.gyro, reading.accel)
+        result = self.fusion.add_imu(stamp, gyro, accel)
         self.counters[f"imu_{result.status}"] += 1
+        if result.status != "accepted":
+            self.last_reason = result.reason
         return None
 
     def on_initial_pose(self, msg) -> FusionOutput | None:
@@ -472,6 +549,7 @@ class FusionCore:
             return self._drop("initialpose_invalid", str(exc))
         result = self.fusion.set_initial_pose(stamp, t, q, cov)
         self.counters[f"initialpose_{result.status}"] += 1
+        self.last_reason = result.reason
         self.path.clear()
         return self._output(stamp) if result.status == "accepted" else None
 

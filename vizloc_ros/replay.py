@@ -34,15 +34,15 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry, messages
+from vizloc_ros.data.bag_dataset import GT_TYPES, IMAGE_TYPES
 from vizloc_ros.data.ground_truth import (GroundTruthError, GroundTruthReader, interpolate_poses,
                                           previous_poses, static_chain, tf_edges)
 
 LOG = logging.getLogger("vizloc-replay")
 
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-GT_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarianceStamped",
-            "nav_msgs/msg/Odometry", "geometry_msgs/msg/TransformStamped")
 TF_TYPE = "tf2_msgs/msg/TFMessage"
+#: largest --batch-size: every image of a batch is decoded in memory at once
+MAX_BATCH_SIZE = 1024
 
 
 #: trajectory sources of the report, in table order
@@ -110,6 +110,29 @@ def _check_topics(bag: Path, options: ReplayOptions) -> dict:
     return topics
 
 
+def _check_output(out: Path, options: ReplayOptions, weights) -> None:
+    """Refuse an output folder that cannot be written, or whose replacement would destroy
+    something that is not an earlier report (``--overwrite`` with ``--out .``, or with
+    the folder that holds the bag or the weights, is a typing slip, not a wish)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not options.overwrite:
+        raise ReplayError(f"output folder {out} exists; pass --overwrite to replace it")
+    if not out.is_dir():
+        raise ReplayError(f"--out {out} is a file, not a report folder; choose another --out")
+    target = out.resolve()
+    for what, path in (("the bag", options.bag), ("the weights", weights)):
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved == target or target in resolved.parents:
+            raise ReplayError(f"--out {out} holds {what} ({path}): refusing to replace it; "
+                              "choose another --out")
+    if any(out.iterdir()) and not (out / "metrics.json").is_file():
+        raise ReplayError(f"--out {out} is not a vizloc-replay report folder (no metrics.json): "
+                          "refusing to replace it; choose another --out")
+
+
 # --------------------------------------------------------------------------- the run
 
 def run_replay(options: ReplayOptions) -> dict:
@@ -117,31 +140,29 @@ def run_replay(options: ReplayOptions) -> dict:
     from tqdm import tqdm
 
     from vizloc_ros.data.bag_io import BagWriter, read_messages
-    from vizloc_ros.estimator import PoseEstimator
-    from vizloc_ros.models import CheckpointError
-    from vizloc_ros.pipeline import FusionCore, FusionSettings, RegressorCore
+    from vizloc_ros.pipeline import FusionCore, FusionSettings, RegressorCore, load_estimator
     from vizloc_ros.report import write_report
 
     bag, out = Path(options.bag), Path(options.out)
-    if options.batch_size < 1:
-        raise ReplayError("--batch-size must be >= 1")
-    if out.exists() and not options.overwrite:
-        raise ReplayError(f"output folder {out} exists; pass --overwrite to replace it")
-    topics = _check_topics(bag, options)
+    if not 1 <= options.batch_size <= MAX_BATCH_SIZE:
+        raise ReplayError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {options.batch_size}")
     weights = options.weights or default_weights()
+    _check_output(out, options, weights)
+    topics = _check_topics(bag, options)
     try:
         # offline: no ROS callbacks to leave a core for, so use every core
-        estimator = PoseEstimator(weights, device=options.device,
-                                  mc_dropout_samples=options.mc_dropout_samples,
-                                  cpu_threads=os.cpu_count() or 1)
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise ReplayError(f"cannot load weights {weights}: {exc}") from None
+        estimator = load_estimator(weights, device=options.device,
+                                   mc_dropout_samples=options.mc_dropout_samples,
+                                   cpu_threads=os.cpu_count() or 1)
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
     try:
         regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
                                   map_frame=options.map_frame, visual_odometry=options.visual_odometry,
                                   odom_frame=options.odom_frame, base_frame=options.base_frame)
     except ValueError as exc:
-        raise ReplayError(f"--visual-odom: {exc}") from None
+        what = "--visual-odom" if options.visual_odometry and "visual" in str(exc) else "camera extrinsic"
+        raise ReplayError(f"{what}: {exc}") from None
     use_odom = bool(options.fusion and (options.odom_topic or options.visual_odometry))
     use_imu = bool(options.fusion and options.imu_topic)
     settings = FusionSettings(map_frame=options.map_frame, odom_frame=options.odom_frame,
@@ -174,10 +195,13 @@ def run_replay(options: ReplayOptions) -> dict:
         pass
 
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging.mkdir()
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise ReplayError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
     started = time.perf_counter()
     bar = tqdm(total=n_images, desc="replay", unit="frame", disable=not options.progress,
                dynamic_ncols=True)
@@ -481,6 +505,9 @@ def _extrinsic(values):
     if values is None:
         return None
     x, y, z, qx, qy, qz, qw = values
+    if not np.all(np.isfinite(values)) or not np.linalg.norm([qx, qy, qz, qw]) > 1e-6:
+        raise ReplayError(f"--camera-extrinsic {' '.join(f'{v:g}' for v in values)}: expected finite "
+                          "X Y Z and a non-zero quaternion QX QY QZ QW")
     return np.array([x, y, z]), geometry.quat_normalize(geometry.ros_to_wxyz([qx, qy, qz, qw]))
 
 
@@ -514,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-frame", default="base_link")
     parser.add_argument("--out", help="output folder (default vizloc_replay_<bag name>; "
                                       "--demo: vizloc_demo_report, replaced on each run)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier report folder (never a folder that is not a report or "
+                             "that holds the bag or the weights)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -554,6 +583,9 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
     except ReplayError as exc:
         print(f"vizloc-replay: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up while the report was written
+        print(f"vizloc-replay: error: {exc}; no report was written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vizloc-replay: interrupted; no report was written", file=sys.stderr)
