@@ -446,3 +446,21 @@ def test_a_failing_sequence_with_jobs_leaves_no_output(tmp_path, monkeypatch):
         synth.generate(tmp_path / "out", broken, synth.SynthConfig(width=40, height=30), fmt="7scenes",
                        progress=False, jobs=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_an_earlier_output(tmp_path, capsys):
+    """--overwrite with a folder that is not a vizloc-synth output (say `--out .`) refuses."""
+    precious = tmp_path / "work"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    args = ["--format", "7scenes", "--split", "test", "--frames", "3", "--size", "40x30", "--quiet"]
+    assert synth.main(["--out", str(precious), "--overwrite", *args]) == 2
+    assert "no scene.json" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert synth.main(["--out", str(a_file), "--overwrite", *args]) == 2
+    assert a_file.read_text() == "x"
+    earlier = tmp_path / "earlier"
+    assert synth.main(["--out", str(earlier), *args]) == 0
+    assert synth.main(["--out", str(earlier), "--overwrite", "--seed", "2", *args]) == 0

@@ -339,8 +339,7 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, not {jobs}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass --overwrite (overwrite=True) to replace it")
+    _check_output(out_dir, overwrite)
     scene = get_scene(config.scene)
     sims = [simulate_sequence(spec, config, scene) for spec in sequences]  # fail early, before rendering
 
@@ -394,6 +393,21 @@ def _render_in_processes(staging: Path, sequences, config, want_bag, want_7scene
             for future in pending:
                 future.cancel()
             raise
+
+
+def _check_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite``, and even then refuse to replace a
+    folder that is not an earlier vizloc-synth output (no ``scene.json``): ``--out .``
+    with ``--overwrite`` is a typing slip, not a wish to delete the working directory."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass --overwrite (overwrite=True) to replace it")
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a vizloc-synth output folder; choose another --out")
+    if any(out_dir.iterdir()) and not (out_dir / "scene.json").is_file():
+        raise FileExistsError(f"{out_dir} is not a vizloc-synth output (no scene.json): refusing to "
+                              "replace it; choose another --out")
 
 
 def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
