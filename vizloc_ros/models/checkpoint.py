@@ -274,6 +274,11 @@ def _read_json(json_path: Path, st_path: Path) -> dict:
                 "validation_errors": {}}
     for key, value in defaults.items():
         meta.setdefault(key, value)
+    wrong = [f"{key} (must be {type(value).__name__ if not isinstance(value, dict) else 'an object'}, "
+             f"got {type(meta[key]).__name__})"
+             for key, value in defaults.items() if not isinstance(meta[key], type(value))]
+    if wrong:
+        raise CheckpointError(f"JSON sidecar {json_path} has keys of the wrong type: {', '.join(wrong)}")
     return meta
 
 
