@@ -2,11 +2,13 @@
 
     ros2 launch vizloc_ros relocalize.launch.py                     # your robot's topics
     ros2 launch vizloc_ros relocalize.launch.py demo:=true rviz:=true
+    ros2 launch vizloc_ros relocalize.launch.py weights:=my_vlocnet.safetensors visual_odom:=true
 
 Every parameter comes from ``params_file`` (config/vizloc.yaml by default). An argument
 left empty keeps the file's value; a non-empty one overrides it. ``demo:=true`` plays
 the demo scene's bag in a loop with ``--clock`` (rendered on first use and cached) and
-sets use_sim_time.
+sets use_sim_time. ``visual_odom:=true`` (a checkpoint with a relative-pose head, VLocNet)
+makes the regressor publish its visual odometry and the fusion use it as odometry.
 """
 import os
 
@@ -19,6 +21,8 @@ from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
 PACKAGE = "vizloc_ros"
+#: node_params.VISUAL_ODOMETRY_TOPIC (the launch file does not import the package at parse time)
+VISUAL_ODOMETRY_TOPIC = "/vizloc/visual_odometry"
 
 
 def _share() -> str:
@@ -78,6 +82,12 @@ def _setup(context):
         value = _flag(context, name)
         if value is not None:
             fusion[name] = value
+    if _flag(context, "visual_odom"):
+        # the network's relative head is the odometry: regressor publishes, fusion listens
+        regressor["visual_odometry"] = True
+        regressor["visual_odometry_topic"] = VISUAL_ODOMETRY_TOPIC
+        fusion["odom_topic"] = VISUAL_ODOMETRY_TOPIC
+        fusion["use_odom"] = True
     params_file = text["params_file"]
     actions += [
         Node(package=PACKAGE, executable="vizloc_regressor", name="vizloc_regressor",
@@ -126,5 +136,8 @@ def generate_launch_description():
                               description="play the demo scene's bag in a loop (implies use_sim_time)"),
         DeclareLaunchArgument("use_sim_time", default_value="false",
                               description="use /clock (a bag played with --clock)"),
+        DeclareLaunchArgument("visual_odom", default_value="false",
+                              description="fuse the network's relative-pose head (vlocnet weights) as "
+                                          "visual odometry, for a robot without odometry"),
         OpaqueFunction(function=_setup),
     ])

@@ -256,3 +256,21 @@ def test_describe_tensors():
     assert describe_tensors(shapes) == "backbone resnet34, rotation head of 3 outputs (logq), feat_dim 8"
     assert "googlenet" in describe_tensors({"backbone.inception3a.x": (1,)})
     assert "unknown network" in describe_tensors({"foo": (1,)})
+
+
+def test_sidecar_values_of_the_wrong_type_are_named(tmp_path):
+    import json
+
+    from vizloc_ros.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+
+    path = tmp_path / "m"
+    save_checkpoint(path, build_model("posenet_resnet18", feat_dim=16).eval(), {"input": {"resize": 32, "crop": [32, 32]}})
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["validation_errors"] = "not an object"
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    try:
+        load_checkpoint(path)
+    except CheckpointError as exc:
+        assert "validation_errors (must be an object, got str)" in str(exc)
+    else:
+        raise AssertionError("a wrong-typed sidecar value was accepted")

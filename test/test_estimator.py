@@ -1,5 +1,6 @@
 """PoseEstimator: agreement with a float64 reference, covariance sanity, bad input, ONNX export."""
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +180,64 @@ def test_vizloc_eval_records_metrics_in_the_sidecar(checkpoint, tmp_path):
     assert evaluate.main([str(weights), str(scene), "--no-progress", "--record", "test"]) == 0
     meta = json.loads(weights.with_suffix(".json").read_text())
     assert meta["metrics"]["test"]["frames"] == 3 and meta["metrics"]["test"]["split"] == "test"
+
+
+# ----------------------------------------------------------------------------- CUDA (run on a GPU machine)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _reference_pose(model, image):
+    reference = build_model("mapnet", feat_dim=64)
+    reference.load_state_dict(model.state_dict())
+    reference = reference.double().eval()
+    x = preprocess(torch.from_numpy(image[None]), SPEC).double()
+    with torch.no_grad():
+        t_ref, q_ref = reference.decode(reference(x))
+    return t_ref[0].numpy(), q_ref[0].numpy()
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "mapnet_demo.safetensors"
+
+
+@needs_cuda
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="needs the shipped MapNet")
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("fp16", 1e-3)])
+def test_cuda_graph_path_matches_float64_reference(precision, tolerance):
+    """The shipped network (a trained one: an untrained net's tiny, noisy outputs make
+    fp16's relative error meaningless) through the captured graph vs float64 on the CPU."""
+    from vizloc_ros.models import load_checkpoint
+
+    estimator = PoseEstimator(SHIPPED, device="cuda", precision=precision, require_device=True)
+    reference, meta = load_checkpoint(SHIPPED)
+    reference = reference.double().eval()
+    spec = InputSpec.from_meta(meta["input"])
+    for seed in range(3):  # fresh inputs per check
+        image = _image(200 + seed, 240, 320)
+        result = estimator.estimate(image)
+        with torch.no_grad():
+            t_ref, q_ref = reference.decode(reference(preprocess(torch.from_numpy(image[None]), spec).double()))
+        t_ref, q_ref = t_ref[0].numpy(), q_ref[0].numpy()
+        assert np.linalg.norm(result.t - t_ref) / np.linalg.norm(t_ref) < tolerance
+        assert np.linalg.norm(result.q - q_ref) < tolerance
+
+
+@needs_cuda
+def test_cuda_chunked_batches_equal_single_frames(checkpoint):
+    estimator = PoseEstimator(checkpoint[0], device="cuda", require_device=True)
+    images = [_image(300 + s) for s in range(19)]  # two full chunks and a partial one
+    batch = estimator.estimate_batch(images)
+    for image, result in zip(images, batch):
+        np.testing.assert_allclose(estimator.estimate(image).t, result.t, rtol=1e-5, atol=1e-6)
+    again = estimator.estimate_batch(images[::-1])  # buffers reused with other contents
+    np.testing.assert_allclose(again[0].t, batch[-1].t, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+def test_cuda_graph_mc_dropout_draws_fresh_masks(checkpoint):
+    estimator = PoseEstimator(checkpoint[0], device="cuda", mc_dropout_samples=8, require_device=True)
+    image = _image(4)
+    first, second = estimator.estimate(image), estimator.estimate(image)
+    assert np.abs(first.t - second.t).max() > 0  # the replayed graph advanced the generator
+    for result in (first, second):
+        assert np.all(np.isfinite(result.cov)) and np.linalg.eigvalsh(result.cov).min() > 0

@@ -19,7 +19,7 @@ CONFIG = ROOT / "config" / "vizloc.yaml"
 NODES = ROOT / "vizloc_ros" / "nodes"
 
 LAUNCH_ARGUMENTS = {"weights", "device", "image_topic", "odom_topic", "imu_topic", "use_odom",
-                    "use_imu", "params_file", "rviz", "demo", "use_sim_time"}
+                    "use_imu", "params_file", "rviz", "demo", "use_sim_time", "visual_odom"}
 
 
 def _calls(tree, name):
@@ -60,7 +60,8 @@ def test_launch_uses_only_declared_arguments(launch_tree):
             if "params_file" in names or "use_odom" in names:
                 used |= names
     assert used and used <= LAUNCH_ARGUMENTS
-    assert {"demo", "rviz", "use_sim_time", "use_odom", "use_imu", "params_file", "weights"} <= used
+    assert {"demo", "rviz", "use_sim_time", "use_odom", "use_imu", "params_file", "weights",
+            "visual_odom"} <= used
 
 
 def test_launch_starts_both_nodes_and_plays_the_demo_bag_with_clock(launch_tree):
@@ -76,6 +77,17 @@ def test_launch_starts_both_nodes_and_plays_the_demo_bag_with_clock(launch_tree)
     assert words.index(None) < words.index("--clock")
     source = LAUNCH.read_text()
     assert "cached_demo_bag()" in source and "OpaqueFunction" in source
+
+
+def test_launch_visual_odom_points_the_fusion_at_the_regressors_visual_odometry(launch_tree):
+    constants = {node.targets[0].id: node.value.value for node in launch_tree.body
+                 if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                 and isinstance(node.targets[0], ast.Name)}
+    assert constants["VISUAL_ODOMETRY_TOPIC"] == P.VISUAL_ODOMETRY_TOPIC
+    source = LAUNCH.read_text()
+    for line in ('regressor["visual_odometry"] = True', 'fusion["odom_topic"] = VISUAL_ODOMETRY_TOPIC',
+                 'fusion["use_odom"] = True'):
+        assert line in source
 
 
 def test_launch_file_paths_exist():
@@ -208,6 +220,8 @@ def test_shipped_weights_are_found_from_the_source_tree():
     ({"camera_extrinsic": [0.0] * 6}, "'camera_extrinsic'"),
     ({"camera_extrinsic": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]}, "'camera_extrinsic'.*norm"),
     ({"image_topic": ""}, "'image_topic'"),
+    ({"visual_odometry_topic": " "}, "'visual_odometry_topic'"),
+    ({"visual_odometry": "yes"}, "'visual_odometry'"),
     ({"wieghts": ""}, "unknown parameter"),
 ])
 def test_bad_regressor_values_name_the_parameter(values, match):

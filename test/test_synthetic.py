@@ -422,3 +422,45 @@ def test_cached_demo_bag_honours_xdg_cache_home(tmp_path, monkeypatch):
     assert os.stat(bag / "metadata.yaml").st_mtime_ns == stamp
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert synth.demo_cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "vizloc_ros" / "demo"
+
+
+def test_parallel_rendering_writes_the_same_bytes(tmp_path):
+    """--jobs renders sequences in worker processes; the output must not depend on it."""
+    common = ["--format", "both", "--split", "all", "--train-walks", "2", "--frames", "3",
+              "--size", "40x30", "--quiet"]
+    assert synth.main(["--out", str(tmp_path / "serial"), *common]) == 0
+    assert synth.main(["--out", str(tmp_path / "parallel"), "--jobs", "3", *common]) == 0
+    serial = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*") if p.is_file())
+    parallel = sorted(p.relative_to(tmp_path / "parallel") for p in (tmp_path / "parallel").rglob("*") if p.is_file())
+    assert serial == parallel and len(serial) > 20
+    for rel in serial:
+        if rel.suffix in (".png", ".txt", ".tum"):
+            assert (tmp_path / "serial" / rel).read_bytes() == (tmp_path / "parallel" / rel).read_bytes(), rel
+
+
+def test_a_failing_sequence_with_jobs_leaves_no_output(tmp_path, monkeypatch):
+    specs = synth.demo_sequences("all", frames=3, train_walks=2)
+    broken = [synth.SequenceSpec(s.number, s.split, s.seed, s.frames, str(tmp_path / "missing.tum"))
+              if s.number == 2 else s for s in specs]
+    with pytest.raises((FileNotFoundError, OSError, ValueError)):
+        synth.generate(tmp_path / "out", broken, synth.SynthConfig(width=40, height=30), fmt="7scenes",
+                       progress=False, jobs=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_an_earlier_output(tmp_path, capsys):
+    """--overwrite with a folder that is not a vizloc-synth output (say `--out .`) refuses."""
+    precious = tmp_path / "work"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    args = ["--format", "7scenes", "--split", "test", "--frames", "3", "--size", "40x30", "--quiet"]
+    assert synth.main(["--out", str(precious), "--overwrite", *args]) == 2
+    assert "no scene.json" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert synth.main(["--out", str(a_file), "--overwrite", *args]) == 2
+    assert a_file.read_text() == "x"
+    earlier = tmp_path / "earlier"
+    assert synth.main(["--out", str(earlier), *args]) == 0
+    assert synth.main(["--out", str(earlier), "--overwrite", "--seed", "2", *args]) == 0

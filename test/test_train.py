@@ -79,6 +79,7 @@ def test_cli_writes_checkpoint_with_validation_metrics_and_resumes(tiny_scene):
     ("optim.lr=fast", "optim.lr"),
     ("optim.epochs=0", "epochs"),
     ("nonsense.key=1", "unknown config key"),
+    ("amp=fp8", "amp must be none or bf16"),
 ])
 def test_bad_config_values_are_clear_errors(tiny_scene, override, message, capsys):
     code = train.main(["--data", str(tiny_scene / "scene"), "--set", override, "--out",
@@ -122,3 +123,16 @@ def test_init_from_starts_from_a_checkpoint_and_refuses_another_architecture(tin
     assert train.main([*base, "--model", "mapnet", "--out", str(tiny_scene / "out" / "third"),
                        "--set", f"model.init_from={first}.safetensors"]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_bf16_autocast_and_loader_workers_train_to_a_finite_checkpoint(tiny_scene):
+    """The GPU recipe's switches (bf16 autocast, DataLoader workers) work on any device."""
+    out = tiny_scene / "out" / "bf16"
+    args = ["--data", str(tiny_scene / "scene"), "--model", "mapnet", "--epochs", "1",
+            "--batch-size", "2", "--out", str(out), "--set", "tuple.skip=1", "--set", "tuple.steps=2",
+            "--set", "model.args.backbone=resnet18", "--set", "amp=bf16", "--set", "workers=1", *TINY]
+    assert train.main(args) == 0
+    model, meta = load_checkpoint(out)
+    assert meta["training"]["config"]["amp"] == "bf16"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert np.isfinite(meta["metrics"]["validation"]["median_translation_m"])

@@ -7,16 +7,20 @@ Why the pieces are here:
 
 * preprocessing (resize, crop, normalise) runs on the inference device through
   :mod:`vizloc_ros.preprocess`, the same code the training data loader uses;
-* on CUDA the host image goes through a pinned buffer with a non-blocking upload, the
-  model runs in fp16 / channels_last, and the forward pass is replayed from a CUDA graph
-  per batch size (captured on first use, so a new image size costs nothing extra: the
-  graph's input is the fixed-size crop);
+* on CUDA the host images are stacked into a pinned buffer and uploaded without
+  blocking; the model runs in fp16 / channels_last, and preprocessing, network and
+  decoding are replayed from one CUDA graph per input shape and sample count (captured
+  on first use);
 * on the CPU the model runs under ``inference_mode`` in channels_last with one core
   left free for ROS callbacks;
 * uncertainty: with ``mc_dropout_samples = N > 1`` the N dropout samples run as one batch
   and their spread gives the covariance; otherwise the covariance measured on the
   validation split (stored in the checkpoint JSON) is used. Either way the result is
-  symmetric positive definite, finite, and never below a floor.
+  symmetric positive definite, finite, and never below a floor;
+* sequence models (VidLoc's clip, VLocNet's relative head) keep the last frames in a
+  :class:`~vizloc_ros.models.sequence.FrameStream`: images must then come in time order
+  (``stamps`` lets the stream start a new clip at a gap), and a model with a relative head
+  also returns the camera motion since the previous frame (:class:`RelativeEstimate`).
 
 Covariance convention (ROS order x, y, z, rot_x, rot_y, rot_z): the translation block is
 in the ``map`` frame; the rotation block is that of a small rotation vector applied on
@@ -46,18 +50,34 @@ DEFAULT_SIGMA_R = np.deg2rad(10.0)
 #: covariance floor (variances): 1 cm and 0.2 deg standard deviation.
 FLOOR_VAR_T = 0.01 ** 2
 FLOOR_VAR_R = np.deg2rad(0.2) ** 2
-_MAX_GRAPHS = 4
+_MAX_GRAPHS = 8
+#: images per CUDA-graph launch in a large batch: uploads of one chunk overlap the network
+#: run of the previous one
+_CHUNK = 8
+
+
+@dataclass
+class RelativeEstimate:
+    """Camera motion from the previous frame to this one: the pose of this camera in the
+    previous camera's optical frame (metres, (w, x, y, z)), 6x6 ROS-order covariance in
+    that frame."""
+
+    t: np.ndarray
+    q: np.ndarray
+    cov: np.ndarray
 
 
 @dataclass
 class PoseEstimate:
     """One camera pose in ``map``: translation (3,), quaternion (w,x,y,z) with w >= 0,
-    6x6 covariance in ROS order, and the wall-clock latency of producing it."""
+    6x6 covariance in ROS order, and the wall-clock latency of producing it; ``relative``
+    for models with a relative (odometry) head, when the frame had a predecessor."""
 
     t: np.ndarray
     q: np.ndarray
     cov: np.ndarray
     latency_s: float
+    relative: RelativeEstimate | None = None
 
 
 def resolve_device(device: str = "auto", require: bool = False) -> torch.device:
@@ -104,6 +124,21 @@ def default_covariance() -> np.ndarray:
     return np.diag([DEFAULT_SIGMA_T ** 2] * 3 + [DEFAULT_SIGMA_R ** 2] * 3)
 
 
+#: per-step relative-pose sigmas used when a checkpoint has no relative validation errors
+DEFAULT_REL_SIGMA_T = 0.05
+DEFAULT_REL_SIGMA_R = np.deg2rad(2.0)
+
+
+def relative_covariance_from_meta(meta: dict) -> np.ndarray:
+    """Per-step covariance of a relative head (``validation_errors.relative_cov_ros``)."""
+    cov = ((meta or {}).get("validation_errors") or {}).get("relative_cov_ros")
+    try:
+        return make_psd(np.asarray(cov, dtype=float).reshape(6, 6), floor_t=1e-3 ** 2,
+                        floor_r=np.deg2rad(0.05) ** 2)
+    except (TypeError, ValueError):
+        return np.diag([DEFAULT_REL_SIGMA_T ** 2] * 3 + [DEFAULT_REL_SIGMA_R ** 2] * 3)
+
+
 def covariance_from_meta(meta: dict) -> np.ndarray:
     """Covariance from the checkpoint's validation errors (``validation_errors.cov_ros``)."""
     block = (meta or {}).get("validation_errors") or {}
@@ -137,7 +172,15 @@ def mean_and_covariance(t_samples: np.ndarray, q_samples: np.ndarray):
 
 
 class _TorchRunner:
-    """Runs a PoseRegressor: raw images in, (t, q) samples out, with the fast paths."""
+    """Runs a PoseRegressor: raw images in, (t, q) samples out, with the fast paths.
+
+    The whole device-side computation (uint8 image -> resize / crop / normalise ->
+    network -> decoded pose) is one function, :meth:`_pipeline`. On CUDA it is captured
+    once per input shape and sample count into a CUDA graph, so a frame costs one host
+    copy, one upload, one graph launch and one 28-byte download per image; MC dropout is
+    captured with dropout sampling on (the graph advances the random generator on every
+    replay, so each call draws fresh masks).
+    """
 
     def __init__(self, model, spec: InputSpec, device: torch.device, precision: str,
                  use_graphs: bool, compile_model: bool):
@@ -146,6 +189,15 @@ class _TorchRunner:
         self.dtype = torch.float16 if (precision == "fp16" and device.type == "cuda") else torch.float32
         if precision == "fp16" and device.type != "cuda":
             LOG.warning("fp16 requested on %s: running fp32 (fp16 is a GPU path)", device)
+        from vizloc_ros.models.batchnorm_folding import fold_batch_norms
+
+        crop_h, crop_w = spec.crop
+        example = torch.rand(2, 3, max(crop_h, 1), max(crop_w, 1), generator=torch.Generator().manual_seed(0))
+        model = fold_batch_norms(model.float().eval(), (example - 0.45) / 0.225)
+        if device.type == "cuda" and self.dtype == torch.float32:
+            # fp32 means fp32: TF32 convolutions and matmuls differ from it by ~1e-3
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         model = model.to(device=device).eval()
         model = model.to(memory_format=torch.channels_last)
         if self.dtype == torch.float16:
@@ -153,70 +205,170 @@ class _TorchRunner:
         self.model = model
         self.forward = torch.compile(model.forward) if compile_model else model.forward
         self.use_graphs = use_graphs and device.type == "cuda"
-        self._graphs: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+        self.stream = None
+        if model.streaming:
+            from vizloc_ros.models.sequence import FrameStream
+            self.stream = FrameStream(model)
+        self._graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self._pinned: dict[tuple, torch.Tensor] = {}
+        self._device_in: dict[tuple, torch.Tensor] = {}
+        self._copy_stream = None
+        self._copy_pool = None
+        #: per-frame 6x6 covariances of the last call, from models that estimate their own
+        #: (DSAC's inliers, NetVLAD's neighbours, the allocentric match); None otherwise
+        self.model_cov = None
 
-    def upload(self, batch: np.ndarray) -> torch.Tensor:
-        """(B, H, W, 3) uint8 host array -> tensor on the device (pinned, non-blocking on CUDA)."""
-        host = torch.from_numpy(batch)
+    # ------------------------------------------------------------------ host -> device
+    def _stack_into(self, arrays: list[np.ndarray], out: np.ndarray) -> None:
+        """Stack images into ``out``. Large batches are copied by a few threads (numpy
+        releases the GIL while copying); one thread cannot fill pinned memory fast enough
+        to keep a GPU busy with 640x480 frames."""
+        if len(arrays) < 4 or out.nbytes < (2 << 20):
+            np.stack(arrays, out=out)
+            return
+        if self._copy_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._copy_pool = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) // 2)),
+                                                 thread_name_prefix="vizloc-upload")
+        list(self._copy_pool.map(lambda i: np.copyto(out[i], arrays[i]), range(len(arrays))))
+
+    def upload(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """Same-size (H, W, 3) uint8 host images -> one (B, H, W, 3) tensor on the device.
+
+        On CUDA the images are stacked straight into a reused page-locked buffer (one host
+        copy, not two) and uploaded without blocking; the buffer is reused only after the
+        previous call has synchronised on its result.
+        """
         if self.device.type != "cuda":
-            return host
-        key = tuple(batch.shape)
-        pinned = self._pinned.get(key)
-        if pinned is None:
-            if len(self._pinned) >= _MAX_GRAPHS:
-                self._pinned.clear()
-            pinned = self._pinned[key] = torch.empty(key, dtype=torch.uint8, pin_memory=True)
-        pinned.copy_(host)
+            return torch.from_numpy(np.stack(arrays))
+        pinned = self._buffer(self._pinned, (len(arrays), *arrays[0].shape),
+                              lambda k: torch.empty(k, dtype=torch.uint8, pin_memory=True))
+        self._stack_into(arrays, pinned.numpy())
         return pinned.to(self.device, non_blocking=True)
 
-    def _run_graph(self, x: torch.Tensor) -> torch.Tensor:
-        key = x.shape[0]
-        entry = self._graphs.get(key)
-        if entry is None:
-            static_in = x.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up iterations, as CUDA graphs require
-                for _ in range(2):
-                    self.forward(static_in)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self.forward(static_in)
-            entry = (graph, static_in, static_out)
-            self._graphs[key] = entry
-            if len(self._graphs) > _MAX_GRAPHS:
-                self._graphs.popitem(last=False)
-        graph, static_in, static_out = entry
-        static_in.copy_(x)
-        graph.replay()
-        return static_out
-
-    @torch.inference_mode()
-    def __call__(self, batch: np.ndarray, samples: int):
-        """Returns t (S, B, 3) and q (S, B, 4) float64 numpy, S = max(samples, 1), and the
-        model's own covariances (B, 6, 6) or None."""
-        x = preprocess(self.upload(batch), self.spec, dtype=self.dtype)
-        x = x.contiguous(memory_format=torch.channels_last)
-        if self.model.custom_inference:  # scene coordinates, retrieval, ...: the model's own path
-            t, q, cov = self.model.localize(x)
-            cov = None if cov is None else np.asarray(torch.as_tensor(cov).double().cpu())
-            return (t.double().cpu().numpy()[None], q.double().cpu().numpy()[None], cov)
-        repeats = max(samples, 1)
-        self.model.mc_dropout(repeats > 1)
+    # ------------------------------------------------------------------ device work
+    def _pipeline(self, images: torch.Tensor, samples: int) -> torch.Tensor:
+        """uint8 (B, H, W, 3) on the device -> (samples * B, 7) float32: metric
+        translation and unit quaternion (w, x, y, z), sample-major."""
+        x = preprocess(images, self.spec, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+        self.model.mc_dropout(samples > 1)
         try:
-            if repeats > 1:
-                raw = self.model.forward_samples(x, repeats)
-            else:
-                raw = self._run_graph(x) if self.use_graphs else self.forward(x)
+            raw = self.model.forward_samples(x, samples) if samples > 1 else self.forward(x)
         finally:
             self.model.mc_dropout(False)
         t, q = self.model.decode(raw.float())
-        b = batch.shape[0]
-        t = t.reshape(repeats, b, 3).double().cpu().numpy()
-        q = q.reshape(repeats, b, 4).double().cpu().numpy()
-        return t, q, None
+        return torch.cat([t, q], dim=-1)
+
+    def _graph_for(self, images: torch.Tensor, samples: int) -> tuple:
+        key = (*images.shape, samples)
+        entry = self._graphs.get(key)
+        if entry is not None:
+            self._graphs.move_to_end(key)
+            return entry
+        static_in = images.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up iterations, as CUDA graphs require
+            for _ in range(2):
+                self._pipeline(static_in, samples)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._pipeline(static_in, samples)
+        entry = self._graphs[key] = (graph, static_in, static_out)
+        if len(self._graphs) > _MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return entry
+
+    def _buffer(self, cache: dict, key: tuple, make) -> torch.Tensor:
+        buffer = cache.get(key)
+        if buffer is None:
+            if len(cache) >= _MAX_GRAPHS:
+                cache.clear()
+            buffer = cache[key] = make(key)
+        return buffer
+
+    def _run_chunked(self, arrays: list[np.ndarray], repeats: int) -> torch.Tensor:
+        """Large CUDA batches in chunks of :data:`_CHUNK`: the host copy of chunk i+1 and
+        its upload (on a copy stream) overlap the graph replay of chunk i, so a batch of
+        640x480 frames is bounded by the slowest of copy, upload and network rather than
+        by their sum."""
+        n, shape = len(arrays), (len(arrays), *arrays[0].shape)
+        pinned = self._buffer(self._pinned, shape,
+                              lambda k: torch.empty(k, dtype=torch.uint8, pin_memory=True))
+        device_in = self._buffer(self._device_in, shape,
+                                 lambda k: torch.empty(k, dtype=torch.uint8, device=self.device))
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        pinned_np = pinned.numpy()
+        outputs = []
+        for start in range(0, n, _CHUNK):
+            stop = min(start + _CHUNK, n)
+            self._stack_into(arrays[start:stop], pinned_np[start:stop])
+            with torch.cuda.stream(self._copy_stream):
+                device_in[start:stop].copy_(pinned[start:stop], non_blocking=True)
+                uploaded = torch.cuda.Event()
+                uploaded.record(self._copy_stream)
+            compute.wait_event(uploaded)
+            graph, static_in, static_out = self._graph_for(device_in[start:stop], repeats)
+            static_in.copy_(device_in[start:stop])
+            graph.replay()
+            outputs.append(static_out.reshape(repeats, stop - start, 7).clone())
+        return torch.cat(outputs, dim=1)
+
+    @torch.inference_mode()
+    def __call__(self, arrays: list[np.ndarray], samples: int, stamps=None):
+        """Returns t (S, B, 3) and q (S, B, 4) float64 numpy; S = max(samples, 1); and the
+        relative poses (t (S, B, 3), q (S, B, 4), valid (B,)) or None (single-image models)."""
+        repeats = max(samples, 1)
+        self.model_cov = None
+        if self.model.custom_inference:
+            return self._call_custom(arrays)
+        if self.stream is not None:
+            return self._call_stream(arrays, repeats, stamps)
+        if self.use_graphs and len(arrays) >= 2 * _CHUNK:
+            out = self._run_chunked(arrays, repeats)
+        elif self.use_graphs:
+            images = self.upload(arrays)
+            graph, static_in, static_out = self._graph_for(images, repeats)
+            static_in.copy_(images)
+            graph.replay()
+            out = static_out
+        else:
+            out = self._pipeline(self.upload(arrays), repeats)
+        pose = out.reshape(repeats, len(arrays), 7).cpu().numpy().astype(np.float64)
+        return pose[..., :3], pose[..., 3:], None
+
+    def _call_custom(self, arrays: list[np.ndarray]):
+        """Models with their own localisation (DSAC's RANSAC, NetVLAD's retrieval, the
+        allocentric matcher): eager, their per-frame covariances kept in :attr:`model_cov`."""
+        x = preprocess(self.upload(arrays), self.spec, dtype=self.dtype)
+        t, q, cov = self.model.localize(x.contiguous(memory_format=torch.channels_last))
+        self.model_cov = None if cov is None else torch.as_tensor(cov).double().cpu().numpy()
+        return t.double().cpu().numpy()[None], q.double().cpu().numpy()[None], None
+
+    def _call_stream(self, arrays: list[np.ndarray], repeats: int, stamps):
+        """Sequence models (VidLoc, VLocNet): frames go through the model's frame stream in
+        stamp order (eager, since the stream's state changes with every frame)."""
+        x = preprocess(self.upload(arrays), self.spec, dtype=self.dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        relative = None
+        self.model.mc_dropout(repeats > 1)
+        try:
+            out = self.stream.push(x, stamps, repeats)
+            raw = out.pose.reshape(-1, out.pose.shape[-1])
+            if out.relative is not None:
+                t_rel, q_rel = self.model.decode_relative(out.relative.float())
+                relative = (t_rel.double().cpu().numpy(), q_rel.double().cpu().numpy(),
+                            out.has_relative.cpu().numpy())
+        finally:
+            self.model.mc_dropout(False)
+        t, q = self.model.decode(raw.float())
+        b = len(arrays)
+        return (t.reshape(repeats, b, 3).double().cpu().numpy(),
+                q.reshape(repeats, b, 4).double().cpu().numpy(), relative)
 
 
 class _ExportedRunner:
@@ -243,9 +395,12 @@ class _ExportedRunner:
     def _run_onnx(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]
 
-    def __call__(self, batch: np.ndarray, samples: int):
+    stream = None
+    model_cov = None
+
+    def __call__(self, arrays: list[np.ndarray], samples: int, stamps=None):
         with torch.inference_mode():
-            x = preprocess(torch.from_numpy(batch), self.spec).numpy()
+            x = preprocess(torch.from_numpy(np.stack(arrays)), self.spec).numpy()
         out = np.asarray(self.run(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float64)
         t = out[None, :, :3]
         q = geometry.quat_hemisphere(geometry.quat_normalize(out[None, :, 3:7]))
@@ -299,22 +454,45 @@ class PoseEstimator:
                                         use_graphs=cuda_graphs, compile_model=compile_model)
         self.map_frame = self.meta.get("map_frame", "map")
         self._validation_cov = covariance_from_meta(self.meta)
+        self._relative_cov = relative_covariance_from_meta(self.meta) if self.has_relative_head else None
         self._mc_scale = float((self.meta.get("validation_errors") or {}).get("mc_dropout_scale", 1.0))
         if warmup:
             crop_h, crop_w = self.spec.crop
             dummy = np.zeros((max(crop_h, 1), max(crop_w, 1), 3), dtype=np.uint8)
             self.estimate(dummy)
+            self.reset()
 
     @property
     def input_spec(self) -> InputSpec:
         return self.spec
 
-    def estimate(self, image: np.ndarray, encoding: str = "rgb8") -> PoseEstimate:
-        """One image (HxWx3 or HxW uint8) -> :class:`PoseEstimate`. Bad input: ValueError."""
-        return self.estimate_batch([image], encoding)[0]
+    @property
+    def sequential(self) -> bool:
+        """The output depends on earlier frames (a sequence model): give images in time
+        order, with their stamps."""
+        return self._runner.stream is not None
 
-    def estimate_batch(self, images, encoding: str = "rgb8") -> list[PoseEstimate]:
-        """Many images of one size at once (replay, GPU throughput). Bad input: ValueError."""
+    @property
+    def has_relative_head(self) -> bool:
+        """Estimates carry the camera motion since the previous frame (visual odometry)."""
+        stream = self._runner.stream
+        return stream is not None and stream.model.has_relative_head
+
+    def reset(self) -> None:
+        """Forget earlier frames (sequence models); nothing to do for single-image ones."""
+        if self._runner.stream is not None:
+            self._runner.stream.reset()
+
+    def estimate(self, image: np.ndarray, encoding: str = "rgb8", stamp: float | None = None) -> PoseEstimate:
+        """One image (HxWx3 or HxW uint8) -> :class:`PoseEstimate`. Bad input: ValueError."""
+        return self.estimate_batch([image], encoding, None if stamp is None else [stamp])[0]
+
+    def estimate_batch(self, images, encoding: str = "rgb8", stamps=None) -> list[PoseEstimate]:
+        """Many images of one size at once (replay, GPU throughput). Bad input: ValueError.
+
+        Sequence models (:attr:`sequential`) take the images as consecutive frames in
+        time order; ``stamps`` (seconds) start a new clip at a gap or a jump back.
+        """
         if len(images) == 0:
             return []
         start = time.perf_counter()
@@ -323,20 +501,37 @@ class PoseEstimator:
         if any(a.shape != shape for a in arrays):
             raise ValueError("estimate_batch needs images of one size; got "
                              f"{sorted({a.shape for a in arrays})}")
-        t, q, model_cov = self._runner(np.stack(arrays), self.mc_dropout_samples)
+        if stamps is not None and len(stamps) != len(arrays):
+            raise ValueError(f"{len(arrays)} images but {len(stamps)} stamps")
+        t, q, relative = self._runner(arrays, self.mc_dropout_samples, stamps)
+        if not (np.all(np.isfinite(t)) and np.all(np.isfinite(q))):
+            raise FloatingPointError("the network produced a non-finite pose")
         latency = (time.perf_counter() - start) / len(arrays)
-        results = []
-        for i in range(len(arrays)):
-            if t.shape[0] > 1:
+        if t.shape[0] > 1:
+            poses = []
+            for i in range(len(arrays)):
                 t_i, q_i, cov = mean_and_covariance(t[:, i], q[:, i])
-                cov = make_psd(cov * self._mc_scale)
-            elif model_cov is not None:  # the model's own uncertainty (e.g. PnP inliers)
-                t_i, q_i, cov = t[0, i], q[0, i], make_psd(model_cov[i])
-            else:
-                t_i, q_i, cov = t[0, i], q[0, i], self._validation_cov
-            if not (np.all(np.isfinite(t_i)) and np.all(np.isfinite(q_i))):
-                raise FloatingPointError("the network produced a non-finite pose")
-            results.append(PoseEstimate(t=np.asarray(t_i, dtype=float),
-                                        q=geometry.quat_hemisphere(geometry.quat_normalize(q_i)),
-                                        cov=cov.copy(), latency_s=latency))
-        return results
+                poses.append((t_i, q_i, make_psd(cov * self._mc_scale)))
+        else:  # one vectorised normalisation for the whole batch
+            q_all = geometry.quat_hemisphere(geometry.quat_normalize(q[0]))
+            model_cov = self._runner.model_cov  # the model's own uncertainty, when it has one
+            poses = [(t[0, i], q_all[i], self._validation_cov if model_cov is None else make_psd(model_cov[i]))
+                     for i in range(len(arrays))]
+        # mean_and_covariance already returns a unit, w >= 0 quaternion
+        return [PoseEstimate(t=np.array(t_i, dtype=float), q=np.array(q_i, dtype=float), cov=cov.copy(),
+                             latency_s=latency, relative=self._relative(relative, i))
+                for i, (t_i, q_i, cov) in enumerate(poses)]
+
+    def _relative(self, relative, i: int) -> RelativeEstimate | None:
+        if relative is None or not relative[2][i]:
+            return None
+        t_rel, q_rel, _ = relative
+        if t_rel.shape[0] > 1:
+            t_i, q_i, cov = mean_and_covariance(t_rel[:, i], q_rel[:, i])
+            cov = make_psd(cov * self._mc_scale, floor_t=1e-3 ** 2, floor_r=np.deg2rad(0.05) ** 2)
+        else:
+            t_i, q_i, cov = t_rel[0, i], q_rel[0, i], self._relative_cov
+        if not (np.all(np.isfinite(t_i)) and np.all(np.isfinite(q_i))):
+            return None
+        return RelativeEstimate(t=np.asarray(t_i, dtype=float),
+                                q=geometry.quat_hemisphere(geometry.quat_normalize(q_i)), cov=cov.copy())

@@ -23,9 +23,9 @@ def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int 
     """Metrics of ``weights`` on every frame of ``dataset`` (any PoseDataset)."""
     from tqdm import tqdm
 
-    from vizloc_ros.estimator import PoseEstimator
+    from vizloc_ros.pipeline import load_estimator
 
-    estimator = PoseEstimator(weights, device=device)
+    estimator = load_estimator(weights, device=device)  # a bad file: ValueError naming it
     t_est, q_est = [], []
     started = time.perf_counter()
     bar = tqdm(total=len(dataset), desc="evaluating", unit="frame", disable=not progress,
@@ -37,7 +37,10 @@ def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int 
             by_shape.setdefault(sample["image"].shape, []).append(k)
         results = [None] * len(samples)
         for indices in by_shape.values():
-            for k, result in zip(indices, estimator.estimate_batch([samples[k]["image"] for k in indices])):
+            # sequence models read the frames in the dataset's order; stamps split recordings
+            stamps = [samples[k]["stamp"] for k in indices] if estimator.sequential else None
+            batch = estimator.estimate_batch([samples[k]["image"] for k in indices], stamps=stamps)
+            for k, result in zip(indices, batch):
                 results[k] = result
         t_est.extend(r.t for r in results)
         q_est.extend(r.q for r in results)
@@ -122,25 +125,44 @@ def main(argv=None) -> int:
         print("vizloc-eval: --batch-size must be >= 1", file=sys.stderr)
         return 2
     try:
+        if args.json_out:  # before minutes of evaluation, not after
+            _check_json_target(Path(args.json_out))
         dataset = _open(args)
         metrics = evaluate_checkpoint(args.weights, dataset, args.device, args.batch_size,
                                       progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"vizloc-eval: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # weights that give NaN on some images only
+        print(f"vizloc-eval: {exc} (NaN or inf in the weights? a diverged training?)", file=sys.stderr)
+        return 2
     print(format_table(metrics, f"{args.weights} on {args.data} ({args.split})"))
-    if args.json_out:
-        _write_json_atomically(Path(args.json_out), metrics)
-    if args.record:
-        record_metrics(args.weights, args.record, {**metrics, "dataset": str(args.data),
-                                                   "kind": args.kind, "split": args.split})
+    try:
+        if args.json_out:
+            _write_json_atomically(Path(args.json_out), metrics)
+        if args.record:
+            record_metrics(args.weights, args.record, {**metrics, "dataset": str(args.data),
+                                                       "kind": args.kind, "split": args.split})
+    except OSError as exc:
+        print(f"vizloc-eval: cannot write the metrics: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _check_json_target(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"--json {path}: folder {path.parent} does not exist")
 
 
 def _write_json_atomically(path: Path, document: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def record_metrics(weights, name: str, metrics: dict) -> Path:

@@ -166,25 +166,48 @@ def main(argv=None) -> int:
               "(RANSAC, retrieval or map matching), not a (t, q) network output: run it from "
               "its checkpoint", file=sys.stderr)
         return 2
+    if model.pose_depends_on_history:
+        print(f"vizloc-export: {meta['architecture']} is a sequence model (its pose reads the last "
+              f"{model.context_frames} frames); only single-image networks export to ONNX / TensorRT. "
+              "Run the .safetensors checkpoint (PoseEstimator keeps the clip).", file=sys.stderr)
+        return 2
+    if model.has_relative_head:
+        LOG.warning("%s: only the absolute-pose head is exported; visual odometry from the relative "
+                    "head needs the .safetensors checkpoint", meta["architecture"])
     spec = InputSpec.from_meta(meta.get("input"))
     src = Path(args.weights)
     src_json = src.with_suffix(".json") if src.suffix == ".safetensors" else Path(f"{src}.json")
     stem = Path(args.out) if args.out else src.with_suffix("") if src.suffix else src
-    stem.parent.mkdir(parents=True, exist_ok=True)
     onnx_path = stem.with_name(stem.name + ".onnx")
-    export_onnx(model, spec, onnx_path)
     json_path = stem.with_name(stem.name + ".json")
-    if src_json.resolve() != json_path.resolve():
-        tmp = _atomic_target(json_path)  # never a half-copied sidecar beside a good engine
-        shutil.copyfile(src_json, tmp)
-        os.replace(tmp, json_path)
-    diff = validate_onnx(model, spec, onnx_path)
+    # exported and validated under a temporary name: a network that fails validation never
+    # replaces (or appears as) a usable .onnx
+    unvalidated = stem.with_name(f".{stem.name}.unvalidated-{os.getpid()}.onnx")
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, spec, unvalidated)
+        diff = validate_onnx(model, spec, unvalidated)
+        if not diff <= args.tolerance:
+            reason = ("the network's outputs are not finite (NaN or inf in the weights?)"
+                      if not np.isfinite(diff) else
+                      f"ONNX output differs from PyTorch by {diff:.3g} (> tolerance {args.tolerance})")
+            print(f"vizloc-export: {reason}; nothing written", file=sys.stderr)
+            return 1
+        if src_json.resolve() != json_path.resolve():
+            tmp = _atomic_target(json_path)  # never a half-copied sidecar beside a good engine
+            try:
+                shutil.copyfile(src_json, tmp)
+                os.replace(tmp, json_path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        os.replace(unvalidated, onnx_path)
+    except OSError as exc:
+        print(f"vizloc-export: cannot write {onnx_path}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        unvalidated.unlink(missing_ok=True)
     print(f"ONNX: {onnx_path} (opset {OPSET}, dynamic batch); max abs difference vs PyTorch "
           f"{diff:.3g}")
-    if not diff <= args.tolerance:
-        print(f"vizloc-export: ONNX output differs from PyTorch by {diff:.3g} "
-              f"(> tolerance {args.tolerance})", file=sys.stderr)
-        return 1
     want_trt = args.tensorrt == "yes" or (args.tensorrt == "auto" and _tensorrt_available())
     if want_trt:
         engine_path = stem.with_name(stem.name + ".engine")

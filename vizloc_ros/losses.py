@@ -23,8 +23,12 @@ Combinations of the translation loss Lt and rotation loss Lq:
 quaternion (B, 4, w x y z, either sign). Translations are compared in the units given:
 the trainer normalises the ground truth with the model's pose statistics like the
 network output. :class:`MapNetLoss` adds the same terms on relative poses between
-consecutive frames of tuples (B, T, ...), with its own weights. :func:`build_loss`
-builds either from a config dict.
+consecutive frames of tuples (B, T, ...), with its own weights. :class:`OdometryLoss`
+compares relative poses (metres, frame of the earlier camera) with measured ones: MapNet+'s
+visual-odometry term on unlabeled sequences and VLocNet's odometry head, which
+:class:`VLocNetLoss` trains jointly with the absolute pose. :func:`build_loss` builds the
+absolute, MapNet or VLocNet loss from a config dict; :func:`build_odometry_loss` the
+unlabeled term.
 
 All quaternion algebra comes from :mod:`vizloc_ros.geometry`, whose torch functions
 keep gradients finite at the identity and at 180 degrees.
@@ -294,13 +298,143 @@ class MapNetLoss(nn.Module):
         return self.compute(pred, true_t, true_q)["loss"]
 
 
+class OdometryLoss(nn.Module):
+    """Relative poses against measured relative poses (visual odometry, or ground truth
+    made relative): the same distances and combination as :class:`PoseLoss`, on
+    ``a^-1 b`` in the frame of the earlier camera, in metres.
+
+    Two uses: MapNet+'s term on unlabeled sequences (:meth:`from_absolute`: relative poses
+    of a tuple's absolute predictions against the odometry between the same frames,
+    Brahmbhatt et al. 2018, eq. 5) and VLocNet's odometry head (:meth:`compute` on the
+    head's output). ``learn_weights=False`` holds ``s_t`` / ``s_q`` fixed.
+    """
+
+    def __init__(self, translation: str = "l1", rotation: str = "logq", combine: str = "learned",
+                 beta: float = 500.0, s_t: float = 0.0, s_q: float = -3.0,
+                 rotation_norm: str | None = None, learn_weights: bool = True):
+        super().__init__()
+        if combine == "reprojection":
+            raise ValueError("combine='reprojection' has no relative form")
+        self.term = PoseLoss(translation=translation, rotation=rotation, combine=combine, beta=beta,
+                             s_t=s_t, s_q=s_q, rotation_norm=rotation_norm)
+        self.learn_weights = bool(learn_weights)
+        if not self.learn_weights and self.term.s_t is not None:
+            self.term.s_t.requires_grad_(False)
+            self.term.s_q.requires_grad_(False)
+
+    def config(self) -> dict:
+        cfg = self.term.config()
+        for key in ("min_depth", "rotation_format"):
+            cfg.pop(key)
+        cfg["learn_weights"] = self.learn_weights
+        return cfg
+
+    def compute(self, pred_rel: torch.Tensor, true_t_rel: torch.Tensor, true_q_rel: torch.Tensor,
+                rotation_format: str = "logq") -> dict:
+        """pred_rel (..., 3 + R): metric translation + rotation in ``rotation_format``;
+        targets (..., 3) metres and (..., 4) quaternions."""
+        self.term.rotation_format = rotation_format
+        try:
+            return self.term.compute(pred_rel.reshape(-1, pred_rel.shape[-1]), true_t_rel.reshape(-1, 3),
+                                     true_q_rel.reshape(-1, 4))
+        finally:
+            self.term.rotation_format = None
+
+    def from_absolute(self, pred: torch.Tensor, t_mean, t_std, true_t_rel: torch.Tensor,
+                      true_q_rel: torch.Tensor, rotation_format: str) -> dict:
+        """pred (B, T, 3 + R) absolute raw outputs in normalised units (t_mean, t_std: the
+        model's statistics) -> the loss of their consecutive relative poses against
+        ``true_t_rel`` (B, T-1, 3), ``true_q_rel`` (B, T-1, 4)."""
+        if pred.dim() != 3 or pred.shape[1] < 2:
+            raise ValueError(f"relative terms need tuples shaped (B, T >= 2, 3 + R), got {tuple(pred.shape)}")
+        t = pred[..., :3] * torch.as_tensor(t_std, dtype=pred.dtype, device=pred.device) + \
+            torch.as_tensor(t_mean, dtype=pred.dtype, device=pred.device)
+        q = rotation_to_quat(pred[..., 3:], rotation_format)
+        rel_t, rel_q = torch_pose_relative(t[:, :-1], q[:, :-1], t[:, 1:], q[:, 1:])
+        return self.compute(torch.cat([rel_t, rel_q], dim=-1), true_t_rel, true_q_rel, "quat")
+
+    def forward(self, pred_rel, true_t_rel, true_q_rel, rotation_format: str = "logq") -> torch.Tensor:
+        return self.compute(pred_rel, true_t_rel, true_q_rel, rotation_format)["loss"]
+
+
+class VLocNetLoss(nn.Module):
+    """VLocNet's joint loss: the absolute pose of every frame of a tuple (with MapNet's
+    relative terms between the absolute predictions when ``relative`` is true: VLocNet's
+    geometric consistency) plus the odometry head's relative pose against the true
+    relative pose between consecutive frames, each part with its own (learned) weights."""
+
+    #: the trainer passes the model's relative head output and the true relative poses
+    trains_relative_head = True
+
+    def __init__(self, translation: str = "l1", rotation: str = "logq", combine: str = "learned",
+                 beta: float = 500.0, s_t: float = 0.0, s_q: float = -3.0,
+                 s_t_odo: float = 0.0, s_q_odo: float = -3.0, rotation_norm: str | None = None,
+                 rotation_format: str | None = None, relative: bool = False,
+                 relative_mode: str = "simple", s_t_rel: float | None = None,
+                 s_q_rel: float | None = None, learn_relative_weights: bool = True):
+        super().__init__()
+        common = dict(translation=translation, rotation=rotation, combine=combine, beta=beta,
+                      rotation_norm=rotation_norm)
+        self.consistency = bool(relative)
+        if self.consistency:
+            self.absolute = MapNetLoss(s_t=s_t, s_q=s_q, rotation_format=rotation_format,
+                                       relative_mode=relative_mode, s_t_rel=s_t_rel, s_q_rel=s_q_rel,
+                                       learn_relative_weights=learn_relative_weights, **common)
+        else:
+            self.absolute = PoseLoss(s_t=s_t, s_q=s_q, rotation_format=rotation_format, **common)
+        self.odometry = OdometryLoss(s_t=s_t_odo, s_q=s_q_odo, **common)
+
+    def config(self) -> dict:
+        cfg = self.absolute.config()
+        cfg.pop("min_depth", None)
+        cfg.update(odometry=True, relative=self.consistency, s_t_odo=self.odometry.term._init_s[0],
+                   s_q_odo=self.odometry.term._init_s[1])
+        return cfg
+
+    def compute(self, pred: torch.Tensor, true_t: torch.Tensor, true_q: torch.Tensor, *,
+                relative: torch.Tensor, true_t_rel: torch.Tensor, true_q_rel: torch.Tensor,
+                relative_format: str = "logq") -> dict:
+        """pred (B, T, 3 + R) absolute raw outputs, true_t (B, T, 3) (normalised units),
+        true_q (B, T, 4); relative (B, T-1, 6) the odometry head (metres, log-quaternion);
+        true_t_rel (B, T-1, 3) metres and true_q_rel (B, T-1, 4)."""
+        if self.consistency:
+            absolute = self.absolute.compute(pred, true_t, true_q)
+        else:
+            absolute = self.absolute.compute(pred.reshape(-1, pred.shape[-1]), true_t.reshape(-1, 3),
+                                             true_q.reshape(-1, 4))
+        odometry = self.odometry.compute(relative, true_t_rel, true_q_rel, relative_format)
+        out = {"loss": absolute["loss"] + odometry["loss"], "abs_loss": absolute["loss"],
+               "odo_loss": odometry["loss"]}
+        out.update({f"odo_{k}": v for k, v in odometry.items() if k != "loss"})
+        out.update({k if k.startswith(("abs_", "rel_")) else f"abs_{k}": v
+                    for k, v in absolute.items() if k != "loss"})
+        return out
+
+    def forward(self, pred, true_t, true_q, **kwargs) -> torch.Tensor:
+        return self.compute(pred, true_t, true_q, **kwargs)["loss"]
+
+
 _LOSS_KEYS = ("translation", "rotation", "combine", "beta", "s_t", "s_q", "rotation_norm",
               "rotation_format", "relative", "relative_mode", "s_t_rel", "s_q_rel", "points", "K",
-              "min_depth", "learn_relative_weights")
+              "min_depth", "learn_relative_weights", "odometry", "s_t_odo", "s_q_odo")
+_ODOMETRY_LOSS_KEYS = ("translation", "rotation", "combine", "beta", "s_t", "s_q", "rotation_norm",
+                       "learn_weights")
+
+
+def build_odometry_loss(config: dict | None = None) -> OdometryLoss:
+    """:class:`OdometryLoss` from a config dict (MapNet+'s ``unlabeled.loss``); unknown keys
+    raise ``ValueError``."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(_ODOMETRY_LOSS_KEYS))
+    if unknown:
+        raise ValueError(f"unknown odometry loss option(s) {', '.join(map(repr, unknown))}; "
+                         f"options: {', '.join(_ODOMETRY_LOSS_KEYS)}")
+    return OdometryLoss(**config)
 
 
 def build_loss(config: dict | None = None) -> nn.Module:
-    """PoseLoss, or MapNetLoss when ``config["relative"]`` is true, from a config dict, e.g.
+    """PoseLoss, or MapNetLoss when ``config["relative"]`` is true, or VLocNetLoss when
+    ``config["odometry"]`` is true, from a config dict, e.g.
     ``{"translation": "l1", "rotation": "logq", "combine": "learned", "s_t": 0.0,
     "s_q": -3.0, "relative": True}``. Unknown keys or names raise ``ValueError``."""
     config = dict(config or {})
@@ -308,6 +442,15 @@ def build_loss(config: dict | None = None) -> nn.Module:
     if unknown:
         raise ValueError(f"unknown loss option(s) {', '.join(map(repr, unknown))}; "
                          f"options: {', '.join(_LOSS_KEYS)}")
+    if config.pop("odometry", False):
+        for key in ("points", "K", "min_depth"):
+            if key in config:
+                raise ValueError(f"loss option {key!r} belongs to the reprojection loss, "
+                                 "which has no odometry (VLocNet) form")
+        return VLocNetLoss(**config)
+    for key in ("s_t_odo", "s_q_odo"):
+        if key in config:
+            raise ValueError(f"loss option {key!r} needs odometry: true")
     relative = bool(config.pop("relative", False))
     if relative:
         for key in ("points", "K", "min_depth"):

@@ -5,7 +5,9 @@
 * medians and the share of frames within (5 cm, 5 deg), (25 cm, 2 deg), (50 cm, 5 deg)
   and (5 m, 10 deg);
 * ATE and RPE through evo (with and without SE(3) alignment), so figures match what
-  users get from the ``evo_ape`` / ``evo_rpe`` command lines on the same TUM files.
+  users get from the ``evo_ape`` / ``evo_rpe`` command lines on the same TUM files;
+* per-step errors: the error of each frame-to-frame motion, what an odometry drifts by
+  per step (compares a network's relative head with the robot's odometry).
 """
 from __future__ import annotations
 
@@ -51,6 +53,22 @@ def summarize_errors(t_err, r_err) -> dict:
 
 def evaluate_poses(t_est, q_est, t_gt, q_gt) -> dict:
     return summarize_errors(*pose_errors(t_est, q_est, t_gt, q_gt))
+
+
+def step_errors(t_est, q_est, t_gt, q_gt) -> dict:
+    """Median error of the motions between consecutive poses (est_i^-1 est_i+1 against
+    gt_i^-1 gt_i+1): translation (m) and rotation (deg) per step, and the median true
+    step length (m)."""
+    t_est, q_est = np.asarray(t_est, float), np.asarray(q_est, float)
+    t_gt, q_gt = np.asarray(t_gt, float), np.asarray(q_gt, float)
+    if len(t_est) < 2:
+        return {}
+    e_t, e_q = geometry.pose_relative(t_est[:-1], q_est[:-1], t_est[1:], q_est[1:])
+    g_t, g_q = geometry.pose_relative(t_gt[:-1], q_gt[:-1], t_gt[1:], q_gt[1:])
+    t_err, r_err = pose_errors(e_t, e_q, g_t, g_q)
+    return {"median_step_translation_m": float(np.median(t_err)),
+            "median_step_rotation_deg": float(np.median(r_err)),
+            "median_step_length_m": float(np.median(np.linalg.norm(g_t, axis=1)))}
 
 
 def _evo_trajectory(stamps, t, q):

@@ -28,6 +28,8 @@ ABSOLUTE_POSE_TOPIC = "/vizloc/absolute_pose"
 FUSED_POSE_TOPIC = "/vizloc/pose"
 PATH_TOPIC = "/vizloc/path"
 INITIAL_POSE_TOPIC = "/initialpose"
+#: default topic of the regressor's visual odometry (a relative-head network, VLocNet)
+VISUAL_ODOMETRY_TOPIC = "/vizloc/visual_odometry"
 
 IDENTITY_EXTRINSIC = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 
@@ -80,6 +82,14 @@ REGRESSOR_PARAMS: tuple[Param, ...] = (
     Param("camera_extrinsic", list(IDENTITY_EXTRINSIC),
           "fallback pose of the camera in base_frame [x, y, z, qx, qy, qz, qw], used until (or "
           "unless) TF has base_frame <- camera_frame", length=7),
+    Param("visual_odometry", False, "integrate the network's relative-pose head (vlocnet "
+          "checkpoints) into visual odometry, published on visual_odometry_topic for the fusion's "
+          "odom_topic: relative constraints for a robot without odometry"),
+    Param("visual_odometry_topic", VISUAL_ODOMETRY_TOPIC, "nav_msgs/Odometry topic of the visual "
+          "odometry (odom_frame -> base_frame)"),
+    Param("odom_frame", "odom", "frame of the visual odometry (REP-105)"),
+    Param("publish_odom_tf", True, "with visual_odometry: broadcast odom_frame -> base_frame "
+          "(turn off when another node publishes it)"),
 )
 
 FUSION_SETTINGS_PARAMS: tuple[Param, ...] = (
@@ -241,6 +251,10 @@ class RegressorSettings:
     base_frame: str
     camera_frame: str
     camera_extrinsic: tuple  # (t, q_wxyz), base -> camera
+    visual_odometry: bool = False
+    visual_odometry_topic: str = VISUAL_ODOMETRY_TOPIC
+    odom_frame: str = "odom"
+    publish_odom_tf: bool = True
 
     @property
     def subscribed_topic(self) -> str:
@@ -261,7 +275,7 @@ def regressor_settings(values: dict, default_weights=None) -> RegressorSettings:
         raise ValueError("parameter 'mc_dropout_samples' must be >= 0")
     if v["max_rate"] < 0:
         raise ValueError("parameter 'max_rate' must be >= 0 (0 = no limit)")
-    for name in ("image_topic", "map_frame", "base_frame"):
+    for name in ("image_topic", "map_frame", "base_frame", "visual_odometry_topic", "odom_frame"):
         if not v[name].strip():
             raise ValueError(f"parameter {name!r} must not be empty")
     weights = v["weights"].strip()
@@ -276,7 +290,9 @@ def regressor_settings(values: dict, default_weights=None) -> RegressorSettings:
         mc_dropout_samples=v["mc_dropout_samples"], image_topic=v["image_topic"],
         compressed=v["compressed"], max_rate=v["max_rate"], map_frame=v["map_frame"],
         base_frame=v["base_frame"], camera_frame=v["camera_frame"].strip(),
-        camera_extrinsic=extrinsic_from_ros(v["camera_extrinsic"], "camera_extrinsic"))
+        camera_extrinsic=extrinsic_from_ros(v["camera_extrinsic"], "camera_extrinsic"),
+        visual_odometry=v["visual_odometry"], visual_odometry_topic=v["visual_odometry_topic"],
+        odom_frame=v["odom_frame"], publish_odom_tf=v["publish_odom_tf"])
 
 
 @dataclass
@@ -348,13 +364,28 @@ def load_yaml_parameters(path) -> dict[str, dict]:
     """
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        document = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"{path} is not valid YAML{line}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a UTF-8 text file: {exc}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: a parameter file maps node names to ros__parameters, "
+                         f"found {type(document).__name__} data at the top")
     out = {}
     for node, body in document.items():
         if not isinstance(body, dict) or "ros__parameters" not in body:
             raise ValueError(f"{path}: {node!r} has no ros__parameters")
-        out[node.lstrip("/")] = _flatten(body["ros__parameters"] or {})
+        params = body["ros__parameters"] or {}
+        if not isinstance(params, dict):
+            raise ValueError(f"{path}: ros__parameters of {node!r} must map names to values, "
+                             f"found {type(params).__name__} data")
+        out[str(node).lstrip("/")] = _flatten(params)
     return out
 
 

@@ -7,8 +7,11 @@ is processed, what is dropped and why, which stamp and frame an output carries, 
 
 * :class:`LatestFrameSlot` - keep only the newest camera frame; older ones are
   dropped and counted (a slow network never builds a queue);
+* :class:`FrameWorker` - the worker thread that runs the newest frame of the slot;
 * :class:`RegressorCore` - image message -> ``PoseEstimator`` -> base pose in ``map``
   (through the camera extrinsic, covariance propagated) = ``/vizloc/absolute_pose``;
+  sequence models get their frames in stamp order, and a network with a relative head
+  (VLocNet) can also drive :class:`VisualOdometry` = ``/vizloc/visual_odometry``;
 * :class:`FusionCore` - absolute pose / odometry / IMU / initial pose messages ->
   ``SlidingWindowFusion`` -> ``/vizloc/pose``, ``/vizloc/path`` and the TF transform.
 
@@ -71,6 +74,77 @@ class LatestFrameSlot:
             self._cond.notify_all()
 
 
+class FrameWorker:
+    """The regressor node's worker thread, ROS-free: newest frame of a slot -> ``handle``.
+
+    The thread takes the newest frame from a :class:`LatestFrameSlot` and calls
+    ``handle(msg)`` on it. An exception out of ``handle`` drops that frame (counted in
+    ``errors``) and goes to ``on_error(exc)``; the worker goes on unless ``on_error``
+    returns False (the node does when rclpy is shutting down). The node, the tests and
+    ``benchmarks/fault_suite.py`` run this same loop.
+    """
+
+    def __init__(self, slot: LatestFrameSlot, handle, on_error=None, name: str = "vizloc_worker",
+                 poll_s: float = 0.5):
+        self.slot = slot
+        self.handle = handle
+        self.on_error = on_error
+        self.poll_s = poll_s
+        self.errors = 0
+        self._running = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> "FrameWorker":
+        self._running = True
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while self._running:
+            msg = self.slot.take(timeout=self.poll_s)
+            if msg is None:
+                continue
+            try:
+                self.handle(msg)
+            except Exception as exc:  # noqa: BLE001 - one bad frame never ends the worker
+                self.errors += 1
+                if self.on_error is not None and self.on_error(exc) is False:
+                    return
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the loop (the frame being processed finishes) and join the thread."""
+        self._running = False
+        self.slot.close()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+def load_estimator(weights, **kwargs):
+    """A :class:`~vizloc_ros.estimator.PoseEstimator`; any problem with the weights is one
+    ``ValueError`` naming the file, never a traceback.
+
+    This is where a user's file meets the code, for the node, ``vizloc-replay`` and
+    ``vizloc-eval`` alike: a missing, truncated or pickled file, a sidecar with missing
+    keys or values of the wrong type, tensors of another network, or weights that give a
+    non-finite pose (NaN/inf in them, a diverged training; the estimator's warm-up frame
+    shows it).
+    """
+    from vizloc_ros.estimator import PoseEstimator
+
+    try:
+        return PoseEstimator(weights, **kwargs)
+    except FloatingPointError as exc:
+        raise ValueError(f"cannot load weights {weights}: {exc} on a blank image (NaN or inf in "
+                         "the weights? a diverged training?)") from None
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+        raise ValueError(f"cannot load weights {weights}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a sidecar value of the wrong type
+        raise ValueError(f"cannot load weights {weights}: {type(exc).__name__}: {exc}") from None
+
+
 class StampRateLimiter:
     """Accept at most ``max_rate`` frames per second of *message time* (0 = all).
 
@@ -112,8 +186,78 @@ def camera_to_base(t_cam, q_cam, cov_cam, base_T_camera):
 
 
 @dataclass
+class OdometryPose:
+    """What ``/vizloc/visual_odometry`` carries (nav_msgs/Odometry): the pose of
+    ``child_frame_id`` in ``frame_id`` with its accumulated covariance (ROS order, axes
+    of ``frame_id``), like any visual-odometry node."""
+
+    stamp: float
+    stamp_ns: int
+    frame_id: str
+    child_frame_id: str
+    t: np.ndarray
+    q: np.ndarray
+    cov: np.ndarray
+
+
+class VisualOdometry:
+    """The network's camera motion between consecutive frames (VLocNet's relative head,
+    :class:`~vizloc_ros.estimator.RelativeEstimate`) integrated into the pose of the base
+    in ``odom_frame``: visual odometry for robots that have none, fused as relative
+    constraints like wheel odometry.
+
+    The base moves by ``E * C * E^-1`` (E: base -> camera extrinsic, C: camera motion);
+    the per-step covariance is moved into the base and then the odometry frame (first
+    order) and accumulated, so the fusion sees its growth between two poses as the
+    uncertainty of that step. A frame without a relative estimate (the first one, or the
+    first after a gap) holds the pose: the fusion does not bridge odometry gaps.
+    """
+
+    def __init__(self, odom_frame: str = "odom", base_frame: str = "base_link"):
+        self.odom_frame, self.base_frame = odom_frame, base_frame
+        self.reset()
+
+    def reset(self) -> None:
+        self.t = np.zeros(3)
+        self.q = np.array([1.0, 0.0, 0.0, 0.0])
+        self.cov = np.diag([1e-6] * 6)
+        self.steps = 0
+        self.holds = 0
+
+    def add(self, stamp_ns: int, relative, base_T_camera=None) -> OdometryPose:
+        if relative is not None:
+            t_c = np.asarray(relative.t, float)
+            q_c = np.asarray(relative.q, float)
+            cov_c = np.asarray(relative.cov, float)
+            if base_T_camera is None:
+                t_e, q_e = np.zeros(3), np.array([1.0, 0.0, 0.0, 0.0])
+            else:
+                t_e, q_e = base_T_camera
+            t_ei, q_ei = geometry.pose_inverse(t_e, q_e)
+            t_b, q_b = geometry.pose_compose(*geometry.pose_compose(t_e, q_e, t_c, q_c), t_ei, q_ei)
+            R_e = geometry.quat_to_matrix(q_e)
+            R_b = geometry.quat_to_matrix(q_b)
+            J = np.zeros((6, 6))
+            J[:3, :3] = J[3:, 3:] = R_e
+            J[:3, 3:] = geometry.hat(R_b @ np.asarray(t_e, float)) @ R_e
+            R_o = geometry.quat_to_matrix(self.q)
+            A = np.zeros((6, 6))
+            A[:3, :3] = A[3:, 3:] = R_o
+            step = A @ J @ cov_c @ J.T @ A.T
+            self.t, self.q = geometry.pose_compose(self.t, self.q, t_b, q_b)
+            self.cov = 0.5 * ((self.cov + step) + (self.cov + step).T)
+            self.steps += 1
+        else:
+            self.holds += 1
+        return OdometryPose(stamp=stamp_ns * 1e-9, stamp_ns=int(stamp_ns), frame_id=self.odom_frame,
+                            child_frame_id=self.base_frame, t=self.t.copy(), q=self.q.copy(),
+                            cov=self.cov.copy())
+
+
+@dataclass
 class AbsolutePose:
-    """What ``/vizloc/absolute_pose`` carries: base pose in ``frame_id`` at ``stamp``."""
+    """What ``/vizloc/absolute_pose`` carries: base pose in ``frame_id`` at ``stamp``;
+    ``odometry``: the visual odometry at the same stamp, when the core produces it."""
 
     stamp: float
     frame_id: str
@@ -124,6 +268,7 @@ class AbsolutePose:
     t_cam: np.ndarray | None = None
     q_cam: np.ndarray | None = None
     stamp_ns: int | None = None  # the image header stamp, exact (float seconds lose ns)
+    odometry: OdometryPose | None = None
 
 
 class RegressorCore:
@@ -137,13 +282,26 @@ class RegressorCore:
             camera pose is then used as the base pose, with one warning.
         map_frame: frame of the published poses.
         max_rate: process at most this many frames per second of message time.
+        visual_odometry: also integrate the network's relative head (VLocNet) into
+            :class:`VisualOdometry` (``odom_frame`` -> ``base_frame``); the estimator must
+            have one (``estimator.has_relative_head``).
     """
 
     def __init__(self, estimator, base_T_camera=None, map_frame: str = "map",
-                 max_rate: float = 0.0):
+                 max_rate: float = 0.0, visual_odometry: bool = False, odom_frame: str = "odom",
+                 base_frame: str = "base_link"):
         self.estimator = estimator
         self.map_frame = map_frame
         self.limiter = StampRateLimiter(max_rate)
+        # sequence models (VidLoc, VLocNet) read earlier frames: feed them in stamp order
+        self.sequential = bool(getattr(estimator, "sequential", False))
+        self.visual_odometry = None
+        if visual_odometry:
+            if not getattr(estimator, "has_relative_head", False):
+                arch = (getattr(estimator, "meta", None) or {}).get("architecture", "this network")
+                raise ValueError(f"visual odometry needs a network with a relative-pose head "
+                                 f"(vlocnet); {arch!r} has none")
+            self.visual_odometry = VisualOdometry(odom_frame, base_frame)
         self.base_T_camera = None
         if base_T_camera is not None:
             self.set_extrinsic(*base_T_camera)
@@ -195,14 +353,24 @@ class RegressorCore:
             decoded.setdefault(image.shape, []).append((i, stamp_ns, image))
         for group in decoded.values():
             try:
-                estimates = self.estimator.estimate_batch([g[2] for g in group])
+                if self.sequential:
+                    group.sort(key=lambda g: g[1])
+                    estimates = self.estimator.estimate_batch([g[2] for g in group],
+                                                              stamps=[g[1] * 1e-9 for g in group])
+                else:
+                    estimates = self.estimator.estimate_batch([g[2] for g in group])
             except (ValueError, FloatingPointError) as exc:
                 for _ in group:
                     self._drop("estimator", str(exc))
                 continue
             for (i, stamp_ns, _), est in zip(group, estimates):
+                odometry = None
+                if self.visual_odometry is not None:  # every step counts, even if the pose is dropped
+                    odometry = self.visual_odometry.add(stamp_ns, getattr(est, "relative", None),
+                                                        self.base_T_camera)
                 pose = self._to_base(stamp_ns, est)
                 if pose is not None:
+                    pose.odometry = odometry
                     out[i] = pose
                     self.counters["published"] += 1
         return out
@@ -360,12 +528,17 @@ class FusionCore:
             return None
         self.counters["imu_received"] += 1
         try:
-            reading = messages.imu_from_msg(msg)
+            stamp_ns = messages.header_stamp_ns(msg)
+            if stamp_ns <= 0:  # a driver before its clock is set: would look like a bag loop
+                raise ValueError(f"IMU stamp {stamp_ns} ns is zero or invalid")
+            stamp, gyro, accel = messages.imu_motion_from_msg(msg)  # the fusion uses no more
         except ValueError as exc:
             self._drop("imu_invalid", str(exc))
             return None
-        result = self.fusion.add_imu(reading.stamp, reading.gyro, reading.accel)
+        result = self.fusion.add_imu(stamp, gyro, accel)
         self.counters[f"imu_{result.status}"] += 1
+        if result.status != "accepted":
+            self.last_reason = result.reason
         return None
 
     def on_initial_pose(self, msg) -> FusionOutput | None:
@@ -383,6 +556,7 @@ class FusionCore:
             return self._drop("initialpose_invalid", str(exc))
         result = self.fusion.set_initial_pose(stamp, t, q, cov)
         self.counters[f"initialpose_{result.status}"] += 1
+        self.last_reason = result.reason
         self.path.clear()
         return self._output(stamp) if result.status == "accepted" else None
 

@@ -7,6 +7,8 @@ whatever device the input tensor lives on (the GPU in the estimator's fast path)
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +114,14 @@ def preprocess(images: torch.Tensor, spec: InputSpec, dtype: torch.dtype = torch
     top = (new_h - crop_h) // 2
     left = (new_w - crop_w) // 2
     x = x[:, :, top:top + crop_h, left:left + crop_w]
-    mean = torch.tensor(spec.mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean, std = _normalisation(tuple(spec.mean), tuple(spec.std), x.device)
     return ((x - mean) / std).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean / std as (1, 3, 1, 1) tensors on ``device``, made once: a host-to-device copy
+    per call would cost time and is not allowed inside CUDA-graph capture."""
+    with torch.inference_mode(False):  # ordinary tensors, usable in training as well
+        return (torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1),
+                torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1))

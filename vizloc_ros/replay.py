@@ -6,12 +6,16 @@ stateless, so batching changes speed, not results), the resulting
 ``/vizloc/absolute_pose`` messages, the odometry and the IMU messages go through
 :class:`~vizloc_ros.pipeline.FusionCore` in header-stamp order, and whatever the fusion
 node would publish is written to an output bag. Ground truth is only read for the
-report.
+report. Sequence models (VidLoc, VLocNet) get the images in stamp order, as the node does.
+With ``--visual-odom`` a network with a relative head (VLocNet) is its own odometry: the
+regressor core integrates its frame-to-frame motion into ``/vizloc/visual_odometry``,
+which the fusion uses instead of the bag's odometry (the bag's is still reported).
 
 Output folder (built under a temporary name, renamed when complete)::
 
     bag/                    rosbag2 (mcap): /vizloc/absolute_pose, /vizloc/pose, /vizloc/path, /tf
-    ground_truth.tum  absolute.tum  fused.tum  odometry.tum
+                            (+ /vizloc/visual_odometry)
+    ground_truth.tum  absolute.tum  fused.tum  odometry.tum  (visual_odometry.tum)
     metrics.json  report.md  trajectories.png  errors.png  error_cdf.png
 """
 from __future__ import annotations
@@ -30,15 +34,20 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry, messages
+from vizloc_ros.data.bag_dataset import GT_TYPES, IMAGE_TYPES
 from vizloc_ros.data.ground_truth import (GroundTruthError, GroundTruthReader, interpolate_poses,
                                           previous_poses, static_chain, tf_edges)
 
 LOG = logging.getLogger("vizloc-replay")
 
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-GT_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarianceStamped",
-            "nav_msgs/msg/Odometry", "geometry_msgs/msg/TransformStamped")
 TF_TYPE = "tf2_msgs/msg/TFMessage"
+#: largest --batch-size: every image of a batch is decoded in memory at once
+MAX_BATCH_SIZE = 1024
+
+
+#: trajectory sources of the report, in table order
+SOURCE_NAMES = ("absolute", "fused", "odometry", "visual_odometry")
+SHORT_NAMES = {"visual_odometry": "visual odom"}
 
 
 class ReplayError(RuntimeError):
@@ -65,6 +74,7 @@ class ReplayOptions:
     camera_extrinsic: tuple | None = None  # (t, q_wxyz) base -> camera
     fusion_params: dict = field(default_factory=dict)
     mc_dropout_samples: int = 0
+    visual_odometry: bool = False  # the network's relative head as the fusion's odometry
     prior_weights: Path | None = None  # coarse prior (e.g. NetVLAD): initialisation / kidnap only
 
 
@@ -94,11 +104,34 @@ def _check_topics(bag: Path, options: ReplayOptions) -> dict:
     else:
         need(options.ground_truth, GT_TYPES, "ground-truth",
              " (use --ground-truth tf:map->base_link for a TF chain)")
-    if options.fusion and options.odom_topic:
+    if options.fusion and options.odom_topic and not options.visual_odometry:
         need(options.odom_topic, ("nav_msgs/msg/Odometry",), "odometry", " (--odom-topic none to fuse without it)")
     if options.fusion and options.imu_topic:
         need(options.imu_topic, ("sensor_msgs/msg/Imu",), "IMU")
     return topics
+
+
+def _check_output(out: Path, options: ReplayOptions, weights) -> None:
+    """Refuse an output folder that cannot be written, or whose replacement would destroy
+    something that is not an earlier report (``--overwrite`` with ``--out .``, or with
+    the folder that holds the bag or the weights, is a typing slip, not a wish)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not options.overwrite:
+        raise ReplayError(f"output folder {out} exists; pass --overwrite to replace it")
+    if not out.is_dir():
+        raise ReplayError(f"--out {out} is a file, not a report folder; choose another --out")
+    target = out.resolve()
+    for what, path in (("the bag", options.bag), ("the weights", weights)):
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved == target or target in resolved.parents:
+            raise ReplayError(f"--out {out} holds {what} ({path}): refusing to replace it; "
+                              "choose another --out")
+    if any(out.iterdir()) and not (out / "metrics.json").is_file():
+        raise ReplayError(f"--out {out} is not a vizloc-replay report folder (no metrics.json): "
+                          "refusing to replace it; choose another --out")
 
 
 # --------------------------------------------------------------------------- the run
@@ -108,36 +141,38 @@ def run_replay(options: ReplayOptions) -> dict:
     from tqdm import tqdm
 
     from vizloc_ros.data.bag_io import BagWriter, read_messages
-    from vizloc_ros.estimator import PoseEstimator
-    from vizloc_ros.models import CheckpointError
-    from vizloc_ros.pipeline import FusionCore, FusionSettings, RegressorCore
+    from vizloc_ros.pipeline import FusionCore, FusionSettings, RegressorCore, load_estimator
     from vizloc_ros.report import write_report
 
     bag, out = Path(options.bag), Path(options.out)
-    if options.batch_size < 1:
-        raise ReplayError("--batch-size must be >= 1")
-    if out.exists() and not options.overwrite:
-        raise ReplayError(f"output folder {out} exists; pass --overwrite to replace it")
-    topics = _check_topics(bag, options)
+    if not 1 <= options.batch_size <= MAX_BATCH_SIZE:
+        raise ReplayError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {options.batch_size}")
     weights = options.weights or default_weights()
+    _check_output(out, options, weights)
+    topics = _check_topics(bag, options)
     try:
         # offline: no ROS callbacks to leave a core for, so use every core
-        estimator = PoseEstimator(weights, device=options.device,
-                                  mc_dropout_samples=options.mc_dropout_samples,
-                                  cpu_threads=os.cpu_count() or 1)
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise ReplayError(f"cannot load weights {weights}: {exc}") from None
-    regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
-                              map_frame=options.map_frame)
+        estimator = load_estimator(weights, device=options.device,
+                                   mc_dropout_samples=options.mc_dropout_samples,
+                                   cpu_threads=os.cpu_count() or 1)
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
+    try:
+        regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
+                                  map_frame=options.map_frame, visual_odometry=options.visual_odometry,
+                                  odom_frame=options.odom_frame, base_frame=options.base_frame)
+    except ValueError as exc:
+        what = "--visual-odom" if options.visual_odometry and "visual" in str(exc) else "camera extrinsic"
+        raise ReplayError(f"{what}: {exc}") from None
+    use_odom = bool(options.fusion and (options.odom_topic or options.visual_odometry))
     prior = None
     if options.prior_weights is not None and options.fusion:
         try:
-            prior = RegressorCore(PoseEstimator(options.prior_weights, device=options.device,
-                                                cpu_threads=os.cpu_count() or 1),
+            prior = RegressorCore(load_estimator(options.prior_weights, device=options.device,
+                                                 cpu_threads=os.cpu_count() or 1),
                                   base_T_camera=options.camera_extrinsic, map_frame=options.map_frame)
-        except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
-            raise ReplayError(f"cannot load prior weights {options.prior_weights}: {exc}") from None
-    use_odom = bool(options.fusion and options.odom_topic)
+        except ValueError as exc:
+            raise ReplayError(f"--prior-weights: {exc}") from None
     use_imu = bool(options.fusion and options.imu_topic)
     settings = FusionSettings(map_frame=options.map_frame, odom_frame=options.odom_frame,
                               base_frame=options.base_frame, use_odom=use_odom, use_imu=use_imu)
@@ -158,6 +193,7 @@ def run_replay(options: ReplayOptions) -> dict:
     static_edges: dict = {}
     events: list = []          # (stamp, order, kind, payload)
     odom_track: list = []      # (stamp, t, q) for the odometry-only trajectory
+    vo_track: list = []        # (stamp, t, q) of the network's visual odometry
     pending: list = []
     image_stamps: list = []
     n_images = None
@@ -168,10 +204,13 @@ def run_replay(options: ReplayOptions) -> dict:
         pass
 
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging.mkdir()
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise ReplayError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
     started = time.perf_counter()
     bar = tqdm(total=n_images, desc="replay", unit="frame", disable=not options.progress,
                dynamic_ncols=True)
@@ -186,14 +225,21 @@ def run_replay(options: ReplayOptions) -> dict:
             chain = static_chain(static_edges, options.base_frame, frame)
             if chain is not None:
                 regressor.set_extrinsic(*chain)
-        if prior is not None:
-            prior.base_T_camera = regressor.base_T_camera
+        if regressor.sequential:  # clips are read in stamp order
+            pending.sort(key=_stamp_or_zero)
+        if prior is not None:  # coarse poses (retrieval): initialisation and kidnap recovery only
+            if prior.base_T_camera is None and regressor.base_T_camera is not None:
+                prior.set_extrinsic(*regressor.base_T_camera)
             for pose in prior.process_batch(pending):
                 if pose is not None:
                     events.append((pose.stamp, order, "prior", pose))
                     order += 1
         for msg, pose in zip(pending, regressor.process_batch(pending)):
             if pose is not None:
+                if pose.odometry is not None:  # odometry first: it covers the pose's stamp
+                    events.append((pose.stamp, order, "visual_odometry", pose.odometry))
+                    vo_track.append((pose.stamp, pose.odometry.t, pose.odometry.q))
+                    order += 1
                 events.append((pose.stamp, order, "absolute", pose))
                 order += 1
         bar.update(len(pending))
@@ -223,7 +269,7 @@ def run_replay(options: ReplayOptions) -> dict:
                         odom_track.append((stamp, t, q))
                     except ValueError:
                         stamp = None
-                    if use_odom:
+                    if use_odom and not options.visual_odometry:
                         events.append((stamp if stamp is not None else -1.0, order, "odom", record.msg))
                         order += 1
                 elif use_imu and record.topic == options.imu_topic:
@@ -269,6 +315,8 @@ def run_replay(options: ReplayOptions) -> dict:
             writer.add_topic("/vizloc/pose", "geometry_msgs/msg/PoseWithCovarianceStamped")
             writer.add_topic("/vizloc/path", "nav_msgs/msg/Path")
             writer.add_topic("/tf", TF_TYPE)
+            if options.visual_odometry:
+                writer.add_topic("/vizloc/visual_odometry", "nav_msgs/msg/Odometry")
             last_path_write = -np.inf
             events.sort(key=lambda e: (e[0], e[1]))
             for stamp, _, kind, payload in events:
@@ -284,6 +332,16 @@ def run_replay(options: ReplayOptions) -> dict:
                     output = fusion_core.add_coarse_prior(payload.stamp, payload.t, payload.q, payload.cov)
                 elif kind == "odom":
                     output = fusion_core.on_odometry(payload)
+                elif kind == "visual_odometry":
+                    stamp_msg = messages.time_from_ns(types, payload.stamp_ns)
+                    msg = messages.make_odometry(types, stamp_msg, payload.frame_id, payload.child_frame_id,
+                                                 payload.t, payload.q, payload.cov)
+                    writer.write("/vizloc/visual_odometry", payload.stamp_ns, msg)
+                    writer.write("/tf", payload.stamp_ns, messages.make_tf_message(types, [
+                        messages.make_transform_stamped(types, stamp_msg, payload.frame_id,
+                                                        payload.child_frame_id, payload.t, payload.q)]))
+                    if fusion_core is not None:
+                        output = fusion_core.on_odometry(msg)
                 elif kind == "imu":
                     fusion_core.on_imu(payload)
                 if output is None:
@@ -310,7 +368,7 @@ def run_replay(options: ReplayOptions) -> dict:
         elapsed = time.perf_counter() - started
 
         result = _assemble(options, absolute, fused, odom_track, (gt_stamps, gt_t, gt_q),
-                           regressor, fusion_core, elapsed, inference_s, len(image_stamps))
+                           regressor, fusion_core, elapsed, inference_s, len(image_stamps), vo_track)
         write_report(staging, result)
         if out.exists():
             shutil.rmtree(out)
@@ -322,10 +380,39 @@ def run_replay(options: ReplayOptions) -> dict:
         raise
 
 
+def _stamp_or_zero(msg) -> float:
+    try:
+        return messages.header_stamp_sec(msg)
+    except (ValueError, AttributeError):
+        return 0.0
+
+
+def _anchored(track, gt_stamps, gt_t, gt_q):
+    """An odometry track (stamp, t, q) in its own frame, moved into ``map`` so that it
+    starts on the ground truth at its first usable stamp; None if it never overlaps."""
+    if len(track) < 2:
+        return None
+    o_stamps = np.array([o[0] for o in track])
+    order = np.argsort(o_stamps, kind="stable")
+    o_stamps = o_stamps[order]
+    o_t = np.stack([o[1] for o in track])[order]
+    o_q = np.stack([o[2] for o in track])[order]
+    g_t, g_q = interpolate_poses(gt_stamps, gt_t, gt_q, o_stamps)
+    first = np.flatnonzero(np.all(np.isfinite(g_t), axis=1))
+    if not len(first):
+        return None
+    k = first[0]
+    t_inv, q_inv = geometry.pose_inverse(o_t[k], o_q[k])
+    m_t, m_q = geometry.pose_compose(g_t[k], g_q[k], t_inv, q_inv)
+    om_t, om_q = geometry.pose_compose(np.broadcast_to(m_t, o_t.shape),
+                                       np.broadcast_to(m_q, o_q.shape), o_t, o_q)
+    return o_stamps, om_t, om_q
+
+
 def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, elapsed,
-              inference_s, n_images) -> dict:
+              inference_s, n_images, vo_track=()) -> dict:
     """Trajectories evaluated at the image stamps, and the metrics of each source."""
-    from vizloc_ros.metrics import pose_errors, summarize_errors, trajectory_metrics
+    from vizloc_ros.metrics import pose_errors, step_errors, summarize_errors, trajectory_metrics
 
     gt_stamps, gt_t, gt_q = gt
     stamps = np.array([p.stamp for p in absolute])
@@ -343,23 +430,13 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, 
         keep = np.r_[np.diff(f_stamps) > 0, True]  # the last output at each stamp
         trajectories["fused"] = (f_stamps[keep], f_t[keep], f_q[keep])
         sources["fused"] = previous_poses(f_stamps[keep], f_t[keep], f_q[keep], stamps)
-    if len(odom_track) >= 2:
-        o_stamps = np.array([o[0] for o in odom_track])
-        order = np.argsort(o_stamps, kind="stable")
-        o_stamps = o_stamps[order]
-        o_t = np.stack([o[1] for o in odom_track])[order]
-        o_q = np.stack([o[2] for o in odom_track])[order]
-        # anchor odometry in map with the ground truth at its first usable stamp
-        g_t, g_q = interpolate_poses(gt_stamps, gt_t, gt_q, o_stamps)
-        first = np.flatnonzero(np.all(np.isfinite(g_t), axis=1))
-        if len(first):
-            k = first[0]
-            t_inv, q_inv = geometry.pose_inverse(o_t[k], o_q[k])
-            m_t, m_q = geometry.pose_compose(g_t[k], g_q[k], t_inv, q_inv)
-            om_t, om_q = geometry.pose_compose(np.broadcast_to(m_t, o_t.shape),
-                                               np.broadcast_to(m_q, o_q.shape), o_t, o_q)
-            trajectories["odometry"] = (o_stamps, om_t, om_q)
-            sources["odometry"] = interpolate_poses(o_stamps, om_t, om_q, stamps)
+    # odometry alone (the bag's, and the network's visual odometry), anchored in map with
+    # the ground truth at its first usable stamp
+    for name, track in (("odometry", odom_track), ("visual_odometry", vo_track)):
+        anchored = _anchored(track, gt_stamps, gt_t, gt_q)
+        if anchored is not None:
+            trajectories[name] = anchored
+            sources[name] = interpolate_poses(*anchored, stamps)
     metrics: dict = {"bag": str(options.bag), "weights": str(options.weights or default_weights()),
                      "frames": {"images": int(n_images), "estimated": int(len(absolute)),
                                 "evaluated": int(valid.sum())},
@@ -373,6 +450,7 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, 
         summary = summarize_errors(t_err, r_err)
         tail = max(1, len(t_err) // 10)
         summary["final_median_translation_m"] = float(np.median(t_err[-tail:]))
+        summary.update(step_errors(t[ok], q[ok], truth_t[ok], truth_q[ok]))
         summary.update(trajectory_metrics(stamps[ok], t[ok], q[ok], truth_t[ok], truth_q[ok]))
         metrics["sources"][name] = summary
         full_t = np.full(len(stamps), np.nan)
@@ -413,16 +491,18 @@ def default_weights() -> Path:
 # --------------------------------------------------------------------------- CLI
 
 def format_table(metrics: dict) -> str:
-    names = [n for n in ("absolute", "fused", "odometry") if n in metrics["sources"]]
+    names = [n for n in SOURCE_NAMES if n in metrics["sources"]]
     rows = [("median translation (m)", "median_translation_m", "{:.3f}"),
             ("median rotation (deg)", "median_rotation_deg", "{:.2f}"),
             ("final median transl. (m)", "final_median_translation_m", "{:.3f}"),
             ("within 25 cm, 2 deg", "within_25cm_2deg", "{:.1%}"),
             ("within 50 cm, 5 deg", "within_50cm_5deg", "{:.1%}"),
             ("ATE RMSE (m)", "ate_rmse_m", "{:.3f}"),
-            ("ATE RMSE, SE(3)-aligned (m)", "ate_rmse_m_se3_aligned", "{:.3f}")]
+            ("ATE RMSE, SE(3)-aligned (m)", "ate_rmse_m_se3_aligned", "{:.3f}"),
+            ("median step error (m)", "median_step_translation_m", "{:.4f}"),
+            ("median step error (deg)", "median_step_rotation_deg", "{:.3f}")]
     width = max(len(r[0]) for r in rows)
-    lines = [" " * width + "".join(f"{n:>12}" for n in names)]
+    lines = [" " * width + "".join(f"{SHORT_NAMES.get(n, n):>12}" for n in names)]
     for label, key, fmt in rows:
         cells = []
         for n in names:
@@ -443,6 +523,9 @@ def _extrinsic(values):
     if values is None:
         return None
     x, y, z, qx, qy, qz, qw = values
+    if not np.all(np.isfinite(values)) or not np.linalg.norm([qx, qy, qz, qw]) > 1e-6:
+        raise ReplayError(f"--camera-extrinsic {' '.join(f'{v:g}' for v in values)}: expected finite "
+                          "X Y Z and a non-zero quaternion QX QY QZ QW")
     return np.array([x, y, z]), geometry.quat_normalize(geometry.ros_to_wxyz([qx, qy, qz, qw]))
 
 
@@ -464,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--odom-topic", default="/odom", help="nav_msgs/Odometry topic, or 'none'")
     parser.add_argument("--imu-topic", default="none", help="sensor_msgs/Imu topic to fuse, or 'none' (default)")
     parser.add_argument("--no-fusion", action="store_true", help="raw network poses only")
+    parser.add_argument("--visual-odom", action="store_true",
+                        help="fuse the network's own relative-pose head (VLocNet) as visual odometry "
+                             "instead of --odom-topic (for robots without odometry)")
     parser.add_argument("--prior-weights", help="a second checkpoint (e.g. NetVLAD retrieval) whose poses "
                                                 "only initialise the fusion and recover it after a kidnapping")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -475,7 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-frame", default="base_link")
     parser.add_argument("--out", help="output folder (default vizloc_replay_<bag name>; "
                                       "--demo: vizloc_demo_report, replaced on each run)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier report folder (never a folder that is not a report or "
+                             "that holds the bag or the weights)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -506,7 +594,7 @@ def main(argv=None) -> int:
             fusion=not args.no_fusion, device=args.device, batch_size=args.batch_size,
             overwrite=overwrite, progress=not args.no_progress, base_frame=args.base_frame,
             camera_extrinsic=_extrinsic(args.camera_extrinsic),
-            mc_dropout_samples=args.mc_dropout_samples,
+            mc_dropout_samples=args.mc_dropout_samples, visual_odometry=args.visual_odom,
             prior_weights=Path(args.prior_weights) if args.prior_weights else None)
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -516,6 +604,9 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
     except ReplayError as exc:
         print(f"vizloc-replay: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up while the report was written
+        print(f"vizloc-replay: error: {exc}; no report was written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vizloc-replay: interrupted; no report was written", file=sys.stderr)

@@ -31,8 +31,9 @@ _SOURCE = {
 }
 
 #: JSON Schema of ``metrics.json`` (draft 2020-12). ``sources`` holds ``absolute`` (raw
-#: network), ``fused`` (when fusion ran) and ``odometry`` (odometry alone, anchored to the
-#: ground truth at its first pose), each evaluated at the image stamps.
+#: network), ``fused`` (when fusion ran), ``odometry`` (odometry alone, anchored to the
+#: ground truth at its first pose) and ``visual_odometry`` (the network's relative head
+#: integrated, ``--visual-odom``), each evaluated at the image stamps.
 METRICS_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -43,7 +44,8 @@ METRICS_SCHEMA = {
         "frames": {"type": "object", "required": ["images", "estimated", "evaluated"],
                    "additionalProperties": {"type": "integer", "minimum": 0}},
         "sources": {"type": "object", "required": ["absolute"],
-                    "properties": {"absolute": _SOURCE, "fused": _SOURCE, "odometry": _SOURCE},
+                    "properties": {"absolute": _SOURCE, "fused": _SOURCE, "odometry": _SOURCE,
+                                   "visual_odometry": _SOURCE},
                     "additionalProperties": False},
         "counts": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
         "timing": {"type": "object", "required": ["seconds", "frames_per_second", "device"],
@@ -54,7 +56,8 @@ METRICS_SCHEMA = {
     },
 }
 
-COLOURS = {"ground_truth": "black", "absolute": "tab:orange", "fused": "tab:blue", "odometry": "tab:green"}
+COLOURS = {"ground_truth": "black", "absolute": "tab:orange", "fused": "tab:blue", "odometry": "tab:green",
+           "visual_odometry": "tab:purple"}
 
 
 def write_report(folder: Path, result: dict) -> None:
@@ -76,7 +79,8 @@ def _markdown(metrics: dict) -> str:
              "```", format_table(metrics), "```", "",
              "Errors are measured at the image stamps against the interpolated ground truth; "
              "`fused` is the latest fused pose at or before each image (causal), `odometry` "
-             "is the odometry alone anchored to the ground truth at its first pose. ATE/RPE "
+             "is the odometry alone anchored to the ground truth at its first pose (`visual "
+             "odometry`: the network's relative head integrated, likewise). ATE/RPE "
              "come from evo on the same poses.", "",
              "![trajectories](trajectories.png)", "", "![errors](errors.png)", "",
              "![error CDF](error_cdf.png)", "", "## Counts", ""]
@@ -108,7 +112,7 @@ def _plots(folder: Path, result: dict) -> None:
     per_frame = result["per_frame"]
     stamps = per_frame["stamp"]
     rel = stamps - stamps[0] if len(stamps) else stamps
-    names = [n for n in ("absolute", "fused", "odometry") if f"{n}_translation_m" in per_frame]
+    names = [n for n in COLOURS if n != "ground_truth" and f"{n}_translation_m" in per_frame]
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for name in names:
         axes[0].plot(rel, per_frame[f"{name}_translation_m"], color=COLOURS[name], lw=1, label=name)

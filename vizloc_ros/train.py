@@ -3,8 +3,10 @@
 Config is YAML (see ``config/train_mapnet_demo.yaml``) with command-line overrides
 (``--set optim.lr=1e-4``). What a user gets:
 
-* model and loss chosen by registry name; MapNet-family losses train on tuples of
-  frames (``tuple.steps`` / ``tuple.skip``) with the relative-pose term;
+* model and loss chosen by registry name; MapNet-family losses and sequence models
+  (VidLoc, VLocNet) train on tuples of frames (``tuple.steps`` / ``tuple.skip``); MapNet+
+  adds tuples of unlabeled recordings with their odometry (``unlabeled``), which only
+  enter through relative-pose terms;
 * a progress bar with the loss, and per epoch the validation median errors;
 * the best checkpoint (by validation median translation + rotation error) written
   atomically as safetensors + JSON, the JSON carrying the validation metrics and the
@@ -54,8 +56,14 @@ DEFAULTS = {
     "device": "auto",
     "workers": 0,
     "storage_dtype": "fp32",
+    "amp": "none",
     "out": "weights/model",
     "max_steps": None,
+    # unlabeled recordings with odometry (MapNet+): relative-pose terms only
+    "unlabeled": {"kind": "bag", "root": None, "kwargs": {}, "steps": 3, "skip": 5, "stride": 1,
+                  "batch_size": None,
+                  "loss": {"translation": "l1", "rotation": "logq", "combine": "learned",
+                           "s_t": 0.0, "s_q": -3.0}},
 }
 
 
@@ -94,7 +102,8 @@ def _set_override(config: dict, assignment: str) -> None:
         if not isinstance(node.get(part), dict):
             raise ConfigError(f"unknown config key {key!r}")
         node = node[part]
-    if parts[-1] not in node and not key.startswith(("model.args.", "data.kwargs.", "loss.")):
+    if parts[-1] not in node and not key.startswith(("model.args.", "data.kwargs.", "loss.",
+                                                     "unlabeled.kwargs.", "unlabeled.loss.")):
         raise ConfigError(f"unknown config key {key!r}")
     node[parts[-1]] = value
 
@@ -136,6 +145,8 @@ def _check_types(config: dict) -> None:
         raise ConfigError("data.root is required (the dataset folder or bag)")
     if config["storage_dtype"] not in ("fp32", "fp16"):
         raise ConfigError("storage_dtype must be fp32 or fp16")
+    if config["amp"] not in ("none", "bf16"):
+        raise ConfigError(f"amp must be none or bf16 (mixed precision on the GPU), got {config['amp']!r}")
     crop = config["input"]["crop"]
     if isinstance(crop, int):
         config["input"]["crop"] = [crop, crop]
@@ -157,11 +168,14 @@ def open_split(config: dict, split_key: str):
 
 
 def _collate(samples):
-    """Stack samples whose images share a size; images stay uint8 (preprocessed later)."""
-    out = {"image": torch.from_numpy(np.stack([s["image"] for s in samples])),
-           "t": torch.from_numpy(np.stack([s["t"] for s in samples])).float(),
-           "q": torch.from_numpy(np.stack([s["q"] for s in samples])).float()}
-    for key, value in samples[0].items():  # a model's extra targets (depth, triplets, ...)
+    """Stack samples whose images share a size; images stay uint8 (preprocessed later).
+    Poses (``t``, ``q``) and relative poses (``t_rel``, ``q_rel``) when the samples have them,
+    and any other array a model's training samples carry (depth, scene coordinates, ...)."""
+    out = {"image": torch.from_numpy(np.stack([s["image"] for s in samples]))}
+    for key in ("t", "q", "t_rel", "q_rel"):
+        if key in samples[0]:
+            out[key] = torch.from_numpy(np.stack([s[key] for s in samples])).float()
+    for key, value in samples[0].items():
         if key not in out and isinstance(value, np.ndarray):
             out[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
     return out
@@ -196,16 +210,40 @@ def prepare_images(images: torch.Tensor, spec: InputSpec, device, train: bool,
 # ----------------------------------------------------------------------------- validation
 
 @torch.inference_mode()
-def predict_dataset(model, dataset, spec: InputSpec, device, batch_size: int = 32):
-    """Predicted (t, q) for every frame of a dataset, in its order."""
+def predict_dataset(model, dataset, spec: InputSpec, device, batch_size: int = 32,
+                    relative: bool = False):
+    """Predicted (t, q) for every frame of a dataset, in its order.
+
+    Sequence models run online, as deployed: a FrameStream in the dataset's order, a new
+    window at every gap in its stamps. ``relative=True`` (models with a relative head)
+    also returns (t_rel, q_rel) per frame, the motion from the previous frame (NaN where
+    the frame starts a window).
+    """
     model.eval()
-    ts, qs = [], []
+    stream = None
+    if model.streaming:
+        from vizloc_ros.models.sequence import FrameStream
+        stream = FrameStream(model)
+        stamps = dataset.stamps()
+    ts, qs, rel_ts, rel_qs = [], [], [], []
     for start in range(0, len(dataset), batch_size):
-        batch = _collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        stop = min(start + batch_size, len(dataset))
+        batch = _collate([dataset[i] for i in range(start, stop)])
         x = preprocess(batch["image"].to(device), spec).contiguous(memory_format=torch.channels_last)
-        t, q, _ = model.localize(x)
+        if stream is None:  # regressors decode their output; DSAC, NetVLAD, ... localize their own way
+            t, q, _ = model.localize(x)
+        else:
+            out = stream.push(x, stamps[start:stop])
+            raw, raw_rel = out.pose[0], out.relative
+            t, q = model.decode(raw)
         ts.append(t.double().cpu().numpy())
         qs.append(q.double().cpu().numpy())
+        if relative:
+            t_rel, q_rel = model.decode_relative(raw_rel[0].float())
+            rel_ts.append(t_rel.double().cpu().numpy())
+            rel_qs.append(q_rel.double().cpu().numpy())
+    if relative:
+        return np.concatenate(ts), np.concatenate(qs), np.concatenate(rel_ts), np.concatenate(rel_qs)
     return np.concatenate(ts), np.concatenate(qs)
 
 
@@ -222,6 +260,22 @@ def validate(model, dataset, spec, device) -> tuple[dict, list]:
     t_est, q_est = predict_dataset(model, dataset, spec, device)
     t_gt, q_gt = dataset.poses()
     return evaluate_poses(t_est, q_est, t_gt, q_gt), validation_covariance(t_est, q_est, t_gt, q_gt)
+
+
+def validate_relative(model, dataset, spec, device) -> tuple[dict, list | None]:
+    """Per-step errors of a relative (odometry) head between consecutive frames of the
+    dataset, and their 6x6 ROS-order covariance (the estimator's visual-odometry
+    uncertainty); also the step lengths, to compare with an odometry's drift per step."""
+    _, _, t_rel, q_rel = predict_dataset(model, dataset, spec, device, relative=True)
+    t_gt, q_gt = dataset.poses()
+    gt_t_rel, gt_q_rel = geometry.pose_relative(t_gt[:-1], q_gt[:-1], t_gt[1:], q_gt[1:])
+    t_rel, q_rel = t_rel[1:], q_rel[1:]
+    ok = np.all(np.isfinite(t_rel), axis=1) & np.all(np.isfinite(q_rel), axis=1)
+    if not ok.any():
+        return {"frames": 0}, None
+    metrics = evaluate_poses(t_rel[ok], q_rel[ok], gt_t_rel[ok], gt_q_rel[ok])
+    metrics["median_step_m"] = float(np.median(np.linalg.norm(gt_t_rel[ok], axis=1)))
+    return metrics, validation_covariance(t_rel[ok], q_rel[ok], gt_t_rel[ok], gt_q_rel[ok])
 
 
 # ----------------------------------------------------------------------------- resume state
@@ -293,6 +347,71 @@ def _distributed():
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+class TrainingForward(torch.nn.Module):
+    """One training forward pass: the labeled batch (frames (B, 3, H, W) or clips
+    (B, T, 3, H, W)) and, for MapNet+, the unlabeled clips, in one call (one forward per
+    backward, as DistributedDataParallel needs). Returns the model's clip outputs
+    (``pose``, ``relative``) and ``unlabeled`` (raw poses of the unlabeled clips)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, unlabeled: torch.Tensor | None = None) -> dict:
+        out = dict(self.model.forward_clips(x)) if x.dim() == 5 else {"pose": self.model(x)}
+        if unlabeled is not None:
+            out["unlabeled"] = self.model.forward_clips(unlabeled)["pose"]
+        return out
+
+
+def _prepare_batch_images(images: torch.Tensor, spec, device, config, generator) -> torch.Tensor:
+    """uint8 (B, H, W, 3) or clips (B, T, H, W, 3) -> normalised (B[, T], 3, h, w)."""
+    shape = images.shape
+    x = prepare_images(images.reshape(-1, *shape[-3:]), spec, device, True, config, generator)
+    return x.unflatten(0, tuple(shape[:2])) if len(shape) == 5 else x
+
+
+def _forever(loader):
+    epoch = 0
+    while True:
+        if getattr(loader.sampler, "set_epoch", None):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _check_relative_head(model, loss_fn) -> bool:
+    """Whether the loss trains the model's relative (odometry) head; a loss that needs one
+    the model lacks is a ConfigError."""
+    wants = bool(getattr(loss_fn, "trains_relative_head", False))
+    if wants and not model.has_relative_head:
+        raise ConfigError(f"loss.odometry trains a relative-pose head, which {model.architecture!r} "
+                          "does not have (vlocnet does)")
+    if model.has_relative_head and not wants:
+        LOG.warning("%s has a relative-pose head that this loss does not train (set loss.odometry: true)",
+                    model.architecture)
+    return wants
+
+
+def _open_unlabeled(config: dict, model):
+    """(unlabeled tuples, their odometry loss) when ``unlabeled.root`` is set, else (None, None)."""
+    from vizloc_ros.data.unlabeled import open_unlabeled
+    from vizloc_ros.losses import build_odometry_loss
+
+    block = config["unlabeled"]
+    if not block["root"]:
+        if model.needs_unlabeled:
+            raise ConfigError(f"{model.architecture} trains on unlabeled sequences with odometry: set "
+                              "unlabeled.root (a bag or a folder of bags with images and an odometry topic)")
+        return None, None
+    dataset = open_unlabeled(block["kind"], block["root"], steps=int(block["steps"]),
+                             skip=int(block["skip"]), stride=int(block["stride"]), **(block["kwargs"] or {}))
+    if len(dataset) == 0:
+        raise ConfigError(f"unlabeled data {block['root']} is too short for tuples of "
+                          f"steps={block['steps']}, skip={block['skip']}")
+    return dataset, build_odometry_loss(block["loss"])
+
+
 def train(config: dict, resume: bool = False, progress: bool = True) -> dict:
     """Run training; returns the best validation metrics. Writes ``<out>.safetensors/.json``.
 
@@ -322,6 +441,9 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
+    use_bf16 = config["amp"] == "bf16"
     spec = InputSpec.from_meta(config["input"])
     train_set = open_split(config, "train_split")
     val_set = open_split(config, "val_split")
@@ -342,14 +464,26 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
     custom_loss = model.training_loss(config)
     loss_fn = (build_loss(dict(config["loss"])) if custom_loss is None else custom_loss).to(device)
     relative = custom_loss is None and bool(config["loss"].get("relative", False))
+    # tuples of frames: MapNet-style losses, and models that read clips (VidLoc, VLocNet)
+    clips = relative or model.trains_on_clips or getattr(loss_fn, "trains_relative_head", False)
+    relative_head = _check_relative_head(model, loss_fn)
+    if model.pose_depends_on_history and int(config["tuple"]["steps"]) != model.context_frames:
+        LOG.warning("training clips of tuple.steps=%s frames, but %s reads the last %d at run time; "
+                    "set them equal", config["tuple"]["steps"], model.architecture, model.context_frames)
     source = TupleDataset(train_set, config["tuple"]["steps"], config["tuple"]["skip"],
-                          stride=int(config["tuple"]["stride"])) if relative else train_set
+                          stride=int(config["tuple"]["stride"])) if clips else train_set
     if custom_loss is not None:
         source = model.training_dataset(train_set, config, spec)
     if len(source) == 0:
         raise ConfigError("the training split is too short for the requested tuples "
                           f"(steps={config['tuple']['steps']}, skip={config['tuple']['skip']})")
-    params = list(model.parameters()) + list(loss_fn.parameters())
+    unlabeled_set, unlabeled_loss = _open_unlabeled(config, model)
+    if unlabeled_loss is not None:
+        unlabeled_loss = unlabeled_loss.to(device)
+        loss_state = torch.nn.ModuleDict({"labeled": loss_fn, "unlabeled": unlabeled_loss})
+    else:
+        loss_state = loss_fn
+    params = list(model.parameters()) + list(loss_state.parameters())
     optimizer = torch.optim.Adam(params, lr=config["optim"]["lr"],
                                  weight_decay=config["optim"]["weight_decay"])
     epochs = config["optim"]["epochs"]
@@ -362,7 +496,7 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
     if resume:
         if not state_path.is_file():
             raise ConfigError(f"--resume: no training state at {state_path}")
-        start_epoch, best = load_train_state(state_path, model, optimizer, loss_fn)
+        start_epoch, best = load_train_state(state_path, model, optimizer, loss_state)
         if schedule is not None:
             with warnings.catch_warnings():  # replaying the schedule, no optimiser step needed
                 warnings.simplefilter("ignore", UserWarning)
@@ -370,19 +504,29 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                     schedule.step()
         LOG.info("resumed from %s at epoch %d (best %.3f)", state_path, start_epoch, best)
 
-    net = model
-    sampler = None
+    net = TrainingForward(model)
+    sampler = unlabeled_sampler = None
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         from torch.utils.data.distributed import DistributedSampler
 
-        net = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        net = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
         sampler = DistributedSampler(source, seed=int(config["seed"]))
+        if unlabeled_set is not None:
+            unlabeled_sampler = DistributedSampler(unlabeled_set, seed=int(config["seed"]))
     loader = torch.utils.data.DataLoader(
         source, batch_size=config["optim"]["batch_size"], shuffle=sampler is None,
         sampler=sampler, collate_fn=_collate, num_workers=int(config["workers"]),
         drop_last=len(source) > config["optim"]["batch_size"], generator=generator,
-        pin_memory=device.type == "cuda")
+        pin_memory=device.type == "cuda", persistent_workers=int(config["workers"]) > 0)
+    unlabeled_batches = None
+    if unlabeled_set is not None:
+        size = int(config["unlabeled"]["batch_size"] or config["optim"]["batch_size"])
+        unlabeled_batches = _forever(torch.utils.data.DataLoader(
+            unlabeled_set, batch_size=size, shuffle=unlabeled_sampler is None,
+            sampler=unlabeled_sampler, collate_fn=_collate, num_workers=int(config["workers"]),
+            drop_last=len(unlabeled_set) > size, generator=generator,
+            pin_memory=device.type == "cuda"))
 
     best_metrics: dict = {}
     t_mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
@@ -390,6 +534,7 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
     steps = 0
     started = time.time()
     for epoch in range(start_epoch, epochs):
+        epoch_started = time.time()
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
@@ -397,18 +542,27 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                    dynamic_ncols=True, leave=False)
         running = None
         for batch in bar:
-            images = batch["image"]
-            shape = images.shape  # (B, H, W, 3) or (B, T, H, W, 3)
-            x = prepare_images(images.reshape(-1, *shape[-3:]), spec, device, True, config, generator)
-            if custom_loss is not None:
-                loss = loss_fn(net, x, {k: v.to(device) for k, v in batch.items() if k != "image"})
+            x = _prepare_batch_images(batch["image"], spec, device, config, generator)
+            if custom_loss is not None:  # the model's own loss on its own samples
+                loss = loss_fn(lambda images: net(images)["pose"], x,
+                               {k: v.to(device) for k, v in batch.items() if k != "image"})
             else:
-                raw = net(x)
+                unlabeled = next(unlabeled_batches) if unlabeled_batches is not None else None
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):  # fp32 loss
+                    outputs = net(x, None if unlabeled is None else
+                                  _prepare_batch_images(unlabeled["image"], spec, device, config, generator))
+                outputs = {key: value.float() for key, value in outputs.items()}
                 t_gt = ((batch["t"].to(device) - t_mean) / t_std)
                 q_gt = batch["q"].to(device)
-                if relative:
-                    raw = raw.reshape(shape[0], shape[1], -1)
-                loss = loss_fn(raw, t_gt, q_gt)
+                extras = {}
+                if relative_head:
+                    extras = {"relative": outputs["relative"], "true_t_rel": batch["t_rel"].to(device),
+                              "true_q_rel": batch["q_rel"].to(device)}
+                loss = loss_fn(outputs["pose"], t_gt, q_gt, **extras)
+                if unlabeled is not None:
+                    loss = loss + unlabeled_loss.from_absolute(
+                        outputs["unlabeled"], t_mean, t_std, unlabeled["t_rel"].to(device),
+                        unlabeled["q_rel"].to(device), model.rotation_format)["loss"]
             if not torch.isfinite(loss):
                 LOG.warning("non-finite loss at step %d: batch skipped", steps)
                 optimizer.zero_grad(set_to_none=True)
@@ -432,7 +586,7 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
             score = metrics["median_translation_m"] + metrics["median_rotation_deg"] / 10.0
             msg = (f"epoch {epoch + 1}/{epochs}: loss {running if running is not None else float('nan'):.3f}"
                    f"  val median {metrics['median_translation_m']:.3f} m "
-                   f"{metrics['median_rotation_deg']:.2f} deg")
+                   f"{metrics['median_rotation_deg']:.2f} deg  ({time.time() - epoch_started:.1f} s)")
             if score < best:
                 best = score
                 best_metrics = metrics
@@ -444,10 +598,19 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                     "metrics": {"validation": metrics},
                     "validation_errors": {"cov_ros": cov, "frames": metrics["frames"]},
                 }
+                if unlabeled_set is not None:
+                    meta["training"]["unlabeled_tuples"] = len(unlabeled_set)
+                if model.has_relative_head:
+                    rel_metrics, rel_cov = validate_relative(model, val_set, spec, device)
+                    meta["metrics"]["validation_relative"] = rel_metrics
+                    if rel_cov is not None:
+                        meta["validation_errors"]["relative_cov_ros"] = rel_cov
+                        msg += (f"  relative {rel_metrics['median_translation_m']:.3f} m "
+                                f"{rel_metrics['median_rotation_deg']:.2f} deg per step")
                 save_checkpoint(out, model, meta, dtype=config["storage_dtype"])
                 msg += "  (best, saved)"
             (tqdm.write if progress else LOG.info)(msg)
-            save_train_state(state_path, model, optimizer, loss_fn, epoch + 1, best)
+            save_train_state(state_path, model, optimizer, loss_state, epoch + 1, best)
         if config["max_steps"] and steps >= int(config["max_steps"]):
             break
     if world > 1:

@@ -24,6 +24,10 @@ from vizloc_ros.data.ground_truth import (GroundTruthError, GroundTruthReader, i
 
 LOG = logging.getLogger(__name__)
 
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+GT_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarianceStamped",
+            "nav_msgs/msg/Odometry", "geometry_msgs/msg/TransformStamped")
+
 
 class BagDataset(PoseDataset):
     name = "bag"
@@ -46,6 +50,11 @@ class BagDataset(PoseDataset):
         gt_source = "/tf" if gt_topic.startswith("tf:") else gt_topic
         if gt_source not in topics:
             raise DatasetError(f"ground-truth topic {gt_source!r} is not in {bag}; it has: {listing}")
+        for topic, allowed in ((image_topic, IMAGE_TYPES),
+                               (gt_source, ("tf2_msgs/msg/TFMessage",) if gt_source == "/tf" else GT_TYPES)):
+            if topics[topic] not in allowed:
+                raise DatasetError(f"{bag}: topic {topic} carries {topics[topic]}, expected one of "
+                                   f"{', '.join(allowed)}")
         if every < 1:
             raise DatasetError("every must be >= 1")
         wanted = [image_topic, gt_source] + (["/tf_static"] if "/tf_static" in topics else [])

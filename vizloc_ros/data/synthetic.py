@@ -284,11 +284,51 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, unit="frame", desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
+def _render_sequence(staging: Path, sim: SimulatedSequence, config: SynthConfig, renderer: Renderer,
+                     want_bag: bool, want_7scenes: bool, on_frame=None) -> None:
+    """Render one sequence into ``staging``: its TUM ground truth, bag and/or 7-Scenes folder."""
+    name = sim.spec.name
+    write_tum(staging / "trajectories" / f"{name}_ground_truth.tum",
+              sim.ground_truth_times + config.epoch_ns * 1e-9, sim.ground_truth_t, sim.ground_truth_q)
+    bag = _BagSink(staging / "bags" / name, sim, config) if want_bag else None
+    seq_dir = staging / name
+    if want_7scenes:
+        seq_dir.mkdir()
+    try:
+        for index in range(sim.spec.frames):
+            result = renderer.render(sim.camera_t[index], sim.camera_q[index])
+            if bag is not None:
+                bag.add_frame(index, result.rgb)
+            if want_7scenes:
+                write_frame(seq_dir, index, result.rgb, result.depth,
+                            sim.camera_t[index], sim.camera_q[index])
+            if on_frame is not None:
+                on_frame()
+    except BaseException:
+        if bag is not None:
+            bag.abort()
+        raise
+    if bag is not None:
+        bag.close()
+
+
+def _render_sequence_job(staging: str, spec: SequenceSpec, config: SynthConfig,
+                         want_bag: bool, want_7scenes: bool) -> int:
+    """Worker-process entry of ``jobs > 1``: re-simulates its sequence (deterministic and
+    cheap, so nothing large crosses the process boundary) and renders it."""
+    scene = get_scene(config.scene)
+    sim = simulate_sequence(spec, config, scene)
+    _render_sequence(Path(staging), sim, config, Renderer(scene, config.camera()), want_bag, want_7scenes)
+    return spec.frames
+
+
 def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = SynthConfig(),
-             fmt: str = "both", overwrite: bool = False, progress: bool = True) -> Path:
+             fmt: str = "both", overwrite: bool = False, progress: bool = True, jobs: int = 1) -> Path:
     """Render ``sequences`` into ``out_dir`` (bags and/or 7-Scenes folders); returns it.
 
-    Raises ``FileExistsError`` if ``out_dir`` exists and ``overwrite`` is false.
+    ``jobs > 1`` renders that many sequences at once in worker processes (the output is
+    the same bytes as with one job: every sequence has its own seeds). Raises
+    ``FileExistsError`` if ``out_dir`` exists and ``overwrite`` is false.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
@@ -296,11 +336,11 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
         raise ValueError("no sequences to generate")
     if len({s.number for s in sequences}) != len(sequences):
         raise ValueError("sequence numbers must be unique")
+    if int(jobs) < 1:
+        raise ValueError(f"jobs must be >= 1, not {jobs}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass --overwrite (overwrite=True) to replace it")
+    _check_output(out_dir, overwrite)
     scene = get_scene(config.scene)
-    renderer = Renderer(scene, config.camera())
     sims = [simulate_sequence(spec, config, scene) for spec in sequences]  # fail early, before rendering
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -314,29 +354,13 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
         if want_bag:
             (staging / "bags").mkdir()
         with _progress(sum(s.frames for s in sequences), progress, "vizloc-synth") as bar:
-            for sim in sims:
-                name = sim.spec.name
-                write_tum(staging / "trajectories" / f"{name}_ground_truth.tum",
-                          sim.ground_truth_times + config.epoch_ns * 1e-9, sim.ground_truth_t, sim.ground_truth_q)
-                bag = _BagSink(staging / "bags" / name, sim, config) if want_bag else None
-                seq_dir = staging / name
-                if want_7scenes:
-                    seq_dir.mkdir()
-                try:
-                    for index in range(sim.spec.frames):
-                        result = renderer.render(sim.camera_t[index], sim.camera_q[index])
-                        if bag is not None:
-                            bag.add_frame(index, result.rgb)
-                        if want_7scenes:
-                            write_frame(seq_dir, index, result.rgb, result.depth,
-                                        sim.camera_t[index], sim.camera_q[index])
-                        bar.update(1)
-                except BaseException:
-                    if bag is not None:
-                        bag.abort()
-                    raise
-                if bag is not None:
-                    bag.close()
+            if int(jobs) == 1 or len(sequences) == 1:
+                renderer = Renderer(scene, config.camera())
+                for sim in sims:
+                    _render_sequence(staging, sim, config, renderer, want_bag, want_7scenes,
+                                     on_frame=lambda: bar.update(1))
+            else:
+                _render_in_processes(staging, sequences, config, want_bag, want_7scenes, int(jobs), bar)
         if want_7scenes:
             write_splits(staging, [s.number for s in sequences if s.split == "train"],
                          [s.number for s in sequences if s.split == "test"])
@@ -347,6 +371,43 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _render_in_processes(staging: Path, sequences, config, want_bag, want_7scenes, jobs, bar) -> None:
+    """One sequence per task on a spawn-started pool (no fork of a process that may hold
+    threads); the progress bar advances by whole sequences; the first failure cancels the rest."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(sequences)), mp_context=context) as pool:
+        futures = [pool.submit(_render_sequence_job, str(staging), spec, config, want_bag, want_7scenes)
+                   for spec in sequences]
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    bar.update(future.result())  # re-raises a worker's error here
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def _check_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite``, and even then refuse to replace a
+    folder that is not an earlier vizloc-synth output (no ``scene.json``): ``--out .``
+    with ``--overwrite`` is a typing slip, not a wish to delete the working directory."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass --overwrite (overwrite=True) to replace it")
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a vizloc-synth output folder; choose another --out")
+    if any(out_dir.iterdir()) and not (out_dir / "scene.json").is_file():
+        raise FileExistsError(f"{out_dir} is not a vizloc-synth output (no scene.json): refusing to "
+                              "replace it; choose another --out")
 
 
 def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
@@ -470,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(repeatable; sequences go to the test split unless --split train)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the walks and sensor noise (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--jobs", type=_int_at_least(1), default=1,
+                        help="sequences rendered at once in worker processes (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -492,7 +555,7 @@ def main(argv=None) -> int:
                          camera_hz=args.camera_hz)
     try:
         out = generate(args.out, sequences, config, fmt=args.format, overwrite=args.overwrite,
-                       progress=not args.quiet)
+                       progress=not args.quiet, jobs=args.jobs)
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"vizloc-synth: error: {exc}", file=sys.stderr)
         return 2

@@ -642,6 +642,8 @@ class AllocentricLoss(nn.Module):
         model = self._model
         per = 1 + self.memory_frames
         out = net(x)
+        if x.dim() == 5:  # clips (B, 1 + M, 3, H, W) give (B, 1 + M, C + 1, h, w)
+            out = out.flatten(0, 1)
         B = out.shape[0] // per
         h, w = out.shape[-2:]
         out = out.reshape(B, per, *out.shape[1:])

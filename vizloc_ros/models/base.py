@@ -74,6 +74,61 @@ class PoseRegressor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ sequences
+    # Single-image networks need none of this: the defaults below make every model usable
+    # by the clip-based trainer and the online FrameStream (vizloc_ros.models.sequence).
+
+    #: training needs clips of consecutive frames even when the loss is absolute-only
+    #: (VidLoc's clip LSTM, VLocNet's pairs); MapNet-style losses ask for clips themselves.
+    trains_on_clips: bool = False
+    #: training needs unlabeled sequences with odometry (the ``unlabeled`` config block):
+    #: MapNet+.
+    needs_unlabeled: bool = False
+    #: the model also regresses the relative pose between consecutive frames (VLocNet's
+    #: odometry head); see :meth:`decode_relative`.
+    has_relative_head: bool = False
+
+    @property
+    def context_frames(self) -> int:
+        """Frames one run-time prediction reads: 1 for single-image networks; VidLoc its
+        clip, VLocNet 2 (the previous frame, for its relative head)."""
+        return 1
+
+    @property
+    def pose_depends_on_history(self) -> bool:
+        """The absolute pose of a frame depends on earlier frames (VidLoc's clip), so the
+        network is not a single-image function (it cannot be exported as one)."""
+        return False
+
+    @property
+    def streaming(self) -> bool:
+        """Run-time output depends on earlier frames: the estimator keeps a FrameStream."""
+        return self.context_frames > 1 or self.has_relative_head
+
+    def encode_frames(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> per-frame state (N, ...), the part computed once per frame.
+        Default: the raw output itself."""
+        return self.forward(images)
+
+    def decode_window(self, states: torch.Tensor) -> dict:
+        """A window of per-frame states (B, T, ...), oldest first -> ``{"pose": (B, D)}``,
+        the raw output for the newest frame, plus ``"relative"`` (B, 3 + 3): the raw
+        relative pose from the previous frame to the newest (models with a relative head,
+        T >= 2)."""
+        return {"pose": states[:, -1]}
+
+    def forward_clips(self, clips: torch.Tensor) -> dict:
+        """Clips (B, T, 3, H, W) -> ``{"pose": (B, T, D)}`` raw outputs for every frame
+        (``"relative"`` (B, T - 1, 3 + 3) too for models with a relative head). Default:
+        every frame on its own."""
+        b, t = clips.shape[:2]
+        return {"pose": self(clips.flatten(0, 1)).unflatten(0, (b, t))}
+
+    def decode_relative(self, raw: torch.Tensor):
+        """Raw relative output (..., 6) -> (t (..., 3) metres, q (..., 4) w >= 0): the pose of
+        the newer camera in the older camera's frame (a^-1 b)."""
+        raise NotImplementedError(f"{type(self).__name__} has no relative-pose head")
+
     # ------------------------------------------------------------------ pose statistics
     def forward_samples(self, images: torch.Tensor, samples: int) -> torch.Tensor:
         """``samples`` stochastic forward passes as one batch, sample-major:

@@ -22,10 +22,17 @@ the exporter, the trainer and the weights README read it)::
       "map_frame": "map",                      # TF frame the predicted poses live in
       "storage_dtype": "fp32",                 # "fp32" | "fp16" (tensors; loaded as fp32)
       "training": {...},                       # free-form: data, epochs, loss config, ...
-      "metrics": {...},                        # free-form: test-split metrics
+      "metrics": {...},                        # free-form: validation / test-split metrics
       "validation_errors": {...},              # free-form: per-frame / summary errors
       "side_files": {"database": "X.database.safetensors"}   # only for models with
     }                                          # side tensors (PoseRegressor.side_tensors)
+
+Keys the trainer writes and the estimator reads: ``validation_errors.cov_ros`` (6x6 ROS-order
+covariance of the validation errors, the estimator's uncertainty) and, for networks with a
+relative-pose head (``vlocnet``), ``validation_errors.relative_cov_ros`` (the same for one
+frame-to-frame step, in the earlier camera's frame: the visual odometry's uncertainty)
+with ``metrics.validation_relative`` (its per-step errors). Sequence models need nothing
+extra: ``model_config`` holds their clip length.
 
 Required on load: ``format``, ``architecture``, ``model_config``, ``rotation_format``,
 ``input`` (with ``resize``, ``crop``, ``mean``, ``std``) and ``pose_stats`` (with
@@ -280,6 +287,11 @@ def _read_json(json_path: Path, st_path: Path) -> dict:
                 "validation_errors": {}}
     for key, value in defaults.items():
         meta.setdefault(key, value)
+    wrong = [f"{key} (must be {type(value).__name__ if not isinstance(value, dict) else 'an object'}, "
+             f"got {type(meta[key]).__name__})"
+             for key, value in defaults.items() if not isinstance(meta[key], type(value))]
+    if wrong:
+        raise CheckpointError(f"JSON sidecar {json_path} has keys of the wrong type: {', '.join(wrong)}")
     return meta
 
 

@@ -23,3 +23,19 @@ class MapNet(PoseNet):
 
 
 register_model("mapnet")(preset(MapNet, "resnet34", allow_other_backbone=True))
+
+
+class MapNetPlus(MapNet):
+    """MapNet+ (Brahmbhatt et al. 2018, section 3.3): the MapNet network fine-tuned with
+    unlabeled sequences. Besides MapNet's labeled tuples (absolute + relative terms), each
+    training step draws tuples from recordings without ground truth and penalises only the
+    difference between the relative poses of the predictions and the visual odometry
+    measured between the same frames (:class:`vizloc_ros.losses.OdometryLoss`). The
+    network is MapNet's, so a MapNet checkpoint is a valid ``model.init_from``.
+    """
+
+    architecture = "mapnet_plus"
+    needs_unlabeled = True
+
+
+register_model("mapnet_plus")(preset(MapNetPlus, "resnet34", allow_other_backbone=True))

@@ -332,6 +332,8 @@ class TripletLoss(nn.Module):
     def forward(self, net, x: torch.Tensor, batch: dict) -> torch.Tensor:
         per = 1 + self.positives + self.negatives
         desc = net(x)
+        if x.dim() == 5:  # clips (B, 1 + P + N, 3, H, W) give (B, 1 + P + N, D)
+            desc = desc.flatten(0, 1)
         if desc.shape[0] % per:
             raise ValueError(f"netvlad training batches hold {per} images per sample, got {desc.shape[0]}")
         desc = desc.reshape(-1, per, desc.shape[-1])

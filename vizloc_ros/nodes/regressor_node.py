@@ -1,10 +1,13 @@
 """vizloc_regressor: camera images -> ``/vizloc/absolute_pose`` (network pose of the base in map).
 
 The subscription callback only drops the message into a one-frame slot
-(:class:`~vizloc_ros.pipeline.LatestFrameSlot`); a worker thread runs the network on the
-newest frame, so a slow network never blocks the executor or builds a queue (replaced
-frames are counted). What a frame becomes is decided by
-:class:`~vizloc_ros.pipeline.RegressorCore`, the code ``vizloc-replay`` runs too.
+(:class:`~vizloc_ros.pipeline.LatestFrameSlot`); a worker thread
+(:class:`~vizloc_ros.pipeline.FrameWorker`) runs the network on the newest frame, so a
+slow network never blocks the executor or builds a queue (replaced frames are counted).
+What a frame becomes is decided by :class:`~vizloc_ros.pipeline.RegressorCore`, the code
+``vizloc-replay`` runs too: a sequence model (VidLoc) reads the clip of the last frames it
+processed, and with ``visual_odometry`` a network's relative head (VLocNet) becomes
+``nav_msgs/Odometry`` on ``visual_odometry_topic`` (+ TF ``odom_frame -> base_frame``).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from vizloc_ros import messages, node_params
 from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters,
                                      reliable_qos, report_new_drops, ros_message_types, run,
                                      sensor_qos, static_tf_qos)
-from vizloc_ros.pipeline import LatestFrameSlot, RegressorCore
+from vizloc_ros.pipeline import FrameWorker, LatestFrameSlot, RegressorCore, load_estimator
 
 #: how long the first frame waits for the static TF base <- camera before the fallback is used
 FIRST_EXTRINSIC_WAIT_S = 2.0
@@ -40,8 +43,13 @@ class RegressorNode(Node):
         self.types = ros_message_types()
         self.problems = ProblemLog(self.get_logger())
         self.estimator = self._load_estimator(s)
-        self.core = RegressorCore(self.estimator, base_T_camera=s.camera_extrinsic,
-                                  map_frame=s.map_frame, max_rate=s.max_rate)
+        try:
+            self.core = RegressorCore(self.estimator, base_T_camera=s.camera_extrinsic,
+                                      map_frame=s.map_frame, max_rate=s.max_rate,
+                                      visual_odometry=s.visual_odometry, odom_frame=s.odom_frame,
+                                      base_frame=s.base_frame)
+        except ValueError as exc:
+            raise StartupError(f"visual_odometry: {exc}") from None
         self._extrinsic_from_tf = False
         self._extrinsic_attempts = 0
         self._lock = threading.Lock()  # core.counters: worker writes, diagnostics read
@@ -56,14 +64,20 @@ class RegressorNode(Node):
 
         self.publisher = self.create_publisher(self.types.PoseWithCovarianceStamped,
                                                node_params.ABSOLUTE_POSE_TOPIC, reliable_qos(10))
+        self.odom_publisher = self.odom_tf = None
+        if s.visual_odometry:
+            self.odom_publisher = self.create_publisher(self.types.Odometry, s.visual_odometry_topic,
+                                                        reliable_qos(10))
+            if s.publish_odom_tf:
+                from tf2_ros import TransformBroadcaster
+                self.odom_tf = TransformBroadcaster(self)
         self.slot = LatestFrameSlot()
         self.diagnostics = Diagnostics(self, "vizloc_regressor: pose regression", self._status)
         image_type = self.types.CompressedImage if s.compressed else self.types.Image
         self.subscription = self.create_subscription(image_type, s.subscribed_topic,
                                                      self._on_image, sensor_qos(1))
-        self._running = True
-        self.worker = threading.Thread(target=self._work, name="vizloc_regressor_worker", daemon=True)
-        self.worker.start()
+        self.worker = FrameWorker(self.slot, self._process, self._on_worker_error,
+                                  name="vizloc_regressor_worker").start()
         self.get_logger().info(
             f"{s.weights.name} on {self.estimator.device} ({s.precision}); "
             f"{s.subscribed_topic} -> {node_params.ABSOLUTE_POSE_TOPIC} in {s.map_frame!r}")
@@ -71,11 +85,10 @@ class RegressorNode(Node):
     def _load_estimator(self, s):
         """The PoseEstimator, or a StartupError naming the file and what is wrong with it."""
         try:
-            from vizloc_ros.estimator import PoseEstimator
-            estimator = PoseEstimator(s.weights, device=s.device, precision=s.precision,
-                                      mc_dropout_samples=s.mc_dropout_samples)
-        except (ValueError, OSError, RuntimeError, ImportError) as exc:
-            raise StartupError(f"cannot load weights {s.weights}: {exc}") from None
+            estimator = load_estimator(s.weights, device=s.device, precision=s.precision,
+                                       mc_dropout_samples=s.mc_dropout_samples)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         if estimator.map_frame != s.map_frame:
             self.get_logger().warning(
                 f"{s.weights.name} was trained in frame {estimator.map_frame!r} but map_frame "
@@ -92,20 +105,14 @@ class RegressorNode(Node):
         self.slot.put(msg)
         self.diagnostics.rate.tick()
 
-    def _work(self) -> None:
-        while self._running:
-            msg = self.slot.take(timeout=0.5)
-            if msg is None:
-                continue
-            try:
-                self._process(msg)
-            except Exception as exc:  # noqa: BLE001 - one line per problem, never a traceback per frame
-                if not self.context.ok():
-                    return  # Ctrl-C shut rclpy down under us: nothing to report
-                with self._lock:
-                    self.core.counters["dropped_error"] += 1
-                self.problems.warn(f"error:{type(exc).__name__}",
-                                   f"frame dropped: {type(exc).__name__}: {exc}")
+    def _on_worker_error(self, exc) -> bool:
+        """A frame raised: one line per kind of problem, never a traceback per frame."""
+        if not self.context.ok():
+            return False  # Ctrl-C shut rclpy down under us: nothing to report, stop
+        with self._lock:
+            self.core.counters["dropped_error"] += 1
+        self.problems.warn(f"error:{type(exc).__name__}", f"frame dropped: {type(exc).__name__}: {exc}")
+        return True
 
     def _process(self, msg) -> None:
         if not self._extrinsic_from_tf:
@@ -120,9 +127,16 @@ class RegressorNode(Node):
         self._latency = pose.latency_s
         if not self.context.ok():
             return
+        stamp = messages.time_from_ns(self.types, pose.stamp_ns)
+        if pose.odometry is not None and self.odom_publisher is not None:  # odometry first
+            odom = pose.odometry
+            self.odom_publisher.publish(messages.make_odometry(
+                self.types, stamp, odom.frame_id, odom.child_frame_id, odom.t, odom.q, odom.cov))
+            if self.odom_tf is not None:
+                self.odom_tf.sendTransform(messages.make_transform_stamped(
+                    self.types, stamp, odom.frame_id, odom.child_frame_id, odom.t, odom.q))
         out = messages.make_pose_with_covariance_stamped(
-            self.types, messages.time_from_ns(self.types, pose.stamp_ns), pose.frame_id,
-            pose.t, pose.q, pose.cov)
+            self.types, stamp, pose.frame_id, pose.t, pose.q, pose.cov)
         self.publisher.publish(out)
 
     def _lookup_extrinsic(self, header_frame: str) -> None:
@@ -177,10 +191,7 @@ class RegressorNode(Node):
 
     def close(self) -> None:
         """Stop the worker before the node goes away (it publishes through the node)."""
-        self._running = False
-        self.slot.close()
-        if self.worker.is_alive():
-            self.worker.join(timeout=5.0)
+        self.worker.stop(timeout=5.0)
 
 
 def main(args=None):
