@@ -72,7 +72,7 @@ def test_triplet_samples_respect_the_radii(scene):
     for index in range(len(samples)):
         i = samples.queries[index]
         assert all(np.linalg.norm(t[j] - t[i]) <= 0.1 for j in samples.pos[i])
-        assert all(np.linalg.norm(t[j] - t[i]) > 0.3 for j in samples.neg[i])
+        assert all(np.linalg.norm(t[j] - t[i]) > 0.3 for j in samples._negatives(i))
     sample = samples[0]
     assert sample["image"].shape == (6, 60, 80, 3)
     with pytest.raises(ValueError, match="neg_radius"):
@@ -186,3 +186,14 @@ def test_replay_takes_netvlad_as_the_coarse_prior_of_the_fusion(trained, scene, 
     metrics = replay.run_replay(options)
     counts = json.dumps(metrics["counts"])
     assert "coarse_" in counts
+
+
+def test_chunked_neighbour_search_equals_brute_force():
+    from vizloc_ros.data.scene_geometry import farthest_distance, neighbours_within
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 3, (50, 2))
+    dist = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    got = neighbours_within(points, 0.5, chunk=7)
+    assert all(np.array_equal(row, np.flatnonzero(d <= 0.5)) for row, d in zip(got, dist))
+    np.testing.assert_allclose(farthest_distance(points, chunk=7), dist.max(axis=1))

@@ -172,3 +172,29 @@ def backproject(depth: np.ndarray, camera: dict) -> np.ndarray:
     u, v = np.meshgrid(np.arange(w), np.arange(h))
     return np.stack([(u - camera["cx"]) / camera["fx"] * depth, (v - camera["cy"]) / camera["fy"] * depth,
                      depth], -1)
+
+
+def neighbours_within(points: np.ndarray, radius: float, chunk: int = 1024, keep=None) -> list[np.ndarray]:
+    """For each point (N, D), the indices of the points within ``radius`` (itself included),
+    computed in row chunks so 20k frames need megabytes, not gigabytes. ``keep(rows, d)``
+    may refine the mask of a chunk (rows: the chunk's indices, d: its (n, N) distances)."""
+    points = np.asarray(points, dtype=float)
+    out = []
+    for start in range(0, len(points), chunk):
+        rows = np.arange(start, min(start + chunk, len(points)))
+        d = np.linalg.norm(points[rows, None] - points[None], axis=-1)
+        mask = d <= radius
+        if keep is not None:
+            mask &= keep(rows, d)
+        out.extend(np.flatnonzero(m) for m in mask)
+    return out
+
+
+def farthest_distance(points: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Distance from each point to the farthest other one (chunked)."""
+    points = np.asarray(points, dtype=float)
+    out = np.zeros(len(points))
+    for start in range(0, len(points), chunk):
+        rows = slice(start, min(start + chunk, len(points)))
+        out[rows] = np.linalg.norm(points[rows, None] - points[None], axis=-1).max(axis=1)
+    return out

@@ -701,11 +701,12 @@ class MemorySamples:
         if not items or not all(depth_path(it[0]).is_file() for it in items):
             raise ValueError("allocentric training needs depth images beside the colour images "
                              "(frame-*.depth.png, e.g. from vizloc-synth)")
+        from vizloc_ros.data.scene_geometry import neighbours_within
+
         t, _ = base.poses()
-        dist = np.linalg.norm(t[:, None, :2] - t[None, :, :2], axis=-1)
         index = np.arange(len(t))
-        near = (dist <= memory_radius) & (np.abs(index[:, None] - index[None]) >= min_separation)
-        self.near = [np.flatnonzero(row) for row in near]
+        self.near = neighbours_within(t[:, :2], memory_radius,
+                                      keep=lambda rows, _: np.abs(rows[:, None] - index[None]) >= min_separation)
         self.queries = [i for i in range(len(t)) if len(self.near[i])]
         if not self.queries:
             raise ValueError(f"no training frame has another frame within {memory_radius} m and "

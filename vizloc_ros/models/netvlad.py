@@ -349,23 +349,40 @@ class TripletSamples:
 
     def __init__(self, base, positives: int, negatives: int, pos_radius: float, neg_radius: float,
                  pos_angle_deg: float | None = None, seed: int = 0):
+        from vizloc_ros.data.scene_geometry import farthest_distance, neighbours_within
+
         self.base = base
         self.positives, self.negatives = int(positives), int(negatives)
+        self.neg_radius = float(neg_radius)
         t, q = base.poses()
-        dist = np.linalg.norm(t[:, None] - t[None], axis=-1)
-        near = dist <= pos_radius
-        if pos_angle_deg is not None:
-            cosines = np.abs(q @ q.T).clip(0, 1)
-            near &= np.degrees(2 * np.arccos(cosines)) <= float(pos_angle_deg)
-        np.fill_diagonal(near, False)
-        far = dist > neg_radius
-        self.pos = [np.flatnonzero(row) for row in near]
-        self.neg = [np.flatnonzero(row) for row in far]
-        self.queries = [i for i in range(len(t)) if len(self.pos[i]) and len(self.neg[i])]
+        self.t = t
+
+        def facing(rows, _):
+            if pos_angle_deg is None:
+                return np.ones((len(rows), len(q)), dtype=bool)
+            cosines = np.abs(q[rows] @ q.T).clip(0, 1)
+            return np.degrees(2 * np.arccos(cosines)) <= float(pos_angle_deg)
+
+        near = neighbours_within(t, pos_radius, keep=facing)
+        self.pos = [row[row != i] for i, row in enumerate(near)]
+        has_negative = farthest_distance(t) > self.neg_radius
+        self.queries = [i for i in range(len(t)) if len(self.pos[i]) and has_negative[i]]
         if not self.queries:
             raise ValueError(f"no training image has both a potential positive within {pos_radius} m "
                              f"and a negative beyond {neg_radius} m: adjust loss.pos_radius / neg_radius")
         self.rng = np.random.default_rng(seed)
+
+    def _negatives(self, i: int) -> np.ndarray:
+        """Random frames beyond neg_radius (rejection sampling: no N x N table)."""
+        found: list[int] = []
+        for _ in range(64):
+            cand = self.rng.integers(0, len(self.t), 4 * self.negatives)
+            far = cand[np.linalg.norm(self.t[cand] - self.t[i], axis=1) > self.neg_radius]
+            found.extend(int(j) for j in far)
+            if len(found) >= self.negatives:
+                return np.asarray(found[:self.negatives])
+        far = np.flatnonzero(np.linalg.norm(self.t - self.t[i], axis=1) > self.neg_radius)
+        return self.rng.choice(far, self.negatives, replace=len(far) < self.negatives)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -373,7 +390,7 @@ class TripletSamples:
     def __getitem__(self, index: int) -> dict:
         i = self.queries[index]
         pos = self.rng.choice(self.pos[i], self.positives, replace=len(self.pos[i]) < self.positives)
-        neg = self.rng.choice(self.neg[i], self.negatives, replace=len(self.neg[i]) < self.negatives)
+        neg = self._negatives(i)
         frames = [self.base[int(j)] for j in (i, *pos, *neg)]
         return {"image": np.stack([f["image"] for f in frames]), "t": frames[0]["t"], "q": frames[0]["q"],
                 "index": index}
