@@ -226,7 +226,8 @@ def test_vizloc_train_saves_the_memory_and_the_estimator_and_replay_use_it(train
     estimator = PoseEstimator(trained, device="cpu", cpu_threads=1)
     estimate = estimator.estimate(SevenScenes(scene, "test")[0]["image"])
     assert estimate.t[2] == pytest.approx(meta["model_config"]["camera_height"])
-    assert estimate.cov[2, 2] == pytest.approx(meta["model_config"]["height_sigma"] ** 2)
+    scale = meta["validation_errors"]["model_cov_scale"]  # calibrated on the validation walk
+    assert estimate.cov[2, 2] == pytest.approx(meta["model_config"]["height_sigma"] ** 2 * scale)
     options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
                                    device="cpu", batch_size=4, progress=False)
     assert replay.run_replay(options)["frames"]["estimated"] == 8

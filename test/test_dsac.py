@@ -204,6 +204,7 @@ def test_vizloc_train_writes_a_checkpoint_the_estimator_and_eval_use(trained, sc
 
     meta = json.loads(trained.with_suffix(".json").read_text())
     assert meta["architecture"] == "dsac" and len(meta["model_config"]["input_camera"]) == 4
+    assert meta["validation_errors"]["model_cov_scale"] > 0  # inlier covariances calibrated
     assert meta["storage_dtype"] == "fp16"
     estimator = PoseEstimator(trained, device="cpu", cpu_threads=1)
     image = SevenScenes(scene, "test")[0]["image"]
@@ -250,3 +251,18 @@ def test_ground_truth_coordinates_give_the_ground_truth_pose_through_the_model_c
         assert inliers.mean() > 0.9
         assert np.linalg.norm(-R_wc.T @ t_wc - sample["t"]) < 0.03
         assert np.degrees(geometry.rotation_angle(geometry.matrix_to_quat(R_wc.T), sample["q"])) < 1.0
+
+
+def test_model_covariance_scale_recovers_a_known_miscalibration():
+    rng = np.random.default_rng(0)
+    n = 4000
+    true_cov = np.diag([0.02, 0.01, 0.03, 1e-3, 2e-3, 1e-3])
+    err = rng.multivariate_normal(np.zeros(6), true_cov, n)
+    t_gt = rng.normal(size=(n, 3))
+    q_gt = geometry.quat_hemisphere(geometry.quat_normalize(rng.normal(size=(n, 4))))
+    t_est = t_gt - err[:, :3]
+    # R_gt = exp(dr) R_est  ->  R_est = exp(-dr) R_gt
+    R_est = geometry.so3_exp(-err[:, 3:]) @ geometry.quat_to_matrix(q_gt)
+    q_est = geometry.matrix_to_quat(R_est)
+    scale = train.model_covariance_scale(t_est, q_est, t_gt, q_gt, [true_cov / 9.0] * n)
+    assert scale == pytest.approx(9.0, rel=0.1)

@@ -456,6 +456,8 @@ class PoseEstimator:
         self._validation_cov = covariance_from_meta(self.meta)
         self._relative_cov = relative_covariance_from_meta(self.meta) if self.has_relative_head else None
         self._mc_scale = float((self.meta.get("validation_errors") or {}).get("mc_dropout_scale", 1.0))
+        # calibration of a model's own covariances (DSAC, NetVLAD, ...) on the validation split
+        self._model_cov_scale = float((self.meta.get("validation_errors") or {}).get("model_cov_scale", 1.0))
         if warmup:
             crop_h, crop_w = self.spec.crop
             dummy = np.zeros((max(crop_h, 1), max(crop_w, 1), 3), dtype=np.uint8)
@@ -515,8 +517,8 @@ class PoseEstimator:
         else:  # one vectorised normalisation for the whole batch
             q_all = geometry.quat_hemisphere(geometry.quat_normalize(q[0]))
             model_cov = self._runner.model_cov  # the model's own uncertainty, when it has one
-            poses = [(t[0, i], q_all[i], self._validation_cov if model_cov is None else make_psd(model_cov[i]))
-                     for i in range(len(arrays))]
+            poses = [(t[0, i], q_all[i], self._validation_cov if model_cov is None
+                      else make_psd(model_cov[i] * self._model_cov_scale)) for i in range(len(arrays))]
         # mean_and_covariance already returns a unit, w >= 0 quaternion
         return [PoseEstimate(t=np.array(t_i, dtype=float), q=np.array(q_i, dtype=float), cov=cov.copy(),
                              latency_s=latency, relative=self._relative(relative, i))

@@ -211,7 +211,7 @@ def prepare_images(images: torch.Tensor, spec: InputSpec, device, train: bool,
 
 @torch.inference_mode()
 def predict_dataset(model, dataset, spec: InputSpec, device, batch_size: int = 32,
-                    relative: bool = False):
+                    relative: bool = False, covariances: list | None = None):
     """Predicted (t, q) for every frame of a dataset, in its order.
 
     Sequence models run online, as deployed: a FrameStream in the dataset's order, a new
@@ -231,7 +231,9 @@ def predict_dataset(model, dataset, spec: InputSpec, device, batch_size: int = 3
         batch = _collate([dataset[i] for i in range(start, stop)])
         x = preprocess(batch["image"].to(device), spec).contiguous(memory_format=torch.channels_last)
         if stream is None:  # regressors decode their output; DSAC, NetVLAD, ... localize their own way
-            t, q, _ = model.localize(x)
+            t, q, cov = model.localize(x)
+            if covariances is not None and cov is not None:  # the model's own, per frame
+                covariances.extend(np.asarray(torch.as_tensor(cov).double().cpu()))
         else:
             out = stream.push(x, stamps[start:stop])
             raw, raw_rel = out.pose[0], out.relative
@@ -257,9 +259,29 @@ def validation_covariance(t_est, q_est, t_gt, q_gt) -> np.ndarray:
 
 
 def validate(model, dataset, spec, device) -> tuple[dict, list]:
-    t_est, q_est = predict_dataset(model, dataset, spec, device)
+    covariances: list = []
+    t_est, q_est = predict_dataset(model, dataset, spec, device, covariances=covariances)
     t_gt, q_gt = dataset.poses()
-    return evaluate_poses(t_est, q_est, t_gt, q_gt), validation_covariance(t_est, q_est, t_gt, q_gt)
+    metrics = evaluate_poses(t_est, q_est, t_gt, q_gt)
+    if len(covariances) == len(t_est) > 0:
+        metrics["model_cov_scale"] = model_covariance_scale(t_est, q_est, t_gt, q_gt, covariances)
+    return metrics, validation_covariance(t_est, q_est, t_gt, q_gt)
+
+
+def model_covariance_scale(t_est, q_est, t_gt, q_gt, covariances) -> float:
+    """Factor that calibrates a model's own covariances (DSAC's inliers, ...) on the
+    validation errors: median NEES / median of chi-square(6), robust to gross failures.
+    The estimator multiplies the model's covariances by it."""
+    dr = geometry.so3_log(geometry.quat_to_matrix(q_gt) @ np.swapaxes(geometry.quat_to_matrix(q_est), -1, -2))
+    err = np.concatenate([t_gt - t_est, dr], axis=1)
+    nees = []
+    for e, cov in zip(err, covariances):
+        try:
+            nees.append(float(e @ np.linalg.solve(np.asarray(cov, dtype=float), e)))
+        except np.linalg.LinAlgError:
+            continue
+    nees = [v for v in nees if np.isfinite(v)]
+    return float(np.clip(np.median(nees) / 5.348, 1e-3, 1e6)) if nees else 1.0
 
 
 def validate_relative(model, dataset, spec, device) -> tuple[dict, list | None]:
@@ -596,7 +618,9 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                                  "seconds": round(time.time() - started, 1),
                                  "train_frames": len(train_set), "device": str(device)},
                     "metrics": {"validation": metrics},
-                    "validation_errors": {"cov_ros": cov, "frames": metrics["frames"]},
+                    "validation_errors": {"cov_ros": cov, "frames": metrics["frames"],
+                                          **({"model_cov_scale": metrics["model_cov_scale"]}
+                                             if "model_cov_scale" in metrics else {})},
                 }
                 if unlabeled_set is not None:
                     meta["training"]["unlabeled_tuples"] = len(unlabeled_set)

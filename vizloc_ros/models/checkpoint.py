@@ -31,7 +31,9 @@ Keys the trainer writes and the estimator reads: ``validation_errors.cov_ros`` (
 covariance of the validation errors, the estimator's uncertainty) and, for networks with a
 relative-pose head (``vlocnet``), ``validation_errors.relative_cov_ros`` (the same for one
 frame-to-frame step, in the earlier camera's frame: the visual odometry's uncertainty)
-with ``metrics.validation_relative`` (its per-step errors). Sequence models need nothing
+with ``metrics.validation_relative`` (its per-step errors); for models that give each
+frame its own covariance (``dsac``, ``netvlad``, ``allocentric``),
+``validation_errors.model_cov_scale``, the factor that calibrates those covariances. Sequence models need nothing
 extra: ``model_config`` holds their clip length.
 
 Required on load: ``format``, ``architecture``, ``model_config``, ``rotation_format``,
