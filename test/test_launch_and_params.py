@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch" / "relocalize.launch.py"
 CONFIG = ROOT / "config" / "vizloc.yaml"
 NODES = ROOT / "vizloc_ros" / "nodes"
+SYNTH = ROOT / "vizloc_ros" / "data" / "synthetic.py"
 
 LAUNCH_ARGUMENTS = {"weights", "device", "image_topic", "odom_topic", "imu_topic", "use_odom",
                     "use_imu", "params_file", "rviz", "demo", "use_sim_time", "visual_odom"}
@@ -77,6 +78,20 @@ def test_launch_starts_both_nodes_and_plays_the_demo_bag_with_clock(launch_tree)
     assert words.index(None) < words.index("--clock")
     source = LAUNCH.read_text()
     assert "cached_demo_bag()" in source and "OpaqueFunction" in source
+
+
+def test_launch_renders_the_demo_bag_through_vizloc_synth_when_it_cannot_import_the_package(launch_tree):
+    """`ros2 launch` runs with the ROS install's Python, which may lack rosbags / Pillow (pip,
+    in the nodes' venv): the launch file then asks the package's own vizloc-synth."""
+    calls = [c for c in _calls(launch_tree, "run") if c.args and isinstance(c.args[0], ast.List)]
+    assert len(calls) == 1
+    words = [e.value if isinstance(e, ast.Constant) else None for e in calls[0].args[0].elts]
+    assert words[1:] == ["--demo-bag", "--quiet"]
+    handlers = [h for node in ast.walk(launch_tree) if isinstance(node, ast.Try) for h in node.handlers
+                if isinstance(h.type, ast.Name) and h.type.id == "ImportError"]
+    assert handlers, "the in-process cached_demo_bag() must fall back on ImportError"
+    assert "--demo-bag" in {a for c in _calls(ast.parse(SYNTH.read_text()), "add_argument")
+                            for a in (x.value for x in c.args if isinstance(x, ast.Constant))}
 
 
 def test_launch_visual_odom_points_the_fusion_at_the_regressors_visual_odometry(launch_tree):
