@@ -164,6 +164,17 @@ def test_only_the_table_loop_declares_parameters():
             f"{path.name}: use_sim_time is rclpy's; do not redeclare it"
 
 
+def test_diagnostic_task_names_leave_the_node_name_to_the_updater():
+    """diagnostic_updater names each status '<node name>: <task name>'; a task name that
+    repeats the node's name reads 'vizloc_fusion: vizloc_fusion: pose fusion'."""
+    names = {}
+    for module in ("fusion_node", "regressor_node"):
+        tree = ast.parse((NODES / f"{module}.py").read_text())
+        names[module] = [c.args[1].value for c in _calls(tree, "Diagnostics")
+                         if len(c.args) > 1 and isinstance(c.args[1], ast.Constant)]
+    assert names == {"fusion_node": ["pose fusion"], "regressor_node": ["pose regression"]}
+
+
 def test_node_modules_compile():
     for path in NODES.glob("*.py"):
         compile(path.read_text(), str(path), "exec")

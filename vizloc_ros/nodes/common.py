@@ -131,7 +131,11 @@ def report_new_drops(problems: ProblemLog, before: dict, counters, detail: str |
 # --------------------------------------------------------------------------- diagnostics
 
 class Diagnostics:
-    """A diagnostic_updater task fed by a core's counters; a no-op without diagnostic_updater."""
+    """A diagnostic_updater task fed by a core's counters; a no-op without diagnostic_updater.
+
+    ``name`` is the task's name only: the updater prefixes the node's name, so the status
+    reads ``vizloc_fusion: pose fusion``.
+    """
 
     def __init__(self, node, name: str, status_fn):
         self.rate = RateMeter()
