@@ -175,6 +175,25 @@ def test_diagnostic_task_names_leave_the_node_name_to_the_updater():
     assert names == {"fusion_node": ["pose fusion"], "regressor_node": ["pose regression"]}
 
 
+def test_package_xml_declares_every_ros_package_the_nodes_and_launch_file_import():
+    """rosdep installs exec_depends only: each ROS package imported under nodes/ or by the
+    launch file is declared (REP 149), and Pillow (PIL: compressed images, the demo bag)."""
+    import sys
+    import xml.etree.ElementTree as ET
+
+    declared = {e.text for e in ET.parse(ROOT / "package.xml").getroot().iter("exec_depend")}
+    imported = set()
+    for path in [*NODES.glob("*.py"), LAUNCH]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    ros = imported - set(sys.stdlib_module_names) - {"vizloc_ros"}
+    assert ros and not ros - declared, sorted(ros - declared)
+    assert "python3-pil" in declared
+
+
 def test_node_modules_compile():
     for path in NODES.glob("*.py"):
         compile(path.read_text(), str(path), "exec")
