@@ -11,6 +11,8 @@ sets use_sim_time. ``visual_odom:=true`` (a checkpoint with a relative-pose head
 makes the regressor publish its visual odometry and the fusion use it as odometry.
 """
 import os
+import shutil
+import subprocess
 
 from launch import LaunchDescription
 from launch.actions import (DeclareLaunchArgument, ExecuteProcess, LogInfo, OpaqueFunction,
@@ -47,6 +49,44 @@ def _flag(context, name: str):
     raise ValueError(f"launch argument {name}:={text!r} must be true or false")
 
 
+def _demo_bag() -> str:
+    """The demo bag: rendered on first use (about a minute), then cached.
+
+    ``ros2 launch`` runs with the Python the ROS install was built for, which need not
+    see the packages the nodes use (rosbags and Pillow, pip-installed in the venv the
+    README builds with). Rendered here when this process has them; otherwise by the
+    package's own ``vizloc-synth --demo-bag``, which runs with the nodes' interpreter.
+    """
+    try:
+        from vizloc_ros.data.synthetic import cached_demo_bag
+
+        return str(cached_demo_bag())
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+    exe = _synth_executable()
+    if exe is None:
+        raise RuntimeError(f"demo: cannot render the demo bag here (no module {missing!r}) and "
+                           f"vizloc-synth was not found; is vizloc_ros installed?")
+    result = subprocess.run([exe, "--demo-bag", "--quiet"], stdout=subprocess.PIPE, text=True, check=False)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"demo: '{exe} --demo-bag' failed with exit code {result.returncode}")
+    return lines[-1]
+
+
+def _synth_executable():
+    """The installed package's vizloc-synth (colcon: <prefix>/lib/vizloc_ros), else the PATH's (pip)."""
+    try:
+        from ament_index_python.packages import get_package_prefix
+
+        exe = os.path.join(get_package_prefix(PACKAGE), "lib", PACKAGE, "vizloc-synth")
+        if os.access(exe, os.X_OK):
+            return exe
+    except Exception:  # noqa: BLE001 - PackageNotFoundError, or no ament index at all
+        pass
+    return shutil.which("vizloc-synth")
+
+
 def _player_exited(event, context):
     """A looping player only stops on shutdown; anything else ends the demo with a reason."""
     if event.returncode in (0, -2, -15, 130, 143):  # clean exit, SIGINT, SIGTERM
@@ -64,9 +104,7 @@ def _setup(context):
     use_sim_time = True if demo else bool(_flag(context, "use_sim_time"))
     actions = []
     if demo:
-        from vizloc_ros.data.synthetic import cached_demo_bag
-
-        bag = str(cached_demo_bag())  # rendered on first use (about a minute), then cached
+        bag = _demo_bag()  # rendered on first use (about a minute), then cached
         # the bag path before --clock, whose rate argument is optional
         player = ExecuteProcess(cmd=["ros2", "bag", "play", bag, "--loop", "--clock"],
                                 output="screen", name="demo_bag")

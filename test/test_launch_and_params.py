@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch" / "relocalize.launch.py"
 CONFIG = ROOT / "config" / "vizloc.yaml"
 NODES = ROOT / "vizloc_ros" / "nodes"
+SYNTH = ROOT / "vizloc_ros" / "data" / "synthetic.py"
 
 LAUNCH_ARGUMENTS = {"weights", "device", "image_topic", "odom_topic", "imu_topic", "use_odom",
                     "use_imu", "params_file", "rviz", "demo", "use_sim_time", "visual_odom"}
@@ -77,6 +78,20 @@ def test_launch_starts_both_nodes_and_plays_the_demo_bag_with_clock(launch_tree)
     assert words.index(None) < words.index("--clock")
     source = LAUNCH.read_text()
     assert "cached_demo_bag()" in source and "OpaqueFunction" in source
+
+
+def test_launch_renders_the_demo_bag_through_vizloc_synth_when_it_cannot_import_the_package(launch_tree):
+    """`ros2 launch` runs with the ROS install's Python, which may lack rosbags / Pillow (pip,
+    in the nodes' venv): the launch file then asks the package's own vizloc-synth."""
+    calls = [c for c in _calls(launch_tree, "run") if c.args and isinstance(c.args[0], ast.List)]
+    assert len(calls) == 1
+    words = [e.value if isinstance(e, ast.Constant) else None for e in calls[0].args[0].elts]
+    assert words[1:] == ["--demo-bag", "--quiet"]
+    handlers = [h for node in ast.walk(launch_tree) if isinstance(node, ast.Try) for h in node.handlers
+                if isinstance(h.type, ast.Name) and h.type.id == "ImportError"]
+    assert handlers, "the in-process cached_demo_bag() must fall back on ImportError"
+    assert "--demo-bag" in {a for c in _calls(ast.parse(SYNTH.read_text()), "add_argument")
+                            for a in (x.value for x in c.args if isinstance(x, ast.Constant))}
 
 
 def test_launch_visual_odom_points_the_fusion_at_the_regressors_visual_odometry(launch_tree):
@@ -147,6 +162,36 @@ def test_only_the_table_loop_declares_parameters():
         source = path.read_text()
         assert "use_sim_time" not in source or path.name == "common.py", \
             f"{path.name}: use_sim_time is rclpy's; do not redeclare it"
+
+
+def test_diagnostic_task_names_leave_the_node_name_to_the_updater():
+    """diagnostic_updater names each status '<node name>: <task name>'; a task name that
+    repeats the node's name reads 'vizloc_fusion: vizloc_fusion: pose fusion'."""
+    names = {}
+    for module in ("fusion_node", "regressor_node"):
+        tree = ast.parse((NODES / f"{module}.py").read_text())
+        names[module] = [c.args[1].value for c in _calls(tree, "Diagnostics")
+                         if len(c.args) > 1 and isinstance(c.args[1], ast.Constant)]
+    assert names == {"fusion_node": ["pose fusion"], "regressor_node": ["pose regression"]}
+
+
+def test_package_xml_declares_every_ros_package_the_nodes_and_launch_file_import():
+    """rosdep installs exec_depends only: each ROS package imported under nodes/ or by the
+    launch file is declared (REP 149), and Pillow (PIL: compressed images, the demo bag)."""
+    import sys
+    import xml.etree.ElementTree as ET
+
+    declared = {e.text for e in ET.parse(ROOT / "package.xml").getroot().iter("exec_depend")}
+    imported = set()
+    for path in [*NODES.glob("*.py"), LAUNCH]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    ros = imported - set(sys.stdlib_module_names) - {"vizloc_ros"}
+    assert ros and not ros - declared, sorted(ros - declared)
+    assert "python3-pil" in declared
 
 
 def test_node_modules_compile():

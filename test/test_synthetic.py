@@ -384,6 +384,24 @@ def test_cli_refuses_an_existing_output_and_bad_flags(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+def test_cli_demo_bag_prints_the_cached_bag_and_out_is_required_otherwise(tmp_path, monkeypatch, capsys):
+    """`vizloc-synth --demo-bag`: what relocalize.launch.py demo:=true runs when `ros2 launch`'s
+    Python cannot render the bag itself; the path is the only line on stdout."""
+    calls = []
+
+    def fake_cached_demo_bag(progress=False):
+        calls.append(progress)
+        return tmp_path / "demo" / "bags" / "seq-05"
+
+    monkeypatch.setattr(synth, "cached_demo_bag", fake_cached_demo_bag)
+    assert synth.main(["--demo-bag", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "demo" / "bags" / "seq-05")
+    assert calls == [False]
+    with pytest.raises(SystemExit) as exit_info:
+        synth.main(["--quiet"])
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
+
+
 def test_cli_writes_and_overwrites_atomically(tmp_path):
     out = tmp_path / "bags_only"
     args = ["--out", str(out), "--format", "bag", "--split", "test", "--frames", "3", "--size", "40x30", "--quiet"]

@@ -515,7 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render the synthetic indoor world into rosbag2 (MCAP) bags and/or a "
                     "7-Scenes-style folder, with ground truth, drifting visual odometry and IMU.")
     parser.add_argument("--scene", default="demo", choices=sorted(SCENES), help="named scene (default demo)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--out", type=Path, help="output folder (must not exist unless --overwrite); required "
+                                                 "unless --demo-bag")
+    parser.add_argument("--demo-bag", action="store_true",
+                        help="print the path of the cached demo bag (the held-out test walk that "
+                             "`relocalize.launch.py demo:=true` plays), rendering it under "
+                             "$XDG_CACHE_HOME/vizloc_ros/demo on first use; ignores the other options")
     parser.add_argument("--format", default="both", choices=FORMATS, help="bag, 7scenes or both (default)")
     parser.add_argument("--split", default="all", choices=SPLITS,
                         help="demo sequences: train (seq-01..04), test (seq-05) or all (default)")
@@ -540,6 +545,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.demo_bag:  # the launch file's demo bag, for a launch process without rosbags / PIL
+        try:
+            bag = cached_demo_bag(progress=not args.quiet)
+        except (OSError, ValueError, RuntimeError) as exc:
+            print(f"vizloc-synth: error: cannot prepare the demo bag: {exc}", file=sys.stderr)
+            return 2
+        print(bag)
+        return 0
+    if args.out is None:
+        parser.error("the following arguments are required: --out (or --demo-bag)")
     if args.out.exists() and not args.overwrite:
         parser.error(f"output {args.out} exists; pass --overwrite to replace it")
     if args.trajectory:

@@ -6,6 +6,7 @@ modules read like the ros2/examples nodes.
 """
 from __future__ import annotations
 
+import signal
 import time
 
 import rclpy
@@ -131,7 +132,11 @@ def report_new_drops(problems: ProblemLog, before: dict, counters, detail: str |
 # --------------------------------------------------------------------------- diagnostics
 
 class Diagnostics:
-    """A diagnostic_updater task fed by a core's counters; a no-op without diagnostic_updater."""
+    """A diagnostic_updater task fed by a core's counters; a no-op without diagnostic_updater.
+
+    ``name`` is the task's name only: the updater prefixes the node's name, so the status
+    reads ``vizloc_fusion: pose fusion``.
+    """
 
     def __init__(self, node, name: str, status_fn):
         self.rate = RateMeter()
@@ -162,7 +167,22 @@ class Diagnostics:
 # --------------------------------------------------------------------------- main
 
 def run(node_class, args=None) -> int:
-    """Init, build the node, spin, shut down; a :class:`StartupError` is one fatal line."""
+    """Init, build the node, spin, shut down; a :class:`StartupError` is one fatal line.
+
+    Ctrl-C under ``ros2 launch`` reaches a node twice: the terminal signals the whole
+    process group, then launch forwards its own SIGINT. The second one must not break the
+    shutdown with a KeyboardInterrupt traceback (and exit code -2): only the first SIGINT
+    interrupts, and once the node stops spinning SIGINT is ignored; SIGTERM (launch's
+    escalation) still ends it.
+    """
+    interrupted = []
+
+    def on_sigint(signum, frame):  # rclpy's own handler shuts the context down, then calls this
+        if not interrupted:
+            interrupted.append(signum)
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     rclpy.init(args=args)
     node = None
     code = 0
@@ -175,6 +195,7 @@ def run(node_class, args=None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if node is not None:
             node.close()
             node.destroy_node()

@@ -50,7 +50,7 @@ class FusionNode(Node):
         if s.publish_tf:
             from tf2_ros import TransformBroadcaster
             self.tf_broadcaster = TransformBroadcaster(self)
-        self.diagnostics = Diagnostics(self, "vizloc_fusion: pose fusion", self._status)
+        self.diagnostics = Diagnostics(self, "pose fusion", self._status)
 
         T = self.types
         self.create_subscription(T.PoseWithCovarianceStamped, node_params.ABSOLUTE_POSE_TOPIC,

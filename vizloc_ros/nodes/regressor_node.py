@@ -72,7 +72,7 @@ class RegressorNode(Node):
                 from tf2_ros import TransformBroadcaster
                 self.odom_tf = TransformBroadcaster(self)
         self.slot = LatestFrameSlot()
-        self.diagnostics = Diagnostics(self, "vizloc_regressor: pose regression", self._status)
+        self.diagnostics = Diagnostics(self, "pose regression", self._status)
         image_type = self.types.CompressedImage if s.compressed else self.types.Image
         self.subscription = self.create_subscription(image_type, s.subscribed_topic,
                                                      self._on_image, sensor_qos(1))
