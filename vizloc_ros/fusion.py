@@ -853,11 +853,13 @@ class SlidingWindowFusion:
     def set_initial_pose(self, stamp, t_base, q_base, cov_ros) -> MeasurementResult:
         """``/initialpose``: restart the graph from this ``map -> base_link`` pose and its
         covariance (ROS order). Sensor history is kept. A stamp <= 0 (rviz sometimes sends
-        none) means "now", the newest stamp seen. Never raises."""
+        none) means "now": just before the newest stamp seen, so that a network pose
+        stamped like that newest message (cameras and odometry often share stamps) is
+        still fused rather than dropped as a duplicate of the initial pose. Never raises."""
         try:
             s = float(stamp)
             if not math.isfinite(s) or s <= 0.0:
-                s = self._newest if math.isfinite(self._newest) else 0.0
+                s = self._newest - 2 * _DUPLICATE_S if math.isfinite(self._newest) else 0.0
             try:
                 pose, cov_g = _pose_measurement(t_base, q_base, cov_ros, "initial pose ")
             except ValueError as exc:
