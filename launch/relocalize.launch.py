@@ -96,6 +96,16 @@ def _player_exited(event, context):
     return [LogInfo(msg=reason), Shutdown(reason=reason)]
 
 
+def _node_exited(event, context):
+    """A vizloc node that stops on its own (a FATAL line at startup: bad weights, a bad
+    parameter) ends the launch, rather than leaving its partner running without it."""
+    if event.returncode in (0, -2, -15, 130, 143):  # clean exit, SIGINT, SIGTERM
+        return None
+    reason = (f"{event.action.name} exited with code {event.returncode} (see its FATAL line above): "
+              "stopping the launch")
+    return [LogInfo(msg=reason), Shutdown(reason=reason)]
+
+
 def _setup(context):
     """Resolve the arguments once: demo bag, use_sim_time, and the parameter overrides."""
     text = {name: context.perform_substitution(LaunchConfiguration(name)).strip()
@@ -127,12 +137,15 @@ def _setup(context):
         fusion["odom_topic"] = VISUAL_ODOMETRY_TOPIC
         fusion["use_odom"] = True
     params_file = text["params_file"]
-    actions += [
+    nodes = [
         Node(package=PACKAGE, executable="vizloc_regressor", name="vizloc_regressor",
              output="screen", parameters=[params_file, regressor]),
         Node(package=PACKAGE, executable="vizloc_fusion", name="vizloc_fusion",
              output="screen", parameters=[params_file, fusion]),
     ]
+    actions += nodes
+    actions += [RegisterEventHandler(OnProcessExit(target_action=node, on_exit=_node_exited))
+                for node in nodes]
     if _flag(context, "rviz"):
         if _has_package("rviz2"):
             actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="log",
