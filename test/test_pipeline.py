@@ -395,3 +395,19 @@ def test_diagnostics_summary_and_rate_meter():
     assert meter.rate(now=200.0) == 0.0
     summary = diagnostics_summary({"published": 3, "dropped_rate": 1}, latency_s=0.0123, rate_hz=15.0)
     assert summary == {"dropped_rate": "1", "published": "3", "latency_ms": "12.3", "input_rate_hz": "15.0"}
+
+
+def test_odometry_in_other_frames_is_fused_counted_and_said_once(caplog):
+    core = FusionCore(settings=FusionSettings())
+    with caplog.at_level("WARNING", logger="vizloc_ros.pipeline"):
+        for i in range(12):
+            core.on_odometry(odom_msg(i, frame="odom_combined"))
+            if i % 3 == 0:
+                core.on_absolute(absolute_msg(i))
+    assert core.counters["odom_frame_mismatch"] == 12
+    assert core.counters["odom_accepted"] > 0  # the motion itself is still used
+    warnings = [r for r in caplog.records if "odom_combined" in r.getMessage()]
+    assert len(warnings) == 1 and "set odom_frame" in warnings[0].getMessage()
+    fused_ok = FusionCore(settings=FusionSettings())
+    run_fusion(fused_ok, 6)
+    assert fused_ok.counters["odom_frame_mismatch"] == 0

@@ -462,6 +462,7 @@ class FusionCore:
         # float stamp -> exact ns of recent inputs, so outputs carry the input's stamp exactly
         self._exact_ns: "OrderedDict[float, int]" = OrderedDict()
         self._time_jumps_seen = 0
+        self._warned_odom_frames: set = set()
 
     def _remember(self, msg) -> float:
         stamp_ns = messages.header_stamp_ns(msg)
@@ -513,7 +514,24 @@ class FusionCore:
             t, q, cov = messages.pose_with_covariance_from_msg(msg)
         except ValueError as exc:
             return self._drop("odom_invalid", str(exc))
+        self._check_odom_frames(msg)
         return self.add_odometry(stamp, t, q, cov)
+
+    def _check_odom_frames(self, msg) -> None:
+        """Odometry in other frames than ``odom_frame -> base_frame`` still gives valid
+        relative motion, but the published ``map -> odom_frame`` would then hang off a frame
+        the robot's TF tree does not join: counted, and said once per pair of frames."""
+        s = self.settings
+        frames = (str(getattr(msg.header, "frame_id", "")), str(getattr(msg, "child_frame_id", "")))
+        if frames[0] in ("", s.odom_frame) and frames[1] in ("", s.base_frame):
+            return
+        self.counters["odom_frame_mismatch"] += 1
+        if frames not in self._warned_odom_frames:
+            self._warned_odom_frames.add(frames)
+            LOG.warning("odometry is %s -> %s but odom_frame/base_frame are %s -> %s: it is fused, "
+                        "but TF %s -> %s will not join your tree; set odom_frame and base_frame",
+                        frames[0] or "?", frames[1] or "?", s.odom_frame, s.base_frame,
+                        s.map_frame, s.odom_frame)
 
     def add_odometry(self, stamp, t, q, cov) -> FusionOutput | None:
         result = self.fusion.add_odometry(stamp, t, q, cov)
