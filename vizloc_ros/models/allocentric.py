@@ -492,10 +492,6 @@ class AllocentricLocalizer(PoseRegressor):
     def decode(self, raw):
         raise TypeError("allocentric outputs ground features, not a pose: use localize()")
 
-    def predict(self, images: torch.Tensor):
-        t, q, _ = self.localize(images)
-        return t, q
-
     def pose_matrix(self, x: float, y: float, yaw: float):
         """Camera-to-world (t, q) of a planar pose with the nominal mount."""
         R = rot_zyx(yaw, self.camera_pitch, self.camera_roll) @ OPTICAL_IN_LEVEL

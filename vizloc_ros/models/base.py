@@ -176,7 +176,11 @@ class PoseRegressor(nn.Module):
         return t, torch_quat_hemisphere(q)
 
     def predict(self, images: torch.Tensor):
-        """images (B, 3, H, W), normalised -> (t_metric, q_wxyz)."""
+        """images (B, 3, H, W), normalised -> (t_metric, q_wxyz). Models that compute their
+        pose themselves (they override :meth:`localize`: DSAC, NetVLAD, ...) answer with it."""
+        if type(self).localize is not PoseRegressor.localize:
+            t, q, _ = self.localize(images)
+            return t, q
         return self.decode(self(images))
 
     # ------------------------------------------------------------------ MC dropout

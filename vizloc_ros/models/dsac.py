@@ -179,10 +179,6 @@ class SceneCoordinateNet(PoseRegressor):
     def decode(self, raw):
         raise TypeError("dsac outputs scene coordinates, not a pose: use localize()")
 
-    def predict(self, images: torch.Tensor):
-        t, q, _ = self.localize(images)
-        return t, q
-
     @torch.no_grad()
     def localize(self, images: torch.Tensor):
         coords = self.forward(images).float()

@@ -224,10 +224,6 @@ class NetVLADRetrieval(PoseRegressor):
     def decode(self, raw):
         raise TypeError("netvlad outputs global descriptors, not a pose: use localize()")
 
-    def predict(self, images: torch.Tensor):
-        t, q, _ = self.localize(images)
-        return t, q
-
     @torch.no_grad()
     def retrieve(self, descriptors: torch.Tensor, k: int | None = None):
         """Top-k database indices and cosine similarities (B, k) for query descriptors."""
