@@ -136,3 +136,13 @@ def test_bf16_autocast_and_loader_workers_train_to_a_finite_checkpoint(tiny_scen
     assert meta["training"]["config"]["amp"] == "bf16"
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert np.isfinite(meta["metrics"]["validation"]["median_translation_m"])
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tiny_scene):
+    """YAML reads 3e-4 as a string; `--set optim.lr=3e-4` is what users type."""
+    config = train.load_config(None, ["optim.lr=3e-4", "optim.weight_decay=1e-5"],
+                               **{"data.root": str(tiny_scene / "scene")})
+    assert config["optim"]["lr"] == pytest.approx(3e-4)
+    assert config["optim"]["weight_decay"] == pytest.approx(1e-5)
+    with pytest.raises(train.ConfigError, match="optim.lr"):
+        train.load_config(None, ["optim.lr=fast"], **{"data.root": str(tiny_scene / "scene")})

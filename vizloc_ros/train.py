@@ -133,6 +133,11 @@ def _check_types(config: dict) -> None:
     for key, kind in (("lr", float), ("weight_decay", float), ("epochs", int),
                       ("batch_size", int), ("val_every", int)):
         value = optim[key]
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 (kind is int and not float(value).is_integer()) or value < 0:
             raise ConfigError(f"optim.{key} must be a non-negative {kind.__name__}, got {value!r}")
