@@ -199,3 +199,14 @@ def test_pretrained_file_that_does_not_fit(tmp_path):
         build_model("mapnet", feat_dim=8, pretrained=str(tmp_path / "r18.pth"))
     with pytest.raises(FileNotFoundError, match="not found"):
         build_model("mapnet", pretrained=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("module", ["dsac", "netvlad", "allocentric"])
+def test_own_loss_options_refuse_unknown_keys_and_ignore_pose_loss_keys(module):
+    import importlib
+
+    mod = importlib.import_module(f"vizloc_ros.models.{module}")
+    options = mod.loss_options({"translation": "l1", "s_t": 0.0})  # the pose-loss defaults pass through
+    assert set(options) == set(mod.LOSS_OPTIONS)
+    with pytest.raises(ValueError, match=f"unknown {module} loss option.*'typo'"):
+        mod.loss_options({"typo": 1})

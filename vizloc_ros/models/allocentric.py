@@ -41,7 +41,7 @@ from torch import nn
 
 from vizloc_ros import geometry
 from vizloc_ros.models.backbones import build_backbone
-from vizloc_ros.models.base import PoseRegressor
+from vizloc_ros.models.base import PoseRegressor, own_loss_options
 from vizloc_ros.models.registry import register_model
 
 LOG = logging.getLogger(__name__)
@@ -605,14 +605,10 @@ def _depth_grid(path, camera, spec, out_hw, stride) -> np.ndarray:
 
 LOSS_OPTIONS = {"memory_frames": 4, "memory_radius": 1.5, "min_separation": 15, "local_map": None,
                 "map_jitter": 0.5, "train_rotations": 36, "depth_weight": 1.0, "teacher_depth": True}
-_IGNORED = ("translation", "rotation", "combine", "s_t", "s_q", "relative", "beta")
 
 
 def loss_options(block: dict) -> dict:
-    unknown = [k for k in block if k not in LOSS_OPTIONS and k not in _IGNORED]
-    if unknown:
-        raise ValueError(f"unknown allocentric loss option(s) {unknown}; options: {', '.join(LOSS_OPTIONS)}")
-    return {**LOSS_OPTIONS, **{k: v for k, v in block.items() if k in LOSS_OPTIONS}}
+    return own_loss_options("allocentric", LOSS_OPTIONS, block)
 
 
 class AllocentricLoss(nn.Module):

@@ -24,6 +24,20 @@ from vizloc_ros.geometry import torch_quat_exp, torch_quat_hemisphere, torch_qua
 ROTATION_DIMS = {"quat": 4, "logq": 3}
 
 
+#: keys of the pose-regression loss block (train.py DEFAULTS) that models with their own
+#: training loss (DSAC, NetVLAD, allocentric) ignore
+POSE_LOSS_KEYS = ("translation", "rotation", "combine", "s_t", "s_q", "relative", "beta")
+
+
+def own_loss_options(model: str, defaults: dict, block: dict) -> dict:
+    """``defaults`` updated from a config's ``loss`` block; a key that is neither one of
+    ``defaults`` nor a pose-loss key is a ValueError naming the model's options."""
+    unknown = [k for k in block if k not in defaults and k not in POSE_LOSS_KEYS]
+    if unknown:
+        raise ValueError(f"unknown {model} loss option(s) {unknown}; options: {', '.join(defaults)}")
+    return {**defaults, **{k: v for k, v in block.items() if k in defaults}}
+
+
 def _is_dropout(module: nn.Module) -> bool:
     # _DropoutNd is the common base of Dropout, Dropout1d/2d/3d, AlphaDropout, ...
     return isinstance(module, nn.modules.dropout._DropoutNd)

@@ -41,7 +41,7 @@ from torch import nn
 from vizloc_ros import geometry
 from vizloc_ros.geometry import torch_matrix_to_quat, torch_rotation_angle, torch_so3_exp
 from vizloc_ros.models.backbones import build_backbone
-from vizloc_ros.models.base import PoseRegressor
+from vizloc_ros.models.base import PoseRegressor, own_loss_options
 from vizloc_ros.models.registry import register_model
 
 LOG = logging.getLogger(__name__)
@@ -468,15 +468,10 @@ def dsac_expected_loss(coords: torch.Tensor, pixels: torch.Tensor, K, t_gt: torc
 LOSS_OPTIONS = {"stage": "coords", "e2e_after": 0, "hypotheses": 64, "threshold": None,
                 "alpha": None, "refine_steps": 2, "cm_per_degree": 1.0, "cap": 100.0,
                 "init_depth": 3.0, "max_reprojection": 100.0, "seed": 0}
-#: keys of the pose-regression loss config (train.py DEFAULTS) that this loss ignores
-_IGNORED = ("translation", "rotation", "combine", "s_t", "s_q", "relative", "beta")
 
 
 def loss_options(block: dict) -> dict:
-    unknown = [k for k in block if k not in LOSS_OPTIONS and k not in _IGNORED]
-    if unknown:
-        raise ValueError(f"unknown dsac loss option(s) {unknown}; options: {', '.join(LOSS_OPTIONS)}")
-    options = {**LOSS_OPTIONS, **{k: v for k, v in block.items() if k in LOSS_OPTIONS}}
+    options = own_loss_options("dsac", LOSS_OPTIONS, block)
     if options["stage"] not in STAGES:
         raise ValueError(f"loss.stage must be one of {', '.join(STAGES)}, got {options['stage']!r}")
     return options

@@ -34,7 +34,7 @@ from torch import nn
 
 from vizloc_ros import geometry
 from vizloc_ros.models.backbones import build_backbone
-from vizloc_ros.models.base import PoseRegressor
+from vizloc_ros.models.base import PoseRegressor, own_loss_options
 from vizloc_ros.models.registry import register_model
 
 LOG = logging.getLogger(__name__)
@@ -292,14 +292,10 @@ class NetVLADRetrieval(PoseRegressor):
 
 LOSS_OPTIONS = {"margin": 0.1, "positives": 4, "negatives": 6, "pos_radius": 0.5, "neg_radius": 2.0,
                 "pos_angle_deg": None, "init_clusters": True}
-_IGNORED = ("translation", "rotation", "combine", "s_t", "s_q", "relative", "beta")
 
 
 def loss_options(block: dict) -> dict:
-    unknown = [k for k in block if k not in LOSS_OPTIONS and k not in _IGNORED]
-    if unknown:
-        raise ValueError(f"unknown netvlad loss option(s) {unknown}; options: {', '.join(LOSS_OPTIONS)}")
-    options = {**LOSS_OPTIONS, **{k: v for k, v in block.items() if k in LOSS_OPTIONS}}
+    options = own_loss_options("netvlad", LOSS_OPTIONS, block)
     if options["neg_radius"] < options["pos_radius"]:
         raise ValueError("loss.neg_radius must be >= loss.pos_radius")
     if int(options["positives"]) < 1 or int(options["negatives"]) < 1:
