@@ -174,6 +174,22 @@ def test_path_and_tf_message():
     np.testing.assert_allclose(m.pose_from_msg(tf.transforms[0])[1], q[2], atol=1e-12)
 
 
+def test_path_checks_all_poses_at_once_and_refuses_bad_ones():
+    t = np.zeros((3, 3))
+    q = np.tile([-1.0, 0.0, 0.0, 0.0], (3, 1))  # w < 0: flipped into the w >= 0 hemisphere
+    path = m.make_path(TYPES, 1.0, "map", t, q)
+    assert all(p.pose.orientation.w == 1.0 for p in path.poses)
+    assert all(m.header_stamp_sec(p) == 1.0 for p in path.poses)  # the path's stamp when none given
+    bad_q = q.copy()
+    bad_q[1] = [0.0, 0.0, 0.0, 0.0]
+    bad_t = t.copy()
+    bad_t[2, 0] = np.nan
+    for args, match in (((t, bad_q), "quaternion norms"), ((bad_t, q), "NaN or inf"),
+                        ((t, q[:2]), "differ in length"), ((t, q * 2.0), "quaternion norms")):
+        with pytest.raises(ValueError, match=match):
+            m.make_path(TYPES, 1.0, "map", *args)
+
+
 # --------------------------------------------------------------------------- IMU and camera info
 
 def test_imu_round_trip_and_rep145_orientation():
