@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from vizloc_ros.geometry import quat_hemisphere, quat_normalize, ros_to_wxyz, wxyz_to_ros
+from vizloc_ros.geometry import quat_hemisphere, ros_to_wxyz, wxyz_to_ros
 
 #: tf2 refuses quaternions whose norm is further than this from 1 (TF_DENORMALIZED_QUATERNION);
 #: we do the same instead of silently normalising garbage.
@@ -242,19 +242,26 @@ def check_covariance(cov, size: int = 6, name: str = "covariance", require_psd: 
     if cov.size != size * size:
         raise ValueError(f"{name}: expected {size * size} values ({size}x{size}), got {cov.size}")
     cov = cov.reshape(size, size)
-    if not np.all(np.isfinite(cov)):
+    scale = float(np.max(np.abs(cov)))  # NaN if any entry is NaN
+    if not math.isfinite(scale):
         raise ValueError(f"{name}: contains NaN or inf")
-    scale = max(float(np.max(np.abs(cov))), 1e-300)
+    scale = max(scale, 1e-300)
     asym = float(np.max(np.abs(cov - cov.T)))
     if asym > rtol * scale + 1e-12:
         raise ValueError(f"{name}: not symmetric (max |C - C^T| = {asym:.3g})")
     cov = 0.5 * (cov + cov.T)
     if require_psd:
-        if np.any(np.diag(cov) < 0):
-            raise ValueError(f"{name}: negative variance on the diagonal {np.diag(cov)}")
-        min_eig = float(np.min(np.linalg.eigvalsh(cov)))
-        if min_eig < -rtol * scale - 1e-12:
-            raise ValueError(f"{name}: not positive semi-definite (smallest eigenvalue {min_eig:.3g})")
+        diagonal = np.diag(cov)
+        if diagonal.min() < 0:
+            raise ValueError(f"{name}: negative variance on the diagonal {diagonal}")
+        # smallest eigenvalue >= -tol  <=>  C + tol I is positive definite: one Cholesky
+        # factorisation instead of an eigen-decomposition (this runs for every pose built)
+        tol = rtol * scale + 1e-12
+        try:
+            np.linalg.cholesky(cov + tol * np.eye(size))
+        except np.linalg.LinAlgError:
+            min_eig = float(np.min(np.linalg.eigvalsh(cov)))
+            raise ValueError(f"{name}: not positive semi-definite (smallest eigenvalue {min_eig:.3g})") from None
     return cov
 
 
@@ -268,19 +275,26 @@ def _finite_vector(values, name: str, n: int) -> np.ndarray:
 
 
 def _checked_quaternion(q_wxyz, name: str = "orientation") -> np.ndarray:
-    """Unit (w, x, y, z), w >= 0; refuses non-finite, zero and far-from-unit quaternions."""
+    """Unit (w, x, y, z), w >= 0; refuses non-finite, zero and far-from-unit quaternions.
+
+    Scalar arithmetic: this runs for every pose read or built (several per fused output),
+    where numpy's per-call overhead on four numbers was most of the cost.
+    """
     q = np.asarray(q_wxyz, dtype=float).reshape(-1)
     if q.size != 4:
         raise ValueError(f"{name}: a quaternion has 4 components, got {q.size}")
-    if not np.all(np.isfinite(q)):
+    w, x, y, z = q.tolist()
+    if not (math.isfinite(w) and math.isfinite(x) and math.isfinite(y) and math.isfinite(z)):
         raise ValueError(f"{name}: quaternion contains NaN or inf: {q}")
-    norm = float(np.linalg.norm(q))
+    norm = math.sqrt(w * w + x * x + y * y + z * z)
     if norm < 1e-12:
         raise ValueError(f"{name}: zero quaternion (is the message uninitialised?)")
     if abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
         raise ValueError(f"{name}: quaternion norm {norm:.6g} is not 1 "
                          f"(tolerance {QUATERNION_NORM_TOLERANCE})")
-    return quat_hemisphere(quat_normalize(q))
+    if w < 0.0:  # the hemisphere w >= 0 (q and -q are the same rotation)
+        norm = -norm
+    return np.array([w / norm, x / norm, y / norm, z / norm])
 
 
 # --------------------------------------------------------------------------- reading poses
