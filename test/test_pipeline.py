@@ -411,3 +411,30 @@ def test_odometry_in_other_frames_is_fused_counted_and_said_once(caplog):
     fused_ok = FusionCore(settings=FusionSettings())
     run_fusion(fused_ok, 6)
     assert fused_ok.counters["odom_frame_mismatch"] == 0
+
+
+def test_path_mirror_converts_each_pose_once_and_rebuilds_after_the_core_clears_its_path():
+    from vizloc_ros import messages
+    from vizloc_ros.pipeline import FusionCore, PathMirror
+
+    core = FusionCore()
+    mirror = PathMirror(core, messages.rosbags_types())
+    q = np.array([1.0, 0.0, 0.0, 0.0])
+    for k in range(3):
+        core.path.append((10.0 + k, np.array([k, 0.0, 0.0]), q))
+        mirror.sync()
+    first = mirror.poses[0][1]
+    core.path.append((13.0, np.array([3.0, 0.0, 0.0]), q))
+    mirror.sync()
+    assert mirror.poses[0][1] is first  # not converted again
+    msg = mirror.message()
+    assert [p.pose.position.x for p in msg.poses] == [0.0, 1.0, 2.0, 3.0]
+    assert msg.header.frame_id == "map" and msg.header.stamp.sec == 13
+    core.path.clear()  # a reset, then a new path
+    core.path.append((20.0, np.array([7.0, 0.0, 0.0]), q))
+    mirror.sync()
+    assert [p.pose.position.x for p in mirror.message().poses] == [7.0]
+    core.path.clear()
+    mirror.sync()
+    assert mirror.newest_stamp is None and mirror.message(messages.time_from_ns(
+        messages.rosbags_types(), 5)).poses == []

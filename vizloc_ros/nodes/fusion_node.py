@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 
 from rclpy.node import Node
 
@@ -17,11 +17,7 @@ from vizloc_ros import messages, node_params
 from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters,
                                      latched_qos, reliable_qos, report_new_drops,
                                      ros_message_types, run, sensor_qos)
-from vizloc_ros.pipeline import FusionCore
-
-#: /vizloc/path is republished at most this often (seconds of message time): it can hold
-#: thousands of poses, and rviz does not need it at the odometry rate.
-PATH_PERIOD_S = 0.5
+from vizloc_ros.pipeline import PATH_PERIOD_S, FusionCore, PathMirror
 
 
 class FusionNode(Node):
@@ -40,7 +36,7 @@ class FusionNode(Node):
         self.types = ros_message_types()
         self.problems = ProblemLog(self.get_logger())
         self._latency = None
-        self._path_msgs: deque = deque(maxlen=s.path_max_length)  # (stamp, PoseStamped) like core.path
+        self._path = PathMirror(self.core, self.types)
         self._path_published_at = None
 
         self.pose_pub = self.create_publisher(self.types.PoseWithCovarianceStamped,
@@ -82,13 +78,13 @@ class FusionNode(Node):
 
     def _on_initial_pose(self, msg) -> None:
         self.get_logger().info("initial pose received: restarting the fusion there")
-        self._path_msgs.clear()
+        self._path.clear()
         self._handle(self.core.on_initial_pose, msg, "initial pose")
         self._publish_path(force=True)
 
     def _on_reset(self, request, response):
         self.core.reset()
-        self._path_msgs.clear()
+        self._path.clear()
         self._publish_path(force=True)
         response.success = True
         response.message = "fusion reset: waiting for consistent absolute poses"
@@ -125,32 +121,16 @@ class FusionNode(Node):
             self.tf_broadcaster.sendTransform(messages.make_transform_stamped(
                 T, messages.time_from_ns(T, tr.stamp_ns), tr.parent, tr.child, tr.t, tr.q))
         if out.path_appended:
-            self._append_path()
+            self._path.sync()
             self._publish_path()
 
-    def _append_path(self) -> None:
-        """Mirror core.path as PoseStamped messages, converting each pose once."""
-        path = self.core.path
-        if len(path) == 1 or not self._path_msgs or path[-2][0] != self._path_msgs[-1][0]:
-            self._path_msgs.clear()  # the core cleared its path (reset, time jump): rebuild
-            entries = list(path)
-        else:
-            entries = [path[-1]]
-        for stamp, t, q in entries:
-            self._path_msgs.append((stamp, messages.make_pose_stamped(
-                self.types, messages.time_from_ns(self.types, self.core.exact_ns(stamp)),
-                self.settings.map_frame, t, q)))
-
     def _publish_path(self, force: bool = False) -> None:
-        newest = self._path_msgs[-1][0] if self._path_msgs else None
+        newest = self._path.newest_stamp
         last = self._path_published_at
         if not force and newest is not None and last is not None and 0.0 <= newest - last < PATH_PERIOD_S:
             return
         self._path_published_at = newest
-        stamp = self._path_msgs[-1][1].header.stamp if self._path_msgs else self.get_clock().now().to_msg()
-        self.path_pub.publish(self.types.Path(
-            header=self.types.Header(stamp=stamp, frame_id=self.settings.map_frame),
-            poses=[m for _, m in self._path_msgs]))
+        self.path_pub.publish(self._path.message(None if self._path.poses else self.get_clock().now().to_msg()))
 
     # -- diagnostics -----------------------------------------------------------
     def _status(self):
