@@ -1,4 +1,4 @@
-"""Fixtures shared by the model tests."""
+"""Fixtures shared by the model and replay tests."""
 import pytest
 import torch
 
@@ -22,3 +22,33 @@ def fast_cpu():
 def images():
     torch.manual_seed(0)
     return torch.randn(2, 3, 64, 64)
+
+
+# -- a small generated bag and an untrained network, for the replay tests -------------------
+
+@pytest.fixture(scope="module")
+def small_bag(tmp_path_factory):
+    """24 frames of the synthetic world at 80x60, with odometry, IMU and ground truth."""
+    from vizloc_ros.data.synthetic import SequenceSpec, SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("bag")
+    generate(root / "scene", [SequenceSpec(5, "test", 101, 24)], SynthConfig(width=80, height=60),
+             fmt="bag", progress=False)
+    return root / "scene" / "bags" / "seq-05"
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """An untrained ResNet-18 PoseNet at 48x64: fast, deterministic, bad poses."""
+    import numpy as np
+
+    from vizloc_ros.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("posenet_resnet18", feat_dim=32)
+    model.set_pose_stats([0.0, 0.0, 1.3], [1.0, 1.0, 0.2])
+    path = tmp_path_factory.mktemp("w") / "tiny"
+    cov = np.diag([0.09, 0.09, 0.09, 0.01, 0.01, 0.01]).tolist()
+    save_checkpoint(path, model.eval(), {"input": {"resize": 48, "crop": [48, 64]},
+                                         "validation_errors": {"cov_ros": cov}})
+    return path.with_suffix(".safetensors")

@@ -5,35 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from vizloc_ros import replay
 from vizloc_ros.data.bag_io import list_topics, read_messages
-from vizloc_ros.data.synthetic import SequenceSpec, SynthConfig, generate
 from vizloc_ros.data.tum import read_tum
 from vizloc_ros.metrics import pose_errors
-from vizloc_ros.models import build_model, save_checkpoint
 from vizloc_ros.report import METRICS_SCHEMA
-
-
-@pytest.fixture(scope="module")
-def small_bag(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bag")
-    generate(root / "scene", [SequenceSpec(5, "test", 101, 24)], SynthConfig(width=80, height=60),
-             fmt="bag", progress=False)
-    return root / "scene" / "bags" / "seq-05"
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("posenet_resnet18", feat_dim=32)
-    model.set_pose_stats([0.0, 0.0, 1.3], [1.0, 1.0, 0.2])
-    path = tmp_path_factory.mktemp("w") / "tiny"
-    cov = np.diag([0.09, 0.09, 0.09, 0.01, 0.01, 0.01]).tolist()
-    save_checkpoint(path, model.eval(), {"input": {"resize": 48, "crop": [48, 64]},
-                                         "validation_errors": {"cov_ros": cov}})
-    return path.with_suffix(".safetensors")
 
 
 def _run(bag, weights, out, **kwargs):

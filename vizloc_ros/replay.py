@@ -1,15 +1,18 @@
 """`vizloc-replay`: run the live pipeline on a recording and report how well it localized.
 
-The replay drives the same cores as the nodes (:mod:`vizloc_ros.pipeline`): images go
-through :class:`~vizloc_ros.pipeline.RegressorCore` (batched: the estimator is
-stateless, so batching changes speed, not results), the resulting
-``/vizloc/absolute_pose`` messages, the odometry and the IMU messages go through
-:class:`~vizloc_ros.pipeline.FusionCore` in header-stamp order, and whatever the fusion
-node would publish is written to an output bag. Ground truth is only read for the
-report. Sequence models (VidLoc, VLocNet) get the images in stamp order, as the node does.
-With ``--visual-odom`` a network with a relative head (VLocNet) is its own odometry: the
-regressor core integrates its frame-to-frame motion into ``/vizloc/visual_odometry``,
-which the fusion uses instead of the bag's odometry (the bag's is still reported).
+The replay drives the same cores as the nodes (:mod:`vizloc_ros.pipeline`), split the
+same way. This process reads the images and runs them through
+:class:`~vizloc_ros.pipeline.RegressorCore` (batched: the estimator is stateless, so
+batching changes speed, not results). The resulting ``/vizloc/absolute_pose`` poses go
+to the fusion side (:mod:`vizloc_ros.replay_fusion`, a second process by default), which
+reads the bag's odometry, IMU and ground truth itself, runs
+:class:`~vizloc_ros.pipeline.FusionCore` on everything in header-stamp order and writes
+whatever the fusion node would publish to an output bag. Ground truth is only read for
+the report. Sequence models (VidLoc, VLocNet) get the images in stamp order, as the
+node does. With ``--visual-odom`` a network with a relative head (VLocNet) is its own
+odometry: the regressor core integrates its frame-to-frame motion into
+``/vizloc/visual_odometry``, which the fusion uses instead of the bag's odometry (the
+bag's is still reported).
 
 Output folder (built under a temporary name, renamed when complete)::
 
@@ -21,7 +24,6 @@ Output folder (built under a temporary name, renamed when complete)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -37,10 +39,11 @@ from vizloc_ros import geometry, messages
 from vizloc_ros.data.bag_dataset import GT_TYPES, IMAGE_TYPES
 from vizloc_ros.data.ground_truth import (GroundTruthError, GroundTruthReader, interpolate_poses,
                                           previous_poses, static_chain, tf_edges)
+from vizloc_ros.replay_fusion import (TF_TYPE, FusionProcess, FusionSideSpec, InProcessFusion,
+                                      ReplayError)
 
 LOG = logging.getLogger("vizloc-replay")
 
-TF_TYPE = "tf2_msgs/msg/TFMessage"
 #: largest --batch-size: every image of a batch is decoded in memory at once
 MAX_BATCH_SIZE = 1024
 
@@ -48,10 +51,6 @@ MAX_BATCH_SIZE = 1024
 #: trajectory sources of the report, in table order
 SOURCE_NAMES = ("absolute", "fused", "odometry", "visual_odometry")
 SHORT_NAMES = {"visual_odometry": "visual odom"}
-
-
-class ReplayError(RuntimeError):
-    """The replay cannot run: the message says why and what to do."""
 
 
 @dataclass
@@ -65,6 +64,7 @@ class ReplayOptions:
     imu_topic: str | None = None
     fusion: bool = True
     device: str = "auto"
+    precision: str = "fp32"  # fp16: the GPU path's half precision (the node's `precision`)
     batch_size: int = 16
     overwrite: bool = False
     progress: bool = True
@@ -76,6 +76,7 @@ class ReplayOptions:
     mc_dropout_samples: int = 0
     visual_odometry: bool = False  # the network's relative head as the fusion's odometry
     prior_weights: Path | None = None  # coarse prior (e.g. NetVLAD): initialisation / kidnap only
+    fusion_process: bool = True  # fuse in a child process, beside the network (else in this one)
 
 
 # --------------------------------------------------------------------------- bag reading
@@ -140,8 +141,8 @@ def run_replay(options: ReplayOptions) -> dict:
     """Replay a bag; returns metrics. Writes the output folder atomically."""
     from tqdm import tqdm
 
-    from vizloc_ros.data.bag_io import BagWriter, read_messages
-    from vizloc_ros.pipeline import FusionCore, FusionSettings, RegressorCore, load_estimator
+    from vizloc_ros.data.bag_io import read_messages
+    from vizloc_ros.pipeline import RegressorCore, load_estimator
     from vizloc_ros.report import write_report
 
     bag, out = Path(options.bag), Path(options.out)
@@ -150,58 +151,26 @@ def run_replay(options: ReplayOptions) -> dict:
     weights = options.weights or default_weights()
     _check_output(out, options, weights)
     topics = _check_topics(bag, options)
-    try:
-        # offline: no ROS callbacks to leave a core for, so use every core
-        estimator = load_estimator(weights, device=options.device,
-                                   mc_dropout_samples=options.mc_dropout_samples,
-                                   cpu_threads=os.cpu_count() or 1)
-    except ValueError as exc:
-        raise ReplayError(str(exc)) from None
-    try:
-        regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
-                                  map_frame=options.map_frame, visual_odometry=options.visual_odometry,
-                                  odom_frame=options.odom_frame, base_frame=options.base_frame)
-    except ValueError as exc:
-        what = "--visual-odom" if options.visual_odometry and "visual" in str(exc) else "camera extrinsic"
-        raise ReplayError(f"{what}: {exc}") from None
     use_odom = bool(options.fusion and (options.odom_topic or options.visual_odometry))
-    prior = None
-    if options.prior_weights is not None and options.fusion:
-        try:
-            prior = RegressorCore(load_estimator(options.prior_weights, device=options.device,
-                                                 cpu_threads=os.cpu_count() or 1),
-                                  base_T_camera=options.camera_extrinsic, map_frame=options.map_frame)
-        except ValueError as exc:
-            raise ReplayError(f"--prior-weights: {exc}") from None
     use_imu = bool(options.fusion and options.imu_topic)
-    settings = FusionSettings(map_frame=options.map_frame, odom_frame=options.odom_frame,
-                              base_frame=options.base_frame, use_odom=use_odom, use_imu=use_imu)
-    fusion_core = FusionCore(dict(options.fusion_params), settings) if options.fusion else None
+    spec = FusionSideSpec(
+        bag=bag, out_bag=Path(), ground_truth=options.ground_truth,
+        odom_topic=options.odom_topic if options.odom_topic in topics else None,
+        imu_topic=options.imu_topic, read_tf_static="/tf_static" in topics, fusion=options.fusion,
+        use_odom=use_odom, use_imu=use_imu, visual_odometry=options.visual_odometry,
+        map_frame=options.map_frame, odom_frame=options.odom_frame, base_frame=options.base_frame,
+        fusion_params=dict(options.fusion_params))
+    if options.fusion:  # bad fusion parameters: say so before anything runs
+        from vizloc_ros.fusion import FusionConfig
 
-    wanted = [options.image_topic]
-    wanted += ["/tf"] if options.ground_truth.startswith("tf:") else [options.ground_truth]
-    if "/tf_static" in topics:
-        wanted.append("/tf_static")
-    if options.odom_topic and options.odom_topic in topics:
-        wanted.append(options.odom_topic)
-    if use_imu:
-        wanted.append(options.imu_topic)
+        try:
+            FusionConfig.from_dict(dict(options.fusion_params))
+        except (ValueError, TypeError) as exc:
+            raise ReplayError(f"fusion parameters: {exc}") from None
     try:
-        gt = GroundTruthReader(options.ground_truth, options.base_frame)
+        GroundTruthReader(options.ground_truth, options.base_frame)
     except GroundTruthError as exc:
         raise ReplayError(str(exc)) from None
-    static_edges: dict = {}
-    events: list = []          # (stamp, order, kind, payload)
-    odom_track: list = []      # (stamp, t, q) for the odometry-only trajectory
-    vo_track: list = []        # (stamp, t, q) of the network's visual odometry
-    pending: list = []
-    image_stamps: list = []
-    n_images = None
-    try:
-        from vizloc_ros.data.bag_io import topic_message_counts
-        n_images = topic_message_counts(bag).get(options.image_topic)
-    except Exception:  # counts are for the progress bar only
-        pass
 
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
@@ -211,15 +180,77 @@ def run_replay(options: ReplayOptions) -> dict:
         staging.mkdir()
     except OSError as exc:
         raise ReplayError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-    started = time.perf_counter()
+    spec.out_bag = staging / "bag"
+    fusion_side = None
+    try:
+        # the fusion side starts first: it reads the odometry and ground truth while the
+        # network loads (and, in a child process, before torch starts any thread)
+        fusion_side = (FusionProcess if options.fusion_process else InProcessFusion)(spec)
+        try:
+            # offline: no ROS callbacks to leave a core for, so use every core
+            estimator = load_estimator(weights, device=options.device, precision=options.precision,
+                                       mc_dropout_samples=options.mc_dropout_samples,
+                                       cpu_threads=os.cpu_count() or 1)
+        except ValueError as exc:
+            raise ReplayError(str(exc)) from None
+        try:
+            regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
+                                      map_frame=options.map_frame, visual_odometry=options.visual_odometry,
+                                      odom_frame=options.odom_frame, base_frame=options.base_frame)
+        except ValueError as exc:
+            what = "--visual-odom" if options.visual_odometry and "visual" in str(exc) else "camera extrinsic"
+            raise ReplayError(f"{what}: {exc}") from None
+        prior = None
+        if options.prior_weights is not None and options.fusion:
+            try:
+                prior = RegressorCore(load_estimator(options.prior_weights, device=options.device,
+                                                     cpu_threads=os.cpu_count() or 1),
+                                      base_T_camera=options.camera_extrinsic, map_frame=options.map_frame)
+            except ValueError as exc:
+                raise ReplayError(f"--prior-weights: {exc}") from None
+        # the clock starts at the first image, after the startup work (network, odometry)
+        fusion_side.wait_ready()
+        started = time.perf_counter()
+        metrics = _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm, read_messages)
+        write_report(staging, metrics)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        return metrics["metrics"]
+    except BaseException:
+        if fusion_side is not None:
+            fusion_side.close()
+            fusion_side = None
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if fusion_side is not None:
+            fusion_side.close()
+
+
+def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm, read_messages) -> dict:
+    """The regressor side: images in batches -> absolute poses -> the fusion side; then
+    the report's numbers."""
+    static_edges: dict = {}
+    image_stamps: list = []
+    absolute: list = []
+    vo_track: list = []        # (stamp, t, q) of the network's visual odometry
+    pending: list = []
+    latest_image = -np.inf
+    n_images = None
+    try:
+        from vizloc_ros.data.bag_io import topic_message_counts
+        n_images = topic_message_counts(bag).get(options.image_topic)
+    except Exception:  # counts are for the progress bar only
+        pass
+    phase = {"network": 0.0, "fusion_wait": 0.0}
     bar = tqdm(total=n_images, desc="replay", unit="frame", disable=not options.progress,
                dynamic_ncols=True)
-    order = 0
 
     def flush_images():
-        nonlocal order
         if not pending:
             return
+        flush_start = time.perf_counter()
         if regressor.base_T_camera is None and options.camera_extrinsic is None:
             frame = pending[0].header.frame_id
             chain = static_chain(static_edges, options.base_frame, frame)
@@ -227,32 +258,37 @@ def run_replay(options: ReplayOptions) -> dict:
                 regressor.set_extrinsic(*chain)
         if regressor.sequential:  # clips are read in stamp order
             pending.sort(key=_stamp_or_zero)
+        events = []
         if prior is not None:  # coarse poses (retrieval): initialisation and kidnap recovery only
             if prior.base_T_camera is None and regressor.base_T_camera is not None:
                 prior.set_extrinsic(*regressor.base_T_camera)
-            for pose in prior.process_batch(pending):
-                if pose is not None:
-                    events.append((pose.stamp, order, "prior", pose))
-                    order += 1
-        for msg, pose in zip(pending, regressor.process_batch(pending)):
+            events += [(pose.stamp, "prior", pose) for pose in prior.process_batch(pending)
+                       if pose is not None]
+        for pose in regressor.process_batch(pending):
             if pose is not None:
                 if pose.odometry is not None:  # odometry first: it covers the pose's stamp
-                    events.append((pose.stamp, order, "visual_odometry", pose.odometry))
+                    events.append((pose.stamp, "visual_odometry", pose.odometry))
                     vo_track.append((pose.stamp, pose.odometry.t, pose.odometry.q))
-                    order += 1
-                events.append((pose.stamp, order, "absolute", pose))
-                order += 1
+                events.append((pose.stamp, "absolute", pose))
+                absolute.append(pose)
+        network_done = time.perf_counter()
+        phase["network"] += network_done - flush_start
+        fusion_side.add(events, latest_image)
+        phase["fusion_wait"] += time.perf_counter() - network_done
         bar.update(len(pending))
         bar.set_postfix(fps=f"{bar.n / max(time.perf_counter() - started, 1e-9):.1f}")
         pending.clear()
 
+    wanted = [options.image_topic] + (["/tf_static"] if "/tf_static" in topics else [])
     try:
         try:
             for record in read_messages(bag, wanted):
                 if record.topic == options.image_topic:
                     pending.append(record.msg)
                     try:
-                        image_stamps.append(messages.header_stamp_sec(record.msg))
+                        stamp = messages.header_stamp_sec(record.msg)
+                        image_stamps.append(stamp)
+                        latest_image = max(latest_image, stamp)
                     except (ValueError, AttributeError):
                         pass
                     if len(pending) >= options.batch_size:
@@ -262,25 +298,6 @@ def run_replay(options: ReplayOptions) -> dict:
                         static_edges.update(tf_edges(record.msg.transforms))
                     except ValueError:
                         pass
-                elif record.topic == options.odom_topic:
-                    try:
-                        stamp = messages.header_stamp_sec(record.msg)
-                        t, q = messages.pose_from_msg(record.msg)
-                        odom_track.append((stamp, t, q))
-                    except ValueError:
-                        stamp = None
-                    if use_odom and not options.visual_odometry:
-                        events.append((stamp if stamp is not None else -1.0, order, "odom", record.msg))
-                        order += 1
-                elif use_imu and record.topic == options.imu_topic:
-                    try:
-                        stamp = messages.header_stamp_sec(record.msg)
-                    except ValueError:
-                        stamp = -1.0
-                    events.append((stamp, order, "imu", record.msg))
-                    order += 1
-                if record.topic == options.ground_truth or (record.topic == "/tf" and gt.tf_parent):
-                    gt.add(record.topic, record.msg)
             flush_images()
         except ReplayError:
             raise
@@ -289,95 +306,29 @@ def run_replay(options: ReplayOptions) -> dict:
         except Exception as exc:  # a truncated / corrupt bag surfaces as various reader errors
             raise ReplayError(f"bag {bag} could not be read to the end ({type(exc).__name__}: {exc}); "
                               "is it truncated or corrupt?") from None
+    finally:
         bar.close()
-        try:
-            gt_stamps, gt_t, gt_q = gt.finish(static_edges)
-        except GroundTruthError as exc:
-            raise ReplayError(str(exc)) from None
-        inference_s = time.perf_counter() - started
-
-        absolute = [e[3] for e in events if e[2] == "absolute"]
-        if not absolute:
-            raise ReplayError(f"no image on {options.image_topic} could be processed "
-                              f"({dict(regressor.counters)}; last error: {regressor.last_error})")
-        abs_stamps = np.array([p.stamp for p in absolute])
-        gt_at_abs = interpolate_poses(gt_stamps, gt_t, gt_q, abs_stamps)
-        if not np.any(np.isfinite(gt_at_abs[0][:, 0])):
-            raise ReplayError(f"ground truth on {options.ground_truth} never overlaps the images "
-                              f"(images {abs_stamps.min():.3f}..{abs_stamps.max():.3f} s, ground truth "
-                              f"{gt_stamps.min():.3f}..{gt_stamps.max():.3f} s)")
-
-        writer = BagWriter(staging / "bag", typestore=messages.rosbags_typestore())
-        types = messages.rosbags_types()
-        fused: list = []
-        with writer:
-            writer.add_topic("/vizloc/absolute_pose", "geometry_msgs/msg/PoseWithCovarianceStamped")
-            writer.add_topic("/vizloc/pose", "geometry_msgs/msg/PoseWithCovarianceStamped")
-            writer.add_topic("/vizloc/path", "nav_msgs/msg/Path")
-            writer.add_topic("/tf", TF_TYPE)
-            if options.visual_odometry:
-                writer.add_topic("/vizloc/visual_odometry", "nav_msgs/msg/Odometry")
-            last_path_write = -np.inf
-            events.sort(key=lambda e: (e[0], e[1]))
-            for stamp, _, kind, payload in events:
-                output = None
-                if kind == "absolute":
-                    stamp_msg = messages.time_from_ns(types, payload.stamp_ns)
-                    msg = messages.make_pose_with_covariance_stamped(
-                        types, stamp_msg, payload.frame_id, payload.t, payload.q, payload.cov)
-                    writer.write("/vizloc/absolute_pose", payload.stamp_ns, msg)
-                    if fusion_core is not None:
-                        output = fusion_core.on_absolute(msg)
-                elif kind == "prior":
-                    output = fusion_core.add_coarse_prior(payload.stamp, payload.t, payload.q, payload.cov)
-                elif kind == "odom":
-                    output = fusion_core.on_odometry(payload)
-                elif kind == "visual_odometry":
-                    stamp_msg = messages.time_from_ns(types, payload.stamp_ns)
-                    msg = messages.make_odometry(types, stamp_msg, payload.frame_id, payload.child_frame_id,
-                                                 payload.t, payload.q, payload.cov)
-                    writer.write("/vizloc/visual_odometry", payload.stamp_ns, msg)
-                    writer.write("/tf", payload.stamp_ns, messages.make_tf_message(types, [
-                        messages.make_transform_stamped(types, stamp_msg, payload.frame_id,
-                                                        payload.child_frame_id, payload.t, payload.q)]))
-                    if fusion_core is not None:
-                        output = fusion_core.on_odometry(msg)
-                elif kind == "imu":
-                    fusion_core.on_imu(payload)
-                if output is None:
-                    continue
-                ns = output.stamp_ns
-                writer.write("/vizloc/pose", ns, messages.make_pose_with_covariance_stamped(
-                    types, messages.time_from_ns(types, ns), output.frame_id, output.t, output.q,
-                    output.cov))
-                fused.append((output.stamp, output.t, output.q))
-                if output.transform is not None:
-                    tf = output.transform
-                    writer.write("/tf", ns, messages.make_tf_message(types, [
-                        messages.make_transform_stamped(types, messages.time_from_ns(types, tf.stamp_ns),
-                                                        tf.parent, tf.child, tf.t, tf.q)]))
-                if output.stamp - last_path_write >= 1.0:  # a growing Path at 1 Hz of bag time
-                    p_stamps, p_t, p_q = fusion_core.path_arrays()
-                    writer.write("/vizloc/path", ns, messages.make_path(
-                        types, messages.time_from_ns(types, ns), options.map_frame, p_t, p_q, stamps=p_stamps))
-                    last_path_write = output.stamp
-            if fusion_core is not None and fusion_core.path:
-                p_stamps, p_t, p_q = fusion_core.path_arrays()
-                writer.write("/vizloc/path", int(round(p_stamps[-1] * 1e9)) + 1, messages.make_path(
-                    types, p_stamps[-1], options.map_frame, p_t, p_q, stamps=p_stamps))
-        elapsed = time.perf_counter() - started
-
-        result = _assemble(options, absolute, fused, odom_track, (gt_stamps, gt_t, gt_q),
-                           regressor, fusion_core, elapsed, inference_s, len(image_stamps), vo_track)
-        write_report(staging, result)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-        return result["metrics"]
-    except BaseException:
-        bar.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    inference_s = time.perf_counter() - started
+    if not absolute:
+        raise ReplayError(f"no image on {options.image_topic} could be processed "
+                          f"({dict(regressor.counters)}; last error: {regressor.last_error})")
+    handing_over = phase["fusion_wait"]  # time the fusion side held up the image loop
+    finish_start = time.perf_counter()
+    result = fusion_side.finish()
+    phase["fusion_wait"] += time.perf_counter() - finish_start
+    gt_stamps, gt_t, gt_q = result.ground_truth
+    abs_stamps = np.array([p.stamp for p in absolute])
+    gt_at_abs = interpolate_poses(gt_stamps, gt_t, gt_q, abs_stamps)
+    if not np.any(np.isfinite(gt_at_abs[0][:, 0])):
+        raise ReplayError(f"ground truth on {options.ground_truth} never overlaps the images "
+                          f"(images {abs_stamps.min():.3f}..{abs_stamps.max():.3f} s, ground truth "
+                          f"{gt_stamps.min():.3f}..{gt_stamps.max():.3f} s)")
+    elapsed = time.perf_counter() - started
+    phases = {"bag_read": max(0.0, inference_s - phase["network"] - handing_over),
+              "network": phase["network"], "fusion_and_output": result.busy_s,
+              "waiting_for_fusion": phase["fusion_wait"]}
+    return _assemble(options, absolute, result.fused, result.odom_track, (gt_stamps, gt_t, gt_q),
+                     regressor, result.counts, elapsed, inference_s, len(image_stamps), vo_track, phases)
 
 
 def _stamp_or_zero(msg) -> float:
@@ -409,8 +360,8 @@ def _anchored(track, gt_stamps, gt_t, gt_q):
     return o_stamps, om_t, om_q
 
 
-def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, elapsed,
-              inference_s, n_images, vo_track=()) -> dict:
+def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_counts, elapsed,
+              inference_s, n_images, vo_track=(), phases=None) -> dict:
     """Trajectories evaluated at the image stamps, and the metrics of each source."""
     from vizloc_ros.metrics import pose_errors, step_errors, summarize_errors, trajectory_metrics
 
@@ -459,14 +410,14 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_core, 
         per_frame[f"{name}_translation_m"] = full_t[valid]
         per_frame[f"{name}_rotation_deg"] = full_r[valid]
     counts = {"images_" + k: int(v) for k, v in regressor.counters.items()}
-    if fusion_core is not None:
-        counts.update({k: int(v) for k, v in fusion_core.counters.items()})
-        counts.update({"fusion_" + k: int(v) for k, v in fusion_core.fusion.counters.items()})
+    counts.update(fusion_counts)
     metrics["counts"] = counts
     metrics["timing"] = {"seconds": round(elapsed, 3),
                          "frames_per_second": round(len(absolute) / max(elapsed, 1e-9), 2),
                          "inference_frames_per_second": round(len(absolute) / max(inference_s, 1e-9), 2),
                          "device": str(regressor.estimator.device)}
+    if phases:  # where the time went: seconds per stage, summed over the run
+        metrics["timing"]["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
     return {"metrics": metrics, "trajectories": trajectories, "per_frame": per_frame}
 
 
@@ -553,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prior-weights", help="a second checkpoint (e.g. NetVLAD retrieval) whose poses "
                                                 "only initialise the fusion and recover it after a kidnapping")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                        help="network precision, as the node's `precision` parameter: fp16 runs "
+                             "the GPU in half precision (default fp32; the CPU always runs fp32)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
     parser.add_argument("--mc-dropout-samples", type=int, default=0,
                         help="MC dropout samples per image for the covariance (default 0: validation covariance)")
@@ -564,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier report folder (never a folder that is not a report or "
                              "that holds the bag or the weights)")
+    parser.add_argument("--single-process", action="store_true",
+                        help="fuse in this process instead of a second one beside the network "
+                             "(slower; for debugging)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -591,11 +548,13 @@ def main(argv=None) -> int:
             image_topic=args.image_topic, ground_truth=args.ground_truth,
             odom_topic=None if args.odom_topic.lower() == "none" else args.odom_topic,
             imu_topic=None if args.imu_topic.lower() == "none" else args.imu_topic,
-            fusion=not args.no_fusion, device=args.device, batch_size=args.batch_size,
+            fusion=not args.no_fusion, device=args.device, precision=args.precision,
+            batch_size=args.batch_size,
             overwrite=overwrite, progress=not args.no_progress, base_frame=args.base_frame,
             camera_extrinsic=_extrinsic(args.camera_extrinsic),
             mc_dropout_samples=args.mc_dropout_samples, visual_odometry=args.visual_odom,
-            prior_weights=Path(args.prior_weights) if args.prior_weights else None)
+            prior_weights=Path(args.prior_weights) if args.prior_weights else None,
+            fusion_process=not args.single_process)
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
@@ -611,6 +570,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("vizloc-replay: interrupted; no report was written", file=sys.stderr)
         return 130
+    except ImportError as exc:  # Ctrl-C while an extension module (gtsam, torch) initialises
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            print("vizloc-replay: interrupted; no report was written", file=sys.stderr)
+            return 130
+        raise
     print(format_table(metrics))
     print(f"\nreport: {out.resolve()}/report.md (plots, TUM files, metrics.json, result bag in {out}/bag)")
     return 0

@@ -52,7 +52,14 @@ METRICS_SCHEMA = {
                    "properties": {"seconds": {"type": "number", "minimum": 0},
                                   "frames_per_second": {"type": "number", "minimum": 0},
                                   "inference_frames_per_second": {"type": "number", "minimum": 0},
-                                  "device": {"type": "string"}}},
+                                  "device": {"type": "string"},
+                                  # seconds per stage: bag_read (images), network (image
+                                  # decoding + estimator), fusion_and_output (busy time of the
+                                  # fusion side: fusion + result bag), waiting_for_fusion (the
+                                  # image loop held up by it, and its finish)
+                                  "phase_seconds": {"type": "object",
+                                                    "additionalProperties": {"type": "number",
+                                                                             "minimum": 0}}}},
     },
 }
 
@@ -69,13 +76,20 @@ def write_report(folder: Path, result: dict) -> None:
     (folder / "report.md").write_text(_markdown(result["metrics"]))
 
 
+def _phases(metrics: dict) -> str:
+    phases = metrics["timing"].get("phase_seconds")
+    if not phases:
+        return ""
+    return ": " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
+
+
 def _markdown(metrics: dict) -> str:
     from vizloc_ros.replay import format_table
 
     lines = ["# vizloc-replay report", "",
              f"- bag: `{metrics['bag']}`", f"- weights: `{metrics['weights']}`",
              f"- device: {metrics['timing']['device']}, {metrics['timing']['frames_per_second']:.1f} "
-             f"frames/s end to end ({metrics['timing']['seconds']:.1f} s)", "",
+             f"frames/s end to end ({metrics['timing']['seconds']:.1f} s{_phases(metrics)})", "",
              "```", format_table(metrics), "```", "",
              "Errors are measured at the image stamps against the interpolated ground truth; "
              "`fused` is the latest fused pose at or before each image (causal), `odometry` "

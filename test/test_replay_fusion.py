@@ -1,0 +1,141 @@
+"""The replay's fusion side: stamp order across the bag's own messages and the regressor's
+poses, the same report in a child process as in-process, and errors that cross back."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vizloc_ros import replay, replay_fusion
+from vizloc_ros.data.tum import read_tum
+from vizloc_ros.pipeline import AbsolutePose
+
+
+def _pose(stamp):
+    ns = int(round(stamp * 1e9))
+    return AbsolutePose(stamp=ns * 1e-9, frame_id="map", t=np.zeros(3), q=np.array([1.0, 0, 0, 0]),
+                        cov=np.eye(6) * 0.1, latency_s=0.0, t_cam=np.zeros(3), q_cam=np.array([1.0, 0, 0, 0]),
+                        stamp_ns=ns)
+
+
+class _Recording(replay_fusion.FusionSide):
+    """Records what would be fused, in order, instead of fusing it."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.seen = []
+
+    def _process(self, kind, payload):
+        stamp = payload.stamp if kind == "absolute" else \
+            payload.header.stamp.sec + payload.header.stamp.nanosec * 1e-9
+        self.seen.append((round(stamp, 6), kind))
+
+
+def test_events_are_fused_in_stamp_order_with_odometry_first_at_equal_stamps(small_bag, tmp_path):
+    side = _Recording(replay_fusion.FusionSideSpec(bag=small_bag, out_bag=tmp_path / "bag"))
+    side.read_bag()
+    odom = [s for s, _ in ((e[0], e[3]) for e in side._own)]
+    assert len(odom) > 30 and odom == sorted(odom)
+    image_stamps = odom[::2][:20]  # poses at odometry stamps: ties are fused odometry first
+    # the regressor hands over batches out of order inside each batch
+    side.add([(s, "absolute", _pose(s)) for s in reversed(image_stamps[:8])], image_stamps[7])
+    assert all(stamp < image_stamps[7] - replay_fusion.IMAGE_REORDER_S + 1e-9 for stamp, _ in side.seen)
+    side.add([(s, "absolute", _pose(s)) for s in image_stamps[8:]], image_stamps[-1])
+    side._release(np.inf)
+    stamps = [s for s, _ in side.seen]
+    assert stamps == sorted(stamps)
+    assert sum(kind == "absolute" for _, kind in side.seen) == 20
+    for i, (stamp, kind) in enumerate(side.seen):
+        if kind == "absolute" and stamp in [round(o, 6) for o in odom]:
+            assert side.seen[i - 1] == (stamp, "odom")
+    assert side._late == 0
+
+
+def test_a_pose_older_than_what_was_fused_is_fused_on_arrival_and_counted(small_bag, tmp_path):
+    side = _Recording(replay_fusion.FusionSideSpec(bag=small_bag, out_bag=tmp_path / "bag"))
+    side.read_bag()
+    first = side._own[0][0]
+    side.add([(first + 3.0, "absolute", _pose(first + 3.0))], first + 5.0)
+    side.add([(first + 0.5, "absolute", _pose(first + 0.5))], first + 5.0)  # the camera clock jumped back
+    assert side.seen[-1] == (round(first + 0.5, 6), "absolute")
+    assert side._late == 1
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_child_process_and_in_process_fusion_give_identical_reports(small_bag, tiny_weights, tmp_path,
+                                                                   batch_size):
+    reports = {}
+    for in_child in (True, False):
+        out = tmp_path / f"child{in_child}"
+        metrics = replay.run_replay(replay.ReplayOptions(
+            bag=small_bag, out=out, weights=tiny_weights, device="cpu", batch_size=batch_size,
+            progress=False, fusion_process=in_child))
+        reports[in_child] = (metrics, read_tum(out / "fused.tum"))
+    (m_child, fused_child), (m_here, fused_here) = reports[True], reports[False]
+    assert m_child["sources"] == m_here["sources"]
+    assert m_child["counts"] == m_here["counts"]
+    assert m_child["counts"]["absolute_received"] == 24
+    for a, b in zip(fused_child, fused_here):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_fusion_side_error_comes_back_as_a_replay_error(small_bag, tiny_weights, tmp_path):
+    with pytest.raises(replay.ReplayError, match="no TF path map -> nowhere"):
+        replay.run_replay(replay.ReplayOptions(
+            bag=small_bag, out=tmp_path / "r", weights=tiny_weights, device="cpu", progress=False,
+            ground_truth="tf:map->nowhere"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_dead_fusion_process_is_a_clear_error(small_bag, tmp_path):
+    process = replay_fusion.FusionProcess(replay_fusion.FusionSideSpec(bag=small_bag, out_bag=tmp_path / "bag"))
+    try:
+        process._process.kill()
+        with pytest.raises(replay.ReplayError, match="stopped unexpectedly"):
+            process.finish()
+    finally:
+        process.close()
+
+
+def test_result_bag_path_snapshots_grow_and_the_last_is_the_whole_fused_path(small_bag, tiny_weights, tmp_path):
+    from vizloc_ros.data.bag_io import read_messages
+
+    out = tmp_path / "r"
+    replay.run_replay(replay.ReplayOptions(bag=small_bag, out=out, weights=tiny_weights, device="cpu",
+                                           progress=False, fusion_process=False))
+    snapshots = [(r.log_time_ns * 1e-9, len(r.msg.poses), r.msg.poses)
+                 for r in read_messages(out / "bag", ["/vizloc/path"])]
+    assert len(snapshots) >= 2
+    lengths = [n for _, n, _ in snapshots]
+    assert lengths == sorted(lengths)
+    times = [t for t, _, _ in snapshots]
+    assert all(b - a >= replay_fusion.PATH_PERIOD_S - 1e-6 for a, b in zip(times[:-2], times[1:-1]))
+    fused = read_tum(out / "fused.tum")
+    final = snapshots[-1][2]
+    assert len(final) == len(fused[0])
+    # the path keeps the first output at each stamp, fused.tum the last: same stamps
+    np.testing.assert_allclose([p.header.stamp.sec + p.header.stamp.nanosec * 1e-9 for p in final],
+                               fused[0], atol=1e-6)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_the_fusion_child_starts_deaf_to_ctrl_c_and_the_parent_keeps_its_handlers(small_bag, tmp_path):
+    import signal
+
+    def handler(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)  # as vizloc-replay's main() does
+    try:
+        process = replay_fusion.FusionProcess(replay_fusion.FusionSideSpec(bag=small_bag,
+                                                                           out_bag=tmp_path / "bag"))
+        try:
+            status = Path(f"/proc/{process._process.pid}/status").read_text()
+            ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+            assert ignored & (1 << (signal.SIGINT - 1))
+        finally:
+            process.close()
+        assert process._process.exitcode is not None
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
