@@ -39,6 +39,9 @@ from vizloc_ros.geometry import quat_hemisphere, ros_to_wxyz, wxyz_to_ros
 #: we do the same instead of silently normalising garbage.
 QUATERNION_NORM_TOLERANCE = 1e-2
 
+#: the image message types the regressor reads
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+
 _NS_PER_S = 1_000_000_000
 
 

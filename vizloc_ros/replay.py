@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry, messages
-from vizloc_ros.data.bag_dataset import GT_TYPES, IMAGE_TYPES
-from vizloc_ros.data.ground_truth import (GroundTruthError, GroundTruthReader, interpolate_poses,
-                                          previous_poses, static_chain, tf_edges)
+from vizloc_ros.data.ground_truth import (GT_TYPES, GroundTruthError, GroundTruthReader,
+                                          interpolate_poses, previous_poses, static_chain, tf_edges)
+from vizloc_ros.messages import IMAGE_TYPES
 from vizloc_ros.replay_fusion import (TF_TYPE, FusionProcess, FusionSideSpec, InProcessFusion,
                                       ReplayError)
 

@@ -18,15 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry, messages
+from vizloc_ros.messages import IMAGE_TYPES
 from vizloc_ros.data.datasets import DatasetError, PoseDataset
-from vizloc_ros.data.ground_truth import (GroundTruthError, GroundTruthReader, interpolate_poses,
+from vizloc_ros.data.ground_truth import (GT_TYPES, GroundTruthError, GroundTruthReader, interpolate_poses,
                                           static_chain, tf_edges)
 
 LOG = logging.getLogger(__name__)
 
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-GT_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarianceStamped",
-            "nav_msgs/msg/Odometry", "geometry_msgs/msg/TransformStamped")
 
 
 class BagDataset(PoseDataset):

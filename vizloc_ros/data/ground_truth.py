@@ -9,6 +9,10 @@ import numpy as np
 
 from vizloc_ros import geometry, messages
 
+#: message types that carry a ground-truth pose on their own (else: a TF chain)
+GT_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarianceStamped",
+            "nav_msgs/msg/Odometry", "geometry_msgs/msg/TransformStamped")
+
 #: ground truth further than this from a query stamp is not interpolated across
 GT_MAX_GAP_S = 0.25
 
