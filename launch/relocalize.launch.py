@@ -3,12 +3,17 @@
     ros2 launch vizloc_ros relocalize.launch.py                     # your robot's topics
     ros2 launch vizloc_ros relocalize.launch.py demo:=true rviz:=true
     ros2 launch vizloc_ros relocalize.launch.py weights:=my_vlocnet.safetensors visual_odom:=true
+    ros2 launch vizloc_ros relocalize.launch.py prior_weights:=my_netvlad.safetensors
 
 Every parameter comes from ``params_file`` (config/vizloc.yaml by default). An argument
 left empty keeps the file's value; a non-empty one overrides it. ``demo:=true`` plays
 the demo scene's bag in a loop with ``--clock`` (rendered on first use and cached) and
 sets use_sim_time. ``visual_odom:=true`` (a checkpoint with a relative-pose head, VLocNet)
 makes the regressor publish its visual odometry and the fusion use it as odometry.
+``prior_weights:=W`` starts a second regressor (``vizloc_prior``: the regressor's
+parameters from the file, with W as its weights, at ``prior_rate`` frames per second)
+whose poses go to ``/vizloc/coarse_pose``: a coarse relocalizer such as NetVLAD, which
+the fusion uses only to initialise and to recover after a kidnapping.
 """
 import os
 import shutil
@@ -23,8 +28,11 @@ from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
 PACKAGE = "vizloc_ros"
-#: node_params.VISUAL_ODOMETRY_TOPIC (the launch file does not import the package at parse time)
+#: node_params.VISUAL_ODOMETRY_TOPIC, ABSOLUTE_POSE_TOPIC, COARSE_POSE_TOPIC (the launch file
+#: does not import the package at parse time)
 VISUAL_ODOMETRY_TOPIC = "/vizloc/visual_odometry"
+ABSOLUTE_POSE_TOPIC = "/vizloc/absolute_pose"
+COARSE_POSE_TOPIC = "/vizloc/coarse_pose"
 
 
 def _share() -> str:
@@ -109,7 +117,8 @@ def _node_exited(event, context):
 def _setup(context):
     """Resolve the arguments once: demo bag, use_sim_time, and the parameter overrides."""
     text = {name: context.perform_substitution(LaunchConfiguration(name)).strip()
-            for name in ("weights", "device", "image_topic", "odom_topic", "imu_topic", "params_file")}
+            for name in ("weights", "device", "image_topic", "odom_topic", "imu_topic", "params_file",
+                         "prior_weights", "prior_rate")}
     demo = bool(_flag(context, "demo"))
     use_sim_time = True if demo else bool(_flag(context, "use_sim_time"))
     actions = []
@@ -143,6 +152,16 @@ def _setup(context):
         Node(package=PACKAGE, executable="vizloc_fusion", name="vizloc_fusion",
              output="screen", parameters=[params_file, fusion]),
     ]
+    if text["prior_weights"]:
+        prior = _regressor_file_params(params_file)
+        prior.update(regressor)  # the same camera, device and sim time as the regressor's
+        prior.update({"weights": ParameterValue(text["prior_weights"], value_type=str),
+                      "max_rate": _rate(text["prior_rate"]), "visual_odometry": False,
+                      "mc_dropout_samples": 0})
+        nodes.append(Node(package=PACKAGE, executable="vizloc_regressor", name="vizloc_prior",
+                          output="screen", parameters=[prior],
+                          remappings=[(ABSOLUTE_POSE_TOPIC, COARSE_POSE_TOPIC)]))
+        actions.append(LogInfo(msg=f"coarse prior: {text['prior_weights']} -> {COARSE_POSE_TOPIC}"))
     actions += nodes
     actions += [RegisterEventHandler(OnProcessExit(target_action=node, on_exit=_node_exited))
                 for node in nodes]
@@ -155,6 +174,33 @@ def _setup(context):
             actions.append(LogInfo(msg="rviz:=true but rviz2 is not installed "
                                        "(apt install ros-$ROS_DISTRO-rviz2): running without it"))
     return actions
+
+
+def _regressor_file_params(params_file: str) -> dict:
+    """The regressor's ``ros__parameters`` from the params file (the prior node has another
+    name, so the file's section does not reach it by itself)."""
+    import yaml
+
+    try:
+        with open(params_file, encoding="utf-8") as handle:
+            content = yaml.safe_load(handle) or {}
+        section = content.get("vizloc_regressor", {}).get("ros__parameters", {})
+    except (OSError, AttributeError, yaml.YAMLError) as exc:
+        raise RuntimeError(f"prior_weights: cannot read the regressor's parameters from "
+                           f"{params_file}: {exc}") from None
+    if not isinstance(section, dict):
+        raise RuntimeError(f"prior_weights: vizloc_regressor.ros__parameters in {params_file} is not a mapping")
+    return dict(section)
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not rate >= 0.0:
+        raise ValueError(f"launch argument prior_rate:={text!r} must be a number >= 0 (0: every frame)")
+    return rate
 
 
 def _has_package(name: str) -> bool:
@@ -190,5 +236,10 @@ def generate_launch_description():
         DeclareLaunchArgument("visual_odom", default_value="false",
                               description="fuse the network's relative-pose head (vlocnet weights) as "
                                           "visual odometry, for a robot without odometry"),
+        DeclareLaunchArgument("prior_weights", default_value="",
+                              description="a coarse relocalizer's checkpoint (NetVLAD): a second regressor "
+                                          "whose poses only initialise the fusion and recover it"),
+        DeclareLaunchArgument("prior_rate", default_value="1.0",
+                              description="frames per second the coarse relocalizer processes (0: all)"),
         OpaqueFunction(function=_setup),
     ])

@@ -20,7 +20,8 @@ NODES = ROOT / "vizloc_ros" / "nodes"
 SYNTH = ROOT / "vizloc_ros" / "data" / "synthetic.py"
 
 LAUNCH_ARGUMENTS = {"weights", "device", "image_topic", "odom_topic", "imu_topic", "use_odom",
-                    "use_imu", "params_file", "rviz", "demo", "use_sim_time", "visual_odom"}
+                    "use_imu", "params_file", "rviz", "demo", "use_sim_time", "visual_odom",
+                    "prior_weights", "prior_rate"}
 
 
 def _calls(tree, name):
@@ -189,7 +190,8 @@ def test_package_xml_declares_every_ros_package_the_nodes_and_launch_file_import
                 imported |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 imported.add(node.module.split(".")[0])
-    ros = imported - set(sys.stdlib_module_names) - {"vizloc_ros"}
+    rosdep_keys = {"yaml": "python3-yaml", "numpy": "python3-numpy", "PIL": "python3-pil"}
+    ros = {rosdep_keys.get(m, m) for m in imported - set(sys.stdlib_module_names) - {"vizloc_ros"}}
     assert ros and not ros - declared, sorted(ros - declared)
     assert "python3-pil" in declared
 

@@ -438,3 +438,26 @@ def test_path_mirror_converts_each_pose_once_and_rebuilds_after_the_core_clears_
     mirror.sync()
     assert mirror.newest_stamp is None and mirror.message(messages.time_from_ns(
         messages.rosbags_types(), 5)).poses == []
+
+
+def test_coarse_pose_messages_initialise_the_fusion_and_bad_ones_are_counted_drops():
+    from vizloc_ros import messages
+    from vizloc_ros.pipeline import FusionCore, FusionSettings
+
+    T = messages.rosbags_types()
+    core = FusionCore(settings=FusionSettings(use_odom=False))
+    cov = np.diag([0.3, 0.3, 0.3, 0.05, 0.05, 0.05]) ** 2
+    q = np.array([1.0, 0.0, 0.0, 0.0])
+    outputs = []
+    for k in range(8):
+        msg = messages.make_pose_with_covariance_stamped(T, 100.0 + 0.1 * k, "map", np.array([1.0, 2.0, 0.0]),
+                                                         q, cov)
+        outputs.append(core.on_coarse_pose(msg))
+    assert core.fusion.initialised
+    assert any(o is not None for o in outputs)
+    assert core.counters["coarse_received"] == 8
+    # once running, an agreeing coarse pose is neither fused nor a "drop" to warn about
+    assert core.counters["coarse_agreed"] >= 1 and core.counters["coarse_dropped"] == 0
+    wrong = messages.make_pose_with_covariance_stamped(T, 101.0, "odom", np.zeros(3), q, cov)
+    assert core.on_coarse_pose(wrong) is None
+    assert core.counters["dropped_coarse_invalid"] == 1

@@ -28,6 +28,9 @@ ABSOLUTE_POSE_TOPIC = "/vizloc/absolute_pose"
 FUSED_POSE_TOPIC = "/vizloc/pose"
 PATH_TOPIC = "/vizloc/path"
 INITIAL_POSE_TOPIC = "/initialpose"
+#: coarse poses (a second regressor, e.g. NetVLAD retrieval, remapped here by the launch
+#: file's prior_weights): the fusion uses them only to initialise and to recover
+COARSE_POSE_TOPIC = "/vizloc/coarse_pose"
 #: default topic of the regressor's visual odometry (a relative-head network, VLocNet)
 VISUAL_ODOMETRY_TOPIC = "/vizloc/visual_odometry"
 

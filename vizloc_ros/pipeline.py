@@ -498,10 +498,26 @@ class FusionCore:
         self.last_reason = result.reason
         return self._output(stamp) if result.status in ("accepted", "initialising") else None
 
+    def on_coarse_pose(self, msg) -> FusionOutput | None:
+        """A ``/vizloc/coarse_pose`` message (PoseWithCovarianceStamped of the base, from a
+        coarse relocalizer such as NetVLAD): initialisation and kidnap recovery only."""
+        self.counters["coarse_received"] += 1
+        try:
+            frame = msg.header.frame_id
+            if frame != self.settings.map_frame:
+                raise ValueError(f"coarse pose in frame {frame!r}, expected {self.settings.map_frame!r}")
+            stamp = self._remember(msg)
+            t, q, cov = messages.pose_with_covariance_from_msg(msg)
+        except ValueError as exc:
+            return self._drop("coarse_invalid", str(exc))
+        return self.add_coarse_prior(stamp, t, q, cov)
+
     def add_coarse_prior(self, stamp, t, q, cov) -> FusionOutput | None:
         """A coarse pose (e.g. NetVLAD retrieval): initialisation and kidnap recovery only."""
         result = self.fusion.add_coarse_prior(stamp, t, q, cov)
-        self.counters[f"coarse_{result.status}"] += 1
+        # one that agrees with the running estimate is not a problem: counted, not "dropped"
+        agrees = result.status == "dropped" and result.mahalanobis2 is not None
+        self.counters["coarse_agreed" if agrees else f"coarse_{result.status}"] += 1
         self.last_reason = result.reason
         return self._output(stamp) if result.status in ("accepted", "initialising") else None
 

@@ -53,6 +53,9 @@ class FusionNode(Node):
                                  self._on_absolute, reliable_qos(10))
         self.create_subscription(T.PoseWithCovarianceStamped, node_params.INITIAL_POSE_TOPIC,
                                  self._on_initial_pose, reliable_qos(1))
+        # a coarse relocalizer's poses (launch prior_weights:=...): initialisation and recovery
+        self.create_subscription(T.PoseWithCovarianceStamped, node_params.COARSE_POSE_TOPIC,
+                                 self._on_coarse_pose, reliable_qos(10))
         if s.use_odom:
             self.create_subscription(T.Odometry, p.odom_topic, self._on_odometry, sensor_qos(50))
         if s.use_imu:
@@ -72,6 +75,9 @@ class FusionNode(Node):
 
     def _on_odometry(self, msg) -> None:
         self._handle(self.core.on_odometry, msg, "odometry")
+
+    def _on_coarse_pose(self, msg) -> None:
+        self._handle(self.core.on_coarse_pose, msg, "coarse pose")
 
     def _on_imu(self, msg) -> None:
         self._handle(self.core.on_imu, msg, "IMU")
