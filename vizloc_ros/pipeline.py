@@ -348,7 +348,7 @@ class RegressorCore:
                 self._drop("invalid_image", str(exc))
                 continue
             if not self.limiter.accept(stamp_ns * 1e-9):
-                self.counters["dropped_rate"] += 1
+                self.counters["skipped_rate"] += 1  # max_rate at work: not a problem to warn about
                 continue
             decoded.setdefault(image.shape, []).append((i, stamp_ns, image))
         for group in decoded.values():
