@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry, messages
-from vizloc_ros.data.ground_truth import (GT_TYPES, GroundTruthError, GroundTruthReader,
+from vizloc_ros.data.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
                                           interpolate_poses, previous_poses, static_chain, tf_edges)
 from vizloc_ros.messages import IMAGE_TYPES
-from vizloc_ros.replay_fusion import (TF_TYPE, FusionProcess, FusionSideSpec, InProcessFusion,
+from vizloc_ros.replay_fusion import (FusionProcess, FusionSideSpec, InProcessFusion,
                                       ReplayError)
 
 LOG = logging.getLogger("vizloc-replay")
@@ -101,7 +101,7 @@ def _check_topics(bag: Path, options: ReplayOptions) -> dict:
 
     need(options.image_topic, IMAGE_TYPES, "image")
     if options.ground_truth.startswith("tf:"):
-        need("/tf", (TF_TYPE,), "TF (ground truth)")
+        need("/tf", TF_TYPES, "TF (ground truth)")
     else:
         need(options.ground_truth, GT_TYPES, "ground-truth",
              " (use --ground-truth tf:map->base_link for a TF chain)")
@@ -494,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sensor_msgs/Image or CompressedImage topic (default /camera/image_raw)")
     parser.add_argument("--ground-truth", default="/ground_truth/pose",
                         help="PoseStamped / PoseWithCovarianceStamped / Odometry / TransformStamped topic, "
-                             "or tf:PARENT->CHILD for a TF chain (default /ground_truth/pose)")
+                             "or tf:PARENT->CHILD for a TF chain of any length through /tf and /tf_static "
+                             "(default /ground_truth/pose)")
     parser.add_argument("--odom-topic", default="/odom", help="nav_msgs/Odometry topic, or 'none'")
     parser.add_argument("--imu-topic", default="none", help="sensor_msgs/Imu topic to fuse, or 'none' (default)")
     parser.add_argument("--no-fusion", action="store_true", help="raw network poses only")

@@ -20,8 +20,8 @@ import numpy as np
 from vizloc_ros import geometry, messages
 from vizloc_ros.messages import IMAGE_TYPES
 from vizloc_ros.data.datasets import DatasetError, PoseDataset
-from vizloc_ros.data.ground_truth import (GT_TYPES, GroundTruthError, GroundTruthReader, interpolate_poses,
-                                          static_chain, tf_edges)
+from vizloc_ros.data.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
+                                          interpolate_poses, static_chain, tf_edges)
 
 LOG = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class BagDataset(PoseDataset):
         if gt_source not in topics:
             raise DatasetError(f"ground-truth topic {gt_source!r} is not in {bag}; it has: {listing}")
         for topic, allowed in ((image_topic, IMAGE_TYPES),
-                               (gt_source, ("tf2_msgs/msg/TFMessage",) if gt_source == "/tf" else GT_TYPES)):
+                               (gt_source, TF_TYPES if gt_source == "/tf" else GT_TYPES)):
             if topics[topic] not in allowed:
                 raise DatasetError(f"{bag}: topic {topic} carries {topics[topic]}, expected one of "
                                    f"{', '.join(allowed)}")

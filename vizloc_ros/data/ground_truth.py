@@ -21,33 +21,117 @@ class GroundTruthError(ValueError):
     """No usable ground truth where it was asked for."""
 
 
+#: /tf message types: tf2's, and ROS 1's older tf/tfMessage (same fields; e.g. TUM RGB-D bags)
+TF_TYPES = ("tf2_msgs/msg/TFMessage", "tf/msg/tfMessage")
+
+
+def normalise_frame(frame) -> str:
+    """A frame id as tf2 spells it: no leading slash (ROS 1 bags often say ``/world``)."""
+    return str(frame).strip().lstrip("/")
+
+
 def tf_edges(transforms):
     """{(parent, child): (t, q)} from static transforms."""
     edges = {}
     for tf in transforms:
         t, q = messages.pose_from_msg(tf)
-        edges[(tf.header.frame_id, tf.child_frame_id)] = (t, q)
+        edges[(normalise_frame(tf.header.frame_id), normalise_frame(tf.child_frame_id))] = (t, q)
     return edges
+
+
+def _frame_path(edges, parent: str, child: str):
+    """Shortest chain of edges from ``parent`` to ``child``: [((a, b), forward)], or None.
+
+    TF is a tree, but a chain asked for may go up before it goes down
+    (``camera -> base_link -> map``), so edges are walked in both directions."""
+    graph: dict = {}
+    for a, b in sorted(edges):
+        graph.setdefault(a, []).append((b, (a, b), True))
+        graph.setdefault(b, []).append((a, (a, b), False))
+    previous = {parent: None}
+    frontier = [parent]
+    while frontier and child not in previous:
+        nxt = []
+        for frame in frontier:
+            for other, key, forward in graph.get(frame, []):
+                if other not in previous:
+                    previous[other] = (frame, key, forward)
+                    nxt.append(other)
+        frontier = nxt
+    if child not in previous:
+        return None
+    path, frame = [], child
+    while previous[frame] is not None:
+        frame, key, forward = previous[frame]
+        path.append((key, forward))
+    return path[::-1]
 
 
 def static_chain(edges: dict, parent: str, child: str):
     """parent_T_child by composing static edges (either direction); None if unconnected."""
-    graph: dict = {}
-    for (a, b), (t, q) in edges.items():
-        graph.setdefault(a, []).append((b, t, q))
-        t_inv, q_inv = geometry.pose_inverse(t, q)
-        graph.setdefault(b, []).append((a, t_inv, q_inv))
-    frontier = [(parent, np.zeros(3), np.array([1.0, 0, 0, 0]))]
-    seen = {parent}
-    while frontier:
-        frame, t, q = frontier.pop()
-        if frame == child:
-            return t, q
-        for nxt, t_e, q_e in graph.get(frame, []):
-            if nxt not in seen:
-                seen.add(nxt)
-                frontier.append((nxt, *geometry.pose_compose(t, q, t_e, q_e)))
-    return None
+    parent, child = normalise_frame(parent), normalise_frame(child)
+    path = _frame_path(edges, parent, child)
+    if path is None:
+        return None
+    t, q = np.zeros(3), np.array([1.0, 0, 0, 0])
+    for key, forward in path:
+        t_e, q_e = edges[key] if forward else geometry.pose_inverse(*edges[key])
+        t, q = geometry.pose_compose(t, q, t_e, q_e)
+    return t, q
+
+
+def _is_constant(t, q) -> bool:
+    """A transform republished unchanged (ROS 1's static_transform_publisher on /tf)."""
+    return bool(np.ptp(t, axis=0).max() < 1e-9
+                and np.min(np.abs(np.sum(q * q[0], axis=1))) > 1.0 - 1e-12)
+
+
+def tf_chain_poses(dynamic: dict, static_edges: dict, parent: str, child: str):
+    """parent_T_child over time from TF edges: (stamps, t, q), sorted by stamp.
+
+    ``dynamic`` maps (parent, child) to [(stamp, t, q)] from /tf, ``static_edges`` is
+    :func:`tf_edges` of /tf_static. The chain may have any length and run through static
+    and moving edges in either direction (``world -> mocap_body -> base_link``). Poses
+    are given at the stamps of the chain's densest moving edge (the motion capture);
+    the other moving edges are interpolated there, and a stamp where one of them has
+    no data within :data:`GT_MAX_GAP_S` is left out.
+    """
+    edges: dict = {key: (None, t, q) for key, (t, q) in static_edges.items()}
+    for key, samples in dynamic.items():
+        stamps = np.array([s[0] for s in samples], dtype=float)
+        order = np.argsort(stamps, kind="stable")
+        t = np.array([s[1] for s in samples], dtype=float)[order]
+        q = np.array([s[2] for s in samples], dtype=float)[order]
+        edges[key] = (None, t[0], q[0]) if _is_constant(t, q) else (stamps[order], t, q)
+    path = _frame_path(edges, parent, child)
+    if path is None:
+        names = [f"{a}->{b}" for a, b in sorted(edges)]
+        listing = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
+        raise GroundTruthError(f"no TF path {parent} -> {child} in the bag's /tf and /tf_static "
+                               f"(edges: {listing or 'none'})")
+    moving = [key for key, _ in path if edges[key][0] is not None]
+    if not moving:
+        raise GroundTruthError(f"TF {parent} -> {child} never changes in the bag: it is not a trajectory")
+    driver = max(moving, key=lambda key: len(edges[key][0]))
+    query = edges[driver][0]
+    parts = []
+    for key, forward in path:
+        stamps, t, q = edges[key]
+        if stamps is None:
+            t, q = np.broadcast_to(t, (len(query), 3)), np.broadcast_to(q, (len(query), 4))
+        elif key != driver:
+            t, q = interpolate_poses(stamps, t, q, query)
+        parts.append((t, q, forward))
+    valid = np.ones(len(query), dtype=bool)
+    for t, q, _ in parts:
+        valid &= np.all(np.isfinite(t), axis=1) & np.all(np.isfinite(q), axis=1)
+    t_out, q_out = np.zeros((int(valid.sum()), 3)), np.tile([1.0, 0.0, 0.0, 0.0], (int(valid.sum()), 1))
+    for t, q, forward in parts:
+        t_e, q_e = np.asarray(t)[valid], np.asarray(q)[valid]
+        if not forward:
+            t_e, q_e = geometry.pose_inverse(t_e, q_e)
+        t_out, q_out = geometry.pose_compose(t_out, q_out, t_e, q_e)
+    return query[valid], t_out, q_out
 
 
 class GroundTruthReader:
@@ -61,9 +145,11 @@ class GroundTruthReader:
         self.tf_parent = self.tf_child = None
         if spec.startswith("tf:"):
             try:
-                self.tf_parent, self.tf_child = [s.strip() for s in spec[3:].split("->")]
+                self.tf_parent, self.tf_child = [normalise_frame(s) for s in spec[3:].split("->")]
             except ValueError:
                 raise GroundTruthError(f"--ground-truth {spec!r}: expected tf:PARENT->CHILD") from None
+            if not self.tf_parent or not self.tf_child:
+                raise GroundTruthError(f"--ground-truth {spec!r}: expected tf:PARENT->CHILD")
         self.dynamic: dict = {}
         self.bad = 0
 
@@ -75,7 +161,7 @@ class GroundTruthReader:
                 self._append(stamp, t, q)
             else:
                 for tf in msg.transforms:
-                    key = (tf.header.frame_id, tf.child_frame_id)
+                    key = (normalise_frame(tf.header.frame_id), normalise_frame(tf.child_frame_id))
                     t, q = messages.pose_from_msg(tf)
                     self.dynamic.setdefault(key, []).append(
                         (messages.header_stamp_sec(tf), t, q))
@@ -88,30 +174,10 @@ class GroundTruthReader:
         self.q.append(q)
 
     def finish(self, static_edges: dict):
-        """Resolve a TF chain (direct edge, or two dynamic edges through one frame)."""
+        """Sorted (stamps, t, q); a TF chain is resolved through /tf and /tf_static."""
         if self.tf_parent is not None:
-            direct = self.dynamic.get((self.tf_parent, self.tf_child))
-            if direct:
-                for stamp, t, q in direct:
-                    self._append(stamp, t, q)
-            else:
-                pairs = [(a, b) for (a, b) in self.dynamic if a == self.tf_parent]
-                for _, mid in pairs:
-                    second = self.dynamic.get((mid, self.tf_child))
-                    if not second:
-                        continue
-                    first = self.dynamic[(self.tf_parent, mid)]
-                    s1 = np.array([f[0] for f in first])
-                    t1, q1 = interpolate_poses(s1, np.array([f[1] for f in first]),
-                                          np.array([f[2] for f in first]),
-                                          np.array([s[0] for s in second]))
-                    for k, (stamp, t, q) in enumerate(second):
-                        if np.all(np.isfinite(t1[k])):
-                            self._append(stamp, *geometry.pose_compose(t1[k], q1[k], t, q))
-                    break
-            if not self.stamps:
-                raise GroundTruthError(f"no TF path {self.tf_parent} -> {self.tf_child} in the bag's /tf "
-                                  f"(dynamic edges: {sorted(self.dynamic)})")
+            stamps, t, q = tf_chain_poses(self.dynamic, static_edges, self.tf_parent, self.tf_child)
+            self.stamps, self.t, self.q = list(stamps), list(t), list(q)
         if not self.stamps:
             raise GroundTruthError(f"no valid ground truth on {self.spec}")
         order = np.argsort(self.stamps, kind="stable")

@@ -1,0 +1,91 @@
+"""Ground truth from TF chains: any length, static and moving edges, either direction,
+ROS 1 frame names with a leading slash."""
+import numpy as np
+import pytest
+from types import SimpleNamespace as NS
+
+from vizloc_ros import geometry
+from vizloc_ros.data.ground_truth import (GroundTruthError, GroundTruthReader, static_chain, tf_chain_poses,
+                                          tf_edges)
+
+
+def _tf(stamp, parent, child, t, q):
+    sec = int(np.floor(stamp))
+    return NS(header=NS(stamp=NS(sec=sec, nanosec=int(round((stamp - sec) * 1e9))), frame_id=parent),
+              child_frame_id=child,
+              transform=NS(translation=NS(x=t[0], y=t[1], z=t[2]),
+                           rotation=NS(w=q[0], x=q[1], y=q[2], z=q[3])))
+
+
+def _yaw(angle):
+    return np.array([np.cos(angle / 2), 0.0, 0.0, np.sin(angle / 2)])
+
+
+def _mocap(stamps):
+    """A body moving along x and turning: world_T_body at ``stamps``."""
+    return [(s, np.array([s, 0.5 * s, 1.0]), _yaw(0.3 * s)) for s in stamps]
+
+
+def test_chain_through_a_static_edge_and_an_inverted_edge():
+    body_T_base = (np.array([0.1, 0.0, -0.2]), _yaw(np.pi / 2))
+    map_T_world = (np.array([5.0, -1.0, 0.0]), _yaw(0.5))
+    stamps = np.arange(0.0, 2.0, 0.01)
+    dynamic = {("world", "body"): _mocap(stamps)}
+    # TF is a tree: "world" hangs under "map" here, and the chain asked for starts at map
+    static = {("map", "world"): map_T_world, ("body", "base_link"): body_T_base}
+    out_stamps, t, q = tf_chain_poses(dynamic, static, "map", "base_link")
+    np.testing.assert_allclose(out_stamps, stamps)
+    for k in (0, 57, 199):
+        s, t_wb, q_wb = dynamic[("world", "body")][k]
+        expect = geometry.pose_compose(*geometry.pose_compose(*map_T_world, t_wb, q_wb), *body_T_base)
+        np.testing.assert_allclose(t[k], expect[0], atol=1e-9)
+        assert geometry.rotation_angle(q[k], expect[1]) < 1e-7
+    # the same chain asked for the other way round gives the inverse poses
+    _, t_inv, q_inv = tf_chain_poses(dynamic, static, "base_link", "map")
+    back_t, back_q = geometry.pose_inverse(t_inv, q_inv)
+    np.testing.assert_allclose(back_t, t, atol=1e-9)
+    assert np.max(geometry.rotation_angle(back_q, q)) < 1e-7
+
+
+def test_two_moving_edges_are_interpolated_at_the_denser_ones_stamps():
+    slow = np.arange(0.0, 3.0, 0.1)   # map -> odom, 10 Hz
+    fast = np.arange(0.05, 2.5, 0.02)  # odom -> base_link, 50 Hz
+    dynamic = {("map", "odom"): [(s, np.array([s, 0.0, 0.0]), _yaw(0.0)) for s in slow],
+               ("odom", "base_link"): [(s, np.array([0.0, 2 * s, 0.0]), _yaw(0.0)) for s in fast]}
+    stamps, t, _ = tf_chain_poses(dynamic, {}, "map", "base_link")
+    np.testing.assert_allclose(stamps, fast)
+    np.testing.assert_allclose(t[:, 0], fast, atol=1e-9)  # linear in time: interpolation is exact
+    np.testing.assert_allclose(t[:, 1], 2 * fast, atol=1e-9)
+
+
+def test_an_edge_republished_unchanged_on_tf_counts_as_static():
+    # ROS 1 bags carry static transforms on /tf at 10 Hz (or 1 Hz); the mocap is at 100 Hz
+    mocap = np.arange(0.0, 2.0, 0.01)
+    dynamic = {("world", "body"): _mocap(mocap),
+               ("body", "camera"): [(s, np.array([0.0, 0.0, 0.3]), _yaw(0.0)) for s in np.arange(0, 2, 1.0)]}
+    stamps, t, _ = tf_chain_poses(dynamic, {}, "world", "camera")
+    assert len(stamps) == len(mocap)  # not limited by the 1 Hz republishing
+    np.testing.assert_allclose(t[:, 2], 1.3)
+
+
+def test_ros1_leading_slashes_are_ignored():
+    reader = GroundTruthReader("tf:world->kinect", "base_link")
+    for s in np.arange(0.0, 1.0, 0.1):
+        reader.add("/tf", NS(transforms=[_tf(s, "/openni_camera", "/openni_rgb_frame", [0, -0.04, 0], _yaw(0)),
+                                         _tf(s, "/world", "/kinect", [s, 0, 0], _yaw(s))]))
+    stamps, t, _ = reader.finish({})
+    assert len(stamps) == 10
+    np.testing.assert_allclose(t[:, 0], stamps)
+    edges = tf_edges([_tf(0, "/base_link", "/camera", [0.1, 0, 0], _yaw(0))])
+    assert static_chain(edges, "base_link", "/camera")[0][0] == pytest.approx(0.1)
+
+
+def test_unconnected_or_never_moving_chains_are_clear_errors():
+    dynamic = {("world", "body"): _mocap(np.arange(0.0, 1.0, 0.1))}
+    with pytest.raises(GroundTruthError, match=r"no TF path map -> body .*world->body"):
+        tf_chain_poses(dynamic, {}, "map", "body")
+    with pytest.raises(GroundTruthError, match="never changes"):
+        tf_chain_poses({}, {("map", "base_link"): (np.zeros(3), _yaw(0))}, "map", "base_link")
+    for spec in ("tf:map", "tf:map->", "tf:->base_link", "tf:a->b->c"):
+        with pytest.raises(GroundTruthError, match="expected tf:PARENT->CHILD"):
+            GroundTruthReader(spec, "base_link")
