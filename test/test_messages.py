@@ -266,6 +266,35 @@ def test_mono16_keeps_the_high_byte_and_depth_encodings_convert():
     assert out[0, 0] == 2.25 and np.isnan(out[0, 1])
 
 
+def _mosaic(rgb, pattern):
+    """What a colour-filter-array sensor records: one channel per pixel, ``pattern`` naming
+    the 2x2 cell's colours in row order (as the ROS encoding does)."""
+    out = np.zeros(rgb.shape[:2], rgb.dtype)
+    for (dy, dx), colour in zip(((0, 0), (0, 1), (1, 0), (1, 1)), pattern):
+        out[dy::2, dx::2] = rgb[dy::2, dx::2, "rgb".index(colour)]
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["rggb", "bggr", "gbrg", "grbg"])
+@pytest.mark.parametrize("bits", [8, 16])
+def test_bayer_images_are_demosaiced_to_rgb(pattern, bits):
+    rows, cols = np.mgrid[0:12, 0:16]
+    smooth = np.stack([40 + 8 * rows, 200 - 5 * cols, 90 + 2 * (rows + cols)], axis=2).astype(np.uint8)
+    if bits == 8:
+        data, step, big = _mosaic(smooth, pattern).tobytes(), 16, 0
+    else:  # 16-bit, big-endian, values in the high byte
+        data, step, big = (_mosaic(smooth, pattern).astype(np.uint16) << 8).astype(">u2").tobytes(), 32, 1
+    out = m.image_to_rgb(cdr_round_trip(raw_image(f"bayer_{pattern}{bits}", data, 12, 16, step, big)))
+    assert out.dtype == np.uint8 and out.shape == (12, 16, 3)
+    # a linear image is reconstructed exactly by bilinear demosaicing, away from the border
+    assert np.abs(out[2:-2, 2:-2].astype(int) - smooth[2:-2, 2:-2]).max() <= 1
+
+
+def test_a_bayer_image_too_small_to_demosaic_is_refused():
+    with pytest.raises(ValueError, match="at least 2x2"):
+        m.image_to_numpy(raw_image("bayer_rggb8", b"\x01\x02", 1, 2, 2))
+
+
 @pytest.mark.parametrize("msg, message", [
     (raw_image("rgb8", RGB.tobytes()[:-1], 4, 5, 15), "truncated"),
     (raw_image("rgb8", RGB.tobytes() + b"\0", 4, 5, 15), "expected step x height"),

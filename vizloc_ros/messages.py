@@ -451,9 +451,16 @@ _COLOR_ENCODINGS = {
     # mono16 is a 16-bit intensity image: converted to 8 bits by keeping the high byte.
     "mono16": (1, 2, None),
 }
+# Raw colour-filter-array images, as camera drivers publish them by default: encoding ->
+# (bytes per pixel, OpenCV demosaicing code name). OpenCV names a pattern by the second
+# row's second and third pixels, so ROS's rggb is OpenCV's BG (the mapping cv_bridge uses).
+_BAYER_ENCODINGS = {f"bayer_{pattern}{bits}": (bits // 8, code)
+                    for pattern, code in (("rggb", "BayerBG"), ("bggr", "BayerRG"),
+                                          ("gbrg", "BayerGR"), ("grbg", "BayerGB"))
+                    for bits in (8, 16)}
 # Depth encodings (REP-118): 16UC1 in millimetres, 32FC1 in metres.
 _DEPTH_ENCODINGS = {"16UC1": (1, 2), "mono16": (1, 2), "32FC1": (1, 4)}
-SUPPORTED_IMAGE_ENCODINGS = tuple(_COLOR_ENCODINGS)
+SUPPORTED_IMAGE_ENCODINGS = tuple(_COLOR_ENCODINGS) + tuple(_BAYER_ENCODINGS)
 SUPPORTED_DEPTH_ENCODINGS = tuple(_DEPTH_ENCODINGS)
 
 
@@ -498,12 +505,15 @@ def image_to_numpy(msg) -> np.ndarray:
     """sensor_msgs/Image -> uint8 RGB (H, W, 3) or mono (H, W).
 
     rgb8/bgr8/rgba8/bgra8 come back as RGB (channels reordered, alpha dropped); mono8 /
-    8UC1 as (H, W); mono16 as (H, W) uint8 keeping the high byte (``value >> 8``). Depth
+    8UC1 as (H, W); mono16 as (H, W) uint8 keeping the high byte (``value >> 8``); the
+    bayer_* encodings (8 and 16 bit) demosaiced to RGB. Depth
     encodings (16UC1, 32FC1) are refused here: they are distances, not appearance; use
     :func:`depth_image_to_numpy`. Raises ``ValueError`` for an unknown encoding, an empty
     image, a step smaller than a row, or data whose length is not step x height.
     """
     encoding = str(msg.encoding)
+    if encoding in _BAYER_ENCODINGS:
+        return _demosaic(msg, *_BAYER_ENCODINGS[encoding])
     if encoding not in _COLOR_ENCODINGS:
         hint = ("; depth encodings go through depth_image_to_numpy()"
                 if encoding in _DEPTH_ENCODINGS else "")
@@ -522,6 +532,23 @@ def image_to_numpy(msg) -> np.ndarray:
         return pixels.copy()  # a plain memcpy; fancy indexing is ~20x slower on big frames
     # channel slices instead of fancy indexing: a strided copy, several times faster
     return np.ascontiguousarray(pixels[:, :, 2::-1] if order == (2, 1, 0) else pixels[:, :, :3])
+
+
+def _demosaic(msg, nbytes: int, code: str) -> np.ndarray:
+    """Bayer image -> RGB (H, W, 3) uint8 with OpenCV's bilinear demosaicing; 16-bit
+    mosaics keep their high byte first, like mono16."""
+    import cv2  # only for raw camera images: the nodes need not load it otherwise
+
+    rows = _image_rows(msg, 1, nbytes)
+    height, width = int(msg.height), int(msg.width)
+    if height < 2 or width < 2:
+        raise ValueError(f"a {msg.encoding} image needs at least 2x2 pixels, got {width}x{height}")
+    if nbytes == 2:
+        mosaic = (rows.copy().view(">u2" if bool(msg.is_bigendian) else "<u2").reshape(height, width)
+                  >> 8).astype(np.uint8)
+    else:
+        mosaic = np.ascontiguousarray(rows.reshape(height, width))
+    return cv2.cvtColor(mosaic, getattr(cv2, f"COLOR_{code}2RGB"))
 
 
 def image_to_rgb(msg) -> np.ndarray:
