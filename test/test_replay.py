@@ -187,6 +187,10 @@ def _as_ros1_bag(bag, path, mocap_offset):
     with Writer(path) as writer:
         image_conn = writer.add_connection("/camera/rgb/image_color", "sensor_msgs/msg/Image", typestore=store)
         tf_conn = writer.add_connection("/tf", "tf/msg/tfMessage", typestore=store)
+        from vizloc_ros.data.ground_truth import tf_edges
+
+        mount = next(tf_edges(r.msg.transforms) for r in read_messages(bag, ["/tf_static"]))
+        (base, camera), base_T_camera = next(iter(mount.items()))
         for record in read_messages(bag, ["/camera/image_raw", "/ground_truth/pose"]):
             msg = record.msg
             if record.topic == "/camera/image_raw":
@@ -202,13 +206,15 @@ def _as_ros1_bag(bag, path, mocap_offset):
                 t_mocap, q_mocap = geometry.pose_compose(t, q, *geometry.pose_inverse(*mocap_offset))
                 tfs = T["tf/msg/tfMessage"](transforms=[
                     transform(msg, "/world", "/mocap", t_mocap, q_mocap),
-                    transform(msg, "/mocap", "/base_link", *mocap_offset)])
+                    transform(msg, "/mocap", "/base_link", *mocap_offset),
+                    transform(msg, "/" + base, "/" + camera, *base_T_camera)])  # the mount, on /tf
                 writer.write(tf_conn, record.log_time_ns, store.serialize_ros1(tfs, "tf/msg/tfMessage"))
 
 
 def test_ros1_bag_with_old_tf_type_and_a_tf_chain(small_bag, tiny_weights, report, tmp_path):
     """A real recording's shape: ROS 1, tf/tfMessage, '/world', a chain of a moving and a
-    fixed edge. The ground truth read through the chain equals the pose topic's."""
+    fixed edge, the camera mount only on /tf. The ground truth read through the chain
+    equals the pose topic's."""
     ros1 = tmp_path / "tum_style.bag"
     offset = (np.array([0.05, -0.02, 0.3]), geometry.quat_normalize(np.array([0.9, 0.1, 0.0, 0.2])))
     _as_ros1_bag(small_bag, ros1, offset)
@@ -220,3 +226,9 @@ def test_ros1_bag_with_old_tf_type_and_a_tf_chain(small_bag, tiny_weights, repor
     np.testing.assert_allclose(chain_s, truth_s)
     np.testing.assert_allclose(chain_t, truth_t, atol=1e-6)
     assert np.max(geometry.rotation_angle(chain_q, truth_q)) < 1e-5
+    # no /tf_static: the camera mount was found among the transforms that stay fixed on /tf,
+    # so the network's poses become the same base poses as from the original bag
+    _, raw_t, raw_q = read_tum(report[0] / "absolute.tum")
+    _, ros1_t, ros1_q = read_tum(tmp_path / "o" / "absolute.tum")
+    np.testing.assert_allclose(ros1_t, raw_t, atol=1e-4)
+    assert np.max(geometry.rotation_angle(ros1_q, raw_q)) < 1e-3

@@ -37,7 +37,8 @@ import numpy as np
 
 from vizloc_ros import geometry, messages
 from vizloc_ros.data.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
-                                          interpolate_poses, previous_poses, static_chain, tf_edges)
+                                          add_tf_samples, fixed_edges, interpolate_poses, previous_poses,
+                                          static_chain, tf_edges)
 from vizloc_ros.messages import IMAGE_TYPES
 from vizloc_ros.replay_fusion import (FusionProcess, FusionSideSpec, InProcessFusion,
                                       ReplayError)
@@ -228,10 +229,33 @@ def run_replay(options: ReplayOptions) -> dict:
             fusion_side.close()
 
 
+def _fixed_edges_on_tf(bag, seconds: float = 5.0) -> dict:
+    """The transforms that stay fixed over the first ``seconds`` of the bag's /tf."""
+    from vizloc_ros.data.bag_io import read_messages
+
+    samples: dict = {}
+    first = None
+    try:
+        for record in read_messages(bag, ["/tf"]):
+            first = record.log_time_ns if first is None else first
+            if record.log_time_ns - first > seconds * 1e9:
+                break
+            try:
+                add_tf_samples(samples, record.msg.transforms)
+            except (ValueError, AttributeError):
+                continue
+    except Exception:  # noqa: BLE001 - a damaged /tf: the caller warns that no extrinsic was found
+        LOG.debug("reading /tf for fixed transforms failed", exc_info=True)
+    return fixed_edges(samples)
+
+
 def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm, read_messages) -> dict:
     """The regressor side: images in batches -> absolute poses -> the fusion side; then
     the report's numbers."""
     static_edges: dict = {}
+    tf_mounts: dict = {}       # fixed edges found on /tf, read once when /tf_static has no path
+    tf_mounts_read: list = []
+    warned_extrinsic: list = []
     image_stamps: list = []
     absolute: list = []
     vo_track: list = []        # (stamp, t, q) of the network's visual odometry
@@ -254,8 +278,21 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
         if regressor.base_T_camera is None and options.camera_extrinsic is None:
             frame = pending[0].header.frame_id
             chain = static_chain(static_edges, options.base_frame, frame)
+            if chain is None and "/tf" in topics and not tf_mounts_read:
+                tf_mounts_read.append(True)
+                tf_mounts.update(_fixed_edges_on_tf(bag))
+            if chain is None and tf_mounts:
+                chain = static_chain(tf_mounts | static_edges, options.base_frame, frame)
+                if chain is not None:
+                    LOG.info("camera extrinsic %s -> %s from transforms that stay fixed on /tf: t=%s q_wxyz=%s",
+                             options.base_frame, frame, np.round(chain[0], 4), np.round(chain[1], 4))
             if chain is not None:
                 regressor.set_extrinsic(*chain)
+            elif not warned_extrinsic:
+                warned_extrinsic.append(frame)
+                LOG.warning("no TF path %s -> %s (the images' frame) on /tf_static or fixed on /tf: pass "
+                            "--camera-extrinsic, or --base-frame if the robot's base has another name",
+                            options.base_frame, frame)
         if regressor.sequential:  # clips are read in stamp order
             pending.sort(key=_stamp_or_zero)
         events = []

@@ -86,6 +86,29 @@ def _is_constant(t, q) -> bool:
                 and np.min(np.abs(np.sum(q * q[0], axis=1))) > 1.0 - 1e-12)
 
 
+def add_tf_samples(dynamic: dict, transforms) -> None:
+    """Append the transforms of one /tf message to ``dynamic``: (parent, child) -> [(stamp, t, q)].
+    Raises ``ValueError`` for a malformed transform (those before it are kept)."""
+    for tf in transforms:
+        key = (normalise_frame(tf.header.frame_id), normalise_frame(tf.child_frame_id))
+        t, q = messages.pose_from_msg(tf)
+        dynamic.setdefault(key, []).append((messages.header_stamp_sec(tf), t, q))
+
+
+def fixed_edges(dynamic: dict) -> dict:
+    """{(parent, child): (t, q)} of the /tf edges in ``dynamic`` (as :class:`GroundTruthReader`
+    collects them) that were seen at least twice and never changed: the mounts a ROS 1
+    bag, or a ROS 2 bag recorded without /tf_static, only carries on /tf."""
+    fixed = {}
+    for key, samples in dynamic.items():
+        if len(samples) >= 2:
+            t = np.array([s[1] for s in samples], dtype=float)
+            q = np.array([s[2] for s in samples], dtype=float)
+            if _is_constant(t, q):
+                fixed[key] = (t[0], q[0])
+    return fixed
+
+
 def tf_chain_poses(dynamic: dict, static_edges: dict, parent: str, child: str):
     """parent_T_child over time from TF edges: (stamps, t, q), sorted by stamp.
 
@@ -160,11 +183,7 @@ class GroundTruthReader:
                 t, q = messages.pose_from_msg(msg)
                 self._append(stamp, t, q)
             else:
-                for tf in msg.transforms:
-                    key = (normalise_frame(tf.header.frame_id), normalise_frame(tf.child_frame_id))
-                    t, q = messages.pose_from_msg(tf)
-                    self.dynamic.setdefault(key, []).append(
-                        (messages.header_stamp_sec(tf), t, q))
+                add_tf_samples(self.dynamic, msg.transforms)
         except ValueError:
             self.bad += 1
 
