@@ -41,3 +41,21 @@ def test_missing_topic_names_the_topics_the_bag_has(scene):
 def test_not_a_bag_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError):
         BagDataset(tmp_path)
+
+
+def test_a_ros1_recording_with_a_tf_chain_gives_the_same_samples(scene, tmp_path):
+    """ROS 1, tf/tfMessage, '/world', a mocap chain, the camera mount only on /tf: the same
+    camera poses as the 7-Scenes export."""
+    from ros1_bags import as_ros1_bag
+
+    ros1 = tmp_path / "tum_style.bag"
+    as_ros1_bag(scene / "bags" / "seq-05", ros1, (np.array([0.05, -0.02, 0.3]),
+                                                  geometry.quat_normalize(np.array([0.9, 0.1, 0.0, 0.2]))))
+    from_bag = BagDataset(ros1, image_topic="/camera/rgb/image_color", gt_topic="tf:world->base_link")
+    folder = SevenScenes(scene, "test")
+    assert len(from_bag) == len(folder) == 12
+    for i in (0, 5, 11):
+        a, b = from_bag[i], folder[i]
+        np.testing.assert_allclose(a["t"], b["t"], atol=1e-5)
+        assert geometry.rotation_angle(a["q"], b["q"]) < 1e-5
+        assert np.array_equal(a["image"], b["image"])

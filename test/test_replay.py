@@ -12,6 +12,8 @@ from vizloc_ros.data.tum import read_tum
 from vizloc_ros.metrics import pose_errors
 from vizloc_ros.report import METRICS_SCHEMA
 
+from ros1_bags import as_ros1_bag
+
 
 def _run(bag, weights, out, **kwargs):
     options = replay.ReplayOptions(bag=bag, out=out, weights=weights, device="cpu", batch_size=8,
@@ -162,62 +164,13 @@ def test_no_fusion_gives_raw_only(small_bag, tiny_weights, tmp_path):
     assert set(metrics["sources"]) == {"absolute", "odometry"}
 
 
-def _as_ros1_bag(bag, path, mocap_offset):
-    """The images of ``bag`` and its ground truth as a TUM RGB-D style ROS 1 bag: ``/tf`` of
-    the old type tf/tfMessage, frame names with a leading slash, the motion capture on
-    /world -> /mocap and a fixed /mocap -> /base_link republished on /tf."""
-    from rosbags.rosbag1 import Writer
-    from rosbags.typesys import Stores, get_typestore, get_types_from_msg
-
-    store = get_typestore(Stores.ROS1_NOETIC)
-    store.register(get_types_from_msg("geometry_msgs/TransformStamped[] transforms", "tf/msg/tfMessage"))
-    T = store.types
-
-    def header(msg, frame):
-        stamp = msg.header.stamp
-        return T["std_msgs/msg/Header"](seq=0, stamp=T["builtin_interfaces/msg/Time"](
-            sec=stamp.sec, nanosec=stamp.nanosec), frame_id=frame)
-
-    def transform(msg, parent, child, t, q):
-        V, Q = T["geometry_msgs/msg/Vector3"], T["geometry_msgs/msg/Quaternion"]
-        return T["geometry_msgs/msg/TransformStamped"](
-            header=header(msg, parent), child_frame_id=child, transform=T["geometry_msgs/msg/Transform"](
-                translation=V(x=t[0], y=t[1], z=t[2]), rotation=Q(w=q[0], x=q[1], y=q[2], z=q[3])))
-
-    with Writer(path) as writer:
-        image_conn = writer.add_connection("/camera/rgb/image_color", "sensor_msgs/msg/Image", typestore=store)
-        tf_conn = writer.add_connection("/tf", "tf/msg/tfMessage", typestore=store)
-        from vizloc_ros.data.ground_truth import tf_edges
-
-        mount = next(tf_edges(r.msg.transforms) for r in read_messages(bag, ["/tf_static"]))
-        (base, camera), base_T_camera = next(iter(mount.items()))
-        for record in read_messages(bag, ["/camera/image_raw", "/ground_truth/pose"]):
-            msg = record.msg
-            if record.topic == "/camera/image_raw":
-                out = T["sensor_msgs/msg/Image"](header=header(msg, "/" + msg.header.frame_id),
-                                                 height=msg.height, width=msg.width, encoding=msg.encoding,
-                                                 is_bigendian=0, step=msg.step, data=msg.data)
-                writer.write(image_conn, record.log_time_ns,
-                             store.serialize_ros1(out, "sensor_msgs/msg/Image"))
-            else:
-                from vizloc_ros import messages
-
-                t, q = messages.pose_from_msg(msg)
-                t_mocap, q_mocap = geometry.pose_compose(t, q, *geometry.pose_inverse(*mocap_offset))
-                tfs = T["tf/msg/tfMessage"](transforms=[
-                    transform(msg, "/world", "/mocap", t_mocap, q_mocap),
-                    transform(msg, "/mocap", "/base_link", *mocap_offset),
-                    transform(msg, "/" + base, "/" + camera, *base_T_camera)])  # the mount, on /tf
-                writer.write(tf_conn, record.log_time_ns, store.serialize_ros1(tfs, "tf/msg/tfMessage"))
-
-
 def test_ros1_bag_with_old_tf_type_and_a_tf_chain(small_bag, tiny_weights, report, tmp_path):
     """A real recording's shape: ROS 1, tf/tfMessage, '/world', a chain of a moving and a
     fixed edge, the camera mount only on /tf. The ground truth read through the chain
     equals the pose topic's."""
     ros1 = tmp_path / "tum_style.bag"
     offset = (np.array([0.05, -0.02, 0.3]), geometry.quat_normalize(np.array([0.9, 0.1, 0.0, 0.2])))
-    _as_ros1_bag(small_bag, ros1, offset)
+    as_ros1_bag(small_bag, ros1, offset)
     metrics = _run(ros1, tiny_weights, tmp_path / "o", image_topic="/camera/rgb/image_color",
                    ground_truth="tf:world->base_link", odom_topic="", camera_extrinsic=None)
     assert metrics["frames"]["images"] == 24

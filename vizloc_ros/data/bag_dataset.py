@@ -21,7 +21,7 @@ from vizloc_ros import geometry, messages
 from vizloc_ros.messages import IMAGE_TYPES
 from vizloc_ros.data.datasets import DatasetError, PoseDataset
 from vizloc_ros.data.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
-                                          interpolate_poses, static_chain, tf_edges)
+                                          fixed_edges, interpolate_poses, static_chain, tf_edges)
 
 LOG = logging.getLogger(__name__)
 
@@ -85,10 +85,11 @@ class BagDataset(PoseDataset):
         if not images:
             raise DatasetError(f"{bag}: no decodable image on {image_topic}")
         if camera_extrinsic is None:
-            camera_extrinsic = static_chain(static, base_frame, images[0][2])
+            # /tf_static, else the transforms that stayed fixed on /tf (ROS 1 bags keep mounts there)
+            camera_extrinsic = static_chain(fixed_edges(reader.dynamic) | static, base_frame, images[0][2])
             if camera_extrinsic is None:
-                LOG.warning("%s: no /tf_static path %s -> %s; using the ground truth as the camera pose",
-                            bag, base_frame, images[0][2])
+                LOG.warning("%s: no TF path %s -> %s on /tf_static or fixed on /tf; using the ground truth "
+                            "as the camera pose", bag, base_frame, images[0][2])
         stamps = np.array([ns * 1e-9 for ns, _, _ in images])
         t_base, q_base = interpolate_poses(gt_stamps, gt_t, gt_q, stamps)
         nearest = np.abs(gt_stamps[np.clip(np.searchsorted(gt_stamps, stamps), 0, len(gt_stamps) - 1)] - stamps)
