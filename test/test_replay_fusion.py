@@ -17,6 +17,13 @@ def _pose(stamp):
                         stamp_ns=ns)
 
 
+def _odometry_stamps(bag):
+    from vizloc_ros.data.bag_io import read_messages
+    from vizloc_ros.messages import header_stamp_sec
+
+    return [header_stamp_sec(r.msg) for r in read_messages(bag, ["/odom"])]
+
+
 class _Recording(replay_fusion.FusionSide):
     """Records what would be fused, in order, instead of fusing it."""
 
@@ -33,7 +40,7 @@ class _Recording(replay_fusion.FusionSide):
 def test_events_are_fused_in_stamp_order_with_odometry_first_at_equal_stamps(small_bag, tmp_path):
     side = _Recording(replay_fusion.FusionSideSpec(bag=small_bag, out_bag=tmp_path / "bag"))
     side.read_bag()
-    odom = [s for s, _ in ((e[0], e[3]) for e in side._own)]
+    odom = _odometry_stamps(small_bag)
     assert len(odom) > 30 and odom == sorted(odom)
     image_stamps = odom[::2][:20]  # poses at odometry stamps: ties are fused odometry first
     # the regressor hands over batches out of order inside each batch
@@ -47,17 +54,17 @@ def test_events_are_fused_in_stamp_order_with_odometry_first_at_equal_stamps(sma
     for i, (stamp, kind) in enumerate(side.seen):
         if kind == "absolute" and stamp in [round(o, 6) for o in odom]:
             assert side.seen[i - 1] == (stamp, "odom")
-    assert side._late == 0
+    assert side._late == {"absolute": 0, "own": 0}
 
 
 def test_a_pose_older_than_what_was_fused_is_fused_on_arrival_and_counted(small_bag, tmp_path):
     side = _Recording(replay_fusion.FusionSideSpec(bag=small_bag, out_bag=tmp_path / "bag"))
     side.read_bag()
-    first = side._own[0][0]
+    first = _odometry_stamps(small_bag)[0]
     side.add([(first + 3.0, "absolute", _pose(first + 3.0))], first + 5.0)
     side.add([(first + 0.5, "absolute", _pose(first + 0.5))], first + 5.0)  # the camera clock jumped back
     assert side.seen[-1] == (round(first + 0.5, 6), "absolute")
-    assert side._late == 1
+    assert side._late == {"absolute": 1, "own": 0}
 
 
 @pytest.mark.parametrize("batch_size", [1, 7])
@@ -139,3 +146,87 @@ def test_the_fusion_child_starts_deaf_to_ctrl_c_and_the_parent_keeps_its_handler
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(scope="module")
+def longer_bag(tmp_path_factory):
+    """8 s of the synthetic world at 48x36 (120 frames): odometry at 30 Hz, IMU at 200 Hz."""
+    from vizloc_ros.data.synthetic import SequenceSpec, SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("longer")
+    generate(root / "scene", [SequenceSpec(5, "test", 7, 120)], SynthConfig(width=48, height=36),
+             fmt="bag", progress=False)
+    return root / "scene" / "bags" / "seq-05"
+
+
+class _Queued(_Recording):
+    """Also records how much odometry / IMU was read ahead after each batch."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.ahead = []
+
+    def add(self, events, image_stamp):
+        super().add(events, image_stamp)
+        if self._own:
+            self.ahead.append((image_stamp, len(self._own), max(e[0] for e in self._own)))
+
+    def _process(self, kind, payload):
+        stamp = payload.stamp if kind == "absolute" else \
+            payload.header.stamp.sec + payload.header.stamp.nanosec * 1e-9
+        self.seen.append((stamp, kind))
+
+
+def test_odometry_and_imu_are_read_as_the_fusion_goes_not_all_at_once(longer_bag, tmp_path):
+    from vizloc_ros.data.bag_io import read_messages, topic_message_counts
+    from vizloc_ros.messages import header_stamp_sec
+
+    spec = replay_fusion.FusionSideSpec(bag=longer_bag, out_bag=tmp_path / "bag", imu_topic="/imu/data",
+                                        use_imu=True)
+    side = _Queued(spec)
+    side.read_bag()
+    assert side._own == []  # nothing read ahead before the first pose
+    images = [header_stamp_sec(r.msg) for r in read_messages(longer_bag, ["/camera/image_raw"])]
+    counts = topic_message_counts(longer_bag)
+    total = counts["/odom"] + counts["/imu/data"]
+    for k in range(0, len(images), 10):
+        batch = images[k:k + 10]
+        side.add([(s, "absolute", _pose(s)) for s in batch], batch[-1])
+    # at most the two reorder windows (and one message) beyond what was fused is queued
+    window = replay_fusion.IMAGE_REORDER_S + replay_fusion.OWN_REORDER_S
+    for image_stamp, queued, newest in side.ahead[:-1]:
+        assert newest <= image_stamp - replay_fusion.IMAGE_REORDER_S + window + 0.05
+        assert queued < 0.5 * total
+    side._release(np.inf)
+    stamps = [s for s, _ in side.seen]
+    assert stamps == sorted(stamps)
+    assert sum(kind != "absolute" for _, kind in side.seen) == total
+    assert sum(kind == "absolute" for _, kind in side.seen) == len(images)
+    assert side._late == {"absolute": 0, "own": 0}
+    assert len(side.odom_track) == counts["/odom"]
+
+
+def test_an_odometry_message_stamped_behind_its_window_is_fused_on_arrival_and_counted(small_bag, tmp_path):
+    from types import SimpleNamespace as NS
+
+    from vizloc_ros.data.bag_io import BagMessage
+
+    def odom(stamp):
+        sec = int(stamp)
+        return BagMessage("/odom", "nav_msgs/msg/Odometry", 0, 0, NS(header=NS(
+            stamp=NS(sec=sec, nanosec=int(round((stamp - sec) * 1e9))), frame_id="odom")))
+
+    side = _Recording(replay_fusion.FusionSideSpec(bag=small_bag, out_bag=tmp_path / "bag"))
+    side.read_bag()
+    side._own_stream.close()
+    arrivals = [10.0, 10.5, 11.0, 11.5, 12.0, 8.0, 12.5, 13.0, 13.5, 14.0]  # 8.0: the clock jumped back
+    side._own_stream = iter([odom(s) for s in arrivals])
+    side._own_left = {"/odom": len(arrivals)}
+    side._own_front = {"/odom": -np.inf}
+    # images at 12.0: fuse what is stamped before 11.0, reading odometry until it passes 12.0
+    side.add([(10.7, "absolute", _pose(10.7))], 12.0)
+    assert [s for s, _ in side.seen] == [10.0, 10.5, 10.7]
+    side.add([], 14.0)  # reads 8.0 after 10.7 was fused: it goes next, out of order
+    side._release(np.inf)
+    assert [s for s, _ in side.seen][3:] == [8.0, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5, 14.0]
+    assert side._late == {"absolute": 0, "own": 1}

@@ -7,13 +7,16 @@ in header-stamp order, and writes the result bag. By default it runs in a child 
 (:class:`FusionProcess`), so the fusion of one batch overlaps the network's work on the
 next, on another core; :class:`FusionSide` itself also runs in-process.
 
-Order: this side reads all of its own messages first, so they are known before any pose
-arrives. A pose is fused once no pose with an earlier stamp can still come, i.e. once
+Order: a pose is fused once no pose with an earlier stamp can still come, i.e. once
 the images read have moved :data:`IMAGE_REORDER_S` past its stamp (camera stamps only
-go forward, give or take that much). Events with equal stamps go odometry / IMU first,
-then the regressor's outputs in the order it made them. A pose whose stamp is older
-than something already fused (a camera clock jumping back) is fused on arrival, as the
-node would, and counted as ``late_absolute``.
+go forward, give or take that much). Before that, this side reads its own odometry and
+IMU ahead until each of their topics is :data:`OWN_REORDER_S` past the same stamp, so
+everything stamped earlier is queued; it never holds more than that window of them,
+however long the recording (the ground truth, which the report needs whole, is read
+first). Events with equal stamps go odometry / IMU first, then the regressor's outputs
+in the order it made them. A pose or a message whose stamp is older than something
+already fused (a clock jumping back) is fused on arrival, as the node would, and
+counted as ``late_absolute`` / ``late_own``.
 """
 from __future__ import annotations
 
@@ -41,6 +44,9 @@ PATH_GROWTH = 0.05
 #: how far (seconds) camera stamps may go back between consecutive images before the
 #: poses are fused out of stamp order
 IMAGE_REORDER_S = 1.0
+#: the same for odometry / IMU stamps within their topic; a message later than that is
+#: fused when it is read, as the node would on arrival, and counted as ``late_own``
+OWN_REORDER_S = 1.0
 TF_TYPE = "tf2_msgs/msg/TFMessage"
 
 
@@ -95,12 +101,14 @@ class FusionSide:
         self.core = FusionCore(dict(spec.fusion_params), settings) if spec.fusion else None
         self.odom_track: list = []
         self.fused: list = []
-        self._own: list = []     # (stamp, 0, seq, kind, msg), sorted once read
-        self._next_own = 0
+        self._own: list = []     # heap of (stamp, 0, seq, kind, msg): odometry / IMU read ahead
+        self._own_stream = None  # the bag's odometry / IMU, in log order, until read to the end
+        self._own_front: dict = {}  # topic -> newest stamp read (inf: no messages left)
+        self._own_left: dict = {}   # topic -> messages not read yet
         self._heap: list = []    # (stamp, 1, seq, kind, payload) from the regressor side
         self._seq = 0
         self._last_stamp = -np.inf
-        self._late = 0
+        self._late = {"absolute": 0, "own": 0}  # events fused after a later stamp
         self._busy = 0.0
         self._writer = None
         self._types = None
@@ -110,57 +118,91 @@ class FusionSide:
 
     # -- the bag's own messages ---------------------------------------------------------
     def read_bag(self) -> None:
-        """Read odometry, IMU and ground truth (all of it: it is small next to the images)."""
-        from vizloc_ros.data.bag_io import read_messages
+        """Read the ground truth (and /tf_static) now: it is small, and a bad one is an
+        error before any work starts. Odometry and IMU are read as the fusion goes
+        (:meth:`_pull`), so memory stays bounded on long recordings."""
+        from vizloc_ros.data.bag_io import read_messages, topic_message_counts
 
         spec = self.spec
         wanted = ["/tf"] if spec.ground_truth.startswith("tf:") else [spec.ground_truth]
         if spec.read_tf_static:
             wanted.append("/tf_static")
-        if spec.odom_topic:
-            wanted.append(spec.odom_topic)
-        if spec.use_imu and spec.imu_topic:
-            wanted.append(spec.imu_topic)
-        fuse_odom = spec.fusion and spec.use_odom and not spec.visual_odometry
         static_edges: dict = {}
         try:
             for record in read_messages(spec.bag, list(dict.fromkeys(wanted))):
-                topic, msg = record.topic, record.msg
-                if topic == "/tf_static":
+                if record.topic == "/tf_static":
                     try:
-                        static_edges.update(tf_edges(msg.transforms))
+                        static_edges.update(tf_edges(record.msg.transforms))
                     except ValueError:
                         pass
-                elif topic == spec.odom_topic:
-                    try:
-                        stamp = messages.header_stamp_sec(msg)
-                        t, q = messages.pose_from_msg(msg)
-                        self.odom_track.append((stamp, t, q))
-                    except ValueError:
-                        stamp = None
-                    if fuse_odom:
-                        self._add_own(stamp if stamp is not None else -1.0, "odom", msg)
-                elif spec.use_imu and topic == spec.imu_topic:
-                    try:
-                        stamp = messages.header_stamp_sec(msg)
-                    except ValueError:
-                        stamp = -1.0
-                    self._add_own(stamp, "imu", msg)
-                if topic == spec.ground_truth or (topic == "/tf" and self.gt.tf_parent):
-                    self.gt.add(topic, msg)
+                if record.topic == spec.ground_truth or (record.topic == "/tf" and self.gt.tf_parent):
+                    self.gt.add(record.topic, record.msg)
+            own = [spec.odom_topic] if spec.odom_topic else []
+            if spec.use_imu and spec.imu_topic:
+                own.append(spec.imu_topic)
+            own = list(dict.fromkeys(own))
+            if own:
+                counts = topic_message_counts(spec.bag)
+                self._own_left = {topic: counts.get(topic, 0) for topic in own}
+                self._own_front = {topic: -np.inf if self._own_left[topic] else np.inf for topic in own}
+                self._own_stream = read_messages(spec.bag, own)
         except ValueError as exc:
             raise ReplayError(f"bag {spec.bag}: {exc}") from None
         except Exception as exc:  # a truncated / corrupt bag surfaces as various reader errors
             raise ReplayError(f"bag {spec.bag} could not be read to the end ({type(exc).__name__}: {exc}); "
                               "is it truncated or corrupt?") from None
-        self._own.sort(key=lambda e: e[:3])
         try:
             self.ground_truth = self.gt.finish(static_edges)
         except GroundTruthError as exc:
             raise ReplayError(str(exc)) from None
 
+    def _pull(self, limit: float) -> None:
+        """Read odometry / IMU until every one of their topics has stamps
+        :data:`OWN_REORDER_S` past ``limit`` (or has no messages left), so that all of them
+        stamped before ``limit`` are queued; a topic that ended counts as past any stamp."""
+        stream, front, left = self._own_stream, self._own_front, self._own_left
+        if stream is None:
+            return
+        spec = self.spec
+        fuse_odom = spec.fusion and spec.use_odom and not spec.visual_odometry
+        target = limit + OWN_REORDER_S
+        try:
+            while min(front.values()) < target:
+                record = next(stream, None)
+                if record is None:  # read to the end: nothing more can come
+                    self._own_stream = None
+                    for topic in front:
+                        front[topic] = np.inf
+                    return
+                topic, msg = record.topic, record.msg
+                try:
+                    stamp = messages.header_stamp_sec(msg)
+                except ValueError:
+                    stamp = None
+                left[topic] -= 1
+                if left[topic] <= 0:
+                    front[topic] = np.inf
+                elif stamp is not None:
+                    front[topic] = max(front[topic], stamp)
+                if topic == spec.odom_topic:
+                    try:
+                        t, q = messages.pose_from_msg(msg)
+                        if stamp is not None:
+                            self.odom_track.append((stamp, t, q))
+                    except (ValueError, TypeError):  # counted by the fusion when it reads it
+                        pass
+                    if fuse_odom:
+                        self._add_own(stamp if stamp is not None else -1.0, "odom", msg)
+                elif spec.use_imu and topic == spec.imu_topic:
+                    self._add_own(stamp if stamp is not None else -1.0, "imu", msg)
+        except ValueError as exc:
+            raise ReplayError(f"bag {spec.bag}: {exc}") from None
+        except Exception as exc:  # a truncated / corrupt bag surfaces as various reader errors
+            raise ReplayError(f"bag {spec.bag} could not be read to the end ({type(exc).__name__}: {exc}); "
+                              "is it truncated or corrupt?") from None
+
     def _add_own(self, stamp: float, kind: str, msg) -> None:
-        self._own.append((stamp, 0, self._seq, kind, msg))
+        heapq.heappush(self._own, (stamp, 0, self._seq, kind, msg))
         self._seq += 1
 
     # -- the regressor's events -----------------------------------------------------------
@@ -203,31 +245,36 @@ class FusionSide:
         if self.core is not None:
             counts.update({k: int(v) for k, v in self.core.counters.items()})
             counts.update({"fusion_" + k: int(v) for k, v in self.core.fusion.counters.items()})
-        if self._late:
-            counts["late_absolute"] = self._late
+        for what, late in self._late.items():
+            if late:
+                counts[f"late_{what}"] = late
         self._busy += time.perf_counter() - start
         return FusionSideResult(self.fused, self.odom_track, self.ground_truth, counts, self._busy)
 
     def abort(self) -> None:
+        if self._own_stream is not None:
+            self._own_stream.close()  # closes the bag reader behind it
+            self._own_stream = None
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
 
     def _release(self, limit: float) -> None:
+        """Fuse, in stamp order, everything of both sides stamped before ``limit``."""
+        self._pull(limit)
         own, heap = self._own, self._heap
         while True:
-            candidate = own[self._next_own] if self._next_own < len(own) else None
-            if heap and (candidate is None or heap[0][:3] < candidate[:3]):
-                candidate = heap[0]
-                if candidate[0] >= limit:
-                    return
-                heapq.heappop(heap)
-                if candidate[0] < self._last_stamp:
-                    self._late += 1
+            if heap and (not own or heap[0][:3] < own[0][:3]):
+                queue, late = heap, "absolute"
+            elif own:
+                queue, late = own, "own"
             else:
-                if candidate is None or candidate[0] >= limit:
-                    return
-                self._next_own += 1
+                return
+            if queue[0][0] >= limit:
+                return
+            candidate = heapq.heappop(queue)
+            if candidate[0] < self._last_stamp:
+                self._late[late] += 1
             self._last_stamp = max(self._last_stamp, candidate[0])
             self._process(candidate[3], candidate[4])
 
@@ -376,8 +423,8 @@ class FusionProcess:
         return value
 
     def wait_ready(self) -> None:
-        """Wait until the bag's own messages are read; raises the fusion side's error
-        (e.g. no ground truth) if it had one."""
+        """Wait until the fusion side has read the ground truth and opened its output;
+        raises its error (e.g. no ground truth) if it had one."""
         if not self._ready:
             self._receive("ready")
             self._ready = True
