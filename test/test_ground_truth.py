@@ -89,3 +89,18 @@ def test_unconnected_or_never_moving_chains_are_clear_errors():
     for spec in ("tf:map", "tf:map->", "tf:->base_link", "tf:a->b->c"):
         with pytest.raises(GroundTruthError, match="expected tf:PARENT->CHILD"):
             GroundTruthReader(spec, "base_link")
+
+
+def test_slow_ground_truth_is_interpolated_between_samples_but_not_across_dropouts():
+    from vizloc_ros.data.ground_truth import GT_MAX_GAP_S, default_max_gap, interpolate_poses
+
+    mocap = np.arange(0.0, 2.0, 0.01)
+    assert default_max_gap(mocap) == GT_MAX_GAP_S  # 100 Hz: the fixed bound
+    slow = np.r_[np.arange(0.0, 5.0, 1.0), np.arange(15.0, 20.0, 1.0)]  # 1 Hz, a 10 s dropout
+    t = np.stack([slow, np.zeros_like(slow), np.zeros_like(slow)], axis=1)
+    q = np.tile([1.0, 0.0, 0.0, 0.0], (len(slow), 1))
+    out_t, _ = interpolate_poses(slow, t, q, np.array([2.5, 3.9, 10.0, 16.5]))
+    np.testing.assert_allclose(out_t[[0, 1, 3], 0], [2.5, 3.9, 16.5])
+    assert np.isnan(out_t[2, 0])
+    # an explicit bound still wins
+    assert np.isnan(interpolate_poses(slow, t, q, np.array([2.5]), max_gap=0.25)[0][0, 0])

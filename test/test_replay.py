@@ -144,6 +144,20 @@ def test_ground_truth_without_overlap_is_a_clear_error(small_bag, tiny_weights, 
     assert not (tmp_path / "o").exists()
 
 
+def test_ground_truth_with_a_dropout_over_all_images_names_the_gap(small_bag, tiny_weights, tmp_path):
+    from vizloc_ros import messages
+
+    stamps = [messages.header_stamp_sec(r.msg) for r in read_messages(small_bag, ["/ground_truth/pose"])]
+    middle = 0.5 * (stamps[0] + stamps[-1])
+    early, late = _shift_stamp(-10.0), _shift_stamp(10.0)
+    gapped = tmp_path / "gapped"  # the motion capture lost the robot for 20 s around the images
+    _copy_bag(small_bag, gapped, "/ground_truth/pose",
+              lambda msg: early(msg) if messages.header_stamp_sec(msg) < middle else late(msg))
+    with pytest.raises(replay.ReplayError, match=r"has a gap of more than 0.25 s around every image"):
+        _run(gapped, tiny_weights, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_tf_chain_is_a_clear_error(small_bag, tiny_weights, tmp_path):
     with pytest.raises(replay.ReplayError, match="no TF path map -> nowhere"):
         _run(small_bag, tiny_weights, tmp_path / "o", ground_truth="tf:map->nowhere")

@@ -37,8 +37,8 @@ import numpy as np
 
 from vizloc_ros import geometry, messages
 from vizloc_ros.data.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
-                                          add_tf_samples, fixed_edges, interpolate_poses, previous_poses,
-                                          static_chain, tf_edges)
+                                          add_tf_samples, default_max_gap, fixed_edges, interpolate_poses,
+                                          previous_poses, static_chain, tf_edges)
 from vizloc_ros.messages import IMAGE_TYPES
 from vizloc_ros.replay_fusion import (FusionProcess, FusionSideSpec, InProcessFusion,
                                       ReplayError)
@@ -357,9 +357,13 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
     abs_stamps = np.array([p.stamp for p in absolute])
     gt_at_abs = interpolate_poses(gt_stamps, gt_t, gt_q, abs_stamps)
     if not np.any(np.isfinite(gt_at_abs[0][:, 0])):
-        raise ReplayError(f"ground truth on {options.ground_truth} never overlaps the images "
-                          f"(images {abs_stamps.min():.3f}..{abs_stamps.max():.3f} s, ground truth "
-                          f"{gt_stamps.min():.3f}..{gt_stamps.max():.3f} s)")
+        spans = (f"images {abs_stamps.min():.3f}..{abs_stamps.max():.3f} s, ground truth "
+                 f"{gt_stamps.min():.3f}..{gt_stamps.max():.3f} s")
+        if gt_stamps.max() < abs_stamps.min() or gt_stamps.min() > abs_stamps.max():
+            raise ReplayError(f"ground truth on {options.ground_truth} never overlaps the images ({spans})")
+        raise ReplayError(f"ground truth on {options.ground_truth} has a gap of more than "
+                          f"{default_max_gap(gt_stamps):.2f} s around every image ({spans}, "
+                          f"{len(gt_stamps)} ground-truth poses)")
     elapsed = time.perf_counter() - started
     phases = {"bag_read": max(0.0, inference_s - phase["network"] - handing_over),
               "network": phase["network"], "fusion_and_output": result.busy_s,

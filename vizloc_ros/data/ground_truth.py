@@ -13,8 +13,10 @@ from vizloc_ros import geometry, messages
 GT_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarianceStamped",
             "nav_msgs/msg/Odometry", "geometry_msgs/msg/TransformStamped")
 
-#: ground truth further than this from a query stamp is not interpolated across
+#: ground truth is not interpolated across a gap longer than this, or than
+#: GT_GAP_PERIODS of its own median period when it is slower (1 Hz GNSS, SLAM keyframes)
 GT_MAX_GAP_S = 0.25
+GT_GAP_PERIODS = 2.5
 
 
 class GroundTruthError(ValueError):
@@ -116,8 +118,8 @@ def tf_chain_poses(dynamic: dict, static_edges: dict, parent: str, child: str):
     :func:`tf_edges` of /tf_static. The chain may have any length and run through static
     and moving edges in either direction (``world -> mocap_body -> base_link``). Poses
     are given at the stamps of the chain's densest moving edge (the motion capture);
-    the other moving edges are interpolated there, and a stamp where one of them has
-    no data within :data:`GT_MAX_GAP_S` is left out.
+    the other moving edges are interpolated there, and a stamp where one of them has a
+    gap (:func:`default_max_gap`) is left out.
     """
     edges: dict = {key: (None, t, q) for key, (t, q) in static_edges.items()}
     for key, samples in dynamic.items():
@@ -203,13 +205,27 @@ class GroundTruthReader:
         return (np.asarray(self.stamps)[order], np.asarray(self.t)[order], np.asarray(self.q)[order])
 
 
-def interpolate_poses(stamps, t, q, query, max_gap: float = GT_MAX_GAP_S):
+def default_max_gap(stamps) -> float:
+    """The longest gap :func:`interpolate_poses` bridges by default: :data:`GT_MAX_GAP_S`,
+    or :data:`GT_GAP_PERIODS` median periods of a slower source, so that a 1 Hz ground
+    truth is interpolated between its samples while a dropout is still left out."""
+    steps = np.diff(np.asarray(stamps, dtype=float))
+    steps = steps[steps > 0]
+    if not len(steps):
+        return GT_MAX_GAP_S
+    return max(GT_MAX_GAP_S, GT_GAP_PERIODS * float(np.median(steps)))
+
+
+def interpolate_poses(stamps, t, q, query, max_gap: float | None = None):
     """Poses at ``query`` stamps: linear translation, slerp rotation; NaN where the
-    nearest samples are more than ``max_gap`` apart or the stamp is outside the range."""
+    nearest samples are more than ``max_gap`` apart (default: :func:`default_max_gap` of
+    ``stamps``) or the stamp is outside the range."""
     t_out = np.full((len(query), 3), np.nan)
     q_out = np.full((len(query), 4), np.nan)
     if len(stamps) == 0:
         return t_out, q_out
+    if max_gap is None:
+        max_gap = default_max_gap(stamps)
     idx = np.searchsorted(stamps, query)
     for k, (i, s) in enumerate(zip(idx, query)):
         if i < len(stamps) and abs(stamps[i] - s) < 1e-9:
