@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", default=None,
                         help="KITTI only: frame selection 'even', 'odd' or 'a:b[:step]'")
     parser.add_argument("--image-topic", default="/camera/image_raw", help="bag only")
-    parser.add_argument("--gt-topic", default="/ground_truth/pose", help="bag only")
+    parser.add_argument("--gt-topic", "--ground-truth", dest="gt_topic", default="/ground_truth/pose",
+                        help="bag only: a pose topic or tf:PARENT->CHILD, as vizloc-replay's --ground-truth")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", dest="json_out", help="write the metrics here as JSON")
