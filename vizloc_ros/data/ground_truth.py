@@ -5,6 +5,8 @@ so both associate images with the same poses.
 """
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 
 from vizloc_ros import geometry, messages
@@ -89,12 +91,25 @@ def _is_constant(t, q) -> bool:
 
 
 def add_tf_samples(dynamic: dict, transforms) -> None:
-    """Append the transforms of one /tf message to ``dynamic``: (parent, child) -> [(stamp, t, q)].
+    """Append the transforms of one /tf message to ``dynamic``: (parent, child) -> flat
+    ``array('d')`` of rows (stamp, x, y, z, qw, qx, qy, qz); 64 bytes a sample, where
+    tuples of numpy arrays took about 350 (an hour of a busy /tf is millions of them).
     Raises ``ValueError`` for a malformed transform (those before it are kept)."""
     for tf in transforms:
         key = (normalise_frame(tf.header.frame_id), normalise_frame(tf.child_frame_id))
         t, q = messages.pose_from_msg(tf)
-        dynamic.setdefault(key, []).append((messages.header_stamp_sec(tf), t, q))
+        stamp = messages.header_stamp_sec(tf)
+        dynamic.setdefault(key, array("d")).extend((stamp, t[0], t[1], t[2], q[0], q[1], q[2], q[3]))
+
+
+def _edge_series(samples):
+    """(stamps, t, q) arrays of one edge's samples: an ``array('d')`` of rows as
+    :func:`add_tf_samples` keeps them, or a list of (stamp, t, q)."""
+    if isinstance(samples, array):
+        rows = np.frombuffer(samples, dtype=float).reshape(-1, 8)
+        return rows[:, 0].copy(), rows[:, 1:4].copy(), rows[:, 4:8].copy()
+    return (np.array([s[0] for s in samples], dtype=float), np.array([s[1] for s in samples], dtype=float),
+            np.array([s[2] for s in samples], dtype=float))
 
 
 def fixed_edges(dynamic: dict) -> dict:
@@ -103,18 +118,17 @@ def fixed_edges(dynamic: dict) -> dict:
     bag, or a ROS 2 bag recorded without /tf_static, only carries on /tf."""
     fixed = {}
     for key, samples in dynamic.items():
-        if len(samples) >= 2:
-            t = np.array([s[1] for s in samples], dtype=float)
-            q = np.array([s[2] for s in samples], dtype=float)
-            if _is_constant(t, q):
-                fixed[key] = (t[0], q[0])
+        _, t, q = _edge_series(samples)
+        if len(t) >= 2 and _is_constant(t, q):
+            fixed[key] = (t[0], q[0])
     return fixed
 
 
 def tf_chain_poses(dynamic: dict, static_edges: dict, parent: str, child: str):
     """parent_T_child over time from TF edges: (stamps, t, q), sorted by stamp.
 
-    ``dynamic`` maps (parent, child) to [(stamp, t, q)] from /tf, ``static_edges`` is
+    ``dynamic`` maps (parent, child) to the samples from /tf (:func:`add_tf_samples`; a
+    list of (stamp, t, q) works too), ``static_edges`` is
     :func:`tf_edges` of /tf_static. The chain may have any length and run through static
     and moving edges in either direction (``world -> mocap_body -> base_link``). Poses
     are given at the stamps of the chain's densest moving edge (the motion capture);
@@ -123,11 +137,10 @@ def tf_chain_poses(dynamic: dict, static_edges: dict, parent: str, child: str):
     """
     edges: dict = {key: (None, t, q) for key, (t, q) in static_edges.items()}
     for key, samples in dynamic.items():
-        stamps = np.array([s[0] for s in samples], dtype=float)
+        stamps, t, q = _edge_series(samples)
         order = np.argsort(stamps, kind="stable")
-        t = np.array([s[1] for s in samples], dtype=float)[order]
-        q = np.array([s[2] for s in samples], dtype=float)[order]
-        edges[key] = (None, t[0], q[0]) if _is_constant(t, q) else (stamps[order], t, q)
+        stamps, t, q = stamps[order], t[order], q[order]
+        edges[key] = (None, t[0], q[0]) if _is_constant(t, q) else (stamps, t, q)
     path = _frame_path(edges, parent, child)
     if path is None:
         names = [f"{a}->{b}" for a, b in sorted(edges)]
@@ -164,9 +177,7 @@ class GroundTruthReader:
 
     def __init__(self, spec: str, base_frame: str):
         self.spec = spec
-        self.stamps: list[float] = []
-        self.t: list[np.ndarray] = []
-        self.q: list[np.ndarray] = []
+        self._rows = array("d")  # (stamp, x, y, z, qw, qx, qy, qz) of a pose topic
         self.tf_parent = self.tf_child = None
         if spec.startswith("tf:"):
             try:
@@ -183,26 +194,22 @@ class GroundTruthReader:
             if self.tf_parent is None:
                 stamp = messages.header_stamp_sec(msg)
                 t, q = messages.pose_from_msg(msg)
-                self._append(stamp, t, q)
+                self._rows.extend((stamp, t[0], t[1], t[2], q[0], q[1], q[2], q[3]))
             else:
                 add_tf_samples(self.dynamic, msg.transforms)
         except ValueError:
             self.bad += 1
 
-    def _append(self, stamp, t, q):
-        self.stamps.append(stamp)
-        self.t.append(t)
-        self.q.append(q)
-
     def finish(self, static_edges: dict):
         """Sorted (stamps, t, q); a TF chain is resolved through /tf and /tf_static."""
         if self.tf_parent is not None:
             stamps, t, q = tf_chain_poses(self.dynamic, static_edges, self.tf_parent, self.tf_child)
-            self.stamps, self.t, self.q = list(stamps), list(t), list(q)
-        if not self.stamps:
+        else:
+            stamps, t, q = _edge_series(self._rows)
+        if not len(stamps):
             raise GroundTruthError(f"no valid ground truth on {self.spec}")
-        order = np.argsort(self.stamps, kind="stable")
-        return (np.asarray(self.stamps)[order], np.asarray(self.t)[order], np.asarray(self.q)[order])
+        order = np.argsort(stamps, kind="stable")
+        return stamps[order], t[order], q[order]
 
 
 def default_max_gap(stamps) -> float:
