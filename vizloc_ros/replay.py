@@ -40,8 +40,8 @@ from vizloc_ros.data.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, 
                                           add_tf_samples, default_max_gap, fixed_edges, interpolate_poses,
                                           previous_poses, static_chain, tf_edges)
 from vizloc_ros.messages import IMAGE_TYPES
-from vizloc_ros.replay_fusion import (FusionProcess, FusionSideSpec, InProcessFusion,
-                                      ReplayError)
+from vizloc_ros.replay_fusion import (FusionProcess, FusionSideSpec, InProcessFusion, ReplayError,
+                                      bag_errors)
 
 LOG = logging.getLogger("vizloc-replay")
 
@@ -318,7 +318,7 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
 
     wanted = [options.image_topic] + (["/tf_static"] if "/tf_static" in topics else [])
     try:
-        try:
+        with bag_errors(bag):
             for record in read_messages(bag, wanted):
                 if record.topic == options.image_topic:
                     pending.append(record.msg)
@@ -336,13 +336,6 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
                     except ValueError:
                         pass
             flush_images()
-        except ReplayError:
-            raise
-        except ValueError as exc:
-            raise ReplayError(f"bag {bag}: {exc}") from None
-        except Exception as exc:  # a truncated / corrupt bag surfaces as various reader errors
-            raise ReplayError(f"bag {bag} could not be read to the end ({type(exc).__name__}: {exc}); "
-                              "is it truncated or corrupt?") from None
     finally:
         bar.close()
     inference_s = time.perf_counter() - started

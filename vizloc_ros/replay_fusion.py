@@ -54,6 +54,21 @@ class ReplayError(RuntimeError):
     """The replay cannot run: the message says why and what to do."""
 
 
+@contextlib.contextmanager
+def bag_errors(bag):
+    """Errors while reading ``bag`` as a :class:`ReplayError` that names it: a truncated
+    or corrupt bag surfaces as various reader errors."""
+    try:
+        yield
+    except ReplayError:
+        raise
+    except ValueError as exc:
+        raise ReplayError(f"bag {bag}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - rosbags raises many types for damaged files
+        raise ReplayError(f"bag {bag} could not be read to the end ({type(exc).__name__}: {exc}); "
+                          "is it truncated or corrupt?") from None
+
+
 @dataclass
 class FusionSideSpec:
     """What the fusion side reads, fuses and writes (picklable: it crosses to the child)."""
@@ -128,7 +143,7 @@ class FusionSide:
         if spec.read_tf_static:
             wanted.append("/tf_static")
         static_edges: dict = {}
-        try:
+        with bag_errors(spec.bag):
             for record in read_messages(spec.bag, list(dict.fromkeys(wanted))):
                 if record.topic == "/tf_static":
                     try:
@@ -146,11 +161,6 @@ class FusionSide:
                 self._own_left = {topic: counts.get(topic, 0) for topic in own}
                 self._own_front = {topic: -np.inf if self._own_left[topic] else np.inf for topic in own}
                 self._own_stream = read_messages(spec.bag, own)
-        except ValueError as exc:
-            raise ReplayError(f"bag {spec.bag}: {exc}") from None
-        except Exception as exc:  # a truncated / corrupt bag surfaces as various reader errors
-            raise ReplayError(f"bag {spec.bag} could not be read to the end ({type(exc).__name__}: {exc}); "
-                              "is it truncated or corrupt?") from None
         try:
             self.ground_truth = self.gt.finish(static_edges)
         except GroundTruthError as exc:
@@ -166,7 +176,7 @@ class FusionSide:
         spec = self.spec
         fuse_odom = spec.fusion and spec.use_odom and not spec.visual_odometry
         target = limit + OWN_REORDER_S
-        try:
+        with bag_errors(spec.bag):
             while min(front.values()) < target:
                 record = next(stream, None)
                 if record is None:  # read to the end: nothing more can come
@@ -195,11 +205,6 @@ class FusionSide:
                         self._add_own(stamp if stamp is not None else -1.0, "odom", msg)
                 elif spec.use_imu and topic == spec.imu_topic:
                     self._add_own(stamp if stamp is not None else -1.0, "imu", msg)
-        except ValueError as exc:
-            raise ReplayError(f"bag {spec.bag}: {exc}") from None
-        except Exception as exc:  # a truncated / corrupt bag surfaces as various reader errors
-            raise ReplayError(f"bag {spec.bag} could not be read to the end ({type(exc).__name__}: {exc}); "
-                              "is it truncated or corrupt?") from None
 
     def _add_own(self, stamp: float, kind: str, msg) -> None:
         heapq.heappush(self._own, (stamp, 0, self._seq, kind, msg))
