@@ -84,8 +84,16 @@ def test_unconnected_or_never_moving_chains_are_clear_errors():
     dynamic = {("world", "body"): _mocap(np.arange(0.0, 1.0, 0.1))}
     with pytest.raises(GroundTruthError, match=r"no TF path map -> body .*world->body"):
         tf_chain_poses(dynamic, {}, "map", "body")
-    with pytest.raises(GroundTruthError, match="never changes"):
+    with pytest.raises(GroundTruthError, match="only on /tf_static"):
         tf_chain_poses({}, {("map", "base_link"): (np.zeros(3), _yaw(0))}, "map", "base_link")
+
+
+def test_a_robot_that_never_moved_still_has_a_ground_truth():
+    still = [(s, np.array([1.0, 2.0, 0.0]), _yaw(0.4)) for s in np.arange(0.0, 3.0, 0.1)]
+    stamps, t, q = tf_chain_poses({("map", "base_link"): still}, {}, "map", "base_link")
+    assert len(stamps) == 30
+    np.testing.assert_allclose(t, np.tile([1.0, 2.0, 0.0], (30, 1)))
+    assert np.max(geometry.rotation_angle(q, _yaw(0.4))) < 1e-9
     for spec in ("tf:map", "tf:map->", "tf:->base_link", "tf:a->b->c"):
         with pytest.raises(GroundTruthError, match="expected tf:PARENT->CHILD"):
             GroundTruthReader(spec, "base_link")

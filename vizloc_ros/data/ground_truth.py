@@ -133,29 +133,34 @@ def tf_chain_poses(dynamic: dict, static_edges: dict, parent: str, child: str):
     and moving edges in either direction (``world -> mocap_body -> base_link``). Poses
     are given at the stamps of the chain's densest moving edge (the motion capture);
     the other moving edges are interpolated there, and a stamp where one of them has a
-    gap (:func:`default_max_gap`) is left out.
+    gap (:func:`default_max_gap`) is left out. A chain whose /tf edges never change (a
+    robot standing still) gives that pose at their stamps; one only on /tf_static is
+    an error.
     """
-    edges: dict = {key: (None, t, q) for key, (t, q) in static_edges.items()}
+    # (stamps or None, t, q, moving): fixed edges keep their /tf stamps, which time a
+    # chain of fixed edges only (a robot that never moved)
+    edges: dict = {key: (None, t, q, False) for key, (t, q) in static_edges.items()}
     for key, samples in dynamic.items():
         stamps, t, q = _edge_series(samples)
         order = np.argsort(stamps, kind="stable")
         stamps, t, q = stamps[order], t[order], q[order]
-        edges[key] = (None, t[0], q[0]) if _is_constant(t, q) else (stamps, t, q)
+        edges[key] = (stamps, t[0], q[0], False) if _is_constant(t, q) else (stamps, t, q, True)
     path = _frame_path(edges, parent, child)
     if path is None:
         names = [f"{a}->{b}" for a, b in sorted(edges)]
         listing = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
         raise GroundTruthError(f"no TF path {parent} -> {child} in the bag's /tf and /tf_static "
                                f"(edges: {listing or 'none'})")
-    moving = [key for key, _ in path if edges[key][0] is not None]
-    if not moving:
-        raise GroundTruthError(f"TF {parent} -> {child} never changes in the bag: it is not a trajectory")
+    timed = [key for key, _ in path if edges[key][0] is not None]
+    if not timed:
+        raise GroundTruthError(f"TF {parent} -> {child} is only on /tf_static: it is not a trajectory")
+    moving = [key for key in timed if edges[key][3]] or timed
     driver = max(moving, key=lambda key: len(edges[key][0]))
     query = edges[driver][0]
     parts = []
     for key, forward in path:
-        stamps, t, q = edges[key]
-        if stamps is None:
+        stamps, t, q, is_moving = edges[key]
+        if not is_moving:
             t, q = np.broadcast_to(t, (len(query), 3)), np.broadcast_to(q, (len(query), 4))
         elif key != driver:
             t, q = interpolate_poses(stamps, t, q, query)
