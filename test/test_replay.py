@@ -90,6 +90,9 @@ def test_missing_topic_lists_the_bag_topics(small_bag, tiny_weights, tmp_path):
     with pytest.raises(replay.ReplayError, match=r"(?s)not in .*The bag has:.*/camera/image_raw"):
         _run(small_bag, tiny_weights, tmp_path / "o", image_topic="/nope")
     assert not (tmp_path / "o").exists()
+    # the image topics are named first, as the likely fix
+    with pytest.raises(replay.ReplayError, match=r"image topics there: /camera/image_raw; pass one"):
+        _run(small_bag, tiny_weights, tmp_path / "o", image_topic="/nope")
 
 
 def test_existing_output_is_refused_unless_overwrite(small_bag, tiny_weights, tmp_path):

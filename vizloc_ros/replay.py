@@ -100,7 +100,9 @@ def _check_topics(bag: Path, options: ReplayOptions) -> dict:
             raise ReplayError(f"{what} topic {topic!r} carries {topics[topic]}, expected one of "
                               f"{', '.join(allowed)}")
 
-    need(options.image_topic, IMAGE_TYPES, "image")
+    candidates = sorted(name for name, kind in topics.items() if kind in IMAGE_TYPES)
+    need(options.image_topic, IMAGE_TYPES, "image",
+         f" (image topics there: {', '.join(candidates)}; pass one with --image-topic)" if candidates else "")
     if options.ground_truth.startswith("tf:"):
         need("/tf", TF_TYPES, "TF (ground truth)")
     else:
