@@ -93,6 +93,9 @@ def test_missing_topic_lists_the_bag_topics(small_bag, tiny_weights, tmp_path):
     # the image topics are named first, as the likely fix
     with pytest.raises(replay.ReplayError, match=r"image topics there: /camera/image_raw; pass one"):
         _run(small_bag, tiny_weights, tmp_path / "o", image_topic="/nope")
+    with pytest.raises(replay.ReplayError, match=r"pose topics there: /ground_truth/pose, /odom; or "
+                                                 r"--ground-truth tf:PARENT->CHILD"):
+        _run(small_bag, tiny_weights, tmp_path / "o", ground_truth="/mocap")
 
 
 def test_existing_output_is_refused_unless_overwrite(small_bag, tiny_weights, tmp_path):

@@ -106,8 +106,10 @@ def _check_topics(bag: Path, options: ReplayOptions) -> dict:
     if options.ground_truth.startswith("tf:"):
         need("/tf", TF_TYPES, "TF (ground truth)")
     else:
+        poses = sorted(name for name, kind in topics.items() if kind in GT_TYPES)
         need(options.ground_truth, GT_TYPES, "ground-truth",
-             " (use --ground-truth tf:map->base_link for a TF chain)")
+             (f" (pose topics there: {', '.join(poses)}; " if poses else " (")
+             + "or --ground-truth tf:PARENT->CHILD for a TF chain)")
     if options.fusion and options.odom_topic and not options.visual_odometry:
         need(options.odom_topic, ("nav_msgs/msg/Odometry",), "odometry", " (--odom-topic none to fuse without it)")
     if options.fusion and options.imu_topic:
