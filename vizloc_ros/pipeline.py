@@ -483,14 +483,19 @@ class FusionCore:
         """A ``/vizloc/absolute_pose`` message (PoseWithCovarianceStamped of the base)."""
         self.counters["absolute_received"] += 1
         try:
-            frame = msg.header.frame_id
-            if frame != self.settings.map_frame:
-                raise ValueError(f"absolute pose in frame {frame!r}, expected {self.settings.map_frame!r}")
-            stamp = self._remember(msg)
-            t, q, cov = messages.pose_with_covariance_from_msg(msg)
+            stamp, t, q, cov = self._map_pose(msg, "absolute pose")
         except ValueError as exc:
             return self._drop("absolute_invalid", str(exc))
         return self.add_absolute(stamp, t, q, cov)
+
+    def _map_pose(self, msg, what: str):
+        """(stamp, t, q, cov) of a PoseWithCovarianceStamped that must be in ``map``;
+        ``ValueError`` naming ``what`` otherwise."""
+        frame = msg.header.frame_id
+        if frame != self.settings.map_frame:
+            raise ValueError(f"{what} in frame {frame!r}, expected {self.settings.map_frame!r}")
+        stamp = self._remember(msg)
+        return (stamp, *messages.pose_with_covariance_from_msg(msg))
 
     def add_absolute(self, stamp, t, q, cov) -> FusionOutput | None:
         result = self.fusion.add_absolute(stamp, t, q, cov)
@@ -503,11 +508,7 @@ class FusionCore:
         coarse relocalizer such as NetVLAD): initialisation and kidnap recovery only."""
         self.counters["coarse_received"] += 1
         try:
-            frame = msg.header.frame_id
-            if frame != self.settings.map_frame:
-                raise ValueError(f"coarse pose in frame {frame!r}, expected {self.settings.map_frame!r}")
-            stamp = self._remember(msg)
-            t, q, cov = messages.pose_with_covariance_from_msg(msg)
+            stamp, t, q, cov = self._map_pose(msg, "coarse pose")
         except ValueError as exc:
             return self._drop("coarse_invalid", str(exc))
         return self.add_coarse_prior(stamp, t, q, cov)
