@@ -26,15 +26,25 @@ def images():
 
 # -- a small generated bag and an untrained network, for the replay tests -------------------
 
-@pytest.fixture(scope="module")
-def small_bag(tmp_path_factory):
-    """24 frames of the synthetic world at 80x60, with odometry, IMU and ground truth."""
+def _render_bag(root, frames: int, width: int, height: int, seed: int):
+    """One test walk of the synthetic world as a rosbag2, with odometry, IMU and ground truth."""
     from vizloc_ros.data.synthetic import SequenceSpec, SynthConfig, generate
 
-    root = tmp_path_factory.mktemp("bag")
-    generate(root / "scene", [SequenceSpec(5, "test", 101, 24)], SynthConfig(width=80, height=60),
+    generate(root / "scene", [SequenceSpec(5, "test", seed, frames)], SynthConfig(width=width, height=height),
              fmt="bag", progress=False)
     return root / "scene" / "bags" / "seq-05"
+
+
+@pytest.fixture(scope="module")
+def small_bag(tmp_path_factory):
+    """24 frames of the synthetic world at 80x60."""
+    return _render_bag(tmp_path_factory.mktemp("bag"), 24, 80, 60, seed=101)
+
+
+@pytest.fixture(scope="module")
+def longer_bag(tmp_path_factory):
+    """8 s of the synthetic world at 48x36 (120 frames): odometry at 30 Hz, IMU at 200 Hz."""
+    return _render_bag(tmp_path_factory.mktemp("longer"), 120, 48, 36, seed=7)
 
 
 @pytest.fixture(scope="module")

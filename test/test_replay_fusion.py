@@ -148,17 +148,6 @@ def test_the_fusion_child_starts_deaf_to_ctrl_c_and_the_parent_keeps_its_handler
         signal.signal(signal.SIGTERM, previous)
 
 
-@pytest.fixture(scope="module")
-def longer_bag(tmp_path_factory):
-    """8 s of the synthetic world at 48x36 (120 frames): odometry at 30 Hz, IMU at 200 Hz."""
-    from vizloc_ros.data.synthetic import SequenceSpec, SynthConfig, generate
-
-    root = tmp_path_factory.mktemp("longer")
-    generate(root / "scene", [SequenceSpec(5, "test", 7, 120)], SynthConfig(width=48, height=36),
-             fmt="bag", progress=False)
-    return root / "scene" / "bags" / "seq-05"
-
-
 class _Queued(_Recording):
     """Also records how much odometry / IMU was read ahead after each batch."""
 
