@@ -97,6 +97,8 @@ def test_a_robot_that_never_moved_still_has_a_ground_truth():
     for spec in ("tf:map", "tf:map->", "tf:->base_link", "tf:a->b->c"):
         with pytest.raises(GroundTruthError, match="expected tf:PARENT->CHILD"):
             GroundTruthReader(spec, "base_link")
+    with pytest.raises(GroundTruthError, match="same frame"):
+        GroundTruthReader("tf:/map->map", "base_link")
 
 
 def test_slow_ground_truth_is_interpolated_between_samples_but_not_across_dropouts():

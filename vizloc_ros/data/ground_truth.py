@@ -191,6 +191,8 @@ class GroundTruthReader:
                 raise GroundTruthError(f"--ground-truth {spec!r}: expected tf:PARENT->CHILD") from None
             if not self.tf_parent or not self.tf_child:
                 raise GroundTruthError(f"--ground-truth {spec!r}: expected tf:PARENT->CHILD")
+            if self.tf_parent == self.tf_child:
+                raise GroundTruthError(f"--ground-truth {spec!r}: PARENT and CHILD are the same frame")
         self.dynamic: dict = {}
         self.bad = 0
 
