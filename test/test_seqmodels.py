@@ -183,7 +183,8 @@ def test_mapnet_plus_unlabeled_term_alone_lowers_its_loss_and_never_sees_labels(
         out = forward(labeled, unlabeled)
         assert out["unlabeled"].shape == (4, 3, 6)
         return loss_fn.from_absolute(out["unlabeled"], model.t_mean, model.t_std, vo_t, vo_q, "logq")["loss"]
-    _steps_lower_the_loss(model, loss_of, steps=12, lr=3e-3)
+    # lr 3e-3 overshot on torch 2.14 (the loss rose from 3.8 to 5.4 in 12 steps): smaller, longer
+    _steps_lower_the_loss(model, loss_of, steps=20, lr=1e-3)
 
 
 # --------------------------------------------------------------------------- losses
