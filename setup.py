@@ -59,11 +59,11 @@ setup(
     tests_require=["pytest"],
     entry_points={
         "console_scripts": [
-            "vizloc-train = vizloc_ros.train:main",
-            "vizloc-eval = vizloc_ros.evaluate:main",
-            "vizloc-replay = vizloc_ros.replay:main",
-            "vizloc-synth = vizloc_ros.data.synthetic:main",
-            "vizloc-export = vizloc_ros.export:main",
+            "vizloc-train = vizloc_ros.training.train:main",
+            "vizloc-eval = vizloc_ros.training.evaluate:main",
+            "vizloc-replay = vizloc_ros.replay.cli:main",
+            "vizloc-synth = vizloc_ros.sim.synthetic:main",
+            "vizloc-export = vizloc_ros.training.export:main",
             "vizloc_regressor = vizloc_ros.nodes.regressor_node:main",
             "vizloc_fusion = vizloc_ros.nodes.fusion_node:main",
         ],

@@ -2,7 +2,7 @@
 
 Baseline ("research"): PIL resize + centre crop + ToTensor-style normalisation on the CPU,
 fp32, eager, model default memory format, one forward per call.
-Optimised: :class:`vizloc_ros.estimator.PoseEstimator` (preprocessing on the device,
+Optimised: :class:`vizloc_ros.localize.estimator.PoseEstimator` (preprocessing on the device,
 channels_last, inference_mode; on CUDA also pinned upload, fp16 and CUDA graphs).
 
 Input: a 640x480 uint8 RGB host image (batch 1) or 32 of them, pose out on the host.
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vizloc_ros.estimator import PoseEstimator
-from vizloc_ros.models import build_model, save_checkpoint
-from vizloc_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from vizloc_ros.localize.estimator import PoseEstimator
+from vizloc_ros.localize.models import build_model, save_checkpoint
+from vizloc_ros.localize.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 def make_checkpoint(folder: Path, backbone: str = "resnet34") -> Path:
@@ -42,7 +42,7 @@ class ResearchBaseline:
     """What geomapnet / PoseNet ports do: PIL transforms per image, fp32 eager forward."""
 
     def __init__(self, weights: Path, device: torch.device):
-        from vizloc_ros.models import load_checkpoint
+        from vizloc_ros.localize.models import load_checkpoint
 
         self.model, _ = load_checkpoint(weights, device=device)
         self.device = device

@@ -2,7 +2,7 @@
 """Latency of the sliding-window fusion: update + estimate, per message, in steady state.
 
 Feeds a simulated 10 Hz network / 50 Hz odometry / 200 Hz IMU stream (synthetic smooth
-trajectory, 10 % outliers, realistic latency; vizloc_ros.fusion_sim) through
+trajectory, 10 % outliers, realistic latency; vizloc_ros.sim.fusion_sim) through
 SlidingWindowFusion for window sizes 10, 20 and 50 poses, with and without IMU
 preintegration, and reports median and p95 of:
 
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vizloc_ros.fusion import FusionConfig, SlidingWindowFusion  # noqa: E402
-from vizloc_ros.fusion_sim import (DEFAULT_BASE_T_CAMERA, SimConfig, simulate,  # noqa: E402
+from vizloc_ros.sim.fusion_sim import (DEFAULT_BASE_T_CAMERA, SimConfig, simulate,  # noqa: E402
                                    synthetic_trajectory)
 
 MODES = {

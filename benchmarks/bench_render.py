@@ -21,9 +21,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
 
-    from vizloc_ros.data.render import PinholeCamera, Renderer
-    from vizloc_ros.data.scene import get_scene
-    from vizloc_ros.data.trajectories import camera_poses, random_walk
+    from vizloc_ros.sim.render import PinholeCamera, Renderer
+    from vizloc_ros.sim.scene import get_scene
+    from vizloc_ros.sim.trajectories import camera_poses, random_walk
 
     start = time.perf_counter()
     scene = get_scene(args.scene)

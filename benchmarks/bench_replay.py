@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """End-to-end throughput of ``vizloc-replay``, with the time split by stage.
 
-Runs :func:`vizloc_ros.replay.run_replay` on a bag (as the command line does) and reports
+Runs :func:`vizloc_ros.replay.cli.run_replay` on a bag (as the command line does) and reports
 frames/s end to end plus the busy seconds of each stage from ``metrics.json``:
 ``bag_read`` (rosbags reading and deserialising), ``network`` (image decoding + the
 estimator) and ``fusion_and_output`` (the fusion in stamp order + writing the result bag).
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vizloc_ros import pipeline  # noqa: E402
-from vizloc_ros.replay import ReplayOptions, run_replay  # noqa: E402
+from vizloc_ros.replay.cli import ReplayOptions, run_replay  # noqa: E402
 
 
 class _PlaybackEstimator:

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry
-from vizloc_ros.data.datasets import SevenScenes
-from vizloc_ros.estimator import PoseEstimator
+from vizloc_ros.training.datasets import SevenScenes
+from vizloc_ros.localize.estimator import PoseEstimator
 
 
 def nees(weights, dataset, mc: int, every: int = 1) -> dict:

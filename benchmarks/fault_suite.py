@@ -42,7 +42,7 @@ def make_load_weights(folder: Path) -> Path:
     """ResNet-18 PoseNet at 224x224: a small network, as deployed on a CPU robot."""
     import torch
 
-    from vizloc_ros.models import build_model, save_checkpoint
+    from vizloc_ros.localize.models import build_model, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model("posenet_resnet18", feat_dim=64)

@@ -3,7 +3,7 @@
 trajectories (every ``*.tum`` file of a directory, default ``../shared/data/trajectories``
 relative to the repository root).
 
-For each trajectory and fusion mode it simulates (vizloc_ros.fusion_sim) absolute poses
+For each trajectory and fusion mode it simulates (vizloc_ros.sim.fusion_sim) absolute poses
 with 0.3 m / 5 deg noise and 10 % outliers 2-5 m away, odometry with drift and a 200 Hz
 IMU, runs the fusion causally in arrival order and reports:
 
@@ -32,9 +32,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vizloc_ros.data.tum import read_tum  # noqa: E402
+from vizloc_ros.ros_io.tum import read_tum  # noqa: E402
 from vizloc_ros.fusion import FusionConfig, SlidingWindowFusion  # noqa: E402
-from vizloc_ros.fusion_sim import (DEFAULT_BASE_T_CAMERA, SimConfig, run_sequence,  # noqa: E402
+from vizloc_ros.sim.fusion_sim import (DEFAULT_BASE_T_CAMERA, SimConfig, run_sequence,  # noqa: E402
                                    simulate, summarize)
 
 MODES = {

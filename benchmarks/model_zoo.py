@@ -165,7 +165,7 @@ def planar_errors(t_est, q_est, t_gt, q_gt):
 
 
 def evaluate(weights: Path, dataset, device: str, z_up: bool = True) -> dict:
-    from vizloc_ros.estimator import PoseEstimator
+    from vizloc_ros.localize.estimator import PoseEstimator
 
     estimator = PoseEstimator(weights, device=device, cpu_threads=1)
     ts, qs, covs = [], [], []
@@ -192,7 +192,7 @@ def evaluate(weights: Path, dataset, device: str, z_up: bool = True) -> dict:
 
 def latency_ms(weights: Path, image: np.ndarray, device: str, repeats: int = 10) -> float:
     """Median ms per frame of PoseEstimator.estimate (one frame, one CPU thread)."""
-    from vizloc_ros.estimator import PoseEstimator
+    from vizloc_ros.localize.estimator import PoseEstimator
 
     estimator = PoseEstimator(weights, device=device, cpu_threads=1)
     estimator.estimate(image)
@@ -212,8 +212,8 @@ def checkpoint_mb(weights: Path) -> float:
 
 
 def run_one(name: str, dataset: dict, args, work: Path) -> dict:
-    from vizloc_ros import train
-    from vizloc_ros.data.datasets import open_dataset
+    from vizloc_ros.training import train
+    from vizloc_ros.training.datasets import open_dataset
 
     row = {"model": name, "method": NAMES.get(name, name), "data": dataset["name"]}
     if dataset["kind"] == "kitti" and name in NEEDS_DEPTH:
@@ -250,7 +250,7 @@ def run_one(name: str, dataset: dict, args, work: Path) -> dict:
 
 def _checked(config: dict) -> dict:
     """Through vizloc-train's own validation (defaults, types)."""
-    from vizloc_ros import train
+    from vizloc_ros.training import train
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(config, handle)
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from vizloc_ros.models import available_models
+    from vizloc_ros.localize.models import available_models
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(1 if args.quick else max(1, torch.get_num_threads()))

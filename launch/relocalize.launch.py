@@ -66,7 +66,7 @@ def _demo_bag() -> str:
     package's own ``vizloc-synth --demo-bag``, which runs with the nodes' interpreter.
     """
     try:
-        from vizloc_ros.data.synthetic import cached_demo_bag
+        from vizloc_ros.sim.synthetic import cached_demo_bag
 
         return str(cached_demo_bag())
     except ImportError as exc:

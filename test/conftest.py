@@ -28,7 +28,7 @@ def images():
 
 def _render_bag(root, frames: int, width: int, height: int, seed: int):
     """One test walk of the synthetic world as a rosbag2, with odometry, IMU and ground truth."""
-    from vizloc_ros.data.synthetic import SequenceSpec, SynthConfig, generate
+    from vizloc_ros.sim.synthetic import SequenceSpec, SynthConfig, generate
 
     generate(root / "scene", [SequenceSpec(5, "test", seed, frames)], SynthConfig(width=width, height=height),
              fmt="bag", progress=False)
@@ -52,7 +52,7 @@ def tiny_weights(tmp_path_factory):
     """An untrained ResNet-18 PoseNet at 48x64: fast, deterministic, bad poses."""
     import numpy as np
 
-    from vizloc_ros.models import build_model, save_checkpoint
+    from vizloc_ros.localize.models import build_model, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model("posenet_resnet18", feat_dim=32)

@@ -2,7 +2,7 @@
 rendered as a 7-Scenes folder (colour, depth, poses, scene.json) and as bags."""
 from pathlib import Path
 
-from vizloc_ros.data.synthetic import SequenceSpec, SynthConfig, generate
+from vizloc_ros.sim.synthetic import SequenceSpec, SynthConfig, generate
 
 #: the network input of the tiny tests: 80x60 frames resized to 64x48, no crop
 TINY_INPUT = {"resize": 48, "crop": [48, 64]}

@@ -3,9 +3,10 @@ the tests that read recordings: replay and training from bags."""
 from rosbags.rosbag1 import Writer
 from rosbags.typesys import Stores, get_typestore, get_types_from_msg
 
-from vizloc_ros import geometry, messages
-from vizloc_ros.data.bag_io import read_messages
-from vizloc_ros.data.ground_truth import tf_edges
+from vizloc_ros import geometry
+from vizloc_ros.ros_io import messages
+from vizloc_ros.ros_io.bag_io import read_messages
+from vizloc_ros.ros_io.ground_truth import tf_edges
 
 
 def as_ros1_bag(bag, path, mocap_offset):

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from geo_helpers import TINY_INPUT, make_geo_scene, train_args
-from vizloc_ros import geometry, train
-from vizloc_ros.data.datasets import SevenScenes
-from vizloc_ros.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from vizloc_ros.models.allocentric import (camera_level_attitude, correlate, correlate_direct,
+from vizloc_ros import geometry
+from vizloc_ros.training import train
+from vizloc_ros.training.datasets import SevenScenes
+from vizloc_ros.localize.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from vizloc_ros.localize.models.allocentric import (camera_level_attitude, correlate, correlate_direct,
                                            pose_from_scores, rotate_views, splat)
-from vizloc_ros.preprocess import InputSpec
+from vizloc_ros.localize.preprocess import InputSpec
 
 SPEC = InputSpec.from_meta(TINY_INPUT)
 
@@ -217,8 +218,8 @@ def trained(scene, tmp_path_factory):
 
 
 def test_vizloc_train_saves_the_memory_and_the_estimator_and_replay_use_it(trained, scene, tmp_path):
-    from vizloc_ros import replay
-    from vizloc_ros.estimator import PoseEstimator
+    from vizloc_ros.replay import cli as replay
+    from vizloc_ros.localize.estimator import PoseEstimator
 
     assert trained.with_name("allocentric.memory.safetensors").is_file()
     meta = json.loads(trained.with_suffix(".json").read_text())

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from vizloc_ros import geometry
-from vizloc_ros.data.bag_dataset import BagDataset
-from vizloc_ros.data.datasets import DatasetError, SevenScenes
-from vizloc_ros.data.synthetic import SequenceSpec, SynthConfig, generate
+from vizloc_ros.training.bag_dataset import BagDataset
+from vizloc_ros.training.datasets import DatasetError, SevenScenes
+from vizloc_ros.sim.synthetic import SequenceSpec, SynthConfig, generate
 
 
 @pytest.fixture(scope="module")

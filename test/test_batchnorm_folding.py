@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from vizloc_ros.models import build_model
-from vizloc_ros.models.batchnorm_folding import fold_batch_norms
+from vizloc_ros.localize.models import build_model
+from vizloc_ros.localize.models.batchnorm_folding import fold_batch_norms
 
 
 def _randomise_batch_norms(model):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vizloc_ros.models import (
+from vizloc_ros.localize.models import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     available_models,
@@ -16,7 +16,7 @@ from vizloc_ros.models import (
     read_checkpoint_meta,
     save_checkpoint,
 )
-from vizloc_ros.models.checkpoint import describe_tensors
+from vizloc_ros.localize.models.checkpoint import describe_tensors
 
 SCHEMA_KEYS = {"format", "architecture", "backbone", "model_config", "rotation_format", "input",
                "pose_stats", "scene", "map_frame", "storage_dtype", "training", "metrics",
@@ -261,7 +261,7 @@ def test_describe_tensors():
 def test_sidecar_values_of_the_wrong_type_are_named(tmp_path):
     import json
 
-    from vizloc_ros.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+    from vizloc_ros.localize.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 
     path = tmp_path / "m"
     save_checkpoint(path, build_model("posenet_resnet18", feat_dim=16).eval(), {"input": {"resize": 32, "crop": [32, 32]}})

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from vizloc_ros import geometry
-from vizloc_ros.data.datasets import (Cambridge, DatasetError, KittiOdometry, SevenScenes,
+from vizloc_ros.training.datasets import (Cambridge, DatasetError, KittiOdometry, SevenScenes,
                                       TupleDataset, translation_stats)
 
 RNG = np.random.default_rng(3)

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from geo_helpers import TINY_INPUT, make_geo_scene, train_args
-from vizloc_ros import geometry, train
-from vizloc_ros.data.datasets import SevenScenes
-from vizloc_ros.data.scene_geometry import (cell_centres, dataset_camera, depth_path, grid_scene_coordinates,
+from vizloc_ros import geometry
+from vizloc_ros.training import train
+from vizloc_ros.training.datasets import SevenScenes
+from vizloc_ros.training.scene_geometry import (cell_centres, dataset_camera, depth_path, grid_scene_coordinates,
                                             input_camera, intrinsic_matrix, load_depth)
-from vizloc_ros.models import build_model, load_checkpoint, save_checkpoint
-from vizloc_ros.models.dsac import (SceneCoordinateLoss, dsac_expected_loss, pnp_ransac, pose_covariance)
-from vizloc_ros.preprocess import InputSpec
+from vizloc_ros.localize.models import build_model, load_checkpoint, save_checkpoint
+from vizloc_ros.localize.models.dsac import (SceneCoordinateLoss, dsac_expected_loss, pnp_ransac, pose_covariance)
+from vizloc_ros.localize.preprocess import InputSpec
 
 SPEC = InputSpec.from_meta(TINY_INPUT)
 
@@ -130,7 +131,7 @@ def test_training_steps_lower_the_coordinate_loss(scene, tmp_path):
     config = _tiny_config(scene, tmp_path / "m")
     dataset = train.open_split(config, "train_split")
     model = build_model("dsac", backbone="small")
-    from vizloc_ros.data.datasets import translation_stats
+    from vizloc_ros.training.datasets import translation_stats
     model.set_pose_stats(*translation_stats(dataset))
     samples = model.training_dataset(dataset, config, SPEC)
     assert model.input_camera is not None and samples.has_depth
@@ -199,8 +200,8 @@ def trained(scene, tmp_path_factory):
 
 
 def test_vizloc_train_writes_a_checkpoint_the_estimator_and_eval_use(trained, scene, tmp_path):
-    from vizloc_ros import evaluate
-    from vizloc_ros.estimator import PoseEstimator
+    from vizloc_ros.training import evaluate
+    from vizloc_ros.localize.estimator import PoseEstimator
 
     meta = json.loads(trained.with_suffix(".json").read_text())
     assert meta["architecture"] == "dsac" and len(meta["model_config"]["input_camera"]) == 4
@@ -219,7 +220,7 @@ def test_vizloc_train_writes_a_checkpoint_the_estimator_and_eval_use(trained, sc
 
 
 def test_vizloc_replay_runs_dsac_end_to_end(trained, scene, tmp_path):
-    from vizloc_ros import replay
+    from vizloc_ros.replay import cli as replay
 
     options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
                                    device="cpu", batch_size=4, progress=False)
@@ -229,7 +230,7 @@ def test_vizloc_replay_runs_dsac_end_to_end(trained, scene, tmp_path):
 
 
 def test_export_refuses_dsac_with_a_reason(trained, capsys):
-    from vizloc_ros import export
+    from vizloc_ros.training import export
 
     assert export.main([str(trained)]) == 2
     assert "RANSAC" in capsys.readouterr().err

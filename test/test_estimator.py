@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from vizloc_ros import geometry
-from vizloc_ros.estimator import PoseEstimator, make_psd, mean_and_covariance, resolve_device
-from vizloc_ros.models import build_model, save_checkpoint
-from vizloc_ros.preprocess import InputSpec, preprocess
+from vizloc_ros.localize.estimator import PoseEstimator, make_psd, mean_and_covariance, resolve_device
+from vizloc_ros.localize.models import build_model, save_checkpoint
+from vizloc_ros.localize.preprocess import InputSpec, preprocess
 
 SPEC = InputSpec(resize=48, crop=(48, 64))
 
@@ -102,7 +102,7 @@ def test_cuda_request_without_cuda_falls_back_once_or_fails_when_required(caplog
     # under `colcon test` launch_testing's plugin imports launch first, whose LaunchLogger
     # class makes every logger created afterwards non-propagating: caplog's root handler
     # would not see this one
-    monkeypatch.setattr(logging.getLogger("vizloc_ros.estimator"), "propagate", True)
+    monkeypatch.setattr(logging.getLogger("vizloc_ros.localize.estimator"), "propagate", True)
     with caplog.at_level(logging.WARNING):
         assert resolve_device("cuda").type == "cpu"
     assert sum("CUDA is not available" in r.message for r in caplog.records) == 1
@@ -130,7 +130,7 @@ def test_sample_covariance_of_known_rotations():
 
 def test_onnx_export_validates_and_runs_in_the_estimator(checkpoint, tmp_path):
     pytest.importorskip("onnxruntime")
-    from vizloc_ros import export
+    from vizloc_ros.training import export
 
     out = tmp_path / "exported"
     assert export.main([str(checkpoint[0]), "--out", str(out), "--tensorrt", "no"]) == 0
@@ -168,7 +168,7 @@ def test_vizloc_eval_records_metrics_in_the_sidecar(checkpoint, tmp_path):
     import shutil
 
     from test_datasets import make_sevenscenes
-    from vizloc_ros import evaluate
+    from vizloc_ros.training import evaluate
 
     weights = tmp_path / "w"
     for suffix in (".safetensors", ".json"):
@@ -210,7 +210,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "mapnet_demo.safeten
 def test_cuda_graph_path_matches_float64_reference(precision, tolerance):
     """The shipped network (a trained one: an untrained net's tiny, noisy outputs make
     fp16's relative error meaningless) through the captured graph vs float64 on the CPU."""
-    from vizloc_ros.models import load_checkpoint
+    from vizloc_ros.localize.models import load_checkpoint
 
     estimator = PoseEstimator(SHIPPED, device="cuda", precision=precision, require_device=True)
     reference, meta = load_checkpoint(SHIPPED)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vizloc_ros.fusion import FusionConfig, SlidingWindowFusion
-from vizloc_ros.fusion_sim import DEFAULT_BASE_T_CAMERA, SimConfig, simulate, synthetic_trajectory
+from vizloc_ros.sim.fusion_sim import DEFAULT_BASE_T_CAMERA, SimConfig, simulate, synthetic_trajectory
 
 TRAJ = synthetic_trajectory(20.0)
 COV = np.diag([0.09] * 3 + [0.0076] * 3)

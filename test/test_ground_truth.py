@@ -5,7 +5,7 @@ import pytest
 from types import SimpleNamespace as NS
 
 from vizloc_ros import geometry
-from vizloc_ros.data.ground_truth import (GroundTruthError, GroundTruthReader, static_chain, tf_chain_poses,
+from vizloc_ros.ros_io.ground_truth import (GroundTruthError, GroundTruthReader, static_chain, tf_chain_poses,
                                           tf_edges)
 
 
@@ -102,7 +102,7 @@ def test_a_robot_that_never_moved_still_has_a_ground_truth():
 
 
 def test_slow_ground_truth_is_interpolated_between_samples_but_not_across_dropouts():
-    from vizloc_ros.data.ground_truth import GT_MAX_GAP_S, default_max_gap, interpolate_poses
+    from vizloc_ros.ros_io.ground_truth import GT_MAX_GAP_S, default_max_gap, interpolate_poses
 
     mocap = np.arange(0.0, 2.0, 0.01)
     assert default_max_gap(mocap) == GT_MAX_GAP_S  # 100 Hz: the fixed bound

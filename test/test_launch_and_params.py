@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import yaml
 
-from vizloc_ros import node_params as P
+from vizloc_ros.nodes import params as P
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch" / "relocalize.launch.py"
 CONFIG = ROOT / "config" / "vizloc.yaml"
 NODES = ROOT / "vizloc_ros" / "nodes"
-SYNTH = ROOT / "vizloc_ros" / "data" / "synthetic.py"
+SYNTH = ROOT / "vizloc_ros" / "sim" / "synthetic.py"
 
 LAUNCH_ARGUMENTS = {"weights", "device", "image_topic", "odom_topic", "imu_topic", "use_odom",
                     "use_imu", "params_file", "rviz", "demo", "use_sim_time", "visual_odom",

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vizloc_ros.geometry import torch_quat_log, torch_quat_multiply, torch_quat_normalize
-from vizloc_ros.losses import (
+from vizloc_ros.training.losses import (
     COMBINATIONS,
     ROTATION_DISTANCES,
     TRANSLATION_DISTANCES,

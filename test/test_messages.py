@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
-from vizloc_ros import messages as m
+from vizloc_ros.ros_io import messages as m
 from vizloc_ros.geometry import quat_multiply, quat_normalize, rotation_angle
 
 TYPES = m.rosbags_types()

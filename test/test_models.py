@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from vizloc_ros.geometry import torch_quat_log
-from vizloc_ros.models import (
+from vizloc_ros.localize.models import (
     MapNet,
     PoseNet,
     PoseRegressor,
@@ -17,7 +17,7 @@ from vizloc_ros.models import (
     build_model,
     register_model,
 )
-from vizloc_ros.models.backbones import torch_cache_path
+from vizloc_ros.localize.models.backbones import torch_cache_path
 
 EXPECTED_MODELS = {"posenet": ("googlenet", "quat"), "posenet_resnet18": ("resnet18", "quat"),
                    "posenet_resnet34": ("resnet34", "quat"), "posenet_resnet50": ("resnet50", "quat"),
@@ -205,7 +205,7 @@ def test_pretrained_file_that_does_not_fit(tmp_path):
 def test_own_loss_options_refuse_unknown_keys_and_ignore_pose_loss_keys(module):
     import importlib
 
-    mod = importlib.import_module(f"vizloc_ros.models.{module}")
+    mod = importlib.import_module(f"vizloc_ros.localize.models.{module}")
     options = mod.loss_options({"translation": "l1", "s_t": 0.0})  # the pose-loss defaults pass through
     assert set(options) == set(mod.LOSS_OPTIONS)
     with pytest.raises(ValueError, match=f"unknown {module} loss option.*'typo'"):

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from geo_helpers import TINY_INPUT, make_geo_scene, train_args
-from vizloc_ros import geometry, train
-from vizloc_ros.data.datasets import SevenScenes
-from vizloc_ros.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from vizloc_ros.models.netvlad import NetVLAD, TripletSamples, thin_database, triplet_loss
-from vizloc_ros.preprocess import InputSpec
+from vizloc_ros import geometry
+from vizloc_ros.training import train
+from vizloc_ros.training.datasets import SevenScenes
+from vizloc_ros.localize.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from vizloc_ros.localize.models.netvlad import NetVLAD, TripletSamples, thin_database, triplet_loss
+from vizloc_ros.localize.preprocess import InputSpec
 
 SPEC = InputSpec.from_meta(TINY_INPUT)
 
@@ -125,7 +126,7 @@ def test_database_query_of_a_mapping_image_returns_its_pose_and_round_trips(scen
                         database_spacing=0.0).eval()
     model.prepare_inference(dataset, SPEC, "cpu")
     assert model.database_size == len(dataset)
-    from vizloc_ros.preprocess import preprocess
+    from vizloc_ros.localize.preprocess import preprocess
     x = preprocess(torch.from_numpy(np.stack([dataset[i]["image"] for i in (3, 11)])), SPEC)
     t, q, cov = model.localize(x)
     t_gt, q_gt = dataset.poses()
@@ -166,8 +167,8 @@ def trained(scene, tmp_path_factory):
 
 
 def test_vizloc_train_saves_the_database_and_the_estimator_and_replay_use_it(trained, scene, tmp_path):
-    from vizloc_ros import replay
-    from vizloc_ros.estimator import PoseEstimator
+    from vizloc_ros.replay import cli as replay
+    from vizloc_ros.localize.estimator import PoseEstimator
 
     assert trained.with_name("netvlad.database.safetensors").is_file()
     estimator = PoseEstimator(trained, device="cpu", cpu_threads=1)
@@ -179,7 +180,7 @@ def test_vizloc_train_saves_the_database_and_the_estimator_and_replay_use_it(tra
 
 
 def test_replay_takes_netvlad_as_the_coarse_prior_of_the_fusion(trained, scene, tmp_path):
-    from vizloc_ros import replay
+    from vizloc_ros.replay import cli as replay
 
     options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
                                    prior_weights=trained, device="cpu", batch_size=4, progress=False)
@@ -189,7 +190,7 @@ def test_replay_takes_netvlad_as_the_coarse_prior_of_the_fusion(trained, scene, 
 
 
 def test_chunked_neighbour_search_equals_brute_force():
-    from vizloc_ros.data.scene_geometry import farthest_distance, neighbours_within
+    from vizloc_ros.training.scene_geometry import farthest_distance, neighbours_within
 
     rng = np.random.default_rng(0)
     points = rng.uniform(0, 3, (50, 2))

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vizloc_ros import geometry, messages
+from vizloc_ros import geometry
+from vizloc_ros.ros_io import messages
 from vizloc_ros.pipeline import (FusionCore, FusionSettings, LatestFrameSlot, RateMeter,
                                  RegressorCore, StampRateLimiter, camera_to_base,
                                  diagnostics_summary)
@@ -416,7 +417,7 @@ def test_odometry_in_other_frames_is_fused_counted_and_said_once(caplog):
 
 
 def test_path_mirror_converts_each_pose_once_and_rebuilds_after_the_core_clears_its_path():
-    from vizloc_ros import messages
+    from vizloc_ros.ros_io import messages
     from vizloc_ros.pipeline import FusionCore, PathMirror
 
     core = FusionCore()
@@ -443,7 +444,7 @@ def test_path_mirror_converts_each_pose_once_and_rebuilds_after_the_core_clears_
 
 
 def test_coarse_pose_messages_initialise_the_fusion_and_bad_ones_are_counted_drops():
-    from vizloc_ros import messages
+    from vizloc_ros.ros_io import messages
     from vizloc_ros.pipeline import FusionCore, FusionSettings
 
     T = messages.rosbags_types()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from vizloc_ros.preprocess import InputSpec, preprocess, resized_shape, to_rgb_array
+from vizloc_ros.localize.preprocess import InputSpec, preprocess, resized_shape, to_rgb_array
 
 
 def test_resized_shape_keeps_aspect_and_short_side():

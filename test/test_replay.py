@@ -6,11 +6,12 @@ import shutil
 import numpy as np
 import pytest
 
-from vizloc_ros import geometry, replay
-from vizloc_ros.data.bag_io import list_topics, read_messages
-from vizloc_ros.data.tum import read_tum
+from vizloc_ros import geometry
+from vizloc_ros.replay import cli as replay
+from vizloc_ros.ros_io.bag_io import list_topics, read_messages
+from vizloc_ros.ros_io.tum import read_tum
 from vizloc_ros.metrics import pose_errors
-from vizloc_ros.report import METRICS_SCHEMA
+from vizloc_ros.replay.report import METRICS_SCHEMA
 
 from ros1_bags import as_ros1_bag
 
@@ -120,7 +121,7 @@ def test_truncated_bag_is_a_clear_error_and_writes_nothing(small_bag, tiny_weigh
 
 def _copy_bag(src, dst, topic, change):
     """Copy a bag, passing every message of ``topic`` through ``change(msg) -> msg``."""
-    from vizloc_ros.data.bag_io import BagWriter
+    from vizloc_ros.ros_io.bag_io import BagWriter
 
     with BagWriter(dst) as writer:
         for name, kind in list_topics(src).items():
@@ -131,7 +132,7 @@ def _copy_bag(src, dst, topic, change):
 
 
 def _shift_stamp(shift_s):
-    from vizloc_ros import messages
+    from vizloc_ros.ros_io import messages
 
     types = messages.rosbags_types()
 
@@ -151,7 +152,7 @@ def test_ground_truth_without_overlap_is_a_clear_error(small_bag, tiny_weights, 
 
 
 def test_ground_truth_with_a_dropout_over_all_images_names_the_gap(small_bag, tiny_weights, tmp_path):
-    from vizloc_ros import messages
+    from vizloc_ros.ros_io import messages
 
     stamps = [messages.header_stamp_sec(r.msg) for r in read_messages(small_bag, ["/ground_truth/pose"])]
     middle = 0.5 * (stamps[0] + stamps[-1])

@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vizloc_ros import replay, replay_fusion
-from vizloc_ros.data.tum import read_tum
+from vizloc_ros.replay import cli as replay
+from vizloc_ros.replay import fusion_side as replay_fusion
+from vizloc_ros.ros_io.tum import read_tum
 from vizloc_ros.pipeline import AbsolutePose
 
 
@@ -18,8 +19,8 @@ def _pose(stamp):
 
 
 def _odometry_stamps(bag):
-    from vizloc_ros.data.bag_io import read_messages
-    from vizloc_ros.messages import header_stamp_sec
+    from vizloc_ros.ros_io.bag_io import read_messages
+    from vizloc_ros.ros_io.messages import header_stamp_sec
 
     return [header_stamp_sec(r.msg) for r in read_messages(bag, ["/odom"])]
 
@@ -104,7 +105,7 @@ def test_a_dead_fusion_process_is_a_clear_error(small_bag, tmp_path):
 
 
 def test_result_bag_path_snapshots_grow_and_the_last_is_the_whole_fused_path(small_bag, tiny_weights, tmp_path):
-    from vizloc_ros.data.bag_io import read_messages
+    from vizloc_ros.ros_io.bag_io import read_messages
 
     out = tmp_path / "r"
     replay.run_replay(replay.ReplayOptions(bag=small_bag, out=out, weights=tiny_weights, device="cpu",
@@ -167,8 +168,8 @@ class _Queued(_Recording):
 
 
 def test_odometry_and_imu_are_read_as_the_fusion_goes_not_all_at_once(longer_bag, tmp_path):
-    from vizloc_ros.data.bag_io import read_messages, topic_message_counts
-    from vizloc_ros.messages import header_stamp_sec
+    from vizloc_ros.ros_io.bag_io import read_messages, topic_message_counts
+    from vizloc_ros.ros_io.messages import header_stamp_sec
 
     spec = replay_fusion.FusionSideSpec(bag=longer_bag, out_bag=tmp_path / "bag", imu_topic="/imu/data",
                                         use_imu=True)
@@ -198,7 +199,7 @@ def test_odometry_and_imu_are_read_as_the_fusion_goes_not_all_at_once(longer_bag
 def test_an_odometry_message_stamped_behind_its_window_is_fused_on_arrival_and_counted(small_bag, tmp_path):
     from types import SimpleNamespace as NS
 
-    from vizloc_ros.data.bag_io import BagMessage
+    from vizloc_ros.ros_io.bag_io import BagMessage
 
     def odom(stamp):
         sec = int(stamp)

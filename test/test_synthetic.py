@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vizloc_ros import messages as m
-from vizloc_ros.data import synthetic as synth
-from vizloc_ros.data.bag_io import BagWriter, list_topics, read_messages, topic_message_counts
-from vizloc_ros.data.scene import get_scene
-from vizloc_ros.data.sensor_sim import (GRAVITY, ImuNoise, VoNoise, simulate_imu,
+from vizloc_ros.ros_io import messages as m
+from vizloc_ros.sim import synthetic as synth
+from vizloc_ros.ros_io.bag_io import BagWriter, list_topics, read_messages, topic_message_counts
+from vizloc_ros.sim.scene import get_scene
+from vizloc_ros.sim.sensors import (GRAVITY, ImuNoise, VoNoise, simulate_imu,
                                         simulate_visual_odometry)
-from vizloc_ros.data.sevenscenes_writer import read_pose
-from vizloc_ros.data.trajectories import (BOX_MARGIN, CAMERA_IN_BASE_T, WALL_MARGIN, camera_poses,
+from vizloc_ros.sim.sevenscenes_writer import read_pose
+from vizloc_ros.sim.trajectories import (BOX_MARGIN, CAMERA_IN_BASE_T, WALL_MARGIN, camera_poses,
                                           random_walk, static_trajectory, trajectory_from_tum)
-from vizloc_ros.data.tum import read_tum, write_tum
+from vizloc_ros.ros_io.tum import read_tum, write_tum
 from vizloc_ros.geometry import (pose_compose, pose_inverse, quat_rotate, quat_to_matrix, rotation_angle,
                                  so3_log)
 

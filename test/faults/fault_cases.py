@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from vizloc_ros import messages
+from vizloc_ros.ros_io import messages
 
 TYPES = messages.rosbags_types()
 T0 = 1_700_000_000.0
@@ -90,7 +90,7 @@ class Resources:
         if self._weights is None:
             import torch
 
-            from vizloc_ros.models import build_model, save_checkpoint
+            from vizloc_ros.localize.models import build_model, save_checkpoint
 
             torch.manual_seed(0)
             model = build_model("posenet_resnet18", feat_dim=32)
@@ -105,7 +105,7 @@ class Resources:
     def bag(self) -> Path:
         """The synthetic world: 24 frames at 80x60 with odometry, IMU, ground truth, TF."""
         if self._bag is None:
-            from vizloc_ros.data.synthetic import SequenceSpec, SynthConfig, generate
+            from vizloc_ros.sim.synthetic import SequenceSpec, SynthConfig, generate
 
             generate(self.root / "scene", [SequenceSpec(5, "test", 101, 24)],
                      SynthConfig(width=80, height=60), fmt="bag", progress=False)
@@ -166,7 +166,7 @@ def non_finite_in_outputs(path: Path) -> int:
             text = file.read_text().lower()
             count += text.count("nan") + text.count("inf")
     for bag in {f.parent for f in files if f.name == "metadata.yaml"}:
-        from vizloc_ros.data.bag_io import read_messages
+        from vizloc_ros.ros_io.bag_io import read_messages
 
         for record in read_messages(bag):
             count += int(not _finite(_numbers(record.msg)))
@@ -249,19 +249,19 @@ def _snapshot(path: Path | None):
 
 
 def _replay_main():
-    from vizloc_ros import replay
+    from vizloc_ros.replay import cli as replay
 
     return replay.main
 
 
 def _eval_main():
-    from vizloc_ros import evaluate
+    from vizloc_ros.training import evaluate
 
     return evaluate.main
 
 
 def _export_main():
-    from vizloc_ros import export
+    from vizloc_ros.training import export
 
     return export.main
 
@@ -590,7 +590,7 @@ def _truncated(res, folder):
 
 def _other_architecture(res, folder):
     """MapNet-34 tensors under a sidecar copied from the PoseNet-18 checkpoint."""
-    from vizloc_ros.models import build_model, save_checkpoint
+    from vizloc_ros.localize.models import build_model, save_checkpoint
 
     st = save_checkpoint(folder / "mapnet", build_model("mapnet", feat_dim=32).eval())
     shutil.copy(res.weights.with_suffix(".json"), st.with_suffix(".json"))
@@ -869,7 +869,7 @@ PARAM_FILES = {
 
 def _param_case(name, node, text, words) -> Case:
     def run(res: Resources, folder: Path) -> Observation:
-        from vizloc_ros import node_params as P
+        from vizloc_ros.nodes import params as P
 
         body = text if node is None else f"{node}:\n  ros__parameters:\n    {text}\n"
         path = folder / "params.yaml"
@@ -940,7 +940,7 @@ class _Inject:
 
 def _interrupted(expected_code):
     def run(res, folder):
-        from vizloc_ros import report
+        from vizloc_ros.replay import report
 
         inner = replay_case(error_code=expected_code)
         return _Inject(report, "write_report", KeyboardInterrupt())(inner)(res, folder)
@@ -948,7 +948,7 @@ def _interrupted(expected_code):
 
 
 def _disk_full(res, folder):
-    from vizloc_ros import report
+    from vizloc_ros.replay import report
 
     return _Inject(report, "write_report", OSError(28, "No space left on device"))(replay_case())(res, folder)
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from fault_cases import TYPES, T0, _abs, _finite, _imu, _odom, _truth
-from vizloc_ros import messages
+from vizloc_ros.ros_io import messages
 
 #: the fusion node's subscription depths (KEEP_LAST): odometry sensor_qos(50), IMU
 #: sensor_qos(400), absolute poses reliable_qos(10); a late executor loses the oldest

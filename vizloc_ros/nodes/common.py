@@ -15,7 +15,7 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rcl_interfaces.msg import ParameterDescriptor
 
-from vizloc_ros import messages
+from vizloc_ros.ros_io import messages
 from vizloc_ros.pipeline import RateMeter, diagnostics_summary
 
 
@@ -52,7 +52,7 @@ def static_tf_qos() -> QoSProfile:
 # --------------------------------------------------------------------------- messages
 
 def ros_message_types() -> messages.MessageTypes:
-    """The rclpy message classes for the builders in :mod:`vizloc_ros.messages`."""
+    """The rclpy message classes for the builders in :mod:`vizloc_ros.ros_io.messages`."""
     import builtin_interfaces.msg
     import geometry_msgs.msg
     import nav_msgs.msg
@@ -68,7 +68,7 @@ def ros_message_types() -> messages.MessageTypes:
 # --------------------------------------------------------------------------- parameters
 
 def declare_parameters(node, table) -> dict:
-    """Declare every parameter of a :mod:`vizloc_ros.node_params` table; their values.
+    """Declare every parameter of a :mod:`vizloc_ros.nodes.params` table; their values.
 
     Read-only: the nodes read them once at startup, so ``ros2 param set`` is refused
     instead of silently doing nothing. A value of the wrong type in the YAML becomes a

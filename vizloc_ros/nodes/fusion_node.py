@@ -13,7 +13,8 @@ from collections import Counter
 
 from rclpy.node import Node
 
-from vizloc_ros import messages, node_params
+from vizloc_ros.ros_io import messages
+from vizloc_ros.nodes import params as node_params
 from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters,
                                      latched_qos, reliable_qos, report_new_drops,
                                      ros_message_types, run, sensor_qos)

@@ -19,7 +19,8 @@ from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.time import Time
 
-from vizloc_ros import messages, node_params
+from vizloc_ros.ros_io import messages
+from vizloc_ros.nodes import params as node_params
 from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters,
                                      reliable_qos, report_new_drops, ros_message_types, run,
                                      sensor_qos, static_tf_qos)

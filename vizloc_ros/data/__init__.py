@@ -1,1 +1,0 @@
-"""Datasets and the synthetic world."""

@@ -1,0 +1,615 @@
+"""`vizloc-replay`: run the live pipeline on a recording and report how well it localized.
+
+The replay drives the same cores as the nodes (:mod:`vizloc_ros.pipeline`), split the
+same way. This process reads the images and runs them through
+:class:`~vizloc_ros.pipeline.RegressorCore` (batched: the estimator is stateless, so
+batching changes speed, not results). The resulting ``/vizloc/absolute_pose`` poses go
+to the fusion side (:mod:`vizloc_ros.replay.fusion_side`, a second process by default), which
+reads the bag's odometry, IMU and ground truth itself, runs
+:class:`~vizloc_ros.pipeline.FusionCore` on everything in header-stamp order and writes
+whatever the fusion node would publish to an output bag. Ground truth is only read for
+the report. Sequence models (VidLoc, VLocNet) get the images in stamp order, as the
+node does. With ``--visual-odom`` a network with a relative head (VLocNet) is its own
+odometry: the regressor core integrates its frame-to-frame motion into
+``/vizloc/visual_odometry``, which the fusion uses instead of the bag's odometry (the
+bag's is still reported).
+
+Output folder (built under a temporary name, renamed when complete)::
+
+    bag/                    rosbag2 (mcap): /vizloc/absolute_pose, /vizloc/pose, /vizloc/path, /tf
+                            (+ /vizloc/visual_odometry)
+    ground_truth.tum  absolute.tum  fused.tum  odometry.tum  (visual_odometry.tum)
+    metrics.json  report.md  trajectories.png  errors.png  error_cdf.png
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vizloc_ros import geometry
+from vizloc_ros.ros_io import messages
+from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
+                                          add_tf_samples, default_max_gap, fixed_edges, interpolate_poses,
+                                          previous_poses, static_chain, tf_edges)
+from vizloc_ros.ros_io.messages import IMAGE_TYPES
+from vizloc_ros.localize.weights import shipped_weights
+from vizloc_ros.replay.fusion_side import (FusionProcess, FusionSideSpec, InProcessFusion, ReplayError,
+                                      bag_errors)
+
+LOG = logging.getLogger("vizloc-replay")
+
+#: largest --batch-size: every image of a batch is decoded in memory at once
+MAX_BATCH_SIZE = 1024
+
+
+#: trajectory sources of the report, in table order
+SOURCE_NAMES = ("absolute", "fused", "odometry", "visual_odometry")
+SHORT_NAMES = {"visual_odometry": "visual odom"}
+
+
+@dataclass
+class ReplayOptions:
+    bag: Path
+    out: Path
+    weights: Path | None = None
+    image_topic: str = "/camera/image_raw"
+    ground_truth: str = "/ground_truth/pose"
+    odom_topic: str | None = "/odom"
+    imu_topic: str | None = None
+    fusion: bool = True
+    device: str = "auto"
+    precision: str = "fp32"  # fp16: the GPU path's half precision (the node's `precision`)
+    batch_size: int = 16
+    overwrite: bool = False
+    progress: bool = True
+    map_frame: str = "map"
+    odom_frame: str = "odom"
+    base_frame: str = "base_link"
+    camera_extrinsic: tuple | None = None  # (t, q_wxyz) base -> camera
+    fusion_params: dict = field(default_factory=dict)
+    mc_dropout_samples: int = 0
+    visual_odometry: bool = False  # the network's relative head as the fusion's odometry
+    prior_weights: Path | None = None  # coarse prior (e.g. NetVLAD): initialisation / kidnap only
+    fusion_process: bool = True  # fuse in a child process, beside the network (else in this one)
+
+
+# --------------------------------------------------------------------------- bag reading
+
+def _check_topics(bag: Path, options: ReplayOptions) -> dict:
+    from vizloc_ros.ros_io.bag_io import list_topics
+
+    try:
+        topics = list_topics(bag)
+    except FileNotFoundError:
+        raise ReplayError(f"bag not found: {bag}") from None
+    except Exception as exc:  # rosbags raises several types for corrupt bags
+        raise ReplayError(f"cannot open bag {bag}: {exc}") from None
+    listing = "\n".join(f"  {name}  [{kind}]" for name, kind in sorted(topics.items()))
+
+    def need(topic, allowed, what, hint=""):
+        if topic not in topics:
+            raise ReplayError(f"{what} topic {topic!r} is not in {bag}{hint}. The bag has:\n{listing}")
+        if topics[topic] not in allowed:
+            raise ReplayError(f"{what} topic {topic!r} carries {topics[topic]}, expected one of "
+                              f"{', '.join(allowed)}")
+
+    candidates = sorted(name for name, kind in topics.items() if kind in IMAGE_TYPES)
+    need(options.image_topic, IMAGE_TYPES, "image",
+         f" (image topics there: {', '.join(candidates)}; pass one with --image-topic)" if candidates else "")
+    if options.ground_truth.startswith("tf:"):
+        need("/tf", TF_TYPES, "TF (ground truth)")
+    else:
+        poses = sorted(name for name, kind in topics.items() if kind in GT_TYPES)
+        need(options.ground_truth, GT_TYPES, "ground-truth",
+             (f" (pose topics there: {', '.join(poses)}; " if poses else " (")
+             + "or --ground-truth tf:PARENT->CHILD for a TF chain)")
+    if options.fusion and options.odom_topic and not options.visual_odometry:
+        need(options.odom_topic, ("nav_msgs/msg/Odometry",), "odometry", " (--odom-topic none to fuse without it)")
+    if options.fusion and options.imu_topic:
+        need(options.imu_topic, ("sensor_msgs/msg/Imu",), "IMU")
+    return topics
+
+
+def _check_output(out: Path, options: ReplayOptions, weights) -> None:
+    """Refuse an output folder that cannot be written, or whose replacement would destroy
+    something that is not an earlier report (``--overwrite`` with ``--out .``, or with
+    the folder that holds the bag or the weights, is a typing slip, not a wish)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not options.overwrite:
+        raise ReplayError(f"output folder {out} exists; pass --overwrite to replace it")
+    if not out.is_dir():
+        raise ReplayError(f"--out {out} is a file, not a report folder; choose another --out")
+    target = out.resolve()
+    for what, path in (("the bag", options.bag), ("the weights", weights)):
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved == target or target in resolved.parents:
+            raise ReplayError(f"--out {out} holds {what} ({path}): refusing to replace it; "
+                              "choose another --out")
+    if any(out.iterdir()) and not (out / "metrics.json").is_file():
+        raise ReplayError(f"--out {out} is not a vizloc-replay report folder (no metrics.json): "
+                          "refusing to replace it; choose another --out")
+
+
+# --------------------------------------------------------------------------- the run
+
+def run_replay(options: ReplayOptions) -> dict:
+    """Replay a bag; returns metrics. Writes the output folder atomically."""
+    from tqdm import tqdm
+
+    from vizloc_ros.ros_io.bag_io import read_messages
+    from vizloc_ros.pipeline import RegressorCore, load_estimator
+    from vizloc_ros.replay.report import write_report
+
+    bag, out = Path(options.bag), Path(options.out)
+    if not 1 <= options.batch_size <= MAX_BATCH_SIZE:
+        raise ReplayError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {options.batch_size}")
+    weights = options.weights or default_weights()
+    _check_output(out, options, weights)
+    topics = _check_topics(bag, options)
+    use_odom = bool(options.fusion and (options.odom_topic or options.visual_odometry))
+    use_imu = bool(options.fusion and options.imu_topic)
+    spec = FusionSideSpec(
+        bag=bag, out_bag=Path(), ground_truth=options.ground_truth,
+        odom_topic=options.odom_topic if options.odom_topic in topics else None,
+        imu_topic=options.imu_topic, read_tf_static="/tf_static" in topics, fusion=options.fusion,
+        use_odom=use_odom, use_imu=use_imu, visual_odometry=options.visual_odometry,
+        map_frame=options.map_frame, odom_frame=options.odom_frame, base_frame=options.base_frame,
+        fusion_params=dict(options.fusion_params))
+    if options.fusion:  # bad fusion parameters: say so before anything runs
+        from vizloc_ros.fusion import FusionConfig
+
+        try:
+            FusionConfig.from_dict(dict(options.fusion_params))
+        except (ValueError, TypeError) as exc:
+            raise ReplayError(f"fusion parameters: {exc}") from None
+    try:
+        GroundTruthReader(options.ground_truth, options.base_frame)
+    except GroundTruthError as exc:
+        raise ReplayError(str(exc)) from None
+
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise ReplayError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+    spec.out_bag = staging / "bag"
+    fusion_side = None
+    try:
+        # the fusion side starts first: it reads the odometry and ground truth while the
+        # network loads (and, in a child process, before torch starts any thread)
+        fusion_side = (FusionProcess if options.fusion_process else InProcessFusion)(spec)
+        try:
+            # offline: no ROS callbacks to leave a core for, so use every core
+            estimator = load_estimator(weights, device=options.device, precision=options.precision,
+                                       mc_dropout_samples=options.mc_dropout_samples,
+                                       cpu_threads=os.cpu_count() or 1)
+        except ValueError as exc:
+            raise ReplayError(str(exc)) from None
+        try:
+            regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
+                                      map_frame=options.map_frame, visual_odometry=options.visual_odometry,
+                                      odom_frame=options.odom_frame, base_frame=options.base_frame)
+        except ValueError as exc:
+            what = "--visual-odom" if options.visual_odometry and "visual" in str(exc) else "camera extrinsic"
+            raise ReplayError(f"{what}: {exc}") from None
+        prior = None
+        if options.prior_weights is not None and options.fusion:
+            try:
+                prior = RegressorCore(load_estimator(options.prior_weights, device=options.device,
+                                                     cpu_threads=os.cpu_count() or 1),
+                                      base_T_camera=options.camera_extrinsic, map_frame=options.map_frame)
+            except ValueError as exc:
+                raise ReplayError(f"--prior-weights: {exc}") from None
+        # the clock starts at the first image, after the startup work (network, odometry)
+        fusion_side.wait_ready()
+        started = time.perf_counter()
+        metrics = _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm, read_messages)
+        write_report(staging, metrics)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        return metrics["metrics"]
+    except BaseException:
+        if fusion_side is not None:
+            fusion_side.close()
+            fusion_side = None
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if fusion_side is not None:
+            fusion_side.close()
+
+
+def _fixed_edges_on_tf(bag, seconds: float = 5.0) -> dict:
+    """The transforms that stay fixed over the first ``seconds`` of the bag's /tf."""
+    from vizloc_ros.ros_io.bag_io import read_messages
+
+    samples: dict = {}
+    first = None
+    try:
+        for record in read_messages(bag, ["/tf"]):
+            first = record.log_time_ns if first is None else first
+            if record.log_time_ns - first > seconds * 1e9:
+                break
+            try:
+                add_tf_samples(samples, record.msg.transforms)
+            except (ValueError, AttributeError):
+                continue
+    except Exception:  # noqa: BLE001 - a damaged /tf: the caller warns that no extrinsic was found
+        LOG.debug("reading /tf for fixed transforms failed", exc_info=True)
+    return fixed_edges(samples)
+
+
+def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm, read_messages) -> dict:
+    """The regressor side: images in batches -> absolute poses -> the fusion side; then
+    the report's numbers."""
+    static_edges: dict = {}
+    tf_mounts: dict = {}       # fixed edges found on /tf, read once when /tf_static has no path
+    tf_mounts_read: list = []
+    warned_extrinsic: list = []
+    image_stamps: list = []
+    absolute: list = []
+    vo_track: list = []        # (stamp, t, q) of the network's visual odometry
+    pending: list = []
+    latest_image = -np.inf
+    n_images = None
+    try:
+        from vizloc_ros.ros_io.bag_io import topic_message_counts
+        n_images = topic_message_counts(bag).get(options.image_topic)
+    except Exception:  # counts are for the progress bar only
+        pass
+    phase = {"network": 0.0, "fusion_wait": 0.0}
+    bar = tqdm(total=n_images, desc="replay", unit="frame", disable=not options.progress,
+               dynamic_ncols=True)
+
+    def flush_images():
+        if not pending:
+            return
+        flush_start = time.perf_counter()
+        if regressor.base_T_camera is None and options.camera_extrinsic is None:
+            frame = pending[0].header.frame_id
+            chain = static_chain(static_edges, options.base_frame, frame)
+            if chain is None and "/tf" in topics and not tf_mounts_read:
+                tf_mounts_read.append(True)
+                tf_mounts.update(_fixed_edges_on_tf(bag))
+            if chain is None and tf_mounts:
+                chain = static_chain(tf_mounts | static_edges, options.base_frame, frame)
+                if chain is not None:
+                    LOG.info("camera extrinsic %s -> %s from transforms that stay fixed on /tf: t=%s q_wxyz=%s",
+                             options.base_frame, frame, np.round(chain[0], 4), np.round(chain[1], 4))
+            if chain is not None:
+                regressor.set_extrinsic(*chain)
+            elif not warned_extrinsic:
+                warned_extrinsic.append(frame)
+                LOG.warning("no TF path %s -> %s (the images' frame) on /tf_static or fixed on /tf: pass "
+                            "--camera-extrinsic, or --base-frame if the robot's base has another name",
+                            options.base_frame, frame)
+        if regressor.sequential:  # clips are read in stamp order
+            pending.sort(key=_stamp_or_zero)
+        events = []
+        if prior is not None:  # coarse poses (retrieval): initialisation and kidnap recovery only
+            if prior.base_T_camera is None and regressor.base_T_camera is not None:
+                prior.set_extrinsic(*regressor.base_T_camera)
+            events += [(pose.stamp, "prior", pose) for pose in prior.process_batch(pending)
+                       if pose is not None]
+        for pose in regressor.process_batch(pending):
+            if pose is not None:
+                if pose.odometry is not None:  # odometry first: it covers the pose's stamp
+                    events.append((pose.stamp, "visual_odometry", pose.odometry))
+                    vo_track.append((pose.stamp, pose.odometry.t, pose.odometry.q))
+                events.append((pose.stamp, "absolute", pose))
+                absolute.append(pose)
+        network_done = time.perf_counter()
+        phase["network"] += network_done - flush_start
+        fusion_side.add(events, latest_image)
+        phase["fusion_wait"] += time.perf_counter() - network_done
+        bar.update(len(pending))
+        bar.set_postfix(fps=f"{bar.n / max(time.perf_counter() - started, 1e-9):.1f}")
+        pending.clear()
+
+    wanted = [options.image_topic] + (["/tf_static"] if "/tf_static" in topics else [])
+    try:
+        with bag_errors(bag):
+            for record in read_messages(bag, wanted):
+                if record.topic == options.image_topic:
+                    pending.append(record.msg)
+                    try:
+                        stamp = messages.header_stamp_sec(record.msg)
+                        image_stamps.append(stamp)
+                        latest_image = max(latest_image, stamp)
+                    except (ValueError, AttributeError):
+                        pass
+                    if len(pending) >= options.batch_size:
+                        flush_images()
+                elif record.topic == "/tf_static":
+                    try:
+                        static_edges.update(tf_edges(record.msg.transforms))
+                    except ValueError:
+                        pass
+            flush_images()
+    finally:
+        bar.close()
+    inference_s = time.perf_counter() - started
+    if not absolute:
+        raise ReplayError(f"no image on {options.image_topic} could be processed "
+                          f"({dict(regressor.counters)}; last error: {regressor.last_error})")
+    handing_over = phase["fusion_wait"]  # time the fusion side held up the image loop
+    finish_start = time.perf_counter()
+    result = fusion_side.finish()
+    phase["fusion_wait"] += time.perf_counter() - finish_start
+    gt_stamps, gt_t, gt_q = result.ground_truth
+    abs_stamps = np.array([p.stamp for p in absolute])
+    gt_at_abs = interpolate_poses(gt_stamps, gt_t, gt_q, abs_stamps)
+    if not np.any(np.isfinite(gt_at_abs[0][:, 0])):
+        spans = (f"images {abs_stamps.min():.3f}..{abs_stamps.max():.3f} s, ground truth "
+                 f"{gt_stamps.min():.3f}..{gt_stamps.max():.3f} s")
+        if gt_stamps.max() < abs_stamps.min() or gt_stamps.min() > abs_stamps.max():
+            raise ReplayError(f"ground truth on {options.ground_truth} never overlaps the images ({spans})")
+        raise ReplayError(f"ground truth on {options.ground_truth} has a gap of more than "
+                          f"{default_max_gap(gt_stamps):.2f} s around every image ({spans}, "
+                          f"{len(gt_stamps)} ground-truth poses)")
+    elapsed = time.perf_counter() - started
+    phases = {"bag_read": max(0.0, inference_s - phase["network"] - handing_over),
+              "network": phase["network"], "fusion_and_output": result.busy_s,
+              "waiting_for_fusion": phase["fusion_wait"]}
+    return _assemble(options, absolute, result.fused, result.odom_track, (gt_stamps, gt_t, gt_q),
+                     regressor, result.counts, elapsed, inference_s, len(image_stamps), vo_track, phases)
+
+
+def _stamp_or_zero(msg) -> float:
+    try:
+        return messages.header_stamp_sec(msg)
+    except (ValueError, AttributeError):
+        return 0.0
+
+
+def _anchored(track, gt_stamps, gt_t, gt_q):
+    """An odometry track (stamp, t, q) in its own frame, moved into ``map`` so that it
+    starts on the ground truth at its first usable stamp; None if it never overlaps."""
+    if len(track) < 2:
+        return None
+    o_stamps = np.array([o[0] for o in track])
+    order = np.argsort(o_stamps, kind="stable")
+    o_stamps = o_stamps[order]
+    o_t = np.stack([o[1] for o in track])[order]
+    o_q = np.stack([o[2] for o in track])[order]
+    g_t, g_q = interpolate_poses(gt_stamps, gt_t, gt_q, o_stamps)
+    first = np.flatnonzero(np.all(np.isfinite(g_t), axis=1))
+    if not len(first):
+        return None
+    k = first[0]
+    t_inv, q_inv = geometry.pose_inverse(o_t[k], o_q[k])
+    m_t, m_q = geometry.pose_compose(g_t[k], g_q[k], t_inv, q_inv)
+    om_t, om_q = geometry.pose_compose(np.broadcast_to(m_t, o_t.shape),
+                                       np.broadcast_to(m_q, o_q.shape), o_t, o_q)
+    return o_stamps, om_t, om_q
+
+
+def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_counts, elapsed,
+              inference_s, n_images, vo_track=(), phases=None) -> dict:
+    """Trajectories evaluated at the image stamps, and the metrics of each source."""
+    from vizloc_ros.metrics import pose_errors, step_errors, summarize_errors, trajectory_metrics
+
+    gt_stamps, gt_t, gt_q = gt
+    stamps = np.array([p.stamp for p in absolute])
+    raw_t = np.stack([p.t for p in absolute])
+    raw_q = np.stack([p.q for p in absolute])
+    truth_t, truth_q = interpolate_poses(gt_stamps, gt_t, gt_q, stamps)
+    valid = np.all(np.isfinite(truth_t), axis=1)
+    trajectories = {"ground_truth": (gt_stamps, gt_t, gt_q), "absolute": (stamps, raw_t, raw_q)}
+    sources = {"absolute": (raw_t, raw_q)}
+    if fused:
+        f_stamps = np.array([f[0] for f in fused])
+        order = np.argsort(f_stamps, kind="stable")
+        f_stamps, f_t, f_q = f_stamps[order], np.stack([f[1] for f in fused])[order], \
+            np.stack([f[2] for f in fused])[order]
+        keep = np.r_[np.diff(f_stamps) > 0, True]  # the last output at each stamp
+        trajectories["fused"] = (f_stamps[keep], f_t[keep], f_q[keep])
+        sources["fused"] = previous_poses(f_stamps[keep], f_t[keep], f_q[keep], stamps)
+    # odometry alone (the bag's, and the network's visual odometry), anchored in map with
+    # the ground truth at its first usable stamp
+    for name, track in (("odometry", odom_track), ("visual_odometry", vo_track)):
+        anchored = _anchored(track, gt_stamps, gt_t, gt_q)
+        if anchored is not None:
+            trajectories[name] = anchored
+            sources[name] = interpolate_poses(*anchored, stamps)
+    metrics: dict = {"bag": str(options.bag), "weights": str(options.weights or default_weights()),
+                     "frames": {"images": int(n_images), "estimated": int(len(absolute)),
+                                "evaluated": int(valid.sum())},
+                     "sources": {}, "counts": {}, "timing": {}}
+    per_frame = {"stamp": stamps[valid]}
+    for name, (t, q) in sources.items():
+        ok = valid & np.all(np.isfinite(t), axis=1)
+        if not np.any(ok):
+            continue
+        t_err, r_err = pose_errors(t[ok], q[ok], truth_t[ok], truth_q[ok])
+        summary = summarize_errors(t_err, r_err)
+        tail = max(1, len(t_err) // 10)
+        summary["final_median_translation_m"] = float(np.median(t_err[-tail:]))
+        summary.update(step_errors(t[ok], q[ok], truth_t[ok], truth_q[ok]))
+        summary.update(trajectory_metrics(stamps[ok], t[ok], q[ok], truth_t[ok], truth_q[ok]))
+        metrics["sources"][name] = summary
+        full_t = np.full(len(stamps), np.nan)
+        full_r = np.full(len(stamps), np.nan)
+        full_t[ok], full_r[ok] = t_err, r_err
+        per_frame[f"{name}_translation_m"] = full_t[valid]
+        per_frame[f"{name}_rotation_deg"] = full_r[valid]
+    counts = {"images_" + k: int(v) for k, v in regressor.counters.items()}
+    counts.update(fusion_counts)
+    metrics["counts"] = counts
+    metrics["timing"] = {"seconds": round(elapsed, 3),
+                         "frames_per_second": round(len(absolute) / max(elapsed, 1e-9), 2),
+                         "inference_frames_per_second": round(len(absolute) / max(inference_s, 1e-9), 2),
+                         "device": str(regressor.estimator.device)}
+    if phases:  # where the time went: seconds per stage, summed over the run
+        metrics["timing"]["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
+    return {"metrics": metrics, "trajectories": trajectories, "per_frame": per_frame}
+
+
+def default_weights() -> Path:
+    """The shipped MapNet (see :mod:`vizloc_ros.localize.weights` for where it is looked up)."""
+    try:
+        return shipped_weights()
+    except FileNotFoundError as exc:
+        raise ReplayError(f"{exc}; pass --weights") from None
+
+
+# --------------------------------------------------------------------------- CLI
+
+def format_table(metrics: dict) -> str:
+    names = [n for n in SOURCE_NAMES if n in metrics["sources"]]
+    rows = [("median translation (m)", "median_translation_m", "{:.3f}"),
+            ("median rotation (deg)", "median_rotation_deg", "{:.2f}"),
+            ("final median transl. (m)", "final_median_translation_m", "{:.3f}"),
+            ("within 25 cm, 2 deg", "within_25cm_2deg", "{:.1%}"),
+            ("within 50 cm, 5 deg", "within_50cm_5deg", "{:.1%}"),
+            ("ATE RMSE (m)", "ate_rmse_m", "{:.3f}"),
+            ("ATE RMSE, SE(3)-aligned (m)", "ate_rmse_m_se3_aligned", "{:.3f}"),
+            ("median step error (m)", "median_step_translation_m", "{:.4f}"),
+            ("median step error (deg)", "median_step_rotation_deg", "{:.3f}")]
+    width = max(len(r[0]) for r in rows)
+    lines = [" " * width + "".join(f"{SHORT_NAMES.get(n, n):>12}" for n in names)]
+    for label, key, fmt in rows:
+        cells = []
+        for n in names:
+            value = metrics["sources"][n].get(key)
+            cells.append(f"{fmt.format(value) if value is not None else '-':>12}")
+        lines.append(label.ljust(width) + "".join(cells))
+    counts = metrics["counts"]
+    lines.append("")
+    lines.append(f"images: {metrics['frames']['images']} read, {metrics['frames']['estimated']} estimated; "
+                 f"absolute measurements accepted {counts.get('absolute_accepted', 0)}, "
+                 f"rejected {counts.get('absolute_rejected', 0)}, dropped {counts.get('absolute_dropped', 0)}; "
+                 f"{metrics['timing']['frames_per_second']:.1f} frames/s end to end on "
+                 f"{metrics['timing']['device']}")
+    return "\n".join(lines)
+
+
+def _extrinsic(values):
+    if values is None:
+        return None
+    x, y, z, qx, qy, qz, qw = values
+    if not np.all(np.isfinite(values)) or not np.linalg.norm([qx, qy, qz, qw]) > 1e-6:
+        raise ReplayError(f"--camera-extrinsic {' '.join(f'{v:g}' for v in values)}: expected finite "
+                          "X Y Z and a non-zero quaternion QX QY QZ QW")
+    return np.array([x, y, z]), geometry.quat_normalize(geometry.ros_to_wxyz([qx, qy, qz, qw]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vizloc-replay",
+        description="Replay a rosbag2 (mcap / sqlite3) or ROS 1 bag through the vizloc_ros pipeline "
+                    "(estimator + fusion, exactly as the nodes run) and report how well it localized.")
+    parser.add_argument("bag", nargs="?", help="bag folder (rosbag2) or .bag file (ROS 1)")
+    parser.add_argument("--demo", action="store_true",
+                        help="replay the demo scene's test walk (rendered with vizloc-synth on first "
+                             "use and cached) with the shipped MapNet")
+    parser.add_argument("--weights", help="checkpoint (default: the shipped weights/mapnet_demo)")
+    parser.add_argument("--image-topic", default="/camera/image_raw",
+                        help="sensor_msgs/Image or CompressedImage topic (default /camera/image_raw)")
+    parser.add_argument("--ground-truth", default="/ground_truth/pose",
+                        help="PoseStamped / PoseWithCovarianceStamped / Odometry / TransformStamped topic, "
+                             "or tf:PARENT->CHILD for a TF chain of any length through /tf and /tf_static "
+                             "(default /ground_truth/pose)")
+    parser.add_argument("--odom-topic", default="/odom", help="nav_msgs/Odometry topic, or 'none'")
+    parser.add_argument("--imu-topic", default="none", help="sensor_msgs/Imu topic to fuse, or 'none' (default)")
+    parser.add_argument("--no-fusion", action="store_true", help="raw network poses only")
+    parser.add_argument("--visual-odom", action="store_true",
+                        help="fuse the network's own relative-pose head (VLocNet) as visual odometry "
+                             "instead of --odom-topic (for robots without odometry)")
+    parser.add_argument("--prior-weights", help="a second checkpoint (e.g. NetVLAD retrieval) whose poses "
+                                                "only initialise the fusion and recover it after a kidnapping")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                        help="network precision, as the node's `precision` parameter: fp16 runs "
+                             "the GPU in half precision (default fp32; the CPU always runs fp32)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
+    parser.add_argument("--mc-dropout-samples", type=int, default=0,
+                        help="MC dropout samples per image for the covariance (default 0: validation covariance)")
+    parser.add_argument("--camera-extrinsic", type=float, nargs=7, metavar=("X", "Y", "Z", "QX", "QY", "QZ", "QW"),
+                        help="base -> camera transform when the bag has no /tf_static for it")
+    parser.add_argument("--base-frame", default="base_link")
+    parser.add_argument("--out", help="output folder (default vizloc_replay_<bag name>; "
+                                      "--demo: vizloc_demo_report, replaced on each run)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier report folder (never a folder that is not a report or "
+                             "that holds the bag or the weights)")
+    parser.add_argument("--single-process", action="store_true",
+                        help="fuse in this process instead of a second one beside the network "
+                             "(slower; for debugging)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.demo == bool(args.bag):
+        parser.error("give a BAG or --demo (not both)")
+    overwrite = args.overwrite
+    try:
+        if args.demo:
+            from vizloc_ros.sim.synthetic import cached_demo_bag
+
+            print("vizloc-replay: preparing the demo bag (rendered once, then cached) ...", file=sys.stderr)
+            bag = cached_demo_bag(progress=not args.no_progress)
+            out = Path(args.out or "vizloc_demo_report")
+            overwrite = overwrite or args.out is None
+        else:
+            bag = Path(args.bag)
+            out = Path(args.out or f"vizloc_replay_{bag.resolve().name}")
+        options = ReplayOptions(
+            bag=bag, out=out, weights=Path(args.weights) if args.weights else None,
+            image_topic=args.image_topic, ground_truth=args.ground_truth,
+            odom_topic=None if args.odom_topic.lower() == "none" else args.odom_topic,
+            imu_topic=None if args.imu_topic.lower() == "none" else args.imu_topic,
+            fusion=not args.no_fusion, device=args.device, precision=args.precision,
+            batch_size=args.batch_size,
+            overwrite=overwrite, progress=not args.no_progress, base_frame=args.base_frame,
+            camera_extrinsic=_extrinsic(args.camera_extrinsic),
+            mc_dropout_samples=args.mc_dropout_samples, visual_odometry=args.visual_odom,
+            prior_weights=Path(args.prior_weights) if args.prior_weights else None,
+            fusion_process=not args.single_process)
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            metrics = run_replay(options)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    except ReplayError as exc:
+        print(f"vizloc-replay: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up while the report was written
+        print(f"vizloc-replay: error: {exc}; no report was written", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vizloc-replay: interrupted; no report was written", file=sys.stderr)
+        return 130
+    except ImportError as exc:  # Ctrl-C while an extension module (gtsam, torch) initialises
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            print("vizloc-replay: interrupted; no report was written", file=sys.stderr)
+            return 130
+        raise
+    print(format_table(metrics))
+    print(f"\nreport: {out.resolve()}/report.md (plots, TUM files, metrics.json, result bag in {out}/bag)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Replay report: TUM trajectories, ``metrics.json`` (schema below), ``report.md`` and plots.
+
+Everything is written into a folder the caller renames into place when complete, so a
+reader never sees half a report.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vizloc_ros.ros_io.tum import write_tum
+
+_SOURCE = {
+    "type": "object",
+    "required": ["frames", "median_translation_m", "median_rotation_deg", "within_5cm_5deg",
+                 "within_25cm_2deg", "within_50cm_5deg", "within_500cm_10deg",
+                 "final_median_translation_m", "ate_rmse_m", "ate_rmse_m_se3_aligned"],
+    "properties": {
+        "frames": {"type": "integer", "minimum": 1},
+        "median_translation_m": {"type": "number", "minimum": 0},
+        "median_rotation_deg": {"type": "number", "minimum": 0, "maximum": 180},
+        "final_median_translation_m": {"type": "number", "minimum": 0},
+        "ate_rmse_m": {"type": "number", "minimum": 0},
+        "ate_rmse_m_se3_aligned": {"type": "number", "minimum": 0},
+        "rpe_rmse_m_per_1m": {"type": ["number", "null"], "minimum": 0},
+        "rpe_rmse_m_per_1m_se3_aligned": {"type": ["number", "null"], "minimum": 0},
+    },
+    "patternProperties": {"^within_": {"type": "number", "minimum": 0, "maximum": 1}},
+}
+
+#: JSON Schema of ``metrics.json`` (draft 2020-12). ``sources`` holds ``absolute`` (raw
+#: network), ``fused`` (when fusion ran), ``odometry`` (odometry alone, anchored to the
+#: ground truth at its first pose) and ``visual_odometry`` (the network's relative head
+#: integrated, ``--visual-odom``), each evaluated at the image stamps.
+METRICS_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["bag", "weights", "frames", "sources", "counts", "timing"],
+    "properties": {
+        "bag": {"type": "string"},
+        "weights": {"type": "string"},
+        "frames": {"type": "object", "required": ["images", "estimated", "evaluated"],
+                   "additionalProperties": {"type": "integer", "minimum": 0}},
+        "sources": {"type": "object", "required": ["absolute"],
+                    "properties": {"absolute": _SOURCE, "fused": _SOURCE, "odometry": _SOURCE,
+                                   "visual_odometry": _SOURCE},
+                    "additionalProperties": False},
+        "counts": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+        "timing": {"type": "object", "required": ["seconds", "frames_per_second", "device"],
+                   "properties": {"seconds": {"type": "number", "minimum": 0},
+                                  "frames_per_second": {"type": "number", "minimum": 0},
+                                  "inference_frames_per_second": {"type": "number", "minimum": 0},
+                                  "device": {"type": "string"},
+                                  # seconds per stage: bag_read (images), network (image
+                                  # decoding + estimator), fusion_and_output (busy time of the
+                                  # fusion side: fusion + result bag), waiting_for_fusion (the
+                                  # image loop held up by it, and its finish)
+                                  "phase_seconds": {"type": "object",
+                                                    "additionalProperties": {"type": "number",
+                                                                             "minimum": 0}}}},
+    },
+}
+
+COLOURS = {"ground_truth": "black", "absolute": "tab:orange", "fused": "tab:blue", "odometry": "tab:green",
+           "visual_odometry": "tab:purple"}
+
+
+def write_report(folder: Path, result: dict) -> None:
+    folder = Path(folder)
+    for name, (stamps, t, q) in result["trajectories"].items():
+        write_tum(folder / f"{name}.tum", stamps, t, q)
+    (folder / "metrics.json").write_text(json.dumps(result["metrics"], indent=2, allow_nan=False) + "\n")
+    _plots(folder, result)
+    (folder / "report.md").write_text(_markdown(result["metrics"]))
+
+
+def _phases(metrics: dict) -> str:
+    phases = metrics["timing"].get("phase_seconds")
+    if not phases:
+        return ""
+    return ": " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
+
+
+def _markdown(metrics: dict) -> str:
+    from vizloc_ros.replay.cli import format_table
+
+    lines = ["# vizloc-replay report", "",
+             f"- bag: `{metrics['bag']}`", f"- weights: `{metrics['weights']}`",
+             f"- device: {metrics['timing']['device']}, {metrics['timing']['frames_per_second']:.1f} "
+             f"frames/s end to end ({metrics['timing']['seconds']:.1f} s{_phases(metrics)})", "",
+             "```", format_table(metrics), "```", "",
+             "Errors are measured at the image stamps against the interpolated ground truth; "
+             "`fused` is the latest fused pose at or before each image (causal), `odometry` "
+             "is the odometry alone anchored to the ground truth at its first pose (`visual "
+             "odometry`: the network's relative head integrated, likewise). ATE/RPE "
+             "come from evo on the same poses.", "",
+             "![trajectories](trajectories.png)", "", "![errors](errors.png)", "",
+             "![error CDF](error_cdf.png)", "", "## Counts", ""]
+    lines += [f"- {k}: {v}" for k, v in sorted(metrics["counts"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(folder: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for name, (_, t, _) in result["trajectories"].items():
+        ax.plot(t[:, 0], t[:, 1], ".-" if name == "absolute" else "-", ms=2, lw=1 if name == "absolute" else 1.6,
+                color=COLOURS.get(name), alpha=0.6 if name == "absolute" else 1.0,
+                label=name.replace("_", " "))
+    ax.set_xlabel("x (m, map)")
+    ax.set_ylabel("y (m, map)")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Top-down trajectories")
+    fig.tight_layout()
+    fig.savefig(folder / "trajectories.png", dpi=110)
+    plt.close(fig)
+
+    per_frame = result["per_frame"]
+    stamps = per_frame["stamp"]
+    rel = stamps - stamps[0] if len(stamps) else stamps
+    names = [n for n in COLOURS if n != "ground_truth" and f"{n}_translation_m" in per_frame]
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for name in names:
+        axes[0].plot(rel, per_frame[f"{name}_translation_m"], color=COLOURS[name], lw=1, label=name)
+        axes[1].plot(rel, per_frame[f"{name}_rotation_deg"], color=COLOURS[name], lw=1, label=name)
+    axes[0].set_ylabel("translation error (m)")
+    axes[1].set_ylabel("rotation error (deg)")
+    axes[1].set_xlabel("time (s)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "errors.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in names:
+        for ax, key in zip(axes, ("translation_m", "rotation_deg")):
+            values = np.sort(per_frame[f"{name}_{key}"][np.isfinite(per_frame[f"{name}_{key}"])])
+            if len(values):
+                ax.plot(values, np.arange(1, len(values) + 1) / len(values), color=COLOURS[name], label=name)
+    axes[0].set_xlabel("translation error (m)")
+    axes[1].set_xlabel("rotation error (deg)")
+    for ax in axes:
+        ax.set_ylabel("share of frames")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "error_cdf.png", dpi=110)
+    plt.close(fig)

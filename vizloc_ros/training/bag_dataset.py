@@ -1,0 +1,116 @@
+"""Training / evaluation samples from a recording (rosbag2 mcap or sqlite3, or ROS 1 .bag).
+
+Images come from an Image or CompressedImage topic; ground truth from a pose topic
+(PoseStamped, PoseWithCovarianceStamped, Odometry, TransformStamped) or a TF chain
+(``tf:map->base_link``), interpolated to each image stamp and accepted only when a
+ground-truth sample lies within ``tolerance`` seconds. The ground truth is the pose of
+the base frame; the sample's pose is the camera's (DESIGN.md), obtained through the
+``/tf_static`` extrinsic base -> camera optical frame (or ``camera_extrinsic``).
+
+Decoded images are held in memory (a bag cannot be read at random quickly); for very
+long recordings export a 7-Scenes folder first.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from vizloc_ros import geometry
+from vizloc_ros.ros_io import messages
+from vizloc_ros.ros_io.messages import IMAGE_TYPES
+from vizloc_ros.training.datasets import DatasetError, PoseDataset
+from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
+                                          fixed_edges, interpolate_poses, static_chain, tf_edges)
+
+LOG = logging.getLogger(__name__)
+
+
+
+class BagDataset(PoseDataset):
+    name = "bag"
+
+    def __init__(self, bag, image_topic: str = "/camera/image_raw",
+                 gt_topic: str = "/ground_truth/pose", tolerance: float = 0.05,
+                 base_frame: str = "base_link", camera_extrinsic=None, split: str | None = None,
+                 every: int = 1):
+        super().__init__()
+        from vizloc_ros.ros_io.bag_io import list_topics, read_messages
+
+        bag = Path(bag)
+        try:
+            topics = list_topics(bag)
+        except (FileNotFoundError, ValueError) as exc:
+            raise DatasetError(str(exc)) from None
+        listing = ", ".join(f"{k} [{v}]" for k, v in sorted(topics.items()))
+        if image_topic not in topics:
+            raise DatasetError(f"image topic {image_topic!r} is not in {bag}; it has: {listing}")
+        gt_source = "/tf" if gt_topic.startswith("tf:") else gt_topic
+        if gt_source not in topics:
+            raise DatasetError(f"ground-truth topic {gt_source!r} is not in {bag}; it has: {listing}")
+        for topic, allowed in ((image_topic, IMAGE_TYPES),
+                               (gt_source, TF_TYPES if gt_source == "/tf" else GT_TYPES)):
+            if topics[topic] not in allowed:
+                raise DatasetError(f"{bag}: topic {topic} carries {topics[topic]}, expected one of "
+                                   f"{', '.join(allowed)}")
+        if every < 1:
+            raise DatasetError("every must be >= 1")
+        wanted = [image_topic, gt_source] + (["/tf_static"] if "/tf_static" in topics else [])
+        reader = GroundTruthReader(gt_topic, base_frame)
+        static: dict = {}
+        images: list[tuple[int, np.ndarray, str]] = []
+        bad_images = 0
+        count = 0
+        try:
+            for record in read_messages(bag, wanted):
+                if record.topic == image_topic:
+                    count += 1
+                    if (count - 1) % every:
+                        continue
+                    try:
+                        images.append((messages.header_stamp_ns(record.msg),
+                                       messages.image_to_rgb(record.msg), record.msg.header.frame_id))
+                    except ValueError:
+                        bad_images += 1
+                elif record.topic == "/tf_static":
+                    static.update(tf_edges(record.msg.transforms))
+                if record.topic == gt_source:
+                    reader.add(record.topic, record.msg)
+            gt_stamps, gt_t, gt_q = reader.finish(static)
+        except (ValueError, GroundTruthError) as exc:
+            raise DatasetError(f"{bag}: {exc}") from None
+        if bad_images:
+            LOG.warning("%s: %d image(s) on %s could not be decoded and were skipped", bag, bad_images,
+                        image_topic)
+        if not images:
+            raise DatasetError(f"{bag}: no decodable image on {image_topic}")
+        if camera_extrinsic is None:
+            # /tf_static, else the transforms that stayed fixed on /tf (ROS 1 bags keep mounts there)
+            camera_extrinsic = static_chain(fixed_edges(reader.dynamic) | static, base_frame, images[0][2])
+            if camera_extrinsic is None:
+                LOG.warning("%s: no TF path %s -> %s on /tf_static or fixed on /tf; using the ground truth "
+                            "as the camera pose", bag, base_frame, images[0][2])
+        stamps = np.array([ns * 1e-9 for ns, _, _ in images])
+        t_base, q_base = interpolate_poses(gt_stamps, gt_t, gt_q, stamps)
+        nearest = np.abs(gt_stamps[np.clip(np.searchsorted(gt_stamps, stamps), 0, len(gt_stamps) - 1)] - stamps)
+        nearest = np.minimum(nearest, np.abs(gt_stamps[np.clip(np.searchsorted(gt_stamps, stamps) - 1, 0,
+                                                               len(gt_stamps) - 1)] - stamps))
+        self._images: list[np.ndarray] = []
+        for k, (ns, image, _) in enumerate(images):
+            if not np.all(np.isfinite(t_base[k])) or nearest[k] > tolerance:
+                continue
+            if camera_extrinsic is not None:
+                t, q = geometry.pose_compose(t_base[k], q_base[k], *camera_extrinsic)
+            else:
+                t, q = t_base[k], q_base[k]
+            self.items.append((Path(f"{bag}#{ns}"), t, geometry.quat_hemisphere(q), ns * 1e-9))
+            self._images.append(image)
+        if not self.items:
+            raise DatasetError(f"{bag}: no image has ground truth within {tolerance} s "
+                               f"(images {stamps.min():.3f}..{stamps.max():.3f} s, ground truth "
+                               f"{gt_stamps.min():.3f}..{gt_stamps.max():.3f} s)")
+        self._cache = dict(enumerate(self._images))
+
+    def preload(self) -> "BagDataset":
+        return self  # already in memory

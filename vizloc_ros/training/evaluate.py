@@ -1,0 +1,181 @@
+"""`vizloc-eval`: a checkpoint on a dataset split -> median errors and threshold shares.
+
+Runs the images through :class:`~vizloc_ros.localize.estimator.PoseEstimator`, the class the
+node and the replay use, so the figures are those of the deployed path (same
+preprocessing, same device handling). Prints a table and writes JSON (``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vizloc_ros.metrics import THRESHOLDS, evaluate_poses, pose_errors, threshold_key
+
+
+def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int = 16,
+                        progress: bool = True) -> dict:
+    """Metrics of ``weights`` on every frame of ``dataset`` (any PoseDataset)."""
+    from tqdm import tqdm
+
+    from vizloc_ros.pipeline import load_estimator
+
+    estimator = load_estimator(weights, device=device)  # a bad file: ValueError naming it
+    t_est, q_est = [], []
+    started = time.perf_counter()
+    bar = tqdm(total=len(dataset), desc="evaluating", unit="frame", disable=not progress,
+               dynamic_ncols=True)
+    for start in range(0, len(dataset), batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        by_shape: dict = {}
+        for k, sample in enumerate(samples):  # estimate_batch wants one image size per call
+            by_shape.setdefault(sample["image"].shape, []).append(k)
+        results = [None] * len(samples)
+        for indices in by_shape.values():
+            # sequence models read the frames in the dataset's order; stamps split recordings
+            stamps = [samples[k]["stamp"] for k in indices] if estimator.sequential else None
+            batch = estimator.estimate_batch([samples[k]["image"] for k in indices], stamps=stamps)
+            for k, result in zip(indices, batch):
+                results[k] = result
+        t_est.extend(r.t for r in results)
+        q_est.extend(r.q for r in results)
+        bar.update(len(samples))
+    bar.close()
+    elapsed = time.perf_counter() - started
+    t_gt, q_gt = dataset.poses()
+    metrics = evaluate_poses(np.array(t_est), np.array(q_est), t_gt, q_gt)
+    metrics["frames_per_second"] = len(dataset) / elapsed if elapsed > 0 else None
+    metrics["device"] = str(estimator.device)
+    return metrics
+
+
+def format_table(metrics: dict, title: str = "") -> str:
+    rows = [("frames", f"{metrics['frames']}"),
+            ("median translation", f"{metrics['median_translation_m']:.3f} m"),
+            ("median rotation", f"{metrics['median_rotation_deg']:.2f} deg")]
+    for metres, degrees in THRESHOLDS:
+        rows.append((f"within {metres * 100:g} cm, {degrees:g} deg",
+                     f"{100 * metrics[threshold_key(metres, degrees)]:.1f} %"))
+    if metrics.get("frames_per_second"):
+        rows.append(("frames/s", f"{metrics['frames_per_second']:.1f} ({metrics.get('device')})"))
+    width = max(len(r[0]) for r in rows)
+    lines = [title] if title else []
+    lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vizloc-eval",
+        description="Evaluate a checkpoint on a dataset split: median translation / rotation "
+                    "error and the shares of frames within DESIGN.md's thresholds.")
+    parser.add_argument("weights", help="checkpoint (X.safetensors with X.json), or X.onnx")
+    parser.add_argument("data", help="dataset folder (7-Scenes, Cambridge, KITTI) or a bag")
+    parser.add_argument("--kind", default="7scenes", choices=("7scenes", "cambridge", "kitti", "bag"),
+                        help="dataset layout (default 7scenes)")
+    parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument("--frames", default=None,
+                        help="KITTI only: frame selection 'even', 'odd' or 'a:b[:step]'")
+    parser.add_argument("--image-topic", default="/camera/image_raw", help="bag only")
+    parser.add_argument("--gt-topic", "--ground-truth", dest="gt_topic", default="/ground_truth/pose",
+                        help="bag only: a pose topic or tf:PARENT->CHILD, as vizloc-replay's --ground-truth")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", dest="json_out", help="write the metrics here as JSON")
+    parser.add_argument("--record", metavar="NAME",
+                        help="also store the metrics in the checkpoint's JSON sidecar under "
+                             "metrics.NAME (e.g. test), with the dataset path")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def parse_frames(spec: str | None, count: int):
+    """'even' | 'odd' | 'a:b[:step]' -> list of frame indices below ``count`` (None: all)."""
+    if spec is None:
+        return None
+    if spec in ("even", "odd"):
+        return list(range(0 if spec == "even" else 1, count, 2))
+    try:
+        parts = [int(p) if p else None for p in spec.split(":")]
+        selection = list(range(count)[slice(*parts)])
+    except (ValueError, TypeError):
+        raise ValueError(f"--frames must be even, odd or a:b[:step], got {spec!r}") from None
+    return selection
+
+
+def _open(args):
+    from vizloc_ros.training.datasets import KittiOdometry, open_dataset
+
+    if args.kind == "kitti":
+        poses = Path(args.data) / "poses.txt"
+        count = sum(1 for line in open(poses) if line.strip()) if poses.is_file() else 0
+        return KittiOdometry(args.data, frames=parse_frames(args.frames, count))
+    if args.kind == "bag":
+        return open_dataset("bag", args.data, image_topic=args.image_topic, gt_topic=args.gt_topic)
+    return open_dataset(args.kind, args.data, split=args.split)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        print("vizloc-eval: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        if args.json_out:  # before minutes of evaluation, not after
+            _check_json_target(Path(args.json_out))
+        dataset = _open(args)
+        metrics = evaluate_checkpoint(args.weights, dataset, args.device, args.batch_size,
+                                      progress=not args.no_progress)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"vizloc-eval: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:  # weights that give NaN on some images only
+        print(f"vizloc-eval: {exc} (NaN or inf in the weights? a diverged training?)", file=sys.stderr)
+        return 2
+    print(format_table(metrics, f"{args.weights} on {args.data} ({args.split})"))
+    try:
+        if args.json_out:
+            _write_json_atomically(Path(args.json_out), metrics)
+        if args.record:
+            record_metrics(args.weights, args.record, {**metrics, "dataset": str(args.data),
+                                                       "kind": args.kind, "split": args.split})
+    except OSError as exc:
+        print(f"vizloc-eval: cannot write the metrics: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _check_json_target(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"--json {path}: folder {path.parent} does not exist")
+
+
+def _write_json_atomically(path: Path, document: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def record_metrics(weights, name: str, metrics: dict) -> Path:
+    """Store ``metrics`` under ``metrics.<name>`` of the checkpoint's JSON sidecar."""
+    from vizloc_ros.localize.models import checkpoint_paths
+
+    _, json_path = checkpoint_paths(weights)
+    meta = json.loads(json_path.read_text())
+    meta.setdefault("metrics", {})[name] = metrics
+    _write_json_atomically(json_path, meta)
+    return json_path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
