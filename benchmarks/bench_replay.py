@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vizloc_ros import pipeline  # noqa: E402
+from vizloc_ros.pipeline import regressor as pipeline  # noqa: E402
 from vizloc_ros.replay.cli import ReplayOptions, run_replay  # noqa: E402
 
 

@@ -77,7 +77,7 @@ def child(args) -> int:
     """One load run in this (fresh) process; writes its result as JSON."""
     _torch_setup()
     if args.child == "images":
-        from vizloc_ros.pipeline import load_estimator
+        from vizloc_ros.pipeline.regressor import load_estimator
 
         estimator = load_estimator(args.weights, device=args.device)
         result = L.image_load(estimator, args.rate, args.seconds, IMAGE_SIZE)
@@ -101,7 +101,7 @@ def _spawn(kind: str, seconds: float, json_out: Path, **extra) -> dict:
 
 
 def run_loads(seconds: float, factor: float, device: str, fusion: bool) -> dict:
-    from vizloc_ros.pipeline import load_estimator
+    from vizloc_ros.pipeline.regressor import load_estimator
 
     _torch_setup()
     loads: dict = {}

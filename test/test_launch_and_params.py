@@ -224,7 +224,7 @@ def test_fusion_table_covers_fusion_config_with_its_defaults():
 
 
 def test_settings_defaults_match_the_pipeline():
-    from vizloc_ros.pipeline import FusionSettings
+    from vizloc_ros.pipeline.fusion_core import FusionSettings
 
     defaults = FusionSettings()
     for p in P.FUSION_SETTINGS_PARAMS:

@@ -13,9 +13,10 @@ import pytest
 
 from vizloc_ros import geometry
 from vizloc_ros.ros_io import messages
-from vizloc_ros.pipeline import (FusionCore, FusionSettings, LatestFrameSlot, RateMeter,
-                                 RegressorCore, StampRateLimiter, camera_to_base,
-                                 diagnostics_summary)
+from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
+from vizloc_ros.pipeline.worker import LatestFrameSlot
+from vizloc_ros.pipeline.diagnostics import RateMeter, diagnostics_summary
+from vizloc_ros.pipeline.regressor import RegressorCore, StampRateLimiter, camera_to_base
 
 T = messages.rosbags_types()
 EPOCH_NS = 1_700_000_000_000_000_000
@@ -418,7 +419,8 @@ def test_odometry_in_other_frames_is_fused_counted_and_said_once(caplog):
 
 def test_path_mirror_converts_each_pose_once_and_rebuilds_after_the_core_clears_its_path():
     from vizloc_ros.ros_io import messages
-    from vizloc_ros.pipeline import FusionCore, PathMirror
+    from vizloc_ros.pipeline.fusion_core import FusionCore
+    from vizloc_ros.pipeline.outputs import PathMirror
 
     core = FusionCore()
     mirror = PathMirror(core, messages.rosbags_types())
@@ -445,7 +447,7 @@ def test_path_mirror_converts_each_pose_once_and_rebuilds_after_the_core_clears_
 
 def test_coarse_pose_messages_initialise_the_fusion_and_bad_ones_are_counted_drops():
     from vizloc_ros.ros_io import messages
-    from vizloc_ros.pipeline import FusionCore, FusionSettings
+    from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
 
     T = messages.rosbags_types()
     core = FusionCore(settings=FusionSettings(use_odom=False))

@@ -8,7 +8,7 @@ import pytest
 from vizloc_ros.replay import cli as replay
 from vizloc_ros.replay import fusion_side as replay_fusion
 from vizloc_ros.ros_io.tum import read_tum
-from vizloc_ros.pipeline import AbsolutePose
+from vizloc_ros.pipeline.regressor import AbsolutePose
 
 
 def _pose(stamp):

@@ -403,7 +403,7 @@ class RelativeFake:
 
 
 def test_visual_odometry_integrates_the_relative_head_into_base_motion():
-    from vizloc_ros.pipeline import RegressorCore
+    from vizloc_ros.pipeline.regressor import RegressorCore
 
     T = messages.rosbags_types()
     rng = np.random.default_rng(10)

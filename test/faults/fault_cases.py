@@ -115,7 +115,7 @@ class Resources:
     @property
     def estimator(self):
         if self._estimator is None:
-            from vizloc_ros.pipeline import load_estimator
+            from vizloc_ros.pipeline.regressor import load_estimator
 
             self._estimator = load_estimator(self.weights, device=self.device, cpu_threads=1)
         return self._estimator
@@ -344,7 +344,7 @@ def _bad_images() -> dict:
 
 def _image_case(name, expected, msg) -> Case:
     def run(res: Resources) -> Observation:
-        from vizloc_ros.pipeline import RegressorCore
+        from vizloc_ros.pipeline.regressor import RegressorCore
 
         core = RegressorCore(res.estimator, base_T_camera=((0.1, 0.0, 0.2), (0.5, -0.5, 0.5, -0.5)))
         obs = _regress(core, msg)
@@ -433,7 +433,7 @@ class _FusionRun:
     """FusionCore fed like the fusion node: odometry, IMU and absolute poses at 10 Hz."""
 
     def __init__(self, use_imu=False):
-        from vizloc_ros.pipeline import FusionCore, FusionSettings
+        from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
 
         self.core = FusionCore(settings=FusionSettings(use_imu=use_imu))
         self.use_imu = use_imu
@@ -687,7 +687,7 @@ def _weights_cases() -> list[Case]:
     cases = []
     for name, make in WEIGHT_FAULTS.items():
         def loader(res, folder, make=make):
-            from vizloc_ros.pipeline import load_estimator
+            from vizloc_ros.pipeline.regressor import load_estimator
 
             path = make(res, folder)
             try:

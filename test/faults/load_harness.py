@@ -47,7 +47,7 @@ def peak_rss_bytes() -> int:
 
 def service_time(estimator, size=(480, 640), frames: int = 8) -> float:
     """Median seconds the regressor core needs for one frame (decode + network + base pose)."""
-    from vizloc_ros.pipeline import RegressorCore
+    from vizloc_ros.pipeline.regressor import RegressorCore
 
     core = RegressorCore(estimator, base_T_camera=((0.1, 0.0, 0.2), (0.5, -0.5, 0.5, -0.5)))
     rng = np.random.default_rng(0)
@@ -64,7 +64,7 @@ def service_time(estimator, size=(480, 640), frames: int = 8) -> float:
 def _recording_slot():
     """A LatestFrameSlot that also notes, under its own lock, the newest stamp put, so the
     worker can check it was handed the newest frame (the property the slot promises)."""
-    from vizloc_ros.pipeline import LatestFrameSlot
+    from vizloc_ros.pipeline.worker import LatestFrameSlot
 
     class Recording(LatestFrameSlot):
         def __init__(self):
@@ -89,12 +89,14 @@ def image_load(estimator, rate_hz: float, seconds: float, size=(480, 640), sampl
     """Images at ``rate_hz`` for ``seconds`` through the regressor node's own path.
 
     A producer thread plays the subscription callback (``slot.put`` + the rate meter, as
-    ``RegressorNode._on_image``); a :class:`~vizloc_ros.pipeline.FrameWorker` runs
+    ``RegressorNode._on_image``); a :class:`~vizloc_ros.pipeline.worker.FrameWorker` runs
     ``RegressorCore.process`` and builds the message the node publishes. Each frame is a
     new buffer stamped with the wall clock when it is made (the camera's capture time), so
     latency = publish time - stamp, as a subscriber would measure it.
     """
-    from vizloc_ros.pipeline import FrameWorker, RateMeter, RegressorCore
+    from vizloc_ros.pipeline.worker import FrameWorker
+    from vizloc_ros.pipeline.diagnostics import RateMeter
+    from vizloc_ros.pipeline.regressor import RegressorCore
 
     slot = _recording_slot()
     core = RegressorCore(estimator, base_T_camera=((0.1, 0.0, 0.2), (0.5, -0.5, 0.5, -0.5)))
@@ -188,7 +190,7 @@ def fusion_load(seconds: float, odom_hz: float = 1000.0, imu_hz: float = 2000.0,
     the executor is late the oldest are lost (counted), as in the node.
     """
     from vizloc_ros.fusion import FusionConfig
-    from vizloc_ros.pipeline import FusionCore, FusionSettings
+    from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
 
     config = FusionConfig()
     if buffer_seconds is not None:

@@ -12,7 +12,7 @@ import pytest
 
 import fault_cases as F
 import load_harness as L
-from vizloc_ros.pipeline import FrameWorker, LatestFrameSlot
+from vizloc_ros.pipeline.worker import FrameWorker, LatestFrameSlot
 
 
 @pytest.fixture(scope="module")

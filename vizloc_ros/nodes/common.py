@@ -16,7 +16,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rcl_interfaces.msg import ParameterDescriptor
 
 from vizloc_ros.ros_io import messages
-from vizloc_ros.pipeline import RateMeter, diagnostics_summary
+from vizloc_ros.pipeline.diagnostics import RateMeter, diagnostics_summary
 
 
 class StartupError(Exception):

@@ -1,7 +1,7 @@
 """vizloc_fusion: absolute poses + odometry (+ IMU) -> ``/vizloc/pose``, ``/vizloc/path``, TF.
 
 Every decision (gating, the ``map -> odom`` arithmetic, TF stamps, when the path grows)
-is made by :class:`~vizloc_ros.pipeline.FusionCore`, the code ``vizloc-replay`` runs;
+is made by :class:`~vizloc_ros.pipeline.fusion_core.FusionCore`, the code ``vizloc-replay`` runs;
 this node wires topics, QoS, TF and the ``~/reset`` service to it. Callbacks run on one
 executor thread, so the core needs no lock.
 """
@@ -18,7 +18,8 @@ from vizloc_ros.nodes import params as node_params
 from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters,
                                      latched_qos, reliable_qos, report_new_drops,
                                      ros_message_types, run, sensor_qos)
-from vizloc_ros.pipeline import PATH_PERIOD_S, FusionCore, PathMirror
+from vizloc_ros.pipeline.outputs import PATH_PERIOD_S, PathMirror
+from vizloc_ros.pipeline.fusion_core import FusionCore
 
 
 class FusionNode(Node):

@@ -4,7 +4,7 @@ Why a table outside ``vizloc_ros/nodes``: the nodes declare exactly these parame
 (iterating the tables), ``config/vizloc.yaml`` lists exactly these, the docs table is
 written from them, and the tests check all of that without ROS installed. The
 conversion of parameter values into the ROS-free settings objects
-(:class:`~vizloc_ros.pipeline.FusionSettings`, :class:`~vizloc_ros.fusion.FusionConfig`,
+(:class:`~vizloc_ros.pipeline.fusion_core.FusionSettings`, :class:`~vizloc_ros.fusion.FusionConfig`,
 :class:`RegressorSettings`) also lives here, so a bad YAML value is caught by the same
 code in the node and in the tests, and reported as one ``ValueError`` naming the
 parameter.
@@ -312,7 +312,7 @@ class FusionNodeSettings:
 def fusion_settings(values: dict) -> FusionNodeSettings:
     """Parameter values -> topics, FusionSettings and FusionConfig; ``ValueError`` if bad."""
     from vizloc_ros.fusion import FusionConfig
-    from vizloc_ros.pipeline import FusionSettings
+    from vizloc_ros.pipeline.fusion_core import FusionSettings
 
     v = check_values(FUSION_PARAMS, values)
     for name in ("odom_topic", "imu_topic"):

@@ -1,10 +1,10 @@
 """vizloc_regressor: camera images -> ``/vizloc/absolute_pose`` (network pose of the base in map).
 
 The subscription callback only drops the message into a one-frame slot
-(:class:`~vizloc_ros.pipeline.LatestFrameSlot`); a worker thread
-(:class:`~vizloc_ros.pipeline.FrameWorker`) runs the network on the newest frame, so a
+(:class:`~vizloc_ros.pipeline.worker.LatestFrameSlot`); a worker thread
+(:class:`~vizloc_ros.pipeline.worker.FrameWorker`) runs the network on the newest frame, so a
 slow network never blocks the executor or builds a queue (replaced frames are counted).
-What a frame becomes is decided by :class:`~vizloc_ros.pipeline.RegressorCore`, the code
+What a frame becomes is decided by :class:`~vizloc_ros.pipeline.regressor.RegressorCore`, the code
 ``vizloc-replay`` runs too: a sequence model (VidLoc) reads the clip of the last frames it
 processed, and with ``visual_odometry`` a network's relative head (VLocNet) becomes
 ``nav_msgs/Odometry`` on ``visual_odometry_topic`` (+ TF ``odom_frame -> base_frame``).
@@ -24,7 +24,8 @@ from vizloc_ros.nodes import params as node_params
 from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters,
                                      reliable_qos, report_new_drops, ros_message_types, run,
                                      sensor_qos, static_tf_qos)
-from vizloc_ros.pipeline import FrameWorker, LatestFrameSlot, RegressorCore, load_estimator
+from vizloc_ros.pipeline.worker import FrameWorker, LatestFrameSlot
+from vizloc_ros.pipeline.regressor import RegressorCore, load_estimator
 
 #: how long the first frame waits for the static TF base <- camera before the fallback is used
 FIRST_EXTRINSIC_WAIT_S = 2.0

@@ -2,11 +2,11 @@
 
 The replay drives the same cores as the nodes (:mod:`vizloc_ros.pipeline`), split the
 same way. This process reads the images and runs them through
-:class:`~vizloc_ros.pipeline.RegressorCore` (batched: the estimator is stateless, so
+:class:`~vizloc_ros.pipeline.regressor.RegressorCore` (batched: the estimator is stateless, so
 batching changes speed, not results). The resulting ``/vizloc/absolute_pose`` poses go
 to the fusion side (:mod:`vizloc_ros.replay.fusion_side`, a second process by default), which
 reads the bag's odometry, IMU and ground truth itself, runs
-:class:`~vizloc_ros.pipeline.FusionCore` on everything in header-stamp order and writes
+:class:`~vizloc_ros.pipeline.fusion_core.FusionCore` on everything in header-stamp order and writes
 whatever the fusion node would publish to an output bag. Ground truth is only read for
 the report. Sequence models (VidLoc, VLocNet) get the images in stamp order, as the
 node does. With ``--visual-odom`` a network with a relative head (VLocNet) is its own
@@ -149,7 +149,7 @@ def run_replay(options: ReplayOptions) -> dict:
     from tqdm import tqdm
 
     from vizloc_ros.ros_io.bag_io import read_messages
-    from vizloc_ros.pipeline import RegressorCore, load_estimator
+    from vizloc_ros.pipeline.regressor import RegressorCore, load_estimator
     from vizloc_ros.replay.report import write_report
 
     bag, out = Path(options.bag), Path(options.out)

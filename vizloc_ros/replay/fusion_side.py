@@ -2,7 +2,7 @@
 
 The replay is split like the two nodes. The regressor side (:mod:`vizloc_ros.replay.cli`)
 reads the images and turns them into absolute poses; this side reads everything else
-(odometry, IMU, ground truth), runs :class:`~vizloc_ros.pipeline.FusionCore` on all of it
+(odometry, IMU, ground truth), runs :class:`~vizloc_ros.pipeline.fusion_core.FusionCore` on all of it
 in header-stamp order, and writes the result bag. By default it runs in a child process
 (:class:`FusionProcess`), so the fusion of one batch overlaps the network's work on the
 next, on another core; :class:`FusionSide` itself also runs in-process.
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros.ros_io import messages
-from vizloc_ros.pipeline import PATH_PERIOD_S, PathMirror
+from vizloc_ros.pipeline.outputs import PATH_PERIOD_S, PathMirror
 from vizloc_ros.ros_io.ground_truth import GroundTruthError, GroundTruthReader, tf_edges
 
 #: /vizloc/path snapshots in the result bag: at most every PATH_PERIOD_S of bag time (the
@@ -104,7 +104,7 @@ class FusionSide:
     """Own messages of the bag + the regressor's events -> FusionCore -> result bag."""
 
     def __init__(self, spec: FusionSideSpec):
-        from vizloc_ros.pipeline import FusionCore, FusionSettings
+        from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
 
         self.spec = spec
         try:

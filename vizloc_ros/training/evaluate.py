@@ -23,7 +23,7 @@ def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int 
     """Metrics of ``weights`` on every frame of ``dataset`` (any PoseDataset)."""
     from tqdm import tqdm
 
-    from vizloc_ros.pipeline import load_estimator
+    from vizloc_ros.pipeline.regressor import load_estimator
 
     estimator = load_estimator(weights, device=device)  # a bad file: ValueError naming it
     t_est, q_est = [], []

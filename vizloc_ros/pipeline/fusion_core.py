@@ -1,0 +1,278 @@
+"""Fusion core: absolute pose / odometry / IMU / initial pose messages ->
+``SlidingWindowFusion`` -> fused pose, path and the ``map -> odom`` transform.
+
+Why a core without ROS: the fusion node and the replay's fusion side feed it the same
+messages and must publish the same result.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from vizloc_ros.ros_io import messages
+
+LOG = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- fusion
+
+@dataclass
+class TransformOut:
+    """A TF transform to broadcast: ``parent -> child`` at ``stamp``."""
+
+    stamp: float
+    parent: str
+    child: str
+    t: np.ndarray
+    q: np.ndarray
+    stamp_ns: int = 0
+
+
+@dataclass
+class FusionOutput:
+    """Everything the fusion node publishes after one update."""
+
+    stamp: float
+    frame_id: str
+    t: np.ndarray
+    q: np.ndarray
+    cov: np.ndarray
+    transform: TransformOut | None
+    path_appended: bool
+    stamp_ns: int = 0  # exact stamp of the input the estimate is at (float seconds lose ns)
+
+
+@dataclass
+class FusionSettings:
+    """Node-level settings around the fusion (frames, TF, path), DESIGN.md names."""
+
+    map_frame: str = "map"
+    odom_frame: str = "odom"
+    base_frame: str = "base_link"
+    publish_tf: bool = True
+    transform_tolerance: float = 0.1
+    use_odom: bool = True
+    use_imu: bool = False
+    path_max_length: int = 10000
+    path_min_spacing: float = 0.0
+
+    def __post_init__(self):
+        if not np.isfinite(self.transform_tolerance) or self.transform_tolerance < 0:
+            raise ValueError(f"transform_tolerance must be >= 0, got {self.transform_tolerance}")
+        for name in ("map_frame", "odom_frame", "base_frame"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string")
+
+
+class FusionCore:
+    """Messages in -> fused outputs, exactly as the fusion node publishes them."""
+
+    def __init__(self, fusion_config=None, settings: FusionSettings | None = None):
+        from vizloc_ros.fusion import FusionConfig, SlidingWindowFusion
+
+        self.settings = settings or FusionSettings()
+        if fusion_config is None:
+            fusion_config = FusionConfig()
+        elif isinstance(fusion_config, dict):
+            fusion_config = FusionConfig.from_dict(fusion_config)
+        fusion_config.use_odom = self.settings.use_odom
+        fusion_config.use_imu = self.settings.use_imu
+        self.fusion = SlidingWindowFusion(fusion_config)
+        self.counters: Counter = Counter()
+        self.path: deque = deque(maxlen=self.settings.path_max_length)
+        self.last_reason: str | None = None
+        # float stamp -> exact ns of recent inputs, so outputs carry the input's stamp exactly
+        self._exact_ns: "OrderedDict[float, int]" = OrderedDict()
+        self._time_jumps_seen = 0
+        self._warned_odom_frames: set = set()
+
+    def _remember(self, msg) -> float:
+        stamp_ns = messages.header_stamp_ns(msg)
+        stamp = stamp_ns * 1e-9
+        if stamp_ns <= 0 or not np.isfinite(stamp):
+            raise ValueError(f"stamp {stamp_ns} ns is zero or invalid")
+        self._exact_ns[stamp] = stamp_ns
+        if len(self._exact_ns) > 4096:
+            self._exact_ns.popitem(last=False)
+        return stamp
+
+    def exact_ns(self, stamp: float) -> int:
+        """The exact ns of an input stamped ``stamp`` (rounded seconds if none matches)."""
+        return self._exact_ns.get(stamp, int(round(stamp * 1e9)))
+
+    # -- inputs --------------------------------------------------------------
+    def on_absolute(self, msg) -> FusionOutput | None:
+        """A ``/vizloc/absolute_pose`` message (PoseWithCovarianceStamped of the base)."""
+        self.counters["absolute_received"] += 1
+        try:
+            stamp, t, q, cov = self._map_pose(msg, "absolute pose")
+        except ValueError as exc:
+            return self._drop("absolute_invalid", str(exc))
+        return self.add_absolute(stamp, t, q, cov)
+
+    def _map_pose(self, msg, what: str):
+        """(stamp, t, q, cov) of a PoseWithCovarianceStamped that must be in ``map``;
+        ``ValueError`` naming ``what`` otherwise."""
+        frame = msg.header.frame_id
+        if frame != self.settings.map_frame:
+            raise ValueError(f"{what} in frame {frame!r}, expected {self.settings.map_frame!r}")
+        stamp = self._remember(msg)
+        return (stamp, *messages.pose_with_covariance_from_msg(msg))
+
+    def add_absolute(self, stamp, t, q, cov) -> FusionOutput | None:
+        result = self.fusion.add_absolute(stamp, t, q, cov)
+        self.counters[f"absolute_{result.status}"] += 1
+        self.last_reason = result.reason
+        return self._output(stamp) if result.status in ("accepted", "initialising") else None
+
+    def on_coarse_pose(self, msg) -> FusionOutput | None:
+        """A ``/vizloc/coarse_pose`` message (PoseWithCovarianceStamped of the base, from a
+        coarse relocalizer such as NetVLAD): initialisation and kidnap recovery only."""
+        self.counters["coarse_received"] += 1
+        try:
+            stamp, t, q, cov = self._map_pose(msg, "coarse pose")
+        except ValueError as exc:
+            return self._drop("coarse_invalid", str(exc))
+        return self.add_coarse_prior(stamp, t, q, cov)
+
+    def add_coarse_prior(self, stamp, t, q, cov) -> FusionOutput | None:
+        """A coarse pose (e.g. NetVLAD retrieval): initialisation and kidnap recovery only."""
+        result = self.fusion.add_coarse_prior(stamp, t, q, cov)
+        # one that agrees with the running estimate is not a problem: counted, not "dropped"
+        agrees = result.status == "dropped" and result.mahalanobis2 is not None
+        self.counters["coarse_agreed" if agrees else f"coarse_{result.status}"] += 1
+        self.last_reason = result.reason
+        return self._output(stamp) if result.status in ("accepted", "initialising") else None
+
+    def on_odometry(self, msg) -> FusionOutput | None:
+        if not self.settings.use_odom:
+            return None
+        self.counters["odom_received"] += 1
+        try:
+            stamp = self._remember(msg)
+            t, q, cov = messages.pose_with_covariance_from_msg(msg)
+        except ValueError as exc:
+            return self._drop("odom_invalid", str(exc))
+        self._check_odom_frames(msg)
+        return self.add_odometry(stamp, t, q, cov)
+
+    def _check_odom_frames(self, msg) -> None:
+        """Odometry in other frames than ``odom_frame -> base_frame`` still gives valid
+        relative motion, but the published ``map -> odom_frame`` would then hang off a frame
+        the robot's TF tree does not join: counted, and said once per pair of frames."""
+        s = self.settings
+        frames = (str(getattr(msg.header, "frame_id", "")), str(getattr(msg, "child_frame_id", "")))
+        if frames[0] in ("", s.odom_frame) and frames[1] in ("", s.base_frame):
+            return
+        self.counters["odom_frame_mismatch"] += 1
+        if frames not in self._warned_odom_frames:
+            self._warned_odom_frames.add(frames)
+            LOG.warning("odometry is %s -> %s but odom_frame/base_frame are %s -> %s: it is fused, "
+                        "but TF %s -> %s will not join your tree; set odom_frame and base_frame",
+                        frames[0] or "?", frames[1] or "?", s.odom_frame, s.base_frame,
+                        s.map_frame, s.odom_frame)
+
+    def add_odometry(self, stamp, t, q, cov) -> FusionOutput | None:
+        result = self.fusion.add_odometry(stamp, t, q, cov)
+        self.counters[f"odom_{result.status}"] += 1
+        if result.status != "accepted":
+            self.last_reason = result.reason
+            return None
+        return self._output(stamp)
+
+    def on_imu(self, msg) -> None:
+        if not self.settings.use_imu:
+            return None
+        self.counters["imu_received"] += 1
+        try:
+            stamp_ns = messages.header_stamp_ns(msg)
+            if stamp_ns <= 0:  # a driver before its clock is set: would look like a bag loop
+                raise ValueError(f"IMU stamp {stamp_ns} ns is zero or invalid")
+            stamp, gyro, accel = messages.imu_motion_from_msg(msg)  # the fusion uses no more
+        except ValueError as exc:
+            self._drop("imu_invalid", str(exc))
+            return None
+        result = self.fusion.add_imu(stamp, gyro, accel)
+        self.counters[f"imu_{result.status}"] += 1
+        if result.status != "accepted":
+            self.last_reason = result.reason
+        return None
+
+    def on_initial_pose(self, msg) -> FusionOutput | None:
+        """rviz "2D Pose Estimate": reset the fusion at the given pose and covariance."""
+        self.counters["initialpose_received"] += 1
+        try:
+            if msg.header.frame_id != self.settings.map_frame:
+                raise ValueError(f"initial pose in frame {msg.header.frame_id!r}, "
+                                 f"expected {self.settings.map_frame!r}")
+            # A zero stamp (``ros2 topic pub /initialpose ...``) means "now": the fusion
+            # then uses the newest stamp it has seen.
+            stamp = self._remember(msg) if messages.header_stamp_ns(msg) != 0 else 0.0
+            t, q, cov = messages.pose_with_covariance_from_msg(msg)
+        except ValueError as exc:
+            return self._drop("initialpose_invalid", str(exc))
+        result = self.fusion.set_initial_pose(stamp, t, q, cov)
+        self.counters[f"initialpose_{result.status}"] += 1
+        self.last_reason = result.reason
+        self.path.clear()
+        return self._output(stamp) if result.status == "accepted" else None
+
+    def reset(self) -> None:
+        """``~/reset``: forget the window and the path; re-initialise from measurements."""
+        self.fusion.reset()
+        self.path.clear()
+        self.counters["resets"] += 1
+
+    # -- helpers -------------------------------------------------------------
+    def _drop(self, reason: str, detail: str) -> None:
+        self.counters[f"dropped_{reason}"] += 1
+        self.last_reason = detail
+        return None
+
+    def _output(self, stamp: float) -> FusionOutput | None:
+        estimate = self.fusion.estimate()
+        if estimate is None:
+            return None
+        t, q, cov = estimate.t, estimate.q, estimate.cov_ros
+        if not (np.all(np.isfinite(t)) and np.all(np.isfinite(q)) and np.all(np.isfinite(cov))):
+            return self._drop("non_finite_estimate", "fusion produced a non-finite estimate")
+        s = self.settings
+        jumps = self.fusion.counters.get("time_jumps", 0)
+        if jumps != self._time_jumps_seen:
+            # The fusion restarted after a jump back in time (a looping bag): the old path
+            # is from another run, and keeping it would stop the path from ever growing
+            # again (an entry is only appended after the newest stamp).
+            self._time_jumps_seen = jumps
+            self.path.clear()
+        stamp_ns = self.exact_ns(estimate.stamp)
+        transform = None
+        if s.publish_tf:
+            tf_ns = stamp_ns + int(round(s.transform_tolerance * 1e9))
+            tf_stamp = estimate.stamp + s.transform_tolerance
+            if s.use_odom and estimate.map_T_odom is not None:
+                t_mo, q_mo = estimate.map_T_odom
+                transform = TransformOut(tf_stamp, s.map_frame, s.odom_frame,
+                                         np.asarray(t_mo, float), np.asarray(q_mo, float), tf_ns)
+            elif not s.use_odom:
+                transform = TransformOut(tf_stamp, s.map_frame, s.base_frame, t.copy(), q.copy(), tf_ns)
+        appended = False
+        if not self.path or (estimate.stamp > self.path[-1][0] and
+                             np.linalg.norm(t - self.path[-1][1]) >= s.path_min_spacing):
+            self.path.append((estimate.stamp, t.copy(), q.copy()))
+            appended = True
+        return FusionOutput(stamp=estimate.stamp, frame_id=s.map_frame, t=t, q=q, cov=cov,
+                            transform=transform, path_appended=appended, stamp_ns=stamp_ns)
+
+    def path_arrays(self):
+        """(stamps, t, q) of the fused path so far."""
+        if not self.path:
+            return np.zeros(0), np.zeros((0, 3)), np.zeros((0, 4))
+        stamps, ts, qs = zip(*self.path)
+        return np.array(stamps), np.stack(ts), np.stack(qs)
+
+
+#: /vizloc/path is republished at most this often (seconds of message time): it can hold
+#: thousands of poses, and rviz does not need it at the odometry rate.
