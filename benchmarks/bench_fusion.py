@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from vizloc_ros.fusion import FusionConfig, SlidingWindowFusion  # noqa: E402
 from vizloc_ros.sim.fusion_sim import (DEFAULT_BASE_T_CAMERA, SimConfig, simulate,  # noqa: E402
-                                   synthetic_trajectory)
+                                       synthetic_trajectory)
 
 MODES = {
     "abs+odom": dict(use_odom=True, use_imu=False),

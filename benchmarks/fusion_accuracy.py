@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from vizloc_ros.ros_io.tum import read_tum  # noqa: E402
 from vizloc_ros.fusion import FusionConfig, SlidingWindowFusion  # noqa: E402
 from vizloc_ros.sim.fusion_sim import (DEFAULT_BASE_T_CAMERA, SimConfig, run_sequence,  # noqa: E402
-                                   simulate, summarize)
+                                       simulate, summarize)
 
 MODES = {
     "abs": dict(use_odom=False, use_imu=False),

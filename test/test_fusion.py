@@ -10,7 +10,7 @@ import pytest
 from vizloc_ros.fusion import (FusionConfig, SlidingWindowFusion, chi2_quantile,
                                gtsam_cov_to_ros, map_to_odom, ros_cov_to_gtsam)
 from vizloc_ros.sim.fusion_sim import (DEFAULT_BASE_T_CAMERA, SimConfig, pose_error, run_sequence,
-                                   simulate, summarize, synthetic_trajectory)
+                                       simulate, summarize, synthetic_trajectory)
 from vizloc_ros.geometry import pose_compose, quat_exp, rotation_angle
 
 TRAJ = synthetic_trajectory(30.0)

@@ -12,17 +12,18 @@ import pytest
 from PIL import Image
 
 from vizloc_ros.ros_io import messages as m
-from vizloc_ros.sim import synthetic as synth
-from vizloc_ros.ros_io.bag_io import BagWriter, list_topics, read_messages, topic_message_counts
-from vizloc_ros.sim.scene import get_scene
-from vizloc_ros.sim.sensors import (GRAVITY, ImuNoise, VoNoise, simulate_imu,
-                                        simulate_visual_odometry)
-from vizloc_ros.sim.sevenscenes_writer import read_pose
-from vizloc_ros.sim.trajectories import (BOX_MARGIN, CAMERA_IN_BASE_T, WALL_MARGIN, camera_poses,
-                                          random_walk, static_trajectory, trajectory_from_tum)
-from vizloc_ros.ros_io.tum import read_tum, write_tum
 from vizloc_ros.geometry import (pose_compose, pose_inverse, quat_rotate, quat_to_matrix, rotation_angle,
                                  so3_log)
+from vizloc_ros.ros_io.bag_io import BagWriter, list_topics, read_messages, topic_message_counts
+from vizloc_ros.ros_io.tum import read_tum, write_tum
+from vizloc_ros.sim import synthetic as synth
+from vizloc_ros.sim.fusion_sim import SimConfig
+from vizloc_ros.sim.scene import get_scene
+from vizloc_ros.sim.sensors import GRAVITY, ImuNoise, VoNoise, simulate_imu, simulate_visual_odometry
+from vizloc_ros.sim.sevenscenes_writer import read_pose
+from vizloc_ros.sim.trajectories import (BOX_MARGIN, CAMERA_IN_BASE_T, WALL_MARGIN, camera_poses,
+                                         gaussian_smooth, moving_average, random_walk, sorted_distinct,
+                                         static_trajectory, trajectory_from_tum)
 
 SCENE = get_scene("demo")
 SMALL = (80, 60)
@@ -198,6 +199,46 @@ def test_odometry_drift_grows_and_its_covariance_is_honest(walk):
     assert np.trace(covs[-1]) > 100 * np.trace(covs[0])  # uncertainty grows with distance
     np.testing.assert_allclose(covs, np.swapaxes(covs, 1, 2))
     assert np.all(np.linalg.eigvalsh(covs) > 0)
+
+
+# --------------------------------------------------------------------------- shared with the fusion harness
+
+def test_recordings_are_sorted_and_stamps_too_close_dropped():
+    stamps = [3.0, 1.0, 2.0, 1.0, 2.0 + 1e-8]
+    values = np.array([[30.0], [10.0], [20.0], [11.0], [21.0]])
+    kept, kept_values = sorted_distinct(stamps, values, min_step=1e-6)
+    np.testing.assert_array_equal(kept, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(kept_values[:, 0], [10.0, 20.0, 30.0])  # of equal stamps the first
+
+
+def test_smoothing_keeps_the_length_constants_and_straight_lines():
+    ramp = np.stack([np.arange(50.0), np.full(50, 7.0)], -1)
+    for smoothed in (moving_average(ramp, 5), gaussian_smooth(ramp, 2.0)):
+        assert smoothed.shape == ramp.shape
+        np.testing.assert_allclose(smoothed[:, 1], 7.0)
+        np.testing.assert_allclose(smoothed[10:-10, 0], ramp[10:-10, 0], atol=1e-9)  # symmetric kernels
+        assert 47.0 < smoothed[-1, 0] < 49.0  # the ends are held (49 beyond the last sample), not zero-padded
+    assert moving_average(ramp, 1) is ramp
+    copy = gaussian_smooth(ramp, 0.4)  # under half a sample: nothing to smooth
+    np.testing.assert_array_equal(copy, ramp)
+    assert copy is not ramp
+
+
+def test_fusion_harness_noise_is_the_shared_model():
+    config = SimConfig()
+    imu = config.imu_noise
+    assert imu.white_sigma(config.imu_rate) == pytest.approx(
+        (config.gyro_noise_density * math.sqrt(config.imu_rate), config.accel_noise_density * math.sqrt(config.imu_rate)))
+    assert (imu.gyro_initial_bias, imu.accel_initial_bias) == (config.gyro_bias_sigma, config.accel_bias_sigma)
+    # a standing robot: only the per-second rotation floor and the per-step floor
+    standing = config.odometry_step_sigma(0.0)
+    np.testing.assert_allclose(standing[:3], config.odom_sigma_floor)
+    np.testing.assert_allclose(standing[3:], math.sqrt(config.odom_sigma_rot_per_sqrt_s ** 2 / config.odom_rate
+                                                       + config.odom_sigma_floor ** 2))
+    one_metre = config.odometry_step_sigma(1.0)
+    np.testing.assert_allclose(one_metre[:3], math.hypot(config.odom_sigma_trans_per_sqrt_m, config.odom_sigma_floor))
+    assert np.all(one_metre[3:] == one_metre[3])  # rotation noise is isotropic here, heading included
+    assert config.gravity == tuple(GRAVITY)
 
 
 # --------------------------------------------------------------------------- vizloc-synth outputs

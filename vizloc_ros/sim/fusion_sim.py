@@ -15,8 +15,9 @@ synthetic) trajectory, this module builds a self-consistent world:
 * odometry: ``odom -> base_link`` accumulated from noisy increments (random walk in the
   distance travelled, a heading drift and an unmodelled 1 % scale error), with the
   accumulated covariance in the message, as wheel / visual odometry drivers publish it;
+  each increment's noise is the shared odometry model (:class:`~vizloc_ros.sim.sensors.VoNoise`);
 * IMU: body rates and specific force from the truth's derivatives with white noise and
-  random-walk biases;
+  random-walk biases of the shared IMU model (:class:`~vizloc_ros.sim.sensors.ImuNoise`);
 * kidnap: optionally the truth jumps 5 m at a given time; odometry and IMU do not notice.
 
 Events come out sorted by *arrival* time, the order a node or bag replay would see them.
@@ -24,16 +25,19 @@ Events come out sorted by *arrival* time, the order a node or bag replay would s
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from vizloc_ros.geometry import (matrix_to_quat, pose_compose, pose_relative, quat_exp,
                                  quat_multiply, quat_to_matrix, so3_exp, so3_log)
+from vizloc_ros.sim.sensors import GRAVITY, ImuNoise, VoNoise, specific_force
+from vizloc_ros.sim.trajectories import CAMERA_IN_BASE_Q, gaussian_smooth, resample, sorted_distinct
 
-# Optical camera frame (z forward, x right, y down) mounted looking along base x.
-_BASE_R_OPTICAL = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
-DEFAULT_BASE_T_CAMERA = ((0.15, 0.0, 0.25), tuple(matrix_to_quat(_BASE_R_OPTICAL)))
+#: the harness's camera mount: the optical frame of the synthetic world looking along base x,
+#: 0.15 m ahead of and 0.25 m above the base origin
+DEFAULT_BASE_T_CAMERA = ((0.15, 0.0, 0.25), tuple(CAMERA_IN_BASE_Q))
 
 
 @dataclass
@@ -60,7 +64,7 @@ class SimConfig:
     accel_bias_walk: float = 3.0e-3
     gyro_bias_sigma: float = 0.005           # initial biases drawn with these sigmas
     accel_bias_sigma: float = 0.05
-    gravity: tuple = (0.0, 0.0, -9.81)
+    gravity: tuple = tuple(GRAVITY.tolist())
     smoothing_s: float = 0.1
     kidnap_time: float | None = None         # seconds after the start
     kidnap_distance: float = 5.0
@@ -68,6 +72,36 @@ class SimConfig:
     duration: float | None = None            # seconds from the start (None: all)
     odom_outage: tuple | None = None         # (start, end) seconds after start: no odometry
     seed: int = 0
+
+    @property
+    def imu_noise(self) -> ImuNoise:
+        """The IMU fields above as the shared IMU noise model."""
+        return ImuNoise(gyro_noise_density=self.gyro_noise_density,
+                        accel_noise_density=self.accel_noise_density,
+                        gyro_bias_random_walk=self.gyro_bias_walk,
+                        accel_bias_random_walk=self.accel_bias_walk,
+                        gyro_initial_bias=self.gyro_bias_sigma,
+                        accel_initial_bias=self.accel_bias_sigma)
+
+    @property
+    def odometry_noise(self) -> VoNoise:
+        """The odometry fields above as the shared odometry noise model: isotropic rotation
+        noise (heading as roll and pitch) and no modelled scale walk (the scale error here
+        is the constant, unmodelled ``odom_scale_error``). ``odom_sigma_floor`` comes on
+        top, per step (:meth:`odometry_step_sigma`)."""
+        return VoNoise(translation=self.odom_sigma_trans_per_sqrt_m,
+                       rotation=self.odom_sigma_rot_per_sqrt_m,
+                       heading=self.odom_sigma_rot_per_sqrt_m,
+                       scale=0.0,
+                       translation_per_second=0.0,
+                       rotation_per_second=self.odom_sigma_rot_per_sqrt_s,
+                       initial_std=0.0)
+
+    def odometry_step_sigma(self, distance: float) -> np.ndarray:
+        """Standard deviations (6,) of one odometry step's noise (translation, rotation) over
+        ``distance`` metres: the shared model plus the per-step floor."""
+        variance = np.diag(self.odometry_noise.step_covariance(distance, 1.0 / self.odom_rate))[:6]
+        return np.sqrt(variance + self.odom_sigma_floor ** 2)
 
 
 @dataclass
@@ -131,36 +165,18 @@ def synthetic_trajectory(duration: float = 30.0, rate: float = 100.0):
     return s + 1000.0, np.stack([x, y, z], -1), q
 
 
-def _gaussian_smooth(x: np.ndarray, sigma_samples: float) -> np.ndarray:
-    if sigma_samples <= 0.5:
-        return x.copy()
-    half = int(math.ceil(4 * sigma_samples))
-    k = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma_samples) ** 2)
-    k /= k.sum()
-    pad = np.pad(x, ((half, half), (0, 0)), mode="edge")
-    return np.stack([np.convolve(pad[:, j], k, mode="valid") for j in range(x.shape[1])], -1)
-
-
 def make_truth(stamps, t, q, rate: float = 200.0, smoothing_s: float = 0.1) -> Truth:
     """Resample a trajectory on a ``rate`` grid, smooth it, and make it kinematically
     consistent (positions re-integrated from the velocities the IMU will describe)."""
-    stamps = np.asarray(stamps, dtype=float)
-    t = np.asarray(t, dtype=float)
-    q = np.array(q, dtype=float)
-    order = np.argsort(stamps)
-    stamps, t, q = stamps[order], t[order], q[order]
-    keep = np.concatenate([[True], np.diff(stamps) > 1e-6])
-    stamps, t, q = stamps[keep], t[keep], q[keep]
+    stamps, t, q = sorted_distinct(stamps, t, q, min_step=1e-6)
     for i in range(1, len(q)):                      # sign-continuous quaternions
         if np.dot(q[i], q[i - 1]) < 0:
             q[i] = -q[i]
     dt = 1.0 / rate
     grid = np.arange(stamps[0], stamps[-1], dt)
-    p = np.stack([np.interp(grid, stamps, t[:, j]) for j in range(3)], -1)
-    qg = np.stack([np.interp(grid, stamps, q[:, j]) for j in range(4)], -1)
     sig = smoothing_s * rate
-    p = _gaussian_smooth(p, sig)
-    qg = _gaussian_smooth(qg, sig)
+    p = gaussian_smooth(resample(grid, stamps, t), sig)
+    qg = gaussian_smooth(resample(grid, stamps, q), sig)
     qg /= np.linalg.norm(qg, axis=-1, keepdims=True)
     R = quat_to_matrix(qg)
     w = np.zeros((len(grid), 3))
@@ -190,17 +206,19 @@ def simulate(stamps, t, q, config: SimConfig | None = None) -> SimSequence:
     g = np.asarray(cfg.gravity, dtype=float)
     events = []
 
-    # IMU on the truth grid: zero-order hold of rate and specific force.
+    # IMU on the truth grid: zero-order hold of rate and specific force. The noise is the
+    # shared model; the draws keep this harness's order, so a seed gives the same sequence.
     n_imu = int(round((t_end - t_start) * cfg.imu_rate)) + 1
     n_imu = min(n_imu, len(truth.p) - 1)
     dt = truth.dt
-    bg = rng.normal(0, cfg.gyro_bias_sigma, 3)
-    ba = rng.normal(0, cfg.accel_bias_sigma, 3)
-    sg = cfg.gyro_noise_density / math.sqrt(dt)
-    sa = cfg.accel_noise_density / math.sqrt(dt)
-    walk_g = rng.normal(0, cfg.gyro_bias_walk * math.sqrt(dt), (n_imu, 3)).cumsum(0)
-    walk_a = rng.normal(0, cfg.accel_bias_walk * math.sqrt(dt), (n_imu, 3)).cumsum(0)
-    f = np.einsum("nji,nj->ni", truth.R[:n_imu], truth.a[:n_imu] - g)
+    imu_noise = cfg.imu_noise
+    bg = rng.normal(0, imu_noise.gyro_initial_bias, 3)
+    ba = rng.normal(0, imu_noise.accel_initial_bias, 3)
+    sg, sa = imu_noise.white_sigma(cfg.imu_rate)
+    step_g, step_a = imu_noise.bias_step_sigma(cfg.imu_rate)
+    walk_g = rng.normal(0, step_g, (n_imu, 3)).cumsum(0)
+    walk_a = rng.normal(0, step_a, (n_imu, 3)).cumsum(0)
+    f = specific_force(truth.R[:n_imu], truth.a[:n_imu], g)
     gyro = truth.w[:n_imu] + bg + walk_g + rng.normal(0, sg, (n_imu, 3))
     acc = f + ba + walk_a + rng.normal(0, sa, (n_imu, 3))
     for k in range(n_imu):
@@ -208,7 +226,8 @@ def simulate(stamps, t, q, config: SimConfig | None = None) -> SimSequence:
         events.append((s, 0, "imu", (s, gyro[k], acc[k])))
     imu_bias_true = (bg, ba)
 
-    # Odometry: noisy increments of the (un-kidnapped) truth, accumulated covariance.
+    # Odometry: noisy increments of the (un-kidnapped) truth, the covariance summed per
+    # step (as simple drivers report it; vizloc-synth's visual odometry propagates it).
     o_stamps = np.arange(t_start, t_end, 1.0 / cfg.odom_rate)
     op, oq = truth.pose(o_stamps, kidnapped=False)
     cur_t, cur_q = np.zeros(3), np.array([1.0, 0.0, 0.0, 0.0])
@@ -218,14 +237,11 @@ def simulate(stamps, t, q, config: SimConfig | None = None) -> SimSequence:
         if j > 0:
             dtr, dq = pose_relative(op[j - 1], oq[j - 1], op[j], oq[j])
             dist = float(np.linalg.norm(dtr))
-            st = math.sqrt(cfg.odom_sigma_trans_per_sqrt_m ** 2 * dist + cfg.odom_sigma_floor ** 2)
-            sr = math.sqrt(cfg.odom_sigma_rot_per_sqrt_m ** 2 * dist
-                           + cfg.odom_sigma_rot_per_sqrt_s ** 2 / cfg.odom_rate
-                           + cfg.odom_sigma_floor ** 2)
-            noisy_t = dtr * (1.0 + cfg.odom_scale_error) + rng.normal(0, st, 3)
-            noisy_q = quat_multiply(dq, quat_exp(0.5 * rng.normal(0, sr, 3)))
+            step_sigma = cfg.odometry_step_sigma(dist)
+            noisy_t = dtr * (1.0 + cfg.odom_scale_error) + rng.normal(0, step_sigma[:3])
+            noisy_q = quat_multiply(dq, quat_exp(0.5 * rng.normal(0, step_sigma[3:])))
             cur_t, cur_q = pose_compose(cur_t, cur_q, noisy_t, noisy_q)
-            cov = cov + np.diag([st * st] * 3 + [sr * sr] * 3)
+            cov = cov + np.diag(step_sigma * step_sigma)
         if outage is not None and outage[0] <= s - t_start < outage[1]:
             continue
         events.append((s + 1e-4, 1, "odom", (s, cur_t.copy(), cur_q.copy(), cov.copy())))
@@ -278,8 +294,6 @@ class RunResult:
 def run_sequence(fusion, seq: SimSequence, timing: bool = False) -> RunResult:
     """Feed a sequence through a fusion in arrival order; evaluate after every absolute
     measurement against the truth at the estimate's own stamp."""
-    import time
-
     cfg = fusion.config
     res = RunResult()
     truth = seq.truth

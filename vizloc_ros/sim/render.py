@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vizloc_ros.sim.scene import Scene
 from vizloc_ros.geometry import quat_to_matrix
+from vizloc_ros.sim.scene import Scene
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,10 @@
-"""Simulated visual odometry and IMU from a :class:`~vizloc_ros.sim.trajectories.Trajectory`.
+"""The sensor noise models of the synthetic world: IMU and odometry.
+
+One copy of each model, used twice: :func:`simulate_imu` and
+:func:`simulate_visual_odometry` sample them along a spline
+:class:`~vizloc_ros.sim.trajectories.Trajectory` for ``vizloc-synth``, and the fusion test
+harness (:mod:`vizloc_ros.sim.fusion_sim`) samples the same :class:`ImuNoise`,
+:class:`VoNoise` and :func:`specific_force` along its resampled recordings.
 
 Why these models: fusion needs odometry that drifts the way real visual odometry
 drifts (scale and heading wander, error growing with distance) *and* says honestly how
@@ -26,15 +32,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vizloc_ros.geometry import hat, matrix_to_quat, pose_relative, quat_to_matrix, so3_exp, so3_log
 from vizloc_ros.sim.trajectories import Trajectory
-from vizloc_ros.geometry import (matrix_to_quat, pose_relative, quat_to_matrix, so3_exp, so3_log)
 
+#: gravity in ``map`` (z up), m/s^2
 GRAVITY = np.array([0.0, 0.0, -9.81])
 
 
-def _skew(v) -> np.ndarray:
-    x, y, z = v
-    return np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+def specific_force(rotations: np.ndarray, acceleration: np.ndarray, gravity=GRAVITY) -> np.ndarray:
+    """What an accelerometer measures: ``R^T (a - g)`` (N, 3) in the body axes, from the
+    body-to-map rotations (N, 3, 3) and the world accelerations (N, 3)."""
+    return np.einsum("nji,nj->ni", rotations, acceleration - gravity)
+
+
+def _sample_times(trajectory: Trajectory, rate_hz: float, sensor: str) -> np.ndarray:
+    """The sensor's sample times over the whole trajectory (a clear error for a bad rate)."""
+    if rate_hz <= 0:
+        raise ValueError(f"{sensor} rate must be positive, got {rate_hz}")
+    return trajectory.sample_times(rate_hz)
 
 
 # --------------------------------------------------------------------------- IMU
@@ -55,6 +70,15 @@ class ImuNoise:
         """A perfect IMU (for checks)."""
         return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
+    def white_sigma(self, rate_hz: float) -> tuple[float, float]:
+        """(gyro, accel) standard deviation of one sample's white noise at ``rate_hz``."""
+        return self.gyro_noise_density * np.sqrt(rate_hz), self.accel_noise_density * np.sqrt(rate_hz)
+
+    def bias_step_sigma(self, rate_hz: float) -> tuple[float, float]:
+        """(gyro, accel) standard deviation of one sample period's bias random-walk step."""
+        dt = 1.0 / rate_hz
+        return self.gyro_bias_random_walk * np.sqrt(dt), self.accel_bias_random_walk * np.sqrt(dt)
+
 
 @dataclass
 class ImuSamples:
@@ -70,27 +94,22 @@ class ImuSamples:
 def simulate_imu(trajectory: Trajectory, rate_hz: float = 200.0, noise: ImuNoise = ImuNoise(),
                  seed: int = 0) -> ImuSamples:
     """IMU samples at ``rate_hz`` over the whole trajectory."""
-    if rate_hz <= 0:
-        raise ValueError(f"IMU rate must be positive, got {rate_hz}")
+    times = _sample_times(trajectory, rate_hz, "IMU")
     rng = np.random.default_rng(seed)
-    times = trajectory.sample_times(rate_hz)
     n = len(times)
-    dt = 1.0 / rate_hz
-    rotations = trajectory.rotation(times)  # base -> map
-    specific_force_world = trajectory.acceleration(times) - GRAVITY
-    accel_true = np.einsum("nji,nj->ni", rotations, specific_force_world)  # R^T f
+    accel_true = specific_force(trajectory.rotation(times), trajectory.acceleration(times))
     gyro_true = trajectory.angular_velocity_body(times)
 
-    def bias_walk(initial_std, walk_density):
+    def bias_walk(initial_std, step_std):
         start = rng.normal(0.0, initial_std, 3) if initial_std > 0 else np.zeros(3)
-        steps = rng.normal(0.0, walk_density * np.sqrt(dt), (n, 3)) if walk_density > 0 else np.zeros((n, 3))
+        steps = rng.normal(0.0, step_std, (n, 3)) if step_std > 0 else np.zeros((n, 3))
         steps[0] = 0.0
         return start + np.cumsum(steps, axis=0)
 
-    gyro_bias = bias_walk(noise.gyro_initial_bias, noise.gyro_bias_random_walk)
-    accel_bias = bias_walk(noise.accel_initial_bias, noise.accel_bias_random_walk)
-    gyro_sigma = noise.gyro_noise_density * np.sqrt(rate_hz)
-    accel_sigma = noise.accel_noise_density * np.sqrt(rate_hz)
+    gyro_step, accel_step = noise.bias_step_sigma(rate_hz)
+    gyro_bias = bias_walk(noise.gyro_initial_bias, gyro_step)
+    accel_bias = bias_walk(noise.accel_initial_bias, accel_step)
+    gyro_sigma, accel_sigma = noise.white_sigma(rate_hz)
     gyro = gyro_true + gyro_bias + (rng.normal(0.0, gyro_sigma, (n, 3)) if gyro_sigma > 0 else 0.0)
     accel = accel_true + accel_bias + (rng.normal(0.0, accel_sigma, (n, 3)) if accel_sigma > 0 else 0.0)
     # A perfect IMU still reports a tiny variance: a zero covariance means "unknown" in ROS.
@@ -102,8 +121,10 @@ def simulate_imu(trajectory: Trajectory, rate_hz: float = 200.0, noise: ImuNoise
 
 @dataclass(frozen=True)
 class VoNoise:
-    """Visual-odometry error model; rates per metre travelled (random walks in distance)
-    plus a small per-second floor so that a standing robot is not infinitely certain."""
+    """Odometry error model; rates per metre travelled (random walks in distance) plus a
+    small per-second floor so that a standing robot is not infinitely certain. The
+    visual odometry of ``vizloc-synth`` uses it as is; the fusion harness's odometry uses
+    it without the scale walk (``SimConfig.odometry_noise``)."""
 
     translation: float = 0.01  # m / sqrt(m), white, per axis
     rotation: float = 0.003  # rad / sqrt(m) about roll and pitch
@@ -144,10 +165,8 @@ class OdometrySamples:
 def simulate_visual_odometry(trajectory: Trajectory, rate_hz: float = 30.0, noise: VoNoise = VoNoise(),
                              seed: int = 0) -> OdometrySamples:
     """Drifting odometry of ``base_link`` in ``odom`` at ``rate_hz``."""
-    if rate_hz <= 0:
-        raise ValueError(f"odometry rate must be positive, got {rate_hz}")
+    times = _sample_times(trajectory, rate_hz, "odometry")
     rng = np.random.default_rng(seed)
-    times = trajectory.sample_times(rate_hz)
     n = len(times)
     dt = 1.0 / rate_hz
     t_map, q_map = trajectory.pose(times)
@@ -181,7 +200,7 @@ def simulate_visual_odometry(trajectory: Trajectory, rate_hz: float = 30.0, nois
         step = k - 1
         R_next = R @ measured_R[step]
         lever = R @ delta_t[step]
-        F[0:3, 3:6] = -_skew(R @ measured_t[step])
+        F[0:3, 3:6] = -hat(R @ measured_t[step])
         F[0:3, 6] = lever
         G[0:3, 0:3] = R
         G[3:6, 3:6] = R_next

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vizloc_ros.sim.render import depth_to_millimetres
 from vizloc_ros.geometry import pose_to_matrix
+from vizloc_ros.sim.render import depth_to_millimetres
 
 
 def sequence_dir_name(number: int) -> str:

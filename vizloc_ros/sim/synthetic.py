@@ -3,7 +3,7 @@
 Why a synthetic world: tests, demos and the launch file need images with exact ground
 truth, drifting odometry and an IMU that all agree, without downloading anything. This
 module only orchestrates: the room and its textures (``scene.py``), ray casting
-(``render.py``), motion (``trajectories.py``), sensors (``sensor_sim.py``), bag writing
+(``render.py``), motion (``trajectories.py``), sensors (``sensors.py``), bag writing
 (``bag_io.py``) and the 7-Scenes layout (``sevenscenes_writer.py``).
 
 Output of :func:`generate` under ``out_dir`` (written under a hidden temporary name and
@@ -30,25 +30,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import sys
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from vizloc_ros.ros_io import messages
 from vizloc_ros.ros_io.bag_io import BagWriter
+from vizloc_ros.ros_io.tum import read_tum, write_tum
 from vizloc_ros.sim.render import PinholeCamera, Renderer
 from vizloc_ros.sim.scene import SCENES, Scene, get_scene
 from vizloc_ros.sim.sensors import (ImuNoise, ImuSamples, OdometrySamples, VoNoise, simulate_imu,
-                                        simulate_visual_odometry)
+                                    simulate_visual_odometry)
 from vizloc_ros.sim.sevenscenes_writer import sequence_dir_name, write_frame, write_splits
 from vizloc_ros.sim.trajectories import (CAMERA_IN_BASE_Q, CAMERA_IN_BASE_T, Trajectory, camera_poses,
-                                          random_walk, trajectory_from_tum)
-from vizloc_ros.ros_io.tum import read_tum, write_tum
-from vizloc_ros.ros_io import messages
+                                         random_walk, trajectory_from_tum)
 
 #: bump when anything changes what the generator outputs (invalidates the demo cache)
 GENERATOR_VERSION = 1
@@ -280,7 +283,6 @@ def _scene_metadata(config: SynthConfig, scene: Scene, sims: list[SimulatedSeque
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
     return tqdm(total=total, unit="frame", desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
@@ -376,9 +378,6 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
 def _render_in_processes(staging: Path, sequences, config, want_bag, want_7scenes, jobs, bar) -> None:
     """One sequence per task on a spawn-started pool (no fork of a process that may hold
     threads); the progress bar advances by whole sequences; the first failure cancels the rest."""
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(jobs, len(sequences)), mp_context=context) as pool:
         futures = [pool.submit(_render_sequence_job, str(staging), spec, config, want_bag, want_7scenes)

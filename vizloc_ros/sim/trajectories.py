@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vizloc_ros.sim.scene import Scene
 from vizloc_ros.geometry import matrix_to_quat, pose_compose, quat_to_matrix
+from vizloc_ros.sim.scene import Scene
 
 #: base_link -> camera_optical_frame: the camera 0.1 m ahead of the base origin, optical
 #: z along base x (forward), optical x along -base y (right), optical y along -base z (down).
@@ -237,6 +237,49 @@ def random_walk(scene: Scene, duration: float, seed: int, speed_range=(0.3, 0.8)
                        f"{scene.spec.name!r} (seed {seed})")
 
 
+# --------------------------------------------------------------------------- recordings
+# Shared with the fusion harness (vizloc_ros.sim.fusion_sim), which derives its truth from
+# a recording the same way: sort, resample on a uniform grid, smooth.
+
+def sorted_distinct(stamps, *columns, min_step: float):
+    """Sort a recording by stamp (stable: of equal stamps the first stays) and drop every
+    sample less than ``min_step`` after its predecessor -> (stamps, *columns) as float arrays."""
+    stamps = np.asarray(stamps, dtype=float).reshape(-1)
+    order = np.argsort(stamps, kind="stable")
+    keep = np.concatenate([[True], np.diff(stamps[order]) > min_step])
+    return (stamps[order][keep], *(np.asarray(c, dtype=float)[order][keep] for c in columns))
+
+
+def resample(grid: np.ndarray, stamps: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Linear interpolation of every column of ``values`` (N, D) at the times ``grid``."""
+    return np.stack([np.interp(grid, stamps, values[:, d]) for d in range(values.shape[1])], -1)
+
+
+def smooth(values: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Filter every column of ``values`` (N, D) with ``kernel``, the ends held (edge padding),
+    so that the output keeps N samples."""
+    before = len(kernel) // 2
+    padded = np.pad(values, ((before, len(kernel) - 1 - before), (0, 0)), mode="edge")
+    return np.stack([np.convolve(padded[:, d], kernel, mode="valid") for d in range(values.shape[1])], -1)
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Box filter over ``window`` samples (``values`` itself when ``window`` <= 1)."""
+    if window <= 1:
+        return values
+    return smooth(values, np.ones(window) / window)
+
+
+def gaussian_smooth(values: np.ndarray, sigma_samples: float) -> np.ndarray:
+    """Gaussian filter of standard deviation ``sigma_samples`` (a copy when under half a sample)."""
+    if sigma_samples <= 0.5:
+        return values.copy()
+    half = int(math.ceil(4 * sigma_samples))
+    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma_samples) ** 2)
+    kernel /= kernel.sum()
+    return smooth(values, kernel)
+
+
 # --------------------------------------------------------------------------- TUM-driven
 
 def _chordal_mean_rotation(R: np.ndarray) -> np.ndarray:
@@ -245,15 +288,6 @@ def _chordal_mean_rotation(R: np.ndarray) -> np.ndarray:
     if np.linalg.det(mean) < 0:
         mean = u @ np.diag([1.0, 1.0, -1.0]) @ vt
     return mean
-
-
-def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    if window <= 1:
-        return values
-    pad = window // 2
-    padded = np.concatenate([np.repeat(values[:1], pad, 0), values, np.repeat(values[-1:], window - 1 - pad, 0)])
-    kernel = np.ones(window) / window
-    return np.stack([np.convolve(padded[:, d], kernel, mode="valid") for d in range(values.shape[1])], -1)
 
 
 def trajectory_from_tum(scene: Scene, stamps, t, q_wxyz, duration: float | None = None,
@@ -269,13 +303,9 @@ def trajectory_from_tum(scene: Scene, stamps, t, q_wxyz, duration: float | None 
     rotated about z, shifted and, only if it does not fit, scaled down so that the whole
     path stays clear of walls and boxes. Timing is kept: speeds are real or smaller.
     """
-    stamps = np.asarray(stamps, dtype=float).reshape(-1)
-    t = np.asarray(t, dtype=float).reshape(-1, 3)
-    q_wxyz = np.asarray(q_wxyz, dtype=float).reshape(-1, 4)
-    order = np.argsort(stamps, kind="stable")
-    stamps, t, q_wxyz = stamps[order], t[order], q_wxyz[order]
-    keep = np.concatenate([[True], np.diff(stamps) > 1e-9])
-    stamps, t, q_wxyz = stamps[keep] - stamps[0], t[keep], q_wxyz[keep]
+    stamps, t, q_wxyz = sorted_distinct(stamps, np.reshape(t, (-1, 3)), np.reshape(q_wxyz, (-1, 4)),
+                                        min_step=1e-9)
+    stamps = stamps - stamps[0]
     if duration is not None and duration > stamps[-1]:
         raise ValueError(f"the TUM trajectory spans {stamps[-1]:.2f} s; a window of {duration:.2f} s "
                          f"does not fit in it")
@@ -293,7 +323,7 @@ def trajectory_from_tum(scene: Scene, stamps, t, q_wxyz, duration: float | None 
     # Uniform fine grid, then a moving average over one knot interval.
     fine_dt = 0.005
     fine = np.arange(start, end + 1e-9, fine_dt)
-    positions = np.stack([np.interp(fine, stamps, t[:, d]) for d in range(3)], -1)
+    positions = resample(fine, stamps, t)
     rotations = quat_to_matrix(q_wxyz)
     nearest = np.clip(np.searchsorted(stamps, fine), 0, len(stamps) - 1)
     # Re-base: one constant body rotation C so that R C is level on average.
@@ -304,10 +334,10 @@ def trajectory_from_tum(scene: Scene, stamps, t, q_wxyz, duration: float | None 
     euler[:, 0] = np.unwrap(euler[:, 0])
     euler[:, 2] = np.unwrap(euler[:, 2])
     # interpolate Euler angles at the fine grid (unwrapped, so interpolation is safe)
-    euler_fine = np.stack([np.interp(fine, stamps, euler[:, d]) for d in range(3)], -1)
+    euler_fine = resample(fine, stamps, euler)
     window = max(1, int(round(knot_dt / fine_dt)))
-    positions = _moving_average(positions, window)
-    euler_fine = _moving_average(euler_fine, window)
+    positions = moving_average(positions, window)
+    euler_fine = moving_average(euler_fine, window)
     step = window
     ctrl_positions = positions[::step]
     ctrl_euler = euler_fine[::step]
