@@ -87,8 +87,10 @@ class SensorBuffers:
         self.odom_at_memo[s] = got
         return got
 
-    def imu_span(self, sa: float, sb: float, max_gap: float):
-        """Index range of IMU samples whose hold intervals cover [sa, sb], or None."""
+    def imu_holds(self, sa: float, sb: float, max_gap: float):
+        """(sample index, seconds) of each IMU sample's hold within [sa, sb], in time order,
+        empty holds left out; None unless the samples cover [sa, sb] without a gap longer
+        than ``max_gap``. Integrating these is integrating the zero-order-held signal."""
         ts = self.imu_t
         if not ts or ts[0] > sa or ts[-1] < sb or sb <= sa:
             return None
@@ -97,4 +99,12 @@ class SensorBuffers:
         for k in range(i0, i1):
             if ts[k + 1] - ts[k] > max_gap:
                 return None
-        return i0, i1
+        holds = []
+        t = sa
+        for k in range(i0, i1):
+            end = min(ts[k + 1], sb)
+            dt = end - t
+            if dt > 0.0:
+                holds.append((k, dt))
+            t = end
+        return holds

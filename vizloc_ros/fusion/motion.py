@@ -200,21 +200,14 @@ class MotionModel:
 
     def _preintegrate(self, sa, sb, bias, params, zero_accel):
         sensors = self.sensors
-        span = sensors.imu_span(sa, sb, self.config.imu_max_gap)
-        if span is None:
+        holds = sensors.imu_holds(sa, sb, self.config.imu_max_gap)
+        if holds is None:
             return None
-        i0, i1 = span
-        ts = sensors.imu_t
         pim = gtsam.PreintegratedCombinedMeasurements(params, bias)
         zero = np.zeros(3)
-        t = sa
-        for k in range(i0, i1):
-            end = min(ts[k + 1], sb)
-            dt = end - t
-            if dt > 0.0:
-                pim.integrateMeasurement(zero if zero_accel else sensors.imu_acc[k],
-                                         sensors.imu_gyro[k], dt)
-            t = end
+        for k, dt in holds:
+            pim.integrateMeasurement(zero if zero_accel else sensors.imu_acc[k],
+                                     sensors.imu_gyro[k], dt)
         return pim if pim.deltaTij() > 0.0 else None
 
     def gyro_rotation(self, sa, sb):
@@ -225,21 +218,14 @@ class MotionModel:
             if got is None:
                 return None
             return got[0].inverse(), got[1]
-        sensors = self.sensors
-        span = sensors.imu_span(sa, sb, self.config.imu_max_gap)
-        if span is None:
+        gyro = self.sensors.imu_gyro
+        holds = self.sensors.imu_holds(sa, sb, self.config.imu_max_gap)
+        if holds is None:
             return None
-        i0, i1 = span
-        ts = sensors.imu_t
         R = gtsam.Rot3()
-        t = sa
         Ri = self.imu_rot
-        for k in range(i0, i1):
-            end = min(ts[k + 1], sb)
-            dt = end - t
-            if dt > 0.0:
-                R = R.compose(gtsam.Rot3.Expmap(Ri @ sensors.imu_gyro[k] * dt))
-            t = end
+        for k, dt in holds:
+            R = R.compose(gtsam.Rot3.Expmap(Ri @ gyro[k] * dt))
         c = self.config
         dt = sb - sa
         sig = math.sqrt(c.gyro_noise_density ** 2 * dt + (c.gyro_bias_sigma * dt) ** 2 + 1e-12)
