@@ -196,13 +196,13 @@ def test_graph_failure_becomes_a_drop_and_a_clean_rebuild(seq):
         def update(self, *args, **kwargs):
             raise RuntimeError("Indeterminant linear system detected while working near variable x7")
 
-    fusion._smoother = FailingSmoother(fusion._smoother)
+    fusion._graph.smoother = FailingSmoother(fusion._graph.smoother)
     r = fusion.add_absolute(*next_abs(rest)[:4])
     assert r.status == "dropped" and "optimiser failure" in r.reason
     assert fusion.counters["graph_failures"] == 1
     est = assert_finite_estimate(fusion)
     np.testing.assert_allclose(est.t, before.t, atol=0.5)
-    assert not isinstance(fusion._smoother, FailingSmoother)   # rebuilt with a fresh one
+    assert not isinstance(fusion._graph.smoother, FailingSmoother)   # rebuilt with a fresh one
     run_events(fusion, rest)
     est = assert_finite_estimate(fusion)
     tt, _ = seq.truth.pose([est.stamp])

@@ -259,7 +259,7 @@ def fusion_load(seconds: float, odom_hz: float = 1000.0, imu_hz: float = 2000.0,
                          # the odometry / IMU history is full after buffer_seconds (30 s by default)
                          "at_60pct": round(next((r[1] for r in rss if r[0] >= 0.6 * seconds), rss[-1][1]) / 2**20, 1)},
               "rss_samples_mb": [(round(t, 1), round(b / 2**20, 1)) for t, b in rss],
-              "buffers": {"odometry": len(core.fusion._odom_t), "imu": len(core.fusion._imu_t)}}
+              "buffers": {"odometry": len(core.fusion._sensors.odom_t), "imu": len(core.fusion._sensors.imu_t)}}
     def stats(values):
         v = np.asarray(values)
         tail = v[-max(1, len(v) // 6):]  # the last sixth: the last 10 s of a 60 s run

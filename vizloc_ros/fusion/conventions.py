@@ -1,5 +1,5 @@
-"""Conventions shared by every part of the fusion: covariance orders and axes, REP-105
-``map -> odom``, and the chi-square gate threshold.
+"""Conventions shared by every part of the fusion: quaternion order, covariance orders and
+axes, REP-105 ``map -> odom``, and the chi-square gate threshold.
 
 Why one module: ROS and GTSAM order a pose covariance differently ((trans, rot) in the
 parent's axes against (rot, trans) in the body's); DESIGN.md allows the swap in one
@@ -9,11 +9,35 @@ from __future__ import annotations
 
 import math
 
+import gtsam
 import numpy as np
 
 from vizloc_ros.geometry import pose_compose, pose_inverse, quat_to_matrix
 
 # --------------------------------------------------------------------------- helpers
+
+
+def pose3(t, q_wxyz) -> gtsam.Pose3:
+    """(t, q_wxyz) -> gtsam.Pose3; the fusion's quaternions are (w, x, y, z)."""
+    return gtsam.Pose3(gtsam.Rot3.Quaternion(float(q_wxyz[0]), float(q_wxyz[1]),
+                                             float(q_wxyz[2]), float(q_wxyz[3])),
+                       np.asarray(t, dtype=float))
+
+
+def pose_tq(pose: gtsam.Pose3):
+    """gtsam.Pose3 -> (t, q_wxyz) with w >= 0."""
+    x, y, z, w = pose.rotation().toQuaternion().coeffs()
+    q = np.array([w, x, y, z])
+    if w < 0.0:
+        q = -q
+    return np.array(pose.translation(), dtype=float), q / np.linalg.norm(q)
+
+
+def transport(cov: np.ndarray, delta: gtsam.Pose3) -> np.ndarray:
+    """Covariance of X * delta (GTSAM right perturbation) given the covariance of X."""
+    A = delta.inverse().AdjointMap()
+    return A @ cov @ A.T
+
 
 _SWAP = np.ix_([3, 4, 5, 0, 1, 2], [3, 4, 5, 0, 1, 2])
 
