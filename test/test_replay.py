@@ -1,6 +1,7 @@
 """vizloc-replay on a small generated bag: report consistent with its own TUM files and evo,
 output bag readable, schema-valid metrics, and clear refusals of bad input."""
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -206,3 +207,18 @@ def test_ros1_bag_with_old_tf_type_and_a_tf_chain(small_bag, tiny_weights, repor
     _, ros1_t, ros1_q = read_tum(tmp_path / "o" / "absolute.tum")
     np.testing.assert_allclose(ros1_t, raw_t, atol=1e-4)
     assert np.max(geometry.rotation_angle(ros1_q, raw_q)) < 1e-3
+
+
+def test_a_missing_camera_mount_is_warned_once_with_the_flags_that_fix_it(small_bag, tiny_weights, tmp_path,
+                                                                          caplog):
+    with caplog.at_level(logging.WARNING, logger="vizloc-replay"):
+        _run(small_bag, tiny_weights, tmp_path / "o", fusion=False, base_frame="/chassis")
+    warnings = [r.getMessage() for r in caplog.records if "no TF path" in r.getMessage()]
+    assert len(warnings) == 1  # once, though every batch looks again
+    assert warnings[0].startswith("no TF path chassis -> ")
+    assert "pass --camera-extrinsic, or --base-frame" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vizloc-replay"):
+        _run(small_bag, tiny_weights, tmp_path / "p", fusion=False, base_frame="/chassis",
+             camera_extrinsic=(np.zeros(3), np.array([1.0, 0.0, 0.0, 0.0])))
+    assert not [r for r in caplog.records if "no TF path" in r.getMessage()]

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import Counter
 
-from rclpy.duration import Duration
 from rclpy.node import Node
-from rclpy.time import Time
 
 from vizloc_ros.ros_io import messages
+from vizloc_ros.ros_io.camera_mount import CameraMountResolver
 from vizloc_ros.nodes import params as node_params
 from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters,
                                      reliable_qos, report_new_drops, ros_message_types, run,
@@ -29,6 +29,9 @@ from vizloc_ros.pipeline.regressor import RegressorCore, load_estimator
 
 #: how long the first frame waits for the static TF base <- camera before the fallback is used
 FIRST_EXTRINSIC_WAIT_S = 2.0
+
+#: queue depth of the /tf subscription (tf2_ros's listener uses 100 too)
+TF_QOS_DEPTH = 100
 
 
 class RegressorNode(Node):
@@ -57,12 +60,19 @@ class RegressorNode(Node):
         self._lock = threading.Lock()  # core.counters: worker writes, diagnostics read
         self._latency = None
 
-        # Static TF only: the camera mount comes from /tf_static (robot_state_publisher).
-        # A full TransformListener would also take every /tf message (odometry, our own
-        # map -> odom) for nothing, and warn TF_OLD_DATA at each loop of a bag.
-        from tf2_ros import Buffer
-        self.tf_buffer = Buffer()
+        # The camera mount, resolved as the replay and the training datasets do
+        # (vizloc_ros.ros_io.camera_mount): /tf_static (robot_state_publisher), else the
+        # transforms that stay fixed over the first seconds of /tf (a bag recorded without
+        # /tf_static). No tf2 TransformListener: it would take every /tf message for the
+        # node's lifetime (odometry, our own map -> odom) and warn TF_OLD_DATA at each
+        # loop of a bag; our /tf subscription goes once its window is read.
+        fallback = ("identity: the camera pose is published as the base pose"
+                    if self._fallback_is_identity() else "as given")
+        self.camera_mount = CameraMountResolver(
+            hint=f"using the camera_extrinsic parameter ({fallback}) until it appears")
         self.create_subscription(self.types.TFMessage, "/tf_static", self._on_tf_static, static_tf_qos())
+        self._tf_subscription = self.create_subscription(self.types.TFMessage, "/tf", self._on_tf,
+                                                         reliable_qos(TF_QOS_DEPTH))
 
         self.publisher = self.create_publisher(self.types.PoseWithCovarianceStamped,
                                                node_params.ABSOLUTE_POSE_TOPIC, reliable_qos(10))
@@ -99,8 +109,15 @@ class RegressorNode(Node):
 
     # -- callbacks -------------------------------------------------------------
     def _on_tf_static(self, msg) -> None:
-        for transform in msg.transforms:
-            self.tf_buffer.set_transform_static(transform, "vizloc_regressor")
+        self.camera_mount.feed(msg, static=True)
+
+    def _on_tf(self, msg) -> None:
+        """The first seconds of /tf (receive time: a bag's sim time may stand still), then
+        the subscription goes; also once the mount is known."""
+        wanted = self.camera_mount.feed(msg, static=False, time_ns=time.monotonic_ns())
+        if (not wanted or self._extrinsic_from_tf) and self._tf_subscription is not None:
+            self.destroy_subscription(self._tf_subscription)
+            self._tf_subscription = None
 
     def _on_image(self, msg) -> None:
         """Never blocks: the worker takes the newest frame when it is free."""
@@ -142,7 +159,7 @@ class RegressorNode(Node):
         self.publisher.publish(out)
 
     def _lookup_extrinsic(self, header_frame: str) -> None:
-        """base_frame <- camera frame from the static TF; the parameter is used until then.
+        """base_frame <- camera frame from TF (:attr:`camera_mount`); the parameter is used until then.
 
         The first frame waits up to FIRST_EXTRINSIC_WAIT_S (on this worker thread, never
         in a callback) so /tf_static has time to arrive; later frames only check.
@@ -153,28 +170,18 @@ class RegressorNode(Node):
             self.get_logger().warning("images have no frame_id and camera_frame is empty: using the "
                                       "camera_extrinsic parameter", throttle_duration_sec=30.0)
             return
-        if camera == base:
-            with self._lock:
-                self.core.set_extrinsic((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0))
-            self._extrinsic_from_tf = True
-            return
         wait = FIRST_EXTRINSIC_WAIT_S if self._extrinsic_attempts == 0 else 0.0
         self._extrinsic_attempts += 1
-        try:
-            tf = self.tf_buffer.lookup_transform(base, camera, Time(), timeout=Duration(seconds=wait))
-            t, q = messages.pose_from_msg(tf)
-        except Exception as exc:  # noqa: BLE001 - tf2 raises several types; all mean "not yet"
-            fallback = ("identity: the camera pose is published as the base pose"
-                        if self._fallback_is_identity() else "as given")
-            self.get_logger().warning(
-                f"no TF {base} <- {camera} yet ({type(exc).__name__}): using the camera_extrinsic "
-                f"parameter ({fallback}) until it appears", throttle_duration_sec=30.0)
+        mount = self.camera_mount.resolve(base, camera, timeout_s=wait)
+        if not mount.found:
+            self.get_logger().warning(mount.reason, throttle_duration_sec=30.0)
             return
+        t, q = mount.pose
         with self._lock:
             self.core.set_extrinsic(t, q)
         self._extrinsic_from_tf = True
-        self.get_logger().info(f"camera extrinsic from TF {base} <- {camera}: t={t.round(4).tolist()} "
-                               f"q_wxyz={q.round(4).tolist()}")
+        self.get_logger().info(f"camera extrinsic {base} <- {camera} ({mount.source}): "
+                               f"t={t.round(4).tolist()} q_wxyz={q.round(4).tolist()}")
 
     def _fallback_is_identity(self) -> bool:
         t, q = self.settings.camera_extrinsic

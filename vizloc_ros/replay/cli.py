@@ -37,9 +37,9 @@ import numpy as np
 
 from vizloc_ros import geometry
 from vizloc_ros.ros_io import messages
+from vizloc_ros.ros_io.camera_mount import FROM_FIXED_TF, CameraMountResolver, resolve_in_bag
 from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
-                                          add_tf_samples, default_max_gap, fixed_edges, interpolate_poses,
-                                          previous_poses, static_chain, tf_edges)
+                                          default_max_gap, interpolate_poses, previous_poses)
 from vizloc_ros.ros_io.messages import IMAGE_TYPES
 from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.replay.fusion_side import (FusionProcess, FusionSideSpec, InProcessFusion, ReplayError,
@@ -235,32 +235,12 @@ def run_replay(options: ReplayOptions) -> dict:
             fusion_side.close()
 
 
-def _fixed_edges_on_tf(bag, seconds: float = 5.0) -> dict:
-    """The transforms that stay fixed over the first ``seconds`` of the bag's /tf."""
-    from vizloc_ros.ros_io.bag_io import read_messages
-
-    samples: dict = {}
-    first = None
-    try:
-        for record in read_messages(bag, ["/tf"]):
-            first = record.log_time_ns if first is None else first
-            if record.log_time_ns - first > seconds * 1e9:
-                break
-            try:
-                add_tf_samples(samples, record.msg.transforms)
-            except (ValueError, AttributeError):
-                continue
-    except Exception:  # noqa: BLE001 - a damaged /tf: the caller warns that no extrinsic was found
-        LOG.debug("reading /tf for fixed transforms failed", exc_info=True)
-    return fixed_edges(samples)
-
-
 def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm, read_messages) -> dict:
     """The regressor side: images in batches -> absolute poses -> the fusion side; then
     the report's numbers."""
-    static_edges: dict = {}
-    tf_mounts: dict = {}       # fixed edges found on /tf, read once when /tf_static has no path
-    tf_mounts_read: list = []
+    camera_mount = CameraMountResolver(
+        override=options.camera_extrinsic,
+        hint="pass --camera-extrinsic, or --base-frame if the robot's base has another name")
     warned_extrinsic: list = []
     image_stamps: list = []
     absolute: list = []
@@ -281,24 +261,17 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
         if not pending:
             return
         flush_start = time.perf_counter()
-        if regressor.base_T_camera is None and options.camera_extrinsic is None:
+        if regressor.base_T_camera is None:
             frame = pending[0].header.frame_id
-            chain = static_chain(static_edges, options.base_frame, frame)
-            if chain is None and "/tf" in topics and not tf_mounts_read:
-                tf_mounts_read.append(True)
-                tf_mounts.update(_fixed_edges_on_tf(bag))
-            if chain is None and tf_mounts:
-                chain = static_chain(tf_mounts | static_edges, options.base_frame, frame)
-                if chain is not None:
-                    LOG.info("camera extrinsic %s -> %s from transforms that stay fixed on /tf: t=%s q_wxyz=%s",
-                             options.base_frame, frame, np.round(chain[0], 4), np.round(chain[1], 4))
-            if chain is not None:
-                regressor.set_extrinsic(*chain)
+            mount = resolve_in_bag(camera_mount, bag, topics, options.base_frame, frame)
+            if mount.source == FROM_FIXED_TF:
+                LOG.info("camera extrinsic %s -> %s from transforms that stay fixed on /tf: t=%s q_wxyz=%s",
+                         options.base_frame, frame, np.round(mount.pose[0], 4), np.round(mount.pose[1], 4))
+            if mount.found:
+                regressor.set_extrinsic(*mount.pose)
             elif not warned_extrinsic:
                 warned_extrinsic.append(frame)
-                LOG.warning("no TF path %s -> %s (the images' frame) on /tf_static or fixed on /tf: pass "
-                            "--camera-extrinsic, or --base-frame if the robot's base has another name",
-                            options.base_frame, frame)
+                LOG.warning("%s", mount.reason)
         if regressor.sequential:  # clips are read in stamp order
             pending.sort(key=_stamp_or_zero)
         events = []
@@ -337,10 +310,7 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
                     if len(pending) >= options.batch_size:
                         flush_images()
                 elif record.topic == "/tf_static":
-                    try:
-                        static_edges.update(tf_edges(record.msg.transforms))
-                    except ValueError:
-                        pass
+                    camera_mount.feed(record.msg, static=True)
             flush_images()
     finally:
         bar.close()

@@ -114,9 +114,10 @@ def _edge_series(samples):
 
 
 def fixed_edges(dynamic: dict) -> dict:
-    """{(parent, child): (t, q)} of the /tf edges in ``dynamic`` (as :class:`GroundTruthReader`
+    """{(parent, child): (t, q)} of the /tf edges in ``dynamic`` (as :func:`add_tf_samples`
     collects them) that were seen at least twice and never changed: the mounts a ROS 1
-    bag, or a ROS 2 bag recorded without /tf_static, only carries on /tf."""
+    bag, or a ROS 2 bag recorded without /tf_static, only carries on /tf
+    (:mod:`vizloc_ros.ros_io.camera_mount` looks for the camera's there)."""
     fixed = {}
     for key, samples in dynamic.items():
         _, t, q = _edge_series(samples)

@@ -5,7 +5,8 @@ Images come from an Image or CompressedImage topic; ground truth from a pose top
 (``tf:map->base_link``), interpolated to each image stamp and accepted only when a
 ground-truth sample lies within ``tolerance`` seconds. The ground truth is the pose of
 the base frame; the sample's pose is the camera's (DESIGN.md), obtained through the
-``/tf_static`` extrinsic base -> camera optical frame (or ``camera_extrinsic``).
+camera mount base -> camera optical frame (:mod:`vizloc_ros.ros_io.camera_mount`:
+``camera_extrinsic``, else /tf_static, else transforms that stay fixed on /tf).
 
 Decoded images are held in memory (a bag cannot be read at random quickly); for very
 long recordings export a 7-Scenes folder first.
@@ -19,13 +20,14 @@ import numpy as np
 
 from vizloc_ros import geometry
 from vizloc_ros.ros_io import messages
-from vizloc_ros.ros_io.messages import IMAGE_TYPES
-from vizloc_ros.training.datasets import DatasetError, PoseDataset
+from vizloc_ros.ros_io.bag_io import list_topics, read_messages
+from vizloc_ros.ros_io.camera_mount import CameraMountResolver, resolve_in_bag
 from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
-                                          fixed_edges, interpolate_poses, static_chain, tf_edges)
+                                          interpolate_poses)
+from vizloc_ros.ros_io.messages import IMAGE_TYPES
+from vizloc_ros.training.pose_dataset import CAMERA_MOUNT_HINT, DatasetError, PoseDataset
 
 LOG = logging.getLogger(__name__)
-
 
 
 class BagDataset(PoseDataset):
@@ -36,8 +38,6 @@ class BagDataset(PoseDataset):
                  base_frame: str = "base_link", camera_extrinsic=None, split: str | None = None,
                  every: int = 1):
         super().__init__()
-        from vizloc_ros.ros_io.bag_io import list_topics, read_messages
-
         bag = Path(bag)
         try:
             topics = list_topics(bag)
@@ -58,7 +58,7 @@ class BagDataset(PoseDataset):
             raise DatasetError("every must be >= 1")
         wanted = [image_topic, gt_source] + (["/tf_static"] if "/tf_static" in topics else [])
         reader = GroundTruthReader(gt_topic, base_frame)
-        static: dict = {}
+        camera_mount = CameraMountResolver(override=camera_extrinsic, hint=CAMERA_MOUNT_HINT)
         images: list[tuple[int, np.ndarray, str]] = []
         bad_images = 0
         count = 0
@@ -74,10 +74,10 @@ class BagDataset(PoseDataset):
                     except ValueError:
                         bad_images += 1
                 elif record.topic == "/tf_static":
-                    static.update(tf_edges(record.msg.transforms))
+                    camera_mount.feed(record.msg, static=True)
                 if record.topic == gt_source:
                     reader.add(record.topic, record.msg)
-            gt_stamps, gt_t, gt_q = reader.finish(static)
+            gt_stamps, gt_t, gt_q = reader.finish(camera_mount.static_edges())
         except (ValueError, GroundTruthError) as exc:
             raise DatasetError(f"{bag}: {exc}") from None
         if bad_images:
@@ -85,12 +85,10 @@ class BagDataset(PoseDataset):
                         image_topic)
         if not images:
             raise DatasetError(f"{bag}: no decodable image on {image_topic}")
-        if camera_extrinsic is None:
-            # /tf_static, else the transforms that stayed fixed on /tf (ROS 1 bags keep mounts there)
-            camera_extrinsic = static_chain(fixed_edges(reader.dynamic) | static, base_frame, images[0][2])
-            if camera_extrinsic is None:
-                LOG.warning("%s: no TF path %s -> %s on /tf_static or fixed on /tf; using the ground truth "
-                            "as the camera pose", bag, base_frame, images[0][2])
+        mount = resolve_in_bag(camera_mount, bag, topics, base_frame, images[0][2])
+        camera_extrinsic = mount.pose
+        if not mount.found:
+            LOG.warning("%s: %s; using the ground truth as the camera pose", bag, mount.reason)
         stamps = np.array([ns * 1e-9 for ns, _, _ in images])
         t_base, q_base = interpolate_poses(gt_stamps, gt_t, gt_q, stamps)
         nearest = np.abs(gt_stamps[np.clip(np.searchsorted(gt_stamps, stamps), 0, len(gt_stamps) - 1)] - stamps)

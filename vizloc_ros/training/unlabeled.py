@@ -10,7 +10,8 @@ A sample is ``{"image": (T, H, W, 3) uint8, "t_rel": (T-1, 3) metres, "q_rel": (
 (w, x, y, z), "index": int}``: ``steps`` frames ``skip`` apart from one recording, and
 between consecutive frames the pose of the later camera in the earlier camera's frame
 (a^-1 b), from the odometry interpolated to the image stamps and moved into the camera
-optical frame through the ``/tf_static`` extrinsic (or ``camera_extrinsic``).
+optical frame through the camera mount (:mod:`vizloc_ros.ros_io.camera_mount`:
+``camera_extrinsic``, else /tf_static, else transforms that stay fixed on /tf).
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ import numpy as np
 
 from vizloc_ros import geometry
 from vizloc_ros.ros_io import messages
-from vizloc_ros.training.datasets import DatasetError
-from vizloc_ros.ros_io.ground_truth import interpolate_poses, static_chain, tf_edges
+from vizloc_ros.ros_io.bag_io import list_topics, read_messages
+from vizloc_ros.ros_io.camera_mount import CameraMountResolver, resolve_in_bag
+from vizloc_ros.ros_io.ground_truth import interpolate_poses
+from vizloc_ros.training.pose_dataset import CAMERA_MOUNT_HINT, DatasetError
 
 LOG = logging.getLogger(__name__)
 
@@ -55,8 +58,6 @@ def read_bag_sequence(bag, image_topic: str = "/camera/image_raw", odom_topic: s
                       base_frame: str = "base_link", camera_extrinsic=None,
                       every: int = 1) -> OdometrySequence:
     """Images + odometry of one bag (rosbag2 or ROS 1) -> :class:`OdometrySequence`."""
-    from vizloc_ros.ros_io.bag_io import list_topics, read_messages
-
     bag = Path(bag)
     try:
         topics = list_topics(bag)
@@ -71,7 +72,7 @@ def read_bag_sequence(bag, image_topic: str = "/camera/image_raw", odom_topic: s
     wanted = [image_topic, odom_topic] + (["/tf_static"] if "/tf_static" in topics else [])
     images, image_stamps, frame_id = [], [], None
     odom_stamps, odom_t, odom_q = [], [], []
-    static: dict = {}
+    camera_mount = CameraMountResolver(override=camera_extrinsic, hint=CAMERA_MOUNT_HINT)
     count = bad = 0
     try:
         for record in read_messages(bag, wanted):
@@ -94,7 +95,7 @@ def read_bag_sequence(bag, image_topic: str = "/camera/image_raw", odom_topic: s
                 odom_t.append(t)
                 odom_q.append(q)
             elif record.topic == "/tf_static":
-                static.update(tf_edges(record.msg.transforms))
+                camera_mount.feed(record.msg, static=True)
     except ValueError as exc:
         raise DatasetError(f"{bag}: {exc}") from None
     if bad:
@@ -102,11 +103,10 @@ def read_bag_sequence(bag, image_topic: str = "/camera/image_raw", odom_topic: s
     if not images or len(odom_stamps) < 2:
         raise DatasetError(f"{bag}: needs images on {image_topic} and odometry on {odom_topic} "
                            f"(found {len(images)} images, {len(odom_stamps)} odometry messages)")
-    if camera_extrinsic is None and frame_id:
-        camera_extrinsic = static_chain(static, base_frame, frame_id)
-    if camera_extrinsic is None:
-        LOG.warning("%s: no camera extrinsic %s -> camera (no /tf_static path, no "
-                    "camera_extrinsic): the odometry is used as the camera motion", bag, base_frame)
+    mount = resolve_in_bag(camera_mount, bag, topics, base_frame, frame_id or "")
+    camera_extrinsic = mount.pose
+    if not mount.found:
+        LOG.warning("%s: %s; the odometry is used as the camera motion", bag, mount.reason)
     order = np.argsort(odom_stamps, kind="stable")
     o_s = np.asarray(odom_stamps)[order]
     o_t, o_q = np.asarray(odom_t)[order], np.asarray(odom_q)[order]

@@ -1,0 +1,87 @@
+"""The base of every pose dataset: a list of (image, camera pose, stamp), and its error.
+
+Kept apart from the loaders (:mod:`vizloc_ros.training.datasets`,
+:mod:`vizloc_ros.training.bag_dataset`) so that they import it one way: ``open_dataset``
+knows every loader, and no loader needs ``open_dataset``.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+#: what fixes a missing camera mount, in the bag loaders' options
+#: (:class:`~vizloc_ros.training.bag_dataset.BagDataset`, :mod:`~vizloc_ros.training.unlabeled`)
+CAMERA_MOUNT_HINT = "pass camera_extrinsic, or base_frame if the robot's base has another name"
+
+
+class DatasetError(ValueError):
+    """A dataset folder or file is missing, malformed or inconsistent."""
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB (grey images are replicated)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DatasetError(f"image file is missing: {path}") from None
+    except OSError as exc:
+        raise DatasetError(f"image file is unreadable: {path} ({exc})") from None
+
+
+class PoseDataset:
+    """Base class: a list of (image path, t, q, stamp); images are read lazily.
+
+    Subclasses fill ``self.items``. ``preload=True`` reads every image once (small
+    synthetic sets train much faster from memory).
+    """
+
+    name = "poses"
+
+    def __init__(self):
+        self.items: list[tuple[Path, np.ndarray, np.ndarray, float]] = []
+        self._cache: dict[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        path, t, q, stamp = self.items[index]
+        if self._cache is not None and index in self._cache:
+            image = self._cache[index]
+        else:
+            image = load_image(path)
+        return {"image": image, "t": t.copy(), "q": q.copy(), "stamp": float(stamp),
+                "index": int(index)}
+
+    def preload(self, workers: int | None = None) -> "PoseDataset":
+        """Decode every image into memory; PNG/JPEG decoding releases the GIL, so a few
+        threads (default: up to 8, one per core) cut the start-up of large sets."""
+        workers = workers or min(8, os.cpu_count() or 1)
+        paths = [item[0] for item in self.items]
+        if workers <= 1 or len(paths) < 64:
+            images = [load_image(path) for path in paths]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                images = list(pool.map(load_image, paths, chunksize=32))
+        self._cache = dict(enumerate(images))
+        return self
+
+    def poses(self) -> tuple[np.ndarray, np.ndarray]:
+        """All (t, q) of the split as arrays, without reading images."""
+        if not self.items:
+            return np.zeros((0, 3)), np.zeros((0, 4))
+        return (np.stack([it[1] for it in self.items]), np.stack([it[2] for it in self.items]))
+
+    def stamps(self) -> np.ndarray:
+        return np.asarray([it[3] for it in self.items], dtype=float)
+
+    def check_images(self, limit: int | None = None) -> None:
+        """Open (part of) the images now so a broken file fails early."""
+        for item in self.items[:limit]:
+            load_image(item[0])
