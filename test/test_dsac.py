@@ -10,13 +10,16 @@ from geo_helpers import TINY_INPUT, make_geo_scene, train_args
 from vizloc_ros import geometry
 from vizloc_ros.training import train
 from vizloc_ros.training.datasets import SevenScenes
-from vizloc_ros.training.scene_geometry import (cell_centres, dataset_camera, depth_path, grid_scene_coordinates,
-                                            input_camera, intrinsic_matrix, load_depth)
+from vizloc_ros.training.recipes import recipe_for
+from vizloc_ros.training.recipes.dsac import SceneCoordinateLoss, dsac_expected_loss
+from vizloc_ros.training.scene_geometry import dataset_camera, depth_path, grid_scene_coordinates, load_depth
+from vizloc_ros.localize.camera import cell_centres, input_camera, intrinsic_matrix
 from vizloc_ros.localize.models import build_model, load_checkpoint, save_checkpoint
-from vizloc_ros.localize.models.dsac import (SceneCoordinateLoss, dsac_expected_loss, pnp_ransac, pose_covariance)
+from vizloc_ros.localize.models.dsac import pnp_ransac, pose_covariance
 from vizloc_ros.localize.preprocess import InputSpec
 
 SPEC = InputSpec.from_meta(TINY_INPUT)
+RECIPE = recipe_for("dsac")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,9 +136,9 @@ def test_training_steps_lower_the_coordinate_loss(scene, tmp_path):
     model = build_model("dsac", backbone="small")
     from vizloc_ros.training.datasets import translation_stats
     model.set_pose_stats(*translation_stats(dataset))
-    samples = model.training_dataset(dataset, config, SPEC)
+    samples = RECIPE.samples(model, dataset, config, SPEC)
     assert model.input_camera is not None and samples.has_depth
-    loss_fn = model.training_loss(config)
+    loss_fn = RECIPE.loss(model, config)
     assert isinstance(loss_fn, SceneCoordinateLoss) and loss_fn.current_stage() == "coords"
     batch = train._collate([samples[i] for i in range(8)])
     x = train.prepare_images(batch["image"], SPEC, "cpu", False, config, torch.Generator())
@@ -152,7 +155,7 @@ def test_training_steps_lower_the_coordinate_loss(scene, tmp_path):
     assert losses[-1] < 0.7 * losses[0]
     # the other stages run on the same batch and give finite losses with gradients
     for stage in ("reprojection", "e2e"):
-        stage_loss = model.training_loss(_tiny_config(scene, tmp_path / "m", f"loss.stage={stage}",
+        stage_loss = RECIPE.loss(model, _tiny_config(scene, tmp_path / "m", f"loss.stage={stage}",
                                                       "loss.hypotheses=8"))
         value = stage_loss(model, x[:2], {k: v[:2] for k, v in extras.items()})
         assert torch.isfinite(value)
@@ -161,15 +164,15 @@ def test_training_steps_lower_the_coordinate_loss(scene, tmp_path):
 
 def test_schedule_switches_to_e2e_and_bad_options_are_named(scene, tmp_path):
     model = build_model("dsac", backbone="small")
-    loss = model.training_loss(_tiny_config(scene, tmp_path / "m", "loss.stage=coords+e2e", "loss.e2e_after=2"))
+    loss = RECIPE.loss(model, _tiny_config(scene, tmp_path / "m", "loss.stage=coords+e2e", "loss.e2e_after=2"))
     assert loss.current_stage() == "coords"
     loss.steps += 2
     assert loss.current_stage() == "e2e"
     with pytest.raises(ValueError, match="hypothesis_count"):
-        model.training_loss(_tiny_config(scene, tmp_path / "m", "loss.hypothesis_count=3"))
+        RECIPE.loss(model, _tiny_config(scene, tmp_path / "m", "loss.hypothesis_count=3"))
     config = _tiny_config(scene, tmp_path / "m", "augment.random_crop=true")
     with pytest.raises(ValueError, match="random_crop"):
-        model.training_dataset(SevenScenes(scene, "train"), config, SPEC)
+        RECIPE.samples(model, SevenScenes(scene, "train"), config, SPEC)
 
 
 def test_checkpoint_round_trip_keeps_the_camera_and_the_poses(tmp_path):

@@ -205,7 +205,7 @@ def test_pretrained_file_that_does_not_fit(tmp_path):
 def test_own_loss_options_refuse_unknown_keys_and_ignore_pose_loss_keys(module):
     import importlib
 
-    mod = importlib.import_module(f"vizloc_ros.localize.models.{module}")
+    mod = importlib.import_module(f"vizloc_ros.training.recipes.{module}")
     options = mod.loss_options({"translation": "l1", "s_t": 0.0})  # the pose-loss defaults pass through
     assert set(options) == set(mod.LOSS_OPTIONS)
     with pytest.raises(ValueError, match=f"unknown {module} loss option.*'typo'"):

@@ -22,6 +22,7 @@ from vizloc_ros import geometry
 from vizloc_ros.ros_io import messages
 from vizloc_ros.training import train
 from vizloc_ros.training.losses import OdometryLoss, VLocNetLoss, build_loss, build_odometry_loss
+from vizloc_ros.training.recipes import recipe_for
 from vizloc_ros.localize.models import (FrameStream, LSTMPoseNet, MapNet, MapNetPlus, VidLoc, VLocNet,
                                build_model, load_checkpoint, save_checkpoint)
 from vizloc_ros.localize.models.lstm_posenet import DIRECTIONS
@@ -91,13 +92,13 @@ def test_shapes_and_registry(name, cls, fmt):
 
 
 def test_default_architectures():
-    assert MapNetPlus.needs_unlabeled and isinstance(build_model("mapnet_plus", feat_dim=8), MapNet)
+    assert recipe_for("mapnet_plus").needs_unlabeled and isinstance(build_model("mapnet_plus", feat_dim=8), MapNet)
     assert build_model("lstm_posenet", feat_dim=64, grid_rows=8).backbone_name == "googlenet"
     net = build_model("lstm_posenet")
     assert (net.grid_rows, net.grid_cols, net.hidden) == (32, 64, 32) and net.fc_t.in_features == 128
     vid = build_model("vidloc", feat_dim=16, hidden=8)
     assert vid.lstm.bidirectional and vid.context_frames == vid.clip_length == 8
-    assert vid.pose_depends_on_history and vid.streaming and vid.trains_on_clips
+    assert vid.pose_depends_on_history and vid.streaming and recipe_for("vidloc").trains_on_clips
     vloc = build_model("vlocnet", feat_dim=16)
     assert vloc.backbone_name == "resnet18" and vloc.has_relative_head and vloc.context_frames == 2
     assert not vloc.pose_depends_on_history
@@ -465,7 +466,7 @@ def test_demo_config_builds_a_model_under_25_mb_in_fp16(name):
     model = build_model(name, **config["model"]["args"])
     size = sum(v.numel() for v in model.state_dict().values()) * 2
     assert size < 25e6, f"{name}: {size / 1e6:.1f} MB"
-    if model.needs_unlabeled:
+    if recipe_for(name).needs_unlabeled:
         assert config["unlabeled"]["root"]
     if model.has_relative_head:
         assert config["loss"].get("odometry")
