@@ -245,3 +245,22 @@ def test_cuda_graph_mc_dropout_draws_fresh_masks(checkpoint):
     assert np.abs(first.t - second.t).max() > 0  # the replayed graph advanced the generator
     for result in (first, second):
         assert np.all(np.isfinite(result.cov)) and np.linalg.eigvalsh(result.cov).min() > 0
+
+
+def test_the_adapter_is_chosen_once_by_what_the_weights_are(tmp_path):
+    from vizloc_ros.localize import runners
+
+    cpu = torch.device("cpu")
+    cases = {"mapnet": (build_model("mapnet", feat_dim=8), runners.RegressorRunner),
+             "vlocnet": (build_model("vlocnet", feat_dim=16), runners.SequenceRunner),
+             "dsac": (build_model("dsac", backbone="small"), runners.LocalizingRunner)}
+    for name, (model, kind) in cases.items():
+        runner = runners.model_runner(model, SPEC, cpu)
+        assert type(runner) is kind, name
+        assert (runner.stream is not None) == (kind is runners.SequenceRunner)
+    assert runners.is_exported("x.onnx") and runners.is_exported("x.engine") and not runners.is_exported("x")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="tensorrt Python package is not installed"):
+            runners.exported_runner(tmp_path / "x.engine", SPEC)
