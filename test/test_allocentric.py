@@ -18,6 +18,8 @@ from vizloc_ros.localize.models.allocentric import (camera_level_attitude, corre
                                            pose_from_scores, rotate_views, splat)
 from vizloc_ros.localize.preprocess import InputSpec
 from vizloc_ros.training.recipes import recipe_for
+from vizloc_ros.replay import cli as replay
+from vizloc_ros.localize.estimator import PoseEstimator
 
 SPEC = InputSpec.from_meta(TINY_INPUT)
 RECIPE = recipe_for("allocentric")
@@ -220,9 +222,6 @@ def trained(scene, tmp_path_factory):
 
 
 def test_vizloc_train_saves_the_memory_and_the_estimator_and_replay_use_it(trained, scene, tmp_path):
-    from vizloc_ros.replay import cli as replay
-    from vizloc_ros.localize.estimator import PoseEstimator
-
     assert trained.with_name("allocentric.memory.safetensors").is_file()
     meta = json.loads(trained.with_suffix(".json").read_text())
     assert meta["model_config"]["camera_height"] > 1.0

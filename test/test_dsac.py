@@ -8,8 +8,8 @@ import torch
 
 from geo_helpers import TINY_INPUT, make_geo_scene, train_args
 from vizloc_ros import geometry
-from vizloc_ros.training import train
-from vizloc_ros.training.datasets import SevenScenes
+from vizloc_ros.training import evaluate, export, train
+from vizloc_ros.training.datasets import SevenScenes, translation_stats
 from vizloc_ros.training.recipes import recipe_for
 from vizloc_ros.training.recipes.dsac import SceneCoordinateLoss, dsac_expected_loss
 from vizloc_ros.training.scene_geometry import dataset_camera, depth_path, grid_scene_coordinates, load_depth
@@ -17,6 +17,8 @@ from vizloc_ros.localize.camera import cell_centres, input_camera, intrinsic_mat
 from vizloc_ros.localize.models import build_model, load_checkpoint, save_checkpoint
 from vizloc_ros.localize.models.dsac import pnp_ransac, pose_covariance
 from vizloc_ros.localize.preprocess import InputSpec
+from vizloc_ros.localize.estimator import PoseEstimator
+from vizloc_ros.replay import cli as replay
 
 SPEC = InputSpec.from_meta(TINY_INPUT)
 RECIPE = recipe_for("dsac")
@@ -134,7 +136,6 @@ def test_training_steps_lower_the_coordinate_loss(scene, tmp_path):
     config = _tiny_config(scene, tmp_path / "m")
     dataset = train.open_split(config, "train_split")
     model = build_model("dsac", backbone="small")
-    from vizloc_ros.training.datasets import translation_stats
     model.set_pose_stats(*translation_stats(dataset))
     samples = RECIPE.samples(model, dataset, config, SPEC)
     assert model.input_camera is not None and samples.has_depth
@@ -203,9 +204,6 @@ def trained(scene, tmp_path_factory):
 
 
 def test_vizloc_train_writes_a_checkpoint_the_estimator_and_eval_use(trained, scene, tmp_path):
-    from vizloc_ros.training import evaluate
-    from vizloc_ros.localize.estimator import PoseEstimator
-
     meta = json.loads(trained.with_suffix(".json").read_text())
     assert meta["architecture"] == "dsac" and len(meta["model_config"]["input_camera"]) == 4
     assert meta["validation_errors"]["model_cov_scale"] > 0  # inlier covariances calibrated
@@ -223,8 +221,6 @@ def test_vizloc_train_writes_a_checkpoint_the_estimator_and_eval_use(trained, sc
 
 
 def test_vizloc_replay_runs_dsac_end_to_end(trained, scene, tmp_path):
-    from vizloc_ros.replay import cli as replay
-
     options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
                                    device="cpu", batch_size=4, progress=False)
     metrics = replay.run_replay(options)
@@ -233,8 +229,6 @@ def test_vizloc_replay_runs_dsac_end_to_end(trained, scene, tmp_path):
 
 
 def test_export_refuses_dsac_with_a_reason(trained, capsys):
-    from vizloc_ros.training import export
-
     assert export.main([str(trained)]) == 2
     assert "RANSAC" in capsys.readouterr().err
 

@@ -15,7 +15,9 @@ from vizloc_ros.localize.models.netvlad import NetVLAD
 from vizloc_ros.training.recipes import recipe_for
 from vizloc_ros.training.recipes.netvlad import TripletSamples, thin_database, triplet_loss
 from vizloc_ros.training.scene_geometry import farthest_distance, neighbours_within
-from vizloc_ros.localize.preprocess import InputSpec
+from vizloc_ros.localize.preprocess import InputSpec, preprocess
+from vizloc_ros.replay import cli as replay
+from vizloc_ros.localize.estimator import PoseEstimator
 
 SPEC = InputSpec.from_meta(TINY_INPUT)
 RECIPE = recipe_for("netvlad")
@@ -130,7 +132,6 @@ def test_database_query_of_a_mapping_image_returns_its_pose_and_round_trips(scen
                         database_spacing=0.0).eval()
     RECIPE.prepare(model, dataset, SPEC, "cpu")
     assert model.database_size == len(dataset)
-    from vizloc_ros.localize.preprocess import preprocess
     x = preprocess(torch.from_numpy(np.stack([dataset[i]["image"] for i in (3, 11)])), SPEC)
     t, q, cov = model.localize(x)
     t_gt, q_gt = dataset.poses()
@@ -171,9 +172,6 @@ def trained(scene, tmp_path_factory):
 
 
 def test_vizloc_train_saves_the_database_and_the_estimator_and_replay_use_it(trained, scene, tmp_path):
-    from vizloc_ros.replay import cli as replay
-    from vizloc_ros.localize.estimator import PoseEstimator
-
     assert trained.with_name("netvlad.database.safetensors").is_file()
     estimator = PoseEstimator(trained, device="cpu", cpu_threads=1)
     estimate = estimator.estimate(SevenScenes(scene, "test")[0]["image"])
@@ -184,8 +182,6 @@ def test_vizloc_train_saves_the_database_and_the_estimator_and_replay_use_it(tra
 
 
 def test_replay_takes_netvlad_as_the_coarse_prior_of_the_fusion(trained, scene, tmp_path):
-    from vizloc_ros.replay import cli as replay
-
     options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
                                    prior_weights=trained, device="cpu", batch_size=4, progress=False)
     metrics = replay.run_replay(options)

@@ -456,7 +456,6 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> dict:
 def _train(config: dict, resume: bool, progress: bool) -> dict:
     from tqdm import tqdm
 
-
     rank, world, local_rank = _distributed()
     if int(config["threads"]) > 0:
         torch.set_num_threads(int(config["threads"]))
