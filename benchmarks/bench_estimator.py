@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from vizloc_ros.localize.estimator import PoseEstimator
-from vizloc_ros.localize.models import build_model, save_checkpoint
+from vizloc_ros.localize.models import build_model, load_checkpoint, save_checkpoint
 from vizloc_ros.localize.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -42,8 +42,6 @@ class ResearchBaseline:
     """What geomapnet / PoseNet ports do: PIL transforms per image, fp32 eager forward."""
 
     def __init__(self, weights: Path, device: torch.device):
-        from vizloc_ros.localize.models import load_checkpoint
-
         self.model, _ = load_checkpoint(weights, device=device)
         self.device = device
         self.mean = np.array(IMAGENET_MEAN, dtype=np.float32)

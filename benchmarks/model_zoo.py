@@ -47,7 +47,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vizloc_ros import geometry  # noqa: E402
+from vizloc_ros.localize.estimator import PoseEstimator  # noqa: E402
+from vizloc_ros.localize.models import available_models  # noqa: E402
 from vizloc_ros.metrics import evaluate_poses  # noqa: E402
+from vizloc_ros.training import train  # noqa: E402
+from vizloc_ros.training.datasets import open_dataset  # noqa: E402
 
 NAMES = {"posenet": "PoseNet (GoogLeNet)", "posenet_resnet18": "PoseNet (ResNet-18)",
          "posenet_resnet34": "PoseNet (ResNet-34)", "posenet_resnet50": "PoseNet (ResNet-50)",
@@ -165,8 +169,6 @@ def planar_errors(t_est, q_est, t_gt, q_gt):
 
 
 def evaluate(weights: Path, dataset, device: str, z_up: bool = True) -> dict:
-    from vizloc_ros.localize.estimator import PoseEstimator
-
     estimator = PoseEstimator(weights, device=device, cpu_threads=1)
     ts, qs, covs = [], [], []
     for start in range(0, len(dataset), 16):
@@ -192,8 +194,6 @@ def evaluate(weights: Path, dataset, device: str, z_up: bool = True) -> dict:
 
 def latency_ms(weights: Path, image: np.ndarray, device: str, repeats: int = 10) -> float:
     """Median ms per frame of PoseEstimator.estimate (one frame, one CPU thread)."""
-    from vizloc_ros.localize.estimator import PoseEstimator
-
     estimator = PoseEstimator(weights, device=device, cpu_threads=1)
     estimator.estimate(image)
     times = []
@@ -212,9 +212,6 @@ def checkpoint_mb(weights: Path) -> float:
 
 
 def run_one(name: str, dataset: dict, args, work: Path) -> dict:
-    from vizloc_ros.training import train
-    from vizloc_ros.training.datasets import open_dataset
-
     row = {"model": name, "method": NAMES.get(name, name), "data": dataset["name"]}
     if dataset["kind"] == "kitti" and name in NEEDS_DEPTH:
         row["note"] = "skipped: needs depth images (KITTI has none here)"
@@ -250,8 +247,6 @@ def run_one(name: str, dataset: dict, args, work: Path) -> dict:
 
 def _checked(config: dict) -> dict:
     """Through vizloc-train's own validation (defaults, types)."""
-    from vizloc_ros.training import train
-
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(config, handle)
     try:
@@ -328,8 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from vizloc_ros.localize.models import available_models
-
     args = build_parser().parse_args(argv)
     torch.set_num_threads(1 if args.quick else max(1, torch.get_num_threads()))
     models = args.models.split(",") if args.models else available_models()

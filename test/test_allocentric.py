@@ -17,8 +17,12 @@ from vizloc_ros.localize.models import CheckpointError, build_model, load_checkp
 from vizloc_ros.localize.models.allocentric import (camera_level_attitude, correlate, correlate_direct,
                                            pose_from_scores, rotate_views, splat)
 from vizloc_ros.localize.preprocess import InputSpec
+from vizloc_ros.training.recipes import recipe_for
+from vizloc_ros.replay import cli as replay
+from vizloc_ros.localize.estimator import PoseEstimator
 
 SPEC = InputSpec.from_meta(TINY_INPUT)
+RECIPE = recipe_for("allocentric")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -153,9 +157,9 @@ def test_training_steps_lower_the_loss(scene, tmp_path):
     config = _tiny_config(scene, tmp_path / "m", "loss.map_jitter=0.0")
     dataset = train.open_split(config, "train_split")
     model = build_model("allocentric", backbone="small", feat_dim=4, resolution=0.2, max_range=4.0)
-    samples = model.training_dataset(dataset, config, SPEC)
+    samples = RECIPE.samples(model, dataset, config, SPEC)
     assert model.camera_height == pytest.approx(dataset.poses()[0][:, 2].mean())
-    loss_fn = model.training_loss(config)
+    loss_fn = RECIPE.loss(model, config)
     batch = train._collate([samples[i] for i in range(0, len(samples), 3)][:4])
     images = batch["image"]
     x = train.prepare_images(images.reshape(-1, *images.shape[-3:]), SPEC, "cpu", False, config,
@@ -177,7 +181,7 @@ def test_training_steps_lower_the_loss(scene, tmp_path):
 def test_memory_round_trips_beside_the_checkpoint(scene, tmp_path):
     dataset = SevenScenes(scene, "train")
     model = _model()
-    model.prepare_inference(dataset, SPEC, "cpu")
+    RECIPE.prepare(model, dataset, SPEC, "cpu")
     assert model.has_memory and model.memory_count.sum() > 0
     x = torch.randn(1, 3, 48, 64)
     t, q, cov = model.localize(x)
@@ -197,7 +201,7 @@ def test_memory_round_trips_beside_the_checkpoint(scene, tmp_path):
 def test_online_update_integrates_the_view_into_the_memory(scene):
     dataset = SevenScenes(scene, "train")
     model = _model(online_update=True)
-    model.prepare_inference(dataset, SPEC, "cpu")
+    RECIPE.prepare(model, dataset, SPEC, "cpu")
     before = model.memory_count.sum().item()
     model.localize(torch.randn(1, 3, 48, 64))
     assert model.memory_count.sum().item() > before
@@ -218,9 +222,6 @@ def trained(scene, tmp_path_factory):
 
 
 def test_vizloc_train_saves_the_memory_and_the_estimator_and_replay_use_it(trained, scene, tmp_path):
-    from vizloc_ros.replay import cli as replay
-    from vizloc_ros.localize.estimator import PoseEstimator
-
     assert trained.with_name("allocentric.memory.safetensors").is_file()
     meta = json.loads(trained.with_suffix(".json").read_text())
     assert meta["model_config"]["camera_height"] > 1.0

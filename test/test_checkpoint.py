@@ -261,8 +261,6 @@ def test_describe_tensors():
 def test_sidecar_values_of_the_wrong_type_are_named(tmp_path):
     import json
 
-    from vizloc_ros.localize.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
-
     path = tmp_path / "m"
     save_checkpoint(path, build_model("posenet_resnet18", feat_dim=16).eval(), {"input": {"resize": 32, "crop": [32, 32]}})
     meta = json.loads(path.with_suffix(".json").read_text())

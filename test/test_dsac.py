@@ -8,15 +8,20 @@ import torch
 
 from geo_helpers import TINY_INPUT, make_geo_scene, train_args
 from vizloc_ros import geometry
-from vizloc_ros.training import train
-from vizloc_ros.training.datasets import SevenScenes
-from vizloc_ros.training.scene_geometry import (cell_centres, dataset_camera, depth_path, grid_scene_coordinates,
-                                            input_camera, intrinsic_matrix, load_depth)
+from vizloc_ros.training import evaluate, export, train
+from vizloc_ros.training.datasets import SevenScenes, translation_stats
+from vizloc_ros.training.recipes import recipe_for
+from vizloc_ros.training.recipes.dsac import SceneCoordinateLoss, dsac_expected_loss
+from vizloc_ros.training.scene_geometry import dataset_camera, depth_path, grid_scene_coordinates, load_depth
+from vizloc_ros.localize.camera import cell_centres, input_camera, intrinsic_matrix
 from vizloc_ros.localize.models import build_model, load_checkpoint, save_checkpoint
-from vizloc_ros.localize.models.dsac import (SceneCoordinateLoss, dsac_expected_loss, pnp_ransac, pose_covariance)
+from vizloc_ros.localize.models.dsac import pnp_ransac, pose_covariance
 from vizloc_ros.localize.preprocess import InputSpec
+from vizloc_ros.localize.estimator import PoseEstimator
+from vizloc_ros.replay import cli as replay
 
 SPEC = InputSpec.from_meta(TINY_INPUT)
+RECIPE = recipe_for("dsac")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -131,11 +136,10 @@ def test_training_steps_lower_the_coordinate_loss(scene, tmp_path):
     config = _tiny_config(scene, tmp_path / "m")
     dataset = train.open_split(config, "train_split")
     model = build_model("dsac", backbone="small")
-    from vizloc_ros.training.datasets import translation_stats
     model.set_pose_stats(*translation_stats(dataset))
-    samples = model.training_dataset(dataset, config, SPEC)
+    samples = RECIPE.samples(model, dataset, config, SPEC)
     assert model.input_camera is not None and samples.has_depth
-    loss_fn = model.training_loss(config)
+    loss_fn = RECIPE.loss(model, config)
     assert isinstance(loss_fn, SceneCoordinateLoss) and loss_fn.current_stage() == "coords"
     batch = train._collate([samples[i] for i in range(8)])
     x = train.prepare_images(batch["image"], SPEC, "cpu", False, config, torch.Generator())
@@ -152,7 +156,7 @@ def test_training_steps_lower_the_coordinate_loss(scene, tmp_path):
     assert losses[-1] < 0.7 * losses[0]
     # the other stages run on the same batch and give finite losses with gradients
     for stage in ("reprojection", "e2e"):
-        stage_loss = model.training_loss(_tiny_config(scene, tmp_path / "m", f"loss.stage={stage}",
+        stage_loss = RECIPE.loss(model, _tiny_config(scene, tmp_path / "m", f"loss.stage={stage}",
                                                       "loss.hypotheses=8"))
         value = stage_loss(model, x[:2], {k: v[:2] for k, v in extras.items()})
         assert torch.isfinite(value)
@@ -161,15 +165,15 @@ def test_training_steps_lower_the_coordinate_loss(scene, tmp_path):
 
 def test_schedule_switches_to_e2e_and_bad_options_are_named(scene, tmp_path):
     model = build_model("dsac", backbone="small")
-    loss = model.training_loss(_tiny_config(scene, tmp_path / "m", "loss.stage=coords+e2e", "loss.e2e_after=2"))
+    loss = RECIPE.loss(model, _tiny_config(scene, tmp_path / "m", "loss.stage=coords+e2e", "loss.e2e_after=2"))
     assert loss.current_stage() == "coords"
     loss.steps += 2
     assert loss.current_stage() == "e2e"
     with pytest.raises(ValueError, match="hypothesis_count"):
-        model.training_loss(_tiny_config(scene, tmp_path / "m", "loss.hypothesis_count=3"))
+        RECIPE.loss(model, _tiny_config(scene, tmp_path / "m", "loss.hypothesis_count=3"))
     config = _tiny_config(scene, tmp_path / "m", "augment.random_crop=true")
     with pytest.raises(ValueError, match="random_crop"):
-        model.training_dataset(SevenScenes(scene, "train"), config, SPEC)
+        RECIPE.samples(model, SevenScenes(scene, "train"), config, SPEC)
 
 
 def test_checkpoint_round_trip_keeps_the_camera_and_the_poses(tmp_path):
@@ -200,9 +204,6 @@ def trained(scene, tmp_path_factory):
 
 
 def test_vizloc_train_writes_a_checkpoint_the_estimator_and_eval_use(trained, scene, tmp_path):
-    from vizloc_ros.training import evaluate
-    from vizloc_ros.localize.estimator import PoseEstimator
-
     meta = json.loads(trained.with_suffix(".json").read_text())
     assert meta["architecture"] == "dsac" and len(meta["model_config"]["input_camera"]) == 4
     assert meta["validation_errors"]["model_cov_scale"] > 0  # inlier covariances calibrated
@@ -220,8 +221,6 @@ def test_vizloc_train_writes_a_checkpoint_the_estimator_and_eval_use(trained, sc
 
 
 def test_vizloc_replay_runs_dsac_end_to_end(trained, scene, tmp_path):
-    from vizloc_ros.replay import cli as replay
-
     options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
                                    device="cpu", batch_size=4, progress=False)
     metrics = replay.run_replay(options)
@@ -230,8 +229,6 @@ def test_vizloc_replay_runs_dsac_end_to_end(trained, scene, tmp_path):
 
 
 def test_export_refuses_dsac_with_a_reason(trained, capsys):
-    from vizloc_ros.training import export
-
     assert export.main([str(trained)]) == 2
     assert "RANSAC" in capsys.readouterr().err
 

@@ -8,8 +8,11 @@ import torch
 
 from vizloc_ros import geometry
 from vizloc_ros.localize.estimator import PoseEstimator, make_psd, mean_and_covariance, resolve_device
-from vizloc_ros.localize.models import build_model, save_checkpoint
+from vizloc_ros.localize.models import build_model, load_checkpoint, save_checkpoint
 from vizloc_ros.localize.preprocess import InputSpec, preprocess
+from vizloc_ros.training import evaluate, export
+from test_datasets import make_sevenscenes
+from vizloc_ros.localize import runners
 
 SPEC = InputSpec(resize=48, crop=(48, 64))
 
@@ -130,7 +133,6 @@ def test_sample_covariance_of_known_rotations():
 
 def test_onnx_export_validates_and_runs_in_the_estimator(checkpoint, tmp_path):
     pytest.importorskip("onnxruntime")
-    from vizloc_ros.training import export
 
     out = tmp_path / "exported"
     assert export.main([str(checkpoint[0]), "--out", str(out), "--tensorrt", "no"]) == 0
@@ -166,9 +168,6 @@ def test_mc_samples_share_the_backbone_and_match_repeated_forwards(checkpoint):
 def test_vizloc_eval_records_metrics_in_the_sidecar(checkpoint, tmp_path):
     import json
     import shutil
-
-    from test_datasets import make_sevenscenes
-    from vizloc_ros.training import evaluate
 
     weights = tmp_path / "w"
     for suffix in (".safetensors", ".json"):
@@ -210,8 +209,6 @@ SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "mapnet_demo.safeten
 def test_cuda_graph_path_matches_float64_reference(precision, tolerance):
     """The shipped network (a trained one: an untrained net's tiny, noisy outputs make
     fp16's relative error meaningless) through the captured graph vs float64 on the CPU."""
-    from vizloc_ros.localize.models import load_checkpoint
-
     estimator = PoseEstimator(SHIPPED, device="cuda", precision=precision, require_device=True)
     reference, meta = load_checkpoint(SHIPPED)
     reference = reference.double().eval()
@@ -245,3 +242,20 @@ def test_cuda_graph_mc_dropout_draws_fresh_masks(checkpoint):
     assert np.abs(first.t - second.t).max() > 0  # the replayed graph advanced the generator
     for result in (first, second):
         assert np.all(np.isfinite(result.cov)) and np.linalg.eigvalsh(result.cov).min() > 0
+
+
+def test_the_adapter_is_chosen_once_by_what_the_weights_are(tmp_path):
+    cpu = torch.device("cpu")
+    cases = {"mapnet": (build_model("mapnet", feat_dim=8), runners.RegressorRunner),
+             "vlocnet": (build_model("vlocnet", feat_dim=16), runners.SequenceRunner),
+             "dsac": (build_model("dsac", backbone="small"), runners.LocalizingRunner)}
+    for name, (model, kind) in cases.items():
+        runner = runners.model_runner(model, SPEC, cpu)
+        assert type(runner) is kind, name
+        assert (runner.stream is not None) == (kind is runners.SequenceRunner)
+    assert runners.is_exported("x.onnx") and runners.is_exported("x.engine") and not runners.is_exported("x")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="tensorrt Python package is not installed"):
+            runners.exported_runner(tmp_path / "x.engine", SPEC)

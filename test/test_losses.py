@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vizloc_ros.geometry import torch_quat_log, torch_quat_multiply, torch_quat_normalize
+from vizloc_ros.geometry import torch_pose_compose, torch_quat_log, torch_quat_multiply, torch_quat_normalize
 from vizloc_ros.training.losses import (
     COMBINATIONS,
     ROTATION_DISTANCES,
@@ -175,7 +175,6 @@ def test_mapnet_loss_zero_at_gt_and_relative_term(fmt, mode):
 
 
 def test_mapnet_se3_relative_term_ignores_a_global_rigid_motion():
-    from vizloc_ros.geometry import torch_pose_compose
     t, q = tuples(seed=3)
     g_t = torch.tensor([2.0, -1.0, 0.3]).expand_as(t)
     g_q = torch_quat_normalize(torch.tensor([0.7, 0.1, 0.7, -0.1])).expand_as(q)

@@ -1,12 +1,16 @@
 """Pose regressors: registry, shapes, decoding, determinism, MC dropout, ImageNet init."""
+import ast
+import importlib
 import json
 import math
+import pathlib
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from vizloc_ros import localize
 from vizloc_ros.geometry import torch_quat_log
 from vizloc_ros.localize.models import (
     MapNet,
@@ -18,6 +22,7 @@ from vizloc_ros.localize.models import (
     register_model,
 )
 from vizloc_ros.localize.models.backbones import torch_cache_path
+from vizloc_ros.training.recipes import available_recipes, recipe_for
 
 EXPECTED_MODELS = {"posenet": ("googlenet", "quat"), "posenet_resnet18": ("resnet18", "quat"),
                    "posenet_resnet34": ("resnet34", "quat"), "posenet_resnet50": ("resnet50", "quat"),
@@ -203,10 +208,31 @@ def test_pretrained_file_that_does_not_fit(tmp_path):
 
 @pytest.mark.parametrize("module", ["dsac", "netvlad", "allocentric"])
 def test_own_loss_options_refuse_unknown_keys_and_ignore_pose_loss_keys(module):
-    import importlib
-
-    mod = importlib.import_module(f"vizloc_ros.localize.models.{module}")
+    mod = importlib.import_module(f"vizloc_ros.training.recipes.{module}")
     options = mod.loss_options({"translation": "l1", "s_t": 0.0})  # the pose-loss defaults pass through
     assert set(options) == set(mod.LOSS_OPTIONS)
     with pytest.raises(ValueError, match=f"unknown {module} loss option.*'typo'"):
         mod.loss_options({"typo": 1})
+
+
+def test_every_builtin_model_has_a_training_recipe_under_its_name():
+    builtin = [name for name in available_models() if not name.startswith("test_")]
+    assert set(builtin) <= set(available_recipes())
+    assert recipe_for("dsac").loss(build_model("dsac", backbone="small"),
+                                   {"loss": {"stage": "coords"}}) is not None
+    assert recipe_for("mapnet").loss(build_model("mapnet", feat_dim=8), {"loss": {}}) is None
+    with pytest.raises(ValueError, match="no training recipe for model 'posenet_vgg'"):
+        recipe_for("posenet_vgg")
+
+
+def test_localize_imports_nothing_from_training_or_sim():
+    """Models are inference only: the runtime side never reaches into the trainer or the
+    synthetic world (the import-graph test checks the whole package; this one names the file)."""
+    offenders = []
+    for path in pathlib.Path(localize.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.name}: {n}" for n in names
+                          if n.startswith(("vizloc_ros.training", "vizloc_ros.sim"))]
+    assert not offenders

@@ -11,10 +11,16 @@ from vizloc_ros import geometry
 from vizloc_ros.training import train
 from vizloc_ros.training.datasets import SevenScenes
 from vizloc_ros.localize.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from vizloc_ros.localize.models.netvlad import NetVLAD, TripletSamples, thin_database, triplet_loss
-from vizloc_ros.localize.preprocess import InputSpec
+from vizloc_ros.localize.models.netvlad import NetVLAD
+from vizloc_ros.training.recipes import recipe_for
+from vizloc_ros.training.recipes.netvlad import TripletSamples, thin_database, triplet_loss
+from vizloc_ros.training.scene_geometry import farthest_distance, neighbours_within
+from vizloc_ros.localize.preprocess import InputSpec, preprocess
+from vizloc_ros.replay import cli as replay
+from vizloc_ros.localize.estimator import PoseEstimator
 
 SPEC = InputSpec.from_meta(TINY_INPUT)
+RECIPE = recipe_for("netvlad")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,8 +107,8 @@ def test_training_steps_lower_the_triplet_loss(scene, tmp_path):
     config = _tiny_config(scene, tmp_path / "m")
     dataset = train.open_split(config, "train_split")
     model = build_model("netvlad", backbone="small", feat_dim=16, clusters=4)
-    samples = model.training_dataset(dataset, config, SPEC)
-    loss_fn = model.training_loss(config)
+    samples = RECIPE.samples(model, dataset, config, SPEC)
+    loss_fn = RECIPE.loss(model, config)
     batch = train._collate([samples[i] for i in range(0, len(samples), 4)][:4])
     images = batch["image"]
     x = train.prepare_images(images.reshape(-1, *images.shape[-3:]), SPEC, "cpu", False, config,
@@ -124,9 +130,8 @@ def test_database_query_of_a_mapping_image_returns_its_pose_and_round_trips(scen
     dataset = SevenScenes(scene, "train")
     model = build_model("netvlad", backbone="small", feat_dim=16, clusters=4, top_k=1,
                         database_spacing=0.0).eval()
-    model.prepare_inference(dataset, SPEC, "cpu")
+    RECIPE.prepare(model, dataset, SPEC, "cpu")
     assert model.database_size == len(dataset)
-    from vizloc_ros.localize.preprocess import preprocess
     x = preprocess(torch.from_numpy(np.stack([dataset[i]["image"] for i in (3, 11)])), SPEC)
     t, q, cov = model.localize(x)
     t_gt, q_gt = dataset.poses()
@@ -150,7 +155,7 @@ def test_database_query_of_a_mapping_image_returns_its_pose_and_round_trips(scen
 
 def test_without_a_database_localize_says_how_to_build_one():
     model = build_model("netvlad", backbone="small", feat_dim=8, clusters=2).eval()
-    with pytest.raises(RuntimeError, match="prepare_inference"):
+    with pytest.raises(RuntimeError, match="no database"):
         model.localize(torch.randn(1, 3, 48, 64))
 
 
@@ -167,9 +172,6 @@ def trained(scene, tmp_path_factory):
 
 
 def test_vizloc_train_saves_the_database_and_the_estimator_and_replay_use_it(trained, scene, tmp_path):
-    from vizloc_ros.replay import cli as replay
-    from vizloc_ros.localize.estimator import PoseEstimator
-
     assert trained.with_name("netvlad.database.safetensors").is_file()
     estimator = PoseEstimator(trained, device="cpu", cpu_threads=1)
     estimate = estimator.estimate(SevenScenes(scene, "test")[0]["image"])
@@ -180,8 +182,6 @@ def test_vizloc_train_saves_the_database_and_the_estimator_and_replay_use_it(tra
 
 
 def test_replay_takes_netvlad_as_the_coarse_prior_of_the_fusion(trained, scene, tmp_path):
-    from vizloc_ros.replay import cli as replay
-
     options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
                                    prior_weights=trained, device="cpu", batch_size=4, progress=False)
     metrics = replay.run_replay(options)
@@ -190,7 +190,6 @@ def test_replay_takes_netvlad_as_the_coarse_prior_of_the_fusion(trained, scene, 
 
 
 def test_chunked_neighbour_search_equals_brute_force():
-    from vizloc_ros.training.scene_geometry import farthest_distance, neighbours_within
 
     rng = np.random.default_rng(0)
     points = rng.uniform(0, 3, (50, 2))

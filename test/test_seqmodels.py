@@ -20,11 +20,20 @@ import torch
 
 from vizloc_ros import geometry
 from vizloc_ros.ros_io import messages
-from vizloc_ros.training import train
+from vizloc_ros.ros_io.bag_io import list_topics
+from vizloc_ros.training import evaluate, export, train
 from vizloc_ros.training.losses import OdometryLoss, VLocNetLoss, build_loss, build_odometry_loss
+from vizloc_ros.training.recipes import recipe_for
 from vizloc_ros.localize.models import (FrameStream, LSTMPoseNet, MapNet, MapNetPlus, VidLoc, VLocNet,
                                build_model, load_checkpoint, save_checkpoint)
 from vizloc_ros.localize.models.lstm_posenet import DIRECTIONS
+from vizloc_ros.sim.synthetic import SequenceSpec, SynthConfig, generate
+from vizloc_ros.localize.estimator import PoseEstimator
+from vizloc_ros.localize.preprocess import preprocess
+from vizloc_ros.pipeline.regressor import RegressorCore
+from vizloc_ros.training.datasets import SevenScenes
+from vizloc_ros.training.unlabeled import open_unlabeled
+from vizloc_ros.replay import cli as replay
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"lstm_posenet": "train_lstm_posenet_demo.yaml", "vidloc": "train_vidloc_demo.yaml",
@@ -56,8 +65,6 @@ def random_poses(gen, *shape):
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     """The synthetic world, tiny: two training walks, one test walk, as 7-Scenes and bags."""
-    from vizloc_ros.sim.synthetic import SequenceSpec, SynthConfig, generate
-
     root = tmp_path_factory.mktemp("world") / "world"
     generate(root, [SequenceSpec(1, "train", 1, 16), SequenceSpec(2, "train", 2, 16),
                     SequenceSpec(5, "test", 101, 16)],
@@ -91,13 +98,13 @@ def test_shapes_and_registry(name, cls, fmt):
 
 
 def test_default_architectures():
-    assert MapNetPlus.needs_unlabeled and isinstance(build_model("mapnet_plus", feat_dim=8), MapNet)
+    assert recipe_for("mapnet_plus").needs_unlabeled and isinstance(build_model("mapnet_plus", feat_dim=8), MapNet)
     assert build_model("lstm_posenet", feat_dim=64, grid_rows=8).backbone_name == "googlenet"
     net = build_model("lstm_posenet")
     assert (net.grid_rows, net.grid_cols, net.hidden) == (32, 64, 32) and net.fc_t.in_features == 128
     vid = build_model("vidloc", feat_dim=16, hidden=8)
     assert vid.lstm.bidirectional and vid.context_frames == vid.clip_length == 8
-    assert vid.pose_depends_on_history and vid.streaming and vid.trains_on_clips
+    assert vid.pose_depends_on_history and vid.streaming and recipe_for("vidloc").trains_on_clips
     vloc = build_model("vlocnet", feat_dim=16)
     assert vloc.backbone_name == "resnet18" and vloc.has_relative_head and vloc.context_frames == 2
     assert not vloc.pose_depends_on_history
@@ -304,8 +311,6 @@ def test_frame_stream_starts_a_new_clip_at_a_gap_or_a_jump_back():
 
 
 def test_vidloc_estimator_online_mode_equals_offline_clip_output(tmp_path):
-    from vizloc_ros.localize.estimator import PoseEstimator
-
     model = tiny("vidloc", clip_length=3).eval()
     model.set_pose_stats([0.0, 1.0, 1.2], [1.0, 1.0, 0.2])
     save_checkpoint(tmp_path / "v", model, {"input": {"resize": 32, "crop": list(CROP)}})
@@ -314,7 +319,6 @@ def test_vidloc_estimator_online_mode_equals_offline_clip_output(tmp_path):
     rng = np.random.default_rng(8)
     images = [rng.integers(0, 255, (CROP[0], CROP[1], 3), dtype=np.uint8) for _ in range(5)]
     results = est.estimate_batch(images[:2], stamps=[0.0, 0.1]) + est.estimate_batch(images[2:], stamps=[0.2, 0.3, 0.4])
-    from vizloc_ros.localize.preprocess import preprocess
     x = preprocess(torch.from_numpy(np.stack(images)), est.spec)
     with torch.no_grad():
         for k in range(2, 5):
@@ -324,8 +328,6 @@ def test_vidloc_estimator_online_mode_equals_offline_clip_output(tmp_path):
 
 
 def test_export_refuses_a_sequence_model(tmp_path, capsys):
-    from vizloc_ros.training import export
-
     save_checkpoint(tmp_path / "v", tiny("vidloc").eval(), {"input": {"resize": 32, "crop": list(CROP)}})
     assert export.main([str(tmp_path / "v.safetensors"), "--tensorrt", "no"]) == 2
     assert "sequence model" in capsys.readouterr().err
@@ -335,9 +337,6 @@ def test_export_refuses_a_sequence_model(tmp_path, capsys):
 # --------------------------------------------------------------------------- VLocNet's visual odometry
 
 def test_vlocnet_estimator_returns_the_relative_head_from_the_second_frame(tmp_path):
-    from vizloc_ros.localize.estimator import PoseEstimator
-    from vizloc_ros.localize.preprocess import preprocess
-
     model = tiny("vlocnet").eval()
     cov = np.diag([1e-4] * 3 + [1e-3] * 3).tolist()
     save_checkpoint(tmp_path / "v", model, {"input": {"resize": 32, "crop": list(CROP)},
@@ -362,8 +361,6 @@ def test_vlocnet_estimator_returns_the_relative_head_from_the_second_frame(tmp_p
 @pytest.mark.parametrize("name", ["vidloc", "vlocnet"])
 def test_mc_dropout_through_the_frame_stream(tmp_path, name):
     """MC dropout samples of a sequence model: one CNN pass, the window decoded S times."""
-    from vizloc_ros.localize.estimator import PoseEstimator
-
     torch.manual_seed(0)
     model = build_model(name, **{**TINY_ARGS[name], "dropout": 0.5}).eval()
     save_checkpoint(tmp_path / "m", model, {"input": {"resize": 32, "crop": list(CROP)},
@@ -403,8 +400,6 @@ class RelativeFake:
 
 
 def test_visual_odometry_integrates_the_relative_head_into_base_motion():
-    from vizloc_ros.pipeline.regressor import RegressorCore
-
     T = messages.rosbags_types()
     rng = np.random.default_rng(10)
     base_T_cam = (np.array([0.2, 0.0, 0.3]), np.array([0.5, -0.5, 0.5, -0.5]))
@@ -436,9 +431,6 @@ def test_visual_odometry_integrates_the_relative_head_into_base_motion():
 # --------------------------------------------------------------------------- unlabeled sequences
 
 def test_unlabeled_tuples_carry_the_odometry_in_the_camera_frame(tiny_world):
-    from vizloc_ros.training.datasets import SevenScenes
-    from vizloc_ros.training.unlabeled import open_unlabeled
-
     data = open_unlabeled("bag", tiny_world / "bags", steps=3, skip=2, stride=4)
     assert len(data.sequences) == 3 and len(data) > 0
     sample = data[0]
@@ -465,7 +457,7 @@ def test_demo_config_builds_a_model_under_25_mb_in_fp16(name):
     model = build_model(name, **config["model"]["args"])
     size = sum(v.numel() for v in model.state_dict().values()) * 2
     assert size < 25e6, f"{name}: {size / 1e6:.1f} MB"
-    if model.needs_unlabeled:
+    if recipe_for(name).needs_unlabeled:
         assert config["unlabeled"]["root"]
     if model.has_relative_head:
         assert config["loss"].get("odometry")
@@ -516,8 +508,6 @@ def test_demo_config_trains_and_writes_a_loadable_checkpoint_with_metrics(traine
 def test_vizloc_eval_runs_every_model_and_matches_online_validation(trained, tiny_world, tmp_path, name):
     """vizloc-eval goes through PoseEstimator (online mode for VidLoc) and gives the figure
     the trainer's validation measured on the same split."""
-    from vizloc_ros.training import evaluate
-
     assert evaluate.main([str(trained[name]), str(tiny_world), "--split", "test", "--device", "cpu",
                           "--no-progress", "--json", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
@@ -537,8 +527,6 @@ def test_mapnet_plus_without_unlabeled_data_is_a_clear_error(tiny_world, tmp_pat
 @pytest.mark.parametrize("name, visual_odom", [("lstm_posenet", False), ("vidloc", False),
                                                ("mapnet_plus", False), ("vlocnet", True)])
 def test_replay_end_to_end_on_a_tiny_bag(trained, tiny_world, tmp_path, name, visual_odom):
-    from vizloc_ros.replay import cli as replay
-
     options = replay.ReplayOptions(bag=tiny_world / "bags" / "seq-05", out=tmp_path / "r",
                                    weights=trained[name], device="cpu", batch_size=5, progress=False,
                                    visual_odometry=visual_odom)
@@ -552,13 +540,10 @@ def test_replay_end_to_end_on_a_tiny_bag(trained, tiny_world, tmp_path, name, vi
         assert vo["frames"] == 16 and math.isfinite(vo["median_step_translation_m"])
         assert metrics["counts"]["odom_received"] == 16  # the network's odometry, not the bag's
         assert (tmp_path / "r" / "visual_odometry.tum").is_file()
-        from vizloc_ros.ros_io.bag_io import list_topics
         assert "/vizloc/visual_odometry" in list_topics(tmp_path / "r" / "bag")
 
 
 def test_replay_visual_odom_needs_a_relative_head(trained, tiny_world, tmp_path):
-    from vizloc_ros.replay import cli as replay
-
     with pytest.raises(replay.ReplayError, match="relative-pose head"):
         replay.run_replay(replay.ReplayOptions(bag=tiny_world / "bags" / "seq-05", out=tmp_path / "r",
                                                weights=trained["lstm_posenet"], device="cpu",

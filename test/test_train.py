@@ -7,7 +7,9 @@ import torch
 
 from test_datasets import make_sevenscenes
 from vizloc_ros.training import train
-from vizloc_ros.localize.models import load_checkpoint
+from vizloc_ros.localize.models import build_model, load_checkpoint
+from vizloc_ros.training.losses import build_loss
+from vizloc_ros.training.datasets import translation_stats
 
 TINY = ["--set", "input.resize=32", "--set", "input.crop=[32,32]", "--set", "model.args.feat_dim=32",
         "--set", "augment.color_jitter=0", "--set", "augment.random_crop=false", "--device", "cpu",
@@ -31,10 +33,7 @@ def test_a_few_steps_lower_the_loss_and_write_a_loadable_checkpoint(tiny_scene):
                                   "out": str(tiny_scene / "out" / "m"), "optim.batch_size": 8,
                                   "optim.lr": 1e-3, "device": "cpu"})
     dataset = train.open_split(config, "train_split")
-    from vizloc_ros.training.losses import build_loss
-    from vizloc_ros.localize.models import build_model
     model = build_model("posenet_resnet18", feat_dim=32, dropout=0.0)
-    from vizloc_ros.training.datasets import translation_stats
     model.set_pose_stats(*translation_stats(dataset))
     loss_fn = build_loss({"combine": "sum", "translation": "l1", "rotation": "logq"})
     spec = train.InputSpec.from_meta(config["input"])
@@ -95,8 +94,6 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
 
 
 def test_fixed_relative_weights_get_no_gradient():
-    from vizloc_ros.training.losses import build_loss
-
     loss_fn = build_loss({"relative": True, "learn_relative_weights": False, "s_t_rel": 2.3,
                           "s_q_rel": -1.0})
     pred = torch.randn(2, 3, 6, requires_grad=True)

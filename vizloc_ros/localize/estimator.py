@@ -5,6 +5,9 @@ a replay report is the pose the robot would have published.
 
 Why the pieces are here:
 
+* one adapter (:mod:`vizloc_ros.localize.runners`) is chosen when the weights are loaded:
+  a pose regressor, a sequence model, a model that localizes itself, or an exported
+  ONNX / TensorRT network; every frame then takes that one path;
 * preprocessing (resize, crop, normalise) runs on the inference device through
   :mod:`vizloc_ros.localize.preprocess`, the same code the training data loader uses;
 * on CUDA the host images are stacked into a pinned buffer and uploaded without
@@ -28,7 +31,6 @@ the left (in ``map``): R_true = exp(delta) * R_est.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import time
@@ -39,7 +41,9 @@ import numpy as np
 import torch
 
 from vizloc_ros import geometry
-from vizloc_ros.localize.preprocess import InputSpec, preprocess, to_rgb_array
+from vizloc_ros.localize.models import load_checkpoint, read_checkpoint_meta
+from vizloc_ros.localize.preprocess import InputSpec, to_rgb_array
+from vizloc_ros.localize.runners import exported_runner, is_exported, model_runner
 
 LOG = logging.getLogger(__name__)
 
@@ -50,10 +54,6 @@ DEFAULT_SIGMA_R = np.deg2rad(10.0)
 #: covariance floor (variances): 1 cm and 0.2 deg standard deviation.
 FLOOR_VAR_T = 0.01 ** 2
 FLOOR_VAR_R = np.deg2rad(0.2) ** 2
-_MAX_GRAPHS = 8
-#: images per CUDA-graph launch in a large batch: uploads of one chunk overlap the network
-#: run of the previous one
-_CHUNK = 8
 
 
 @dataclass
@@ -171,242 +171,6 @@ def mean_and_covariance(t_samples: np.ndarray, q_samples: np.ndarray):
     return t_mean, q_mean, cov
 
 
-class _TorchRunner:
-    """Runs a PoseRegressor: raw images in, (t, q) samples out, with the fast paths.
-
-    The whole device-side computation (uint8 image -> resize / crop / normalise ->
-    network -> decoded pose) is one function, :meth:`_pipeline`. On CUDA it is captured
-    once per input shape and sample count into a CUDA graph, so a frame costs one host
-    copy, one upload, one graph launch and one 28-byte download per image; MC dropout is
-    captured with dropout sampling on (the graph advances the random generator on every
-    replay, so each call draws fresh masks).
-    """
-
-    def __init__(self, model, spec: InputSpec, device: torch.device, precision: str,
-                 use_graphs: bool, compile_model: bool):
-        self.spec = spec
-        self.device = device
-        self.dtype = torch.float16 if (precision == "fp16" and device.type == "cuda") else torch.float32
-        if precision == "fp16" and device.type != "cuda":
-            LOG.warning("fp16 requested on %s: running fp32 (fp16 is a GPU path)", device)
-        from vizloc_ros.localize.models.batchnorm_folding import fold_batch_norms
-
-        crop_h, crop_w = spec.crop
-        example = torch.rand(2, 3, max(crop_h, 1), max(crop_w, 1), generator=torch.Generator().manual_seed(0))
-        model = fold_batch_norms(model.float().eval(), (example - 0.45) / 0.225)
-        if device.type == "cuda" and self.dtype == torch.float32:
-            # fp32 means fp32: TF32 convolutions and matmuls differ from it by ~1e-3
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        model = model.to(device=device).eval()
-        model = model.to(memory_format=torch.channels_last)
-        if self.dtype == torch.float16:
-            model = model.half()
-        self.model = model
-        self.forward = torch.compile(model.forward) if compile_model else model.forward
-        self.use_graphs = use_graphs and device.type == "cuda"
-        self.stream = None
-        if model.streaming:
-            from vizloc_ros.localize.models.sequence import FrameStream
-            self.stream = FrameStream(model)
-        self._graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-        self._pinned: dict[tuple, torch.Tensor] = {}
-        self._device_in: dict[tuple, torch.Tensor] = {}
-        self._copy_stream = None
-        self._copy_pool = None
-        #: per-frame 6x6 covariances of the last call, from models that estimate their own
-        #: (DSAC's inliers, NetVLAD's neighbours, the allocentric match); None otherwise
-        self.model_cov = None
-
-    # ------------------------------------------------------------------ host -> device
-    def _stack_into(self, arrays: list[np.ndarray], out: np.ndarray) -> None:
-        """Stack images into ``out``. Large batches are copied by a few threads (numpy
-        releases the GIL while copying); one thread cannot fill pinned memory fast enough
-        to keep a GPU busy with 640x480 frames."""
-        if len(arrays) < 4 or out.nbytes < (2 << 20):
-            np.stack(arrays, out=out)
-            return
-        if self._copy_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._copy_pool = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) // 2)),
-                                                 thread_name_prefix="vizloc-upload")
-        list(self._copy_pool.map(lambda i: np.copyto(out[i], arrays[i]), range(len(arrays))))
-
-    def upload(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        """Same-size (H, W, 3) uint8 host images -> one (B, H, W, 3) tensor on the device.
-
-        On CUDA the images are stacked straight into a reused page-locked buffer (one host
-        copy, not two) and uploaded without blocking; the buffer is reused only after the
-        previous call has synchronised on its result.
-        """
-        if self.device.type != "cuda":
-            return torch.from_numpy(np.stack(arrays))
-        pinned = self._buffer(self._pinned, (len(arrays), *arrays[0].shape),
-                              lambda k: torch.empty(k, dtype=torch.uint8, pin_memory=True))
-        self._stack_into(arrays, pinned.numpy())
-        return pinned.to(self.device, non_blocking=True)
-
-    # ------------------------------------------------------------------ device work
-    def _pipeline(self, images: torch.Tensor, samples: int) -> torch.Tensor:
-        """uint8 (B, H, W, 3) on the device -> (samples * B, 7) float32: metric
-        translation and unit quaternion (w, x, y, z), sample-major."""
-        x = preprocess(images, self.spec, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
-        self.model.mc_dropout(samples > 1)
-        try:
-            raw = self.model.forward_samples(x, samples) if samples > 1 else self.forward(x)
-        finally:
-            self.model.mc_dropout(False)
-        t, q = self.model.decode(raw.float())
-        return torch.cat([t, q], dim=-1)
-
-    def _graph_for(self, images: torch.Tensor, samples: int) -> tuple:
-        key = (*images.shape, samples)
-        entry = self._graphs.get(key)
-        if entry is not None:
-            self._graphs.move_to_end(key)
-            return entry
-        static_in = images.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up iterations, as CUDA graphs require
-            for _ in range(2):
-                self._pipeline(static_in, samples)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self._pipeline(static_in, samples)
-        entry = self._graphs[key] = (graph, static_in, static_out)
-        if len(self._graphs) > _MAX_GRAPHS:
-            self._graphs.popitem(last=False)
-        return entry
-
-    def _buffer(self, cache: dict, key: tuple, make) -> torch.Tensor:
-        buffer = cache.get(key)
-        if buffer is None:
-            if len(cache) >= _MAX_GRAPHS:
-                cache.clear()
-            buffer = cache[key] = make(key)
-        return buffer
-
-    def _run_chunked(self, arrays: list[np.ndarray], repeats: int) -> torch.Tensor:
-        """Large CUDA batches in chunks of :data:`_CHUNK`: the host copy of chunk i+1 and
-        its upload (on a copy stream) overlap the graph replay of chunk i, so a batch of
-        640x480 frames is bounded by the slowest of copy, upload and network rather than
-        by their sum."""
-        n, shape = len(arrays), (len(arrays), *arrays[0].shape)
-        pinned = self._buffer(self._pinned, shape,
-                              lambda k: torch.empty(k, dtype=torch.uint8, pin_memory=True))
-        device_in = self._buffer(self._device_in, shape,
-                                 lambda k: torch.empty(k, dtype=torch.uint8, device=self.device))
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
-        compute = torch.cuda.current_stream(self.device)
-        pinned_np = pinned.numpy()
-        outputs = []
-        for start in range(0, n, _CHUNK):
-            stop = min(start + _CHUNK, n)
-            self._stack_into(arrays[start:stop], pinned_np[start:stop])
-            with torch.cuda.stream(self._copy_stream):
-                device_in[start:stop].copy_(pinned[start:stop], non_blocking=True)
-                uploaded = torch.cuda.Event()
-                uploaded.record(self._copy_stream)
-            compute.wait_event(uploaded)
-            graph, static_in, static_out = self._graph_for(device_in[start:stop], repeats)
-            static_in.copy_(device_in[start:stop])
-            graph.replay()
-            outputs.append(static_out.reshape(repeats, stop - start, 7).clone())
-        return torch.cat(outputs, dim=1)
-
-    @torch.inference_mode()
-    def __call__(self, arrays: list[np.ndarray], samples: int, stamps=None):
-        """Returns t (S, B, 3) and q (S, B, 4) float64 numpy; S = max(samples, 1); and the
-        relative poses (t (S, B, 3), q (S, B, 4), valid (B,)) or None (single-image models)."""
-        repeats = max(samples, 1)
-        self.model_cov = None
-        if self.model.custom_inference:
-            return self._call_custom(arrays)
-        if self.stream is not None:
-            return self._call_stream(arrays, repeats, stamps)
-        if self.use_graphs and len(arrays) >= 2 * _CHUNK:
-            out = self._run_chunked(arrays, repeats)
-        elif self.use_graphs:
-            images = self.upload(arrays)
-            graph, static_in, static_out = self._graph_for(images, repeats)
-            static_in.copy_(images)
-            graph.replay()
-            out = static_out
-        else:
-            out = self._pipeline(self.upload(arrays), repeats)
-        pose = out.reshape(repeats, len(arrays), 7).cpu().numpy().astype(np.float64)
-        return pose[..., :3], pose[..., 3:], None
-
-    def _call_custom(self, arrays: list[np.ndarray]):
-        """Models with their own localisation (DSAC's RANSAC, NetVLAD's retrieval, the
-        allocentric matcher): eager, their per-frame covariances kept in :attr:`model_cov`."""
-        x = preprocess(self.upload(arrays), self.spec, dtype=self.dtype)
-        t, q, cov = self.model.localize(x.contiguous(memory_format=torch.channels_last))
-        self.model_cov = None if cov is None else torch.as_tensor(cov).double().cpu().numpy()
-        return t.double().cpu().numpy()[None], q.double().cpu().numpy()[None], None
-
-    def _call_stream(self, arrays: list[np.ndarray], repeats: int, stamps):
-        """Sequence models (VidLoc, VLocNet): frames go through the model's frame stream in
-        stamp order (eager, since the stream's state changes with every frame)."""
-        x = preprocess(self.upload(arrays), self.spec, dtype=self.dtype)
-        x = x.contiguous(memory_format=torch.channels_last)
-        relative = None
-        self.model.mc_dropout(repeats > 1)
-        try:
-            out = self.stream.push(x, stamps, repeats)
-            raw = out.pose.reshape(-1, out.pose.shape[-1])
-            if out.relative is not None:
-                t_rel, q_rel = self.model.decode_relative(out.relative.float())
-                relative = (t_rel.double().cpu().numpy(), q_rel.double().cpu().numpy(),
-                            out.has_relative.cpu().numpy())
-        finally:
-            self.model.mc_dropout(False)
-        t, q = self.model.decode(raw.float())
-        b = len(arrays)
-        return (t.reshape(repeats, b, 3).double().cpu().numpy(),
-                q.reshape(repeats, b, 4).double().cpu().numpy(), relative)
-
-
-class _ExportedRunner:
-    """Runs an exported network (ONNX Runtime or a TensorRT engine) that outputs (B, 7):
-    metric translation and unit quaternion (w, x, y, z), as written by ``vizloc-export``."""
-
-    def __init__(self, path: Path, spec: InputSpec):
-        self.spec = spec
-        self.path = path
-        if path.suffix == ".onnx":
-            try:
-                import onnxruntime as ort
-            except ImportError as exc:
-                raise RuntimeError("running an .onnx file needs onnxruntime "
-                                   "(pip install 'vizloc_ros[export]')") from exc
-            self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
-            self.input_name = self.session.get_inputs()[0].name
-            self.run = self._run_onnx
-        else:
-            from vizloc_ros.training.export import TensorRTEngine  # imports tensorrt, clear error if absent
-            self.engine = TensorRTEngine(path)
-            self.run = self.engine.infer
-
-    def _run_onnx(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
-
-    stream = None
-    model_cov = None
-
-    def __call__(self, arrays: list[np.ndarray], samples: int, stamps=None):
-        with torch.inference_mode():
-            x = preprocess(torch.from_numpy(np.stack(arrays)), self.spec).numpy()
-        out = np.asarray(self.run(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float64)
-        t = out[None, :, :3]
-        q = geometry.quat_hemisphere(geometry.quat_normalize(out[None, :, 3:7]))
-        return t, q, None
-
-
 class PoseEstimator:
     """Image -> camera pose in ``map`` with covariance.
 
@@ -427,8 +191,6 @@ class PoseEstimator:
                  mc_dropout_samples: int = 0, require_device: bool = False,
                  cuda_graphs: bool = True, compile_model: bool = False,
                  cpu_threads: int | None = None, warmup: bool = True):
-        from vizloc_ros.localize.models import load_checkpoint, read_checkpoint_meta
-
         if precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
         if not isinstance(mc_dropout_samples, int) or mc_dropout_samples < 0:
@@ -439,10 +201,11 @@ class PoseEstimator:
             torch.set_num_threads(threads)
         path = Path(weights)
         self.mc_dropout_samples = mc_dropout_samples
-        if path.suffix in (".onnx", ".engine", ".plan"):
+        # the adapter is chosen here, once: every frame then takes the same path
+        if is_exported(path):
             self.meta = read_checkpoint_meta(path.with_suffix(".json"))
             self.spec = InputSpec.from_meta(self.meta.get("input"))
-            self._runner = _ExportedRunner(path, self.spec)
+            self._runner = exported_runner(path, self.spec)
             if mc_dropout_samples > 1:
                 LOG.warning("MC dropout is not available in exported networks: "
                             "using the validation covariance")
@@ -450,7 +213,7 @@ class PoseEstimator:
         else:
             model, self.meta = load_checkpoint(path, device="cpu")
             self.spec = InputSpec.from_meta(self.meta.get("input"))
-            self._runner = _TorchRunner(model, self.spec, self.device, precision,
+            self._runner = model_runner(model, self.spec, self.device, precision,
                                         use_graphs=cuda_graphs, compile_model=compile_model)
         self.map_frame = self.meta.get("map_frame", "map")
         self._validation_cov = covariance_from_meta(self.meta)
@@ -505,7 +268,8 @@ class PoseEstimator:
                              f"{sorted({a.shape for a in arrays})}")
         if stamps is not None and len(stamps) != len(arrays):
             raise ValueError(f"{len(arrays)} images but {len(stamps)} stamps")
-        t, q, relative = self._runner(arrays, self.mc_dropout_samples, stamps)
+        raw = self._runner(arrays, self.mc_dropout_samples, stamps)
+        t, q, relative = raw.t, raw.q, raw.relative
         if not (np.all(np.isfinite(t)) and np.all(np.isfinite(q))):
             raise FloatingPointError("the network produced a non-finite pose")
         latency = (time.perf_counter() - start) / len(arrays)
@@ -516,7 +280,7 @@ class PoseEstimator:
                 poses.append((t_i, q_i, make_psd(cov * self._mc_scale)))
         else:  # one vectorised normalisation for the whole batch
             q_all = geometry.quat_hemisphere(geometry.quat_normalize(q[0]))
-            model_cov = self._runner.model_cov  # the model's own uncertainty, when it has one
+            model_cov = raw.cov  # the model's own uncertainty, when it has one
             poses = [(t[0, i], q_all[i], self._validation_cov if model_cov is None
                       else make_psd(model_cov[i] * self._model_cov_scale)) for i in range(len(arrays))]
         # mean_and_covariance already returns a unit, w >= 0 quaternion

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from vizloc_ros.localize.models import checkpoint_paths
 from vizloc_ros.metrics import THRESHOLDS, evaluate_poses, pose_errors, threshold_key
+from vizloc_ros.pipeline.regressor import load_estimator
+from vizloc_ros.training.datasets import KittiOdometry, open_dataset
 
 
 def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int = 16,
                         progress: bool = True) -> dict:
     """Metrics of ``weights`` on every frame of ``dataset`` (any PoseDataset)."""
     from tqdm import tqdm
-
-    from vizloc_ros.pipeline.regressor import load_estimator
 
     estimator = load_estimator(weights, device=device)  # a bad file: ValueError naming it
     t_est, q_est = [], []
@@ -109,8 +110,6 @@ def parse_frames(spec: str | None, count: int):
 
 
 def _open(args):
-    from vizloc_ros.training.datasets import KittiOdometry, open_dataset
-
     if args.kind == "kitti":
         poses = Path(args.data) / "poses.txt"
         count = sum(1 for line in open(poses) if line.strip()) if poses.is_file() else 0
@@ -168,8 +167,6 @@ def _write_json_atomically(path: Path, document: dict) -> None:
 
 def record_metrics(weights, name: str, metrics: dict) -> Path:
     """Store ``metrics`` under ``metrics.<name>`` of the checkpoint's JSON sidecar."""
-    from vizloc_ros.localize.models import checkpoint_paths
-
     _, json_path = checkpoint_paths(weights)
     meta = json.loads(json_path.read_text())
     meta.setdefault("metrics", {})[name] = metrics

@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vizloc_ros.localize.models import CheckpointError, load_checkpoint
+from vizloc_ros.localize.preprocess import InputSpec
+
 LOG = logging.getLogger(__name__)
 OPSET = 17
 
@@ -56,7 +59,7 @@ def export_onnx(model, spec, out_path: Path, opset: int = OPSET) -> Path:
 
 def validate_onnx(model, spec, onnx_path: Path, batch: int = 4, seed: int = 0) -> float:
     """Max abs difference between ONNX Runtime and PyTorch on random normalised inputs."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency (the export extra): imported when used
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, *spec.crop, generator=gen)
@@ -67,42 +70,9 @@ def validate_onnx(model, spec, onnx_path: Path, batch: int = 4, seed: int = 0) -
     return float(np.max(np.abs(out - ref)))
 
 
-class TensorRTEngine:
-    """A deserialised TensorRT engine run through torch CUDA tensors (no pycuda needed)."""
-
-    def __init__(self, path: Path):
-        try:
-            import tensorrt as trt
-        except ImportError as exc:
-            raise RuntimeError(f"{path} is a TensorRT engine but the tensorrt Python package "
-                               "is not installed (JetPack ships it; on x86: pip install tensorrt)"
-                               ) from exc
-        if not torch.cuda.is_available():
-            raise RuntimeError("a TensorRT engine needs CUDA, which is not available")
-        self._trt = trt
-        logger = trt.Logger(trt.Logger.WARNING)
-        with open(path, "rb") as handle:
-            self.engine = trt.Runtime(logger).deserialize_cuda_engine(handle.read())
-        if self.engine is None:
-            raise RuntimeError(f"{path}: TensorRT could not deserialise this engine "
-                               "(built for another GPU or TensorRT version?)")
-        self.context = self.engine.create_execution_context()
-
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        images = torch.from_numpy(x).cuda()
-        self.context.set_input_shape("images", tuple(images.shape))
-        out = torch.empty((images.shape[0], 7), dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address("images", images.data_ptr())
-        self.context.set_tensor_address("pose", out.data_ptr())
-        stream = torch.cuda.current_stream()
-        self.context.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        return out.cpu().numpy()
-
-
 def build_tensorrt_engine(onnx_path: Path, engine_path: Path, spec, max_batch: int = 32) -> Path:
     """Build an fp16 engine with an optimisation profile for batch 1..max_batch."""
-    import tensorrt as trt
+    import tensorrt as trt  # optional dependency: imported when an engine is built
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -153,9 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from vizloc_ros.localize.models import CheckpointError, load_checkpoint
-    from vizloc_ros.localize.preprocess import InputSpec
-
     try:
         model, meta = load_checkpoint(args.weights)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:

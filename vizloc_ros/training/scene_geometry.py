@@ -1,10 +1,11 @@
-"""Camera intrinsics, depth and scene coordinates of a dataset, for the geometric models.
+"""Camera intrinsics, depth and scene coordinates of a dataset, for training the geometric models.
 
 Scene coordinate regression (DSAC), and the ground-plane projection of the allocentric
 localizer, need what a pose regressor does not: the pinhole intrinsics of the images and,
-where the dataset has it, per-pixel depth. This module finds both and maps them through
-the same resize + centre crop as :mod:`vizloc_ros.localize.preprocess`, so targets line up with
-the network input pixel for pixel.
+where the dataset has it, per-pixel depth. This module finds both in a dataset and maps
+them through the network-input geometry of :mod:`vizloc_ros.localize.camera` (the same
+resize + centre crop as inference), so targets line up with the network input pixel for
+pixel.
 
 Where intrinsics come from (first found):
 
@@ -22,36 +23,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from vizloc_ros import geometry
-from vizloc_ros.localize.preprocess import InputSpec, resized_shape
+from vizloc_ros.localize.camera import CameraError, cell_centres, check_camera, crop_geometry
+from vizloc_ros.localize.preprocess import InputSpec
 
 LOG = logging.getLogger(__name__)
 
 #: 7-Scenes (Kinect v1) colour camera as published with the dataset
 SEVENSCENES_CAMERA = {"fx": 585.0, "fy": 585.0, "cx": 320.0, "cy": 240.0, "width": 640, "height": 480}
-CAMERA_KEYS = ("fx", "fy", "cx", "cy", "width", "height")
-
-
-class CameraError(ValueError):
-    """Intrinsics are missing or malformed."""
-
-
-def check_camera(camera) -> dict:
-    """A camera dict with the six keys, positive focal lengths and size."""
-    if not isinstance(camera, dict) or any(k not in camera for k in CAMERA_KEYS):
-        raise CameraError(f"a camera needs {', '.join(CAMERA_KEYS)}; got {camera!r}")
-    out = {k: float(camera[k]) for k in ("fx", "fy", "cx", "cy")}
-    out.update(width=int(camera["width"]), height=int(camera["height"]))
-    if not all(math.isfinite(v) for v in out.values()) or min(out["fx"], out["fy"]) <= 0 \
-            or min(out["width"], out["height"]) <= 0:
-        raise CameraError(f"camera intrinsics are invalid: {camera!r}")
-    return out
 
 
 def dataset_root(dataset) -> Path | None:
@@ -90,36 +74,6 @@ def dataset_camera(dataset, override: dict | None = None) -> dict:
         return dict(SEVENSCENES_CAMERA)
     raise CameraError(f"cannot find camera intrinsics for {type(dataset).__name__} at {root}: "
                       "give model.args.camera = {fx, fy, cx, cy, width, height}")
-
-
-def crop_geometry(width: int, height: int, spec: InputSpec):
-    """Per-axis scale and (left, top) offset of :func:`~vizloc_ros.localize.preprocess.preprocess`:
-    a network-input pixel (uc, vc) sees the original pixel ((uc + left + 0.5) / sx - 0.5, ...)."""
-    new_h, new_w = resized_shape(height, width, spec.resize)
-    crop_h, crop_w = spec.crop
-    if crop_h > new_h or crop_w > new_w:
-        raise CameraError(f"crop {crop_w}x{crop_h} does not fit {width}x{height} resized to {new_w}x{new_h}")
-    return new_w / width, new_h / height, (new_w - crop_w) // 2, (new_h - crop_h) // 2
-
-
-def input_camera(camera: dict, spec: InputSpec) -> list[float]:
-    """[fx, fy, cx, cy] of the network input (after resize and centre crop), in its pixels."""
-    camera = check_camera(camera)
-    sx, sy, left, top = crop_geometry(camera["width"], camera["height"], spec)
-    return [camera["fx"] * sx, camera["fy"] * sy, (camera["cx"] + 0.5) * sx - 0.5 - left,
-            (camera["cy"] + 0.5) * sy - 0.5 - top]
-
-
-def intrinsic_matrix(fx, fy, cx, cy) -> np.ndarray:
-    return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
-
-
-def cell_centres(out_h: int, out_w: int, stride: int) -> np.ndarray:
-    """(out_h, out_w, 2) network-input pixel (u, v) at the centre of each output cell."""
-    u = stride * np.arange(out_w) + (stride - 1) / 2.0
-    v = stride * np.arange(out_h) + (stride - 1) / 2.0
-    uu, vv = np.meshgrid(u, v)
-    return np.stack([uu, vv], axis=-1)
 
 
 def depth_path(image_path) -> Path:
@@ -163,15 +117,6 @@ def grid_scene_coordinates(depth, camera: dict, spec: InputSpec, t, q, out_hw, s
     cam = np.stack([(u - camera["cx"]) / camera["fx"] * d, (v - camera["cy"]) / camera["fy"] * d, d], -1)
     world = cam @ geometry.quat_to_matrix(np.asarray(q, dtype=float)).T + np.asarray(t, dtype=float)
     return world.astype(np.float32)
-
-
-def backproject(depth: np.ndarray, camera: dict) -> np.ndarray:
-    """Depth (H, W) -> points (H, W, 3) in the camera optical frame (NaN where invalid)."""
-    camera = check_camera(camera)
-    h, w = depth.shape
-    u, v = np.meshgrid(np.arange(w), np.arange(h))
-    return np.stack([(u - camera["cx"]) / camera["fx"] * depth, (v - camera["cy"]) / camera["fy"] * depth,
-                     depth], -1)
 
 
 def neighbours_within(points: np.ndarray, radius: float, chunk: int = 1024, keep=None) -> list[np.ndarray]:

@@ -34,8 +34,15 @@ import torch
 import yaml
 
 from vizloc_ros import geometry
-from vizloc_ros.metrics import evaluate_poses
+from vizloc_ros.localize.estimator import resolve_device
+from vizloc_ros.localize.models import build_model, load_checkpoint, save_checkpoint
+from vizloc_ros.localize.models.sequence import FrameStream
 from vizloc_ros.localize.preprocess import InputSpec, preprocess
+from vizloc_ros.metrics import evaluate_poses
+from vizloc_ros.training.datasets import TupleDataset, open_dataset, translation_stats
+from vizloc_ros.training.losses import build_loss, build_odometry_loss
+from vizloc_ros.training.recipes import recipe_for
+from vizloc_ros.training.unlabeled import open_unlabeled
 
 LOG = logging.getLogger("vizloc-train")
 
@@ -160,8 +167,6 @@ def _check_types(config: dict) -> None:
 # ----------------------------------------------------------------------------- data
 
 def open_split(config: dict, split_key: str):
-    from vizloc_ros.training.datasets import open_dataset
-
     data = config["data"]
     root = data["val_root"] if split_key == "val_split" and data["val_root"] else data["root"]
     dataset = open_dataset(data["kind"], root, split=data[split_key], **(data["kwargs"] or {}))
@@ -227,7 +232,6 @@ def predict_dataset(model, dataset, spec: InputSpec, device, batch_size: int = 3
     model.eval()
     stream = None
     if model.streaming:
-        from vizloc_ros.localize.models.sequence import FrameStream
         stream = FrameStream(model)
         stamps = dataset.stamps()
     ts, qs, rel_ts, rel_qs = [], [], [], []
@@ -420,14 +424,11 @@ def _check_relative_head(model, loss_fn) -> bool:
     return wants
 
 
-def _open_unlabeled(config: dict, model):
+def _open_unlabeled(config: dict, model, recipe):
     """(unlabeled tuples, their odometry loss) when ``unlabeled.root`` is set, else (None, None)."""
-    from vizloc_ros.training.unlabeled import open_unlabeled
-    from vizloc_ros.training.losses import build_odometry_loss
-
     block = config["unlabeled"]
     if not block["root"]:
-        if model.needs_unlabeled:
+        if recipe.needs_unlabeled:
             raise ConfigError(f"{model.architecture} trains on unlabeled sequences with odometry: set "
                               "unlabeled.root (a bag or a folder of bags with images and an odometry topic)")
         return None, None
@@ -454,11 +455,6 @@ def train(config: dict, resume: bool = False, progress: bool = True) -> dict:
 
 def _train(config: dict, resume: bool, progress: bool) -> dict:
     from tqdm import tqdm
-
-    from vizloc_ros.training.datasets import TupleDataset, translation_stats
-    from vizloc_ros.localize.estimator import resolve_device
-    from vizloc_ros.training.losses import build_loss
-    from vizloc_ros.localize.models import build_model, load_checkpoint, save_checkpoint
 
     rank, world, local_rank = _distributed()
     if int(config["threads"]) > 0:
@@ -487,12 +483,13 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                               f"{config['model']['name']}: {exc}") from None
     model.set_pose_stats(mean, std)
     model = model.to(device).to(memory_format=torch.channels_last)
-    # models that are not pose regressors bring their own loss and training samples
-    custom_loss = model.training_loss(config)
+    # the method's recipe: models that are not pose regressors bring their own loss and samples
+    recipe = recipe_for(model.architecture)
+    custom_loss = recipe.loss(model, config)
     loss_fn = (build_loss(dict(config["loss"])) if custom_loss is None else custom_loss).to(device)
     relative = custom_loss is None and bool(config["loss"].get("relative", False))
     # tuples of frames: MapNet-style losses, and models that read clips (VidLoc, VLocNet)
-    clips = relative or model.trains_on_clips or getattr(loss_fn, "trains_relative_head", False)
+    clips = relative or recipe.trains_on_clips or getattr(loss_fn, "trains_relative_head", False)
     relative_head = _check_relative_head(model, loss_fn)
     if model.pose_depends_on_history and int(config["tuple"]["steps"]) != model.context_frames:
         LOG.warning("training clips of tuple.steps=%s frames, but %s reads the last %d at run time; "
@@ -500,11 +497,11 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
     source = TupleDataset(train_set, config["tuple"]["steps"], config["tuple"]["skip"],
                           stride=int(config["tuple"]["stride"])) if clips else train_set
     if custom_loss is not None:
-        source = model.training_dataset(train_set, config, spec)
+        source = recipe.samples(model, train_set, config, spec)
     if len(source) == 0:
         raise ConfigError("the training split is too short for the requested tuples "
                           f"(steps={config['tuple']['steps']}, skip={config['tuple']['skip']})")
-    unlabeled_set, unlabeled_loss = _open_unlabeled(config, model)
+    unlabeled_set, unlabeled_loss = _open_unlabeled(config, model, recipe)
     if unlabeled_loss is not None:
         unlabeled_loss = unlabeled_loss.to(device)
         loss_state = torch.nn.ModuleDict({"labeled": loss_fn, "unlabeled": unlabeled_loss})
@@ -608,7 +605,7 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
             schedule.step()
         last = epoch + 1 == epochs or (config["max_steps"] and steps >= int(config["max_steps"]))
         if rank == 0 and ((epoch + 1) % config["optim"]["val_every"] == 0 or last):
-            model.prepare_inference(train_set, spec, device)  # e.g. a retrieval database
+            recipe.prepare(model, train_set, spec, device)  # e.g. a retrieval database
             metrics, cov = validate(model, val_set, spec, device)
             score = metrics["median_translation_m"] + metrics["median_rotation_deg"] / 10.0
             msg = (f"epoch {epoch + 1}/{epochs}: loss {running if running is not None else float('nan'):.3f}"

@@ -8,8 +8,8 @@ in ``len(height_edges) + 1`` height bands above the floor (the known camera heig
 a point's height in the camera's level frame into its height above the floor).
 
 * **memory**: the allocentric map, the running mean of the ground-projected features of
-  every mapping image at its known pose (built after training by ``prepare_inference``,
-  saved beside the checkpoint as ``X.memory.safetensors``). With ``online_update`` a
+  every mapping image at its known pose (built after training by the ``allocentric``
+  training recipe, saved beside the checkpoint as ``X.memory.safetensors``). With ``online_update`` a
   localised view is also integrated into it (the memory updated over time).
 * **localisation**: the current image's features are projected into an egocentric grid
   (camera at the centre, its forward direction along +x) and matched against the memory
@@ -22,16 +22,13 @@ a point's height in the camera's level frame into its height above the floor).
   yaw * nominal mount; its 6x6 covariance is the (x, y, yaw) covariance with
   ``height_sigma`` on z and ``tilt_sigma_deg`` on roll and pitch, so the fusion treats it
   as a planar measurement.
-* training: a query and a few nearby memory frames; the memory frames build a local map
-  (ground-truth depth and poses), the query's view (its predicted depth, nominal mount) is
-  matched against it, and the loss is the negative log-likelihood of the true (cell,
-  heading) plus an L1 depth term.
+* training (query + memory-frame samples, the map-matching loss, the memory build): the
+  ``allocentric`` recipe, :mod:`vizloc_ros.training.recipes.allocentric`.
 
 Registered as ``allocentric``.
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
@@ -40,11 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vizloc_ros import geometry
+from vizloc_ros.localize.camera import cell_centres
 from vizloc_ros.localize.models.backbones import build_backbone
-from vizloc_ros.localize.models.base import PoseRegressor, own_loss_options
+from vizloc_ros.localize.models.base import PoseRegressor
 from vizloc_ros.localize.models.registry import register_model
-
-LOG = logging.getLogger(__name__)
 
 #: optical frame axes in a level, forward-x / left-y / up-z frame (camera looking along +x)
 OPTICAL_IN_LEVEL = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
@@ -264,7 +260,6 @@ class AllocentricLocalizer(PoseRegressor):
 
     rotation_format = "quat"
     architecture = "allocentric"
-    custom_inference = True
     stride = 8
 
     def __init__(self, backbone: str = "resnet18", feat_dim: int = 16, resolution: float = 0.1,
@@ -322,8 +317,6 @@ class AllocentricLocalizer(PoseRegressor):
         return torch.cat([self.feature_head(x), depth], dim=1)
 
     def _pixels(self, h: int, w: int, device, dtype) -> torch.Tensor:
-        from vizloc_ros.training.scene_geometry import cell_centres
-
         return torch.as_tensor(cell_centres(h, w, self.stride).reshape(-1, 2), dtype=dtype, device=device)
 
     def _require_mount(self):
@@ -401,61 +394,6 @@ class AllocentricLocalizer(PoseRegressor):
         self.memory_count = counts.detach().float().to(device)
         self.map_origin = np.asarray(origin, dtype=np.float64).reshape(2)
 
-    def prepare_inference(self, dataset, spec, device, batch_size: int = 16) -> None:
-        """Build the memory from the mapping images (depth images when the dataset has them,
-        else the network's depth) at their ground-truth poses, frame after frame."""
-        from vizloc_ros.training.scene_geometry import dataset_camera, depth_path
-        from vizloc_ros.localize.preprocess import preprocess
-
-        self._ensure_mount(dataset, spec)
-        t, q = dataset.poses()
-        margin = self.max_range + self.resolution
-        lo = t[:, :2].min(axis=0) - margin
-        hi = t[:, :2].max(axis=0) + margin
-        size = tuple(int(v) for v in np.ceil((hi - lo) / self.resolution)[::-1])   # (H rows=y, W cols=x)
-        camera = dataset_camera(dataset)
-        items = getattr(dataset, "items", [])
-        has_depth = bool(items) and all(depth_path(it[0]).is_file() for it in items)
-        was_training = self.training
-        self.eval()
-        sums = counts = None
-        origin = torch.as_tensor(lo, dtype=torch.float32, device=device)
-        with torch.no_grad():
-            for start in range(0, len(dataset), batch_size):
-                idx = list(range(start, min(start + batch_size, len(dataset))))
-                samples = [dataset[i] for i in idx]
-                x = preprocess(torch.from_numpy(np.stack([s["image"] for s in samples])).to(device), spec)
-                out = self.forward(x).float()
-                if has_depth:
-                    depth = torch.as_tensor(np.stack([
-                        _depth_grid(depth_path(items[i][0]), camera, spec, out.shape[-2:], self.stride)
-                        for i in idx]), device=device)
-                else:
-                    depth = out[:, -1]
-                s, c = self.allocentric_splat(out, depth, torch.as_tensor(t[idx], device=device),
-                                              torch.as_tensor(q[idx], device=device),
-                                              origin.expand(len(idx), 2), size)
-                s, c = s.sum(0), c.sum(0)
-                sums, counts = (s, c) if sums is None else (sums + s, counts + c)
-        self.train(was_training)
-        self.set_memory(sums, counts, lo)
-        LOG.info("allocentric memory: %dx%d cells of %.2f m, %.0f%% observed", size[1], size[0],
-                 self.resolution, 100.0 * float((counts.sum(0) > 0).float().mean()))
-
-    def _ensure_mount(self, dataset, spec) -> None:
-        """Intrinsics of the network input and the mount (mean height, pitch, roll of the
-        training cameras) unless already known."""
-        from vizloc_ros.training.scene_geometry import dataset_camera, input_camera
-
-        if self.input_camera is None:
-            self.input_camera = input_camera(dataset_camera(dataset), spec)
-        if self.camera_height is None:
-            t, q = dataset.poses()
-            attitude = camera_level_attitude(q)
-            self.camera_height = float(np.mean(t[:, 2]))
-            self.camera_pitch = float(np.mean(attitude[:, 1]))
-            self.camera_roll = float(np.mean(attitude[:, 2]))
-
     def side_tensors(self) -> dict:
         if not self.has_memory:
             return {}
@@ -508,8 +446,8 @@ class AllocentricLocalizer(PoseRegressor):
     @torch.no_grad()
     def localize(self, images: torch.Tensor):
         if not self.has_memory:
-            raise RuntimeError("allocentric has no memory: build it with prepare_inference() (vizloc-train "
-                               "does) or load a checkpoint with its .memory.safetensors")
+            raise RuntimeError("allocentric has no memory: build it from the mapping images (vizloc-train's "
+                               "allocentric recipe does) or load a checkpoint with its .memory.safetensors")
         out = self.forward(images).float()
         view, counts = self.egocentric_view(out)
         factor = max(int(self.search_factor), 1)
@@ -575,157 +513,5 @@ class AllocentricLocalizer(PoseRegressor):
         cov += torch.diag(torch.tensor([self.resolution ** 2 / 12] * 2 + [step ** 2 / 12], dtype=torch.float64))
         yaw = math.atan2(math.sin(yaw0 + float(mean[2])), math.cos(yaw0 + float(mean[2])))
         return float(mean[0]), float(mean[1]), yaw, cov.numpy()
-
-    # ------------------------------------------------------------------ training hooks
-    def training_loss(self, config: dict):
-        return AllocentricLoss(self, **loss_options(config.get("loss") or {}))
-
-    def training_dataset(self, dataset, config: dict, spec):
-        from vizloc_ros.training.scene_geometry import dataset_camera
-
-        if config["augment"].get("random_crop"):
-            raise ValueError("allocentric needs augment.random_crop: false (depth and features are "
-                             "aligned with the network input pixel for pixel)")
-        self._ensure_mount(dataset, spec)
-        options = loss_options(config.get("loss") or {})
-        h, w = (math.ceil(v / self.stride) for v in spec.crop)
-        return MemorySamples(dataset, dataset_camera(dataset), spec, (h, w), self.stride, options["memory_frames"],
-                             options["memory_radius"], options["min_separation"], int(config.get("seed", 0)))
-
-
-def _depth_grid(path, camera, spec, out_hw, stride) -> np.ndarray:
-    """Depth along the optical axis at the output cells (NaN where invalid)."""
-    from vizloc_ros.training.scene_geometry import grid_scene_coordinates, load_depth
-
-    depth = load_depth(path)
-    # identity pose: the camera-frame coordinates, whose z is the depth
-    coords = grid_scene_coordinates(depth, camera, spec, np.zeros(3), np.array([1.0, 0, 0, 0]), out_hw, stride)
-    return coords[..., 2].astype(np.float32)
-
-
-LOSS_OPTIONS = {"memory_frames": 4, "memory_radius": 1.5, "min_separation": 15, "local_map": None,
-                "map_jitter": 0.5, "train_rotations": 36, "depth_weight": 1.0, "teacher_depth": True}
-
-
-def loss_options(block: dict) -> dict:
-    return own_loss_options("allocentric", LOSS_OPTIONS, block)
-
-
-class AllocentricLoss(nn.Module):
-    """NLL of the true (heading, cell) in the match of the query's view against a local
-    map built from its memory frames, plus an L1 depth term. Batch: ``image`` holds the
-    query then ``memory_frames`` memory images per sample; ``depth`` (B, 1 + M, h, w),
-    ``poses_t`` (B, 1 + M, 3), ``poses_q`` (B, 1 + M, 4)."""
-
-    def __init__(self, model: AllocentricLocalizer, memory_frames: int = 4, local_map: float | None = None,
-                 map_jitter: float = 0.5, train_rotations: int = 36, depth_weight: float = 1.0,
-                 teacher_depth: bool = True, **_):
-        super().__init__()
-        object.__setattr__(self, "_model", model)
-        self.memory_frames, self.map_jitter = int(memory_frames), float(map_jitter)
-        self.teacher_depth = bool(teacher_depth)
-        # side of the local map (m): by default everything the memory frames can see
-        # around the query, wherever the jitter puts it
-        self.local_map = float(local_map) if local_map is not None else \
-            2.0 * (model.max_range + self.map_jitter + 0.5 * model.resolution)
-        self.train_rotations, self.depth_weight = int(train_rotations), float(depth_weight)
-
-    def forward(self, net, x: torch.Tensor, batch: dict) -> torch.Tensor:
-        model = self._model
-        per = 1 + self.memory_frames
-        out = net(x)
-        if x.dim() == 5:  # clips (B, 1 + M, 3, H, W) give (B, 1 + M, C + 1, h, w)
-            out = out.flatten(0, 1)
-        B = out.shape[0] // per
-        h, w = out.shape[-2:]
-        out = out.reshape(B, per, *out.shape[1:])
-        depth_gt = batch["depth"].to(out)
-        valid = torch.isfinite(depth_gt)
-        depth_loss = (out[:, :, -1][valid] - depth_gt[valid]).abs().mean() if valid.any() else out.sum() * 0
-        t, q = batch["poses_t"].to(out), batch["poses_q"].to(out)
-        # local maps from the memory frames, placed so that the query's true position is the
-        # centre of a cell near the middle (jittered by whole cells)
-        res = model.resolution
-        cells = int(math.ceil(self.local_map / res))
-        shift = int(round(self.map_jitter / res))
-        target_cell = cells // 2 + torch.randint(-shift, shift + 1, (B, 2), device=out.device)
-        origin = t[:, 0, :2] - (target_cell.to(out.dtype) + 0.5) * res
-        mem = out[:, 1:].reshape(B * self.memory_frames, *out.shape[2:])
-        sums, counts = model.allocentric_splat(
-            mem, depth_gt[:, 1:].reshape(B * self.memory_frames, h, w), t[:, 1:].reshape(-1, 3),
-            q[:, 1:].reshape(-1, 4), origin.repeat_interleave(self.memory_frames, 0), (cells, cells))
-        sums = sums.reshape(B, self.memory_frames, *sums.shape[1:]).sum(1)
-        counts = counts.reshape(B, self.memory_frames, *counts.shape[1:]).sum(1)
-        memory = mean_grid(sums, counts)
-        # the query's view with the true depth where known (teacher forcing: the features learn
-        # from clean geometry while the depth head learns), else the network's depth
-        query_depth = out[:, 0, -1].detach()
-        if self.teacher_depth:
-            query_depth = torch.where(torch.isfinite(depth_gt[:, 0]), depth_gt[:, 0], query_depth)
-        view, view_counts = model.egocentric_view(out[:, 0], query_depth)
-        R = self.train_rotations
-        yaw = torch.as_tensor(camera_level_attitude(q[:, 0].detach().double().cpu().numpy())[:, 0],
-                              device=out.device, dtype=out.dtype)
-        step = 2 * math.pi / R
-        k = torch.round(yaw / step).long() % R
-        # headings offset by the true yaw's remainder, so the true heading is exactly a bin
-        angles = model.headings(R, out.device)[None] + (yaw - torch.round(yaw / step) * step)[:, None]
-        scores = match_scores(memory, view, view_counts, angles, model.bands)
-        logp = torch.log_softmax(scores.flatten(1) / model.log_temperature.exp(), dim=1)
-        row, col = target_cell[:, 1], target_cell[:, 0]
-        target = (k * cells + row) * cells + col
-        nll = -logp.gather(1, target[:, None]).mean()
-        return nll + self.depth_weight * depth_loss
-
-
-class MemorySamples:
-    """A query and ``memory_frames`` frames within ``memory_radius`` m of it, at least
-    ``min_separation`` frames away in the sequence (so the map is not the query itself),
-    with depth on the output grid and all poses."""
-
-    def __init__(self, base, camera, spec, out_hw, stride: int, memory_frames: int, memory_radius: float,
-                 min_separation: int, seed: int = 0):
-        from vizloc_ros.training.scene_geometry import depth_path
-
-        self.base, self.camera, self.spec, self.out_hw, self.stride = base, camera, spec, tuple(out_hw), stride
-        self.memory_frames = int(memory_frames)
-        items = getattr(base, "items", [])
-        if not items or not all(depth_path(it[0]).is_file() for it in items):
-            raise ValueError("allocentric training needs depth images beside the colour images "
-                             "(frame-*.depth.png, e.g. from vizloc-synth)")
-        from vizloc_ros.training.scene_geometry import neighbours_within
-
-        t, _ = base.poses()
-        index = np.arange(len(t))
-        self.near = neighbours_within(t[:, :2], memory_radius,
-                                      keep=lambda rows, _: np.abs(rows[:, None] - index[None]) >= min_separation)
-        self.queries = [i for i in range(len(t)) if len(self.near[i])]
-        if not self.queries:
-            raise ValueError(f"no training frame has another frame within {memory_radius} m and "
-                             f"{min_separation} frames away: adjust loss.memory_radius / min_separation")
-        self.rng = np.random.default_rng(seed)
-        self._depth: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.queries)
-
-    def depth(self, i: int) -> np.ndarray:
-        from vizloc_ros.training.scene_geometry import depth_path
-
-        if i not in self._depth:
-            self._depth[i] = _depth_grid(depth_path(self.base.items[i][0]), self.camera, self.spec,
-                                         self.out_hw, self.stride)
-        return self._depth[i]
-
-    def __getitem__(self, index: int) -> dict:
-        i = self.queries[index]
-        memory = self.rng.choice(self.near[i], self.memory_frames, replace=len(self.near[i]) < self.memory_frames)
-        ids = [i, *(int(j) for j in memory)]
-        frames = [self.base[j] for j in ids]
-        return {"image": np.stack([f["image"] for f in frames]), "t": frames[0]["t"], "q": frames[0]["q"],
-                "depth": np.stack([self.depth(j) for j in ids]),
-                "poses_t": np.stack([f["t"] for f in frames]), "poses_q": np.stack([f["q"] for f in frames]),
-                "index": index}
-
 
 register_model("allocentric")(AllocentricLocalizer)

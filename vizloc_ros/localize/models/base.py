@@ -2,7 +2,9 @@
 
 The estimator, the trainer, the exporter and the checkpoint code only talk to this
 interface, so a new architecture is usable everywhere once it subclasses this and is
-registered (see :mod:`vizloc_ros.localize.models.registry`).
+registered (see :mod:`vizloc_ros.localize.models.registry`), with its training recipe
+registered under the same name (:mod:`vizloc_ros.training.recipes`). Models are
+inference only: nothing here knows the trainer's configuration.
 
 Output convention: :meth:`forward` returns the *raw* head output, translation in
 normalised units ((t - t_mean) / t_std, the statistics being buffers saved with the
@@ -22,20 +24,6 @@ from torch import nn
 from vizloc_ros.geometry import torch_quat_exp, torch_quat_hemisphere, torch_quat_normalize
 
 ROTATION_DIMS = {"quat": 4, "logq": 3}
-
-
-#: keys of the pose-regression loss block (train.py DEFAULTS) that models with their own
-#: training loss (DSAC, NetVLAD, allocentric) ignore
-POSE_LOSS_KEYS = ("translation", "rotation", "combine", "s_t", "s_q", "relative", "beta")
-
-
-def own_loss_options(model: str, defaults: dict, block: dict) -> dict:
-    """``defaults`` updated from a config's ``loss`` block; a key that is neither one of
-    ``defaults`` nor a pose-loss key is a ValueError naming the model's options."""
-    unknown = [k for k in block if k not in defaults and k not in POSE_LOSS_KEYS]
-    if unknown:
-        raise ValueError(f"unknown {model} loss option(s) {unknown}; options: {', '.join(defaults)}")
-    return {**defaults, **{k: v for k, v in block.items() if k in defaults}}
 
 
 def _is_dropout(module: nn.Module) -> bool:
@@ -92,12 +80,6 @@ class PoseRegressor(nn.Module):
     # Single-image networks need none of this: the defaults below make every model usable
     # by the clip-based trainer and the online FrameStream (vizloc_ros.localize.models.sequence).
 
-    #: training needs clips of consecutive frames even when the loss is absolute-only
-    #: (VidLoc's clip LSTM, VLocNet's pairs); MapNet-style losses ask for clips themselves.
-    trains_on_clips: bool = False
-    #: training needs unlabeled sequences with odometry (the ``unlabeled`` config block):
-    #: MapNet+.
-    needs_unlabeled: bool = False
     #: the model also regresses the relative pose between consecutive frames (VLocNet's
     #: odometry head); see :meth:`decode_relative`.
     has_relative_head: bool = False
@@ -191,8 +173,8 @@ class PoseRegressor(nn.Module):
 
     def predict(self, images: torch.Tensor):
         """images (B, 3, H, W), normalised -> (t_metric, q_wxyz). Models that compute their
-        pose themselves (they override :meth:`localize`: DSAC, NetVLAD, ...) answer with it."""
-        if type(self).localize is not PoseRegressor.localize:
+        pose themselves (:attr:`custom_inference`: DSAC, NetVLAD, ...) answer with it."""
+        if self.custom_inference:
             t, q, _ = self.localize(images)
             return t, q
         return self.decode(self(images))
@@ -226,34 +208,23 @@ class PoseRegressor(nn.Module):
 
     # ------------------------------------------------------------------ plug-in hooks
     # Models that are not (t, q) regressors (scene coordinate regression, retrieval,
-    # ground-plane matching) override these; the estimator, vizloc-train, vizloc-eval and
-    # the checkpoint code call them for every model, so no model has a private code path.
+    # ground-plane matching) override these; the estimator, vizloc-eval and the checkpoint
+    # code call them for every model, so no model has a private code path. How a model is
+    # trained (its loss, its samples, what is built from the mapping images) is not the
+    # model's business: see vizloc_ros.training.recipes.
 
-    #: True when :meth:`forward` is not the pose regression: the estimator then calls
-    #: :meth:`localize` (no CUDA graph, no MC dropout, no ONNX export).
-    custom_inference: bool = False
+    @property
+    def custom_inference(self) -> bool:
+        """The model computes its pose itself (it overrides :meth:`localize`: RANSAC,
+        retrieval, map matching), so :meth:`forward` is not the pose regression: no CUDA
+        graph, no MC dropout, no ONNX export."""
+        return type(self).localize is not PoseRegressor.localize
 
     def localize(self, images: torch.Tensor):
         """images (B, 3, H, W), normalised -> (t (B, 3) metres, q (B, 4) w x y z,
         cov (B, 6, 6) in ROS order or None). None: the estimator uses the checkpoint's
         validation covariance."""
-        t, q = self.predict(images)
-        return t, q, None
-
-    def training_loss(self, config: dict):
-        """A module called as ``loss(net, x, batch)`` (``x`` the prepared images, ``batch``
-        the collated extras on the device) returning the scalar loss, or None for the
-        pose-regression losses of :mod:`vizloc_ros.training.losses` built from ``config["loss"]``."""
-        return None
-
-    def training_dataset(self, dataset, config: dict, spec):
-        """The samples :meth:`training_loss` needs (depth targets, triplets, ...), built
-        from the training split; only called when :meth:`training_loss` is not None."""
-        return dataset
-
-    def prepare_inference(self, dataset, spec, device, batch_size: int = 32) -> None:
-        """Called by the trainer before validation and saving, with the training split:
-        e.g. build a retrieval database or a map from the mapping images."""
+        return *self.decode(self(images)), None
 
     def side_tensors(self) -> dict:
         """``{name: {key: tensor}}`` saved by ``save_checkpoint`` beside the checkpoint as

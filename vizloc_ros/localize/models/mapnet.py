@@ -30,12 +30,12 @@ class MapNetPlus(MapNet):
     unlabeled sequences. Besides MapNet's labeled tuples (absolute + relative terms), each
     training step draws tuples from recordings without ground truth and penalises only the
     difference between the relative poses of the predictions and the visual odometry
-    measured between the same frames (:class:`vizloc_ros.training.losses.OdometryLoss`). The
-    network is MapNet's, so a MapNet checkpoint is a valid ``model.init_from``.
+    measured between the same frames (:class:`vizloc_ros.training.losses.OdometryLoss`; the
+    ``mapnet_plus`` training recipe asks for them). The network is MapNet's, so a MapNet
+    checkpoint is a valid ``model.init_from``.
     """
 
     architecture = "mapnet_plus"
-    needs_unlabeled = True
 
 
 register_model("mapnet_plus")(preset(MapNetPlus, "resnet34", allow_other_backbone=True))

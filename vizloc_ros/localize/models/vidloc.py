@@ -33,7 +33,6 @@ from vizloc_ros.localize.models.registry import register_model
 class VidLoc(PoseRegressor):
     rotation_format = "quat"
     architecture = "vidloc"
-    trains_on_clips = True
 
     def __init__(self, backbone: str = "googlenet", feat_dim: int = 1024, hidden: int = 256,
                  clip_length: int = 8, dropout: float = 0.5, pretrained: str | None = None):

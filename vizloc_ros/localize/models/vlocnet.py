@@ -41,7 +41,6 @@ _RESNETS = ("resnet18", "resnet34", "resnet50")
 class VLocNet(PoseRegressor):
     rotation_format = "logq"
     architecture = "vlocnet"
-    trains_on_clips = True
     has_relative_head = True
 
     def __init__(self, backbone: str = "resnet18", feat_dim: int = 1024, odom_dim: int = 256,
