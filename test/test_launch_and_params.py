@@ -404,7 +404,8 @@ def test_the_generator_rewrites_stale_files_and_keeps_the_prose(tmp_path):
     written = (tmp_path / "docs" / "ROS.md").read_text()
     assert written.startswith("# Title\n\nbefore\n\n") and written.endswith("\n\nafter\n")
     assert "old table" not in written and "| `window_size` | int | `20` |" in written
-    assert P.load_yaml_parameters(tmp_path / "config" / "vizloc.yaml").keys() == {P.REGRESSOR_NODE, P.FUSION_NODE}
+    written_yaml = P.load_yaml_parameters(tmp_path / "config" / "vizloc.yaml")
+    assert written_yaml.keys() == {P.REGRESSOR_NODE, P.FUSION_NODE}
 
 
 def test_the_generator_refuses_docs_without_markers(tmp_path):

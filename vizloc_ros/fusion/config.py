@@ -12,7 +12,7 @@ it (``vizloc_ros.nodes.params`` and ``python -m vizloc_ros.nodes.param_files --w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -107,7 +107,7 @@ def field_setting(f) -> Setting:
     """The :class:`Setting` of a :class:`FusionConfig` field, with ``ros_name`` filled in."""
     meta = f.metadata["setting"]
     if not meta.not_ros and not meta.ros_name:
-        meta = Setting(**{**meta.__dict__, "ros_name": f.name})
+        meta = replace(meta, ros_name=f.name)
     return meta
 
 
@@ -122,7 +122,6 @@ def field_kind(f) -> str:
 
 # --------------------------------------------------------------------------- config
 
-_POSITIVE = {"above": 0.0}
 _IDENTITY_POSE = ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0))
 
 
@@ -137,13 +136,13 @@ class FusionConfig:
     """
 
     window_size: int | None = setting(
-        20, "poses in the sliding window (>= 2); used when window_seconds is 0")
+        20, "poses in the sliding window (>= 2); used when window_seconds is unset (0)")
     window_seconds: float | None = setting(
         None, "window as a time span in s; 0: use window_size", above=0.0, none_as=0.0)
     robust_kernel: str = setting(
         "huber", "robust loss on absolute poses: huber, cauchy or none",
         choices=("huber", "cauchy", "none"))
-    robust_param: float = setting(3.0, "robust kernel width on the whitened residual norm", **_POSITIVE)
+    robust_param: float = setting(3.0, "robust kernel width on the whitened residual norm", above=0.0)
     gate_probability: float = setting(
         0.99, "chi-square gate (6 dof) for absolute poses, in (0, 1)", above=0.0, below=1.0)
     use_odom: bool = setting(True, "fuse odometry as relative constraints",
@@ -153,11 +152,11 @@ class FusionConfig:
                             choices=("preintegration", "gyro"))
     # Odometry: a relative motion's covariance is the increase of the (accumulated) message
     # covariance between its two ends; these floors apply where that is zero or smaller.
-    odom_floor_trans: float = setting(0.002, "minimum odometry translation sigma per step, m", **_POSITIVE)
-    odom_floor_rot: float = setting(0.002, "minimum odometry rotation sigma per step, rad", **_POSITIVE)
+    odom_floor_trans: float = setting(0.002, "minimum odometry translation sigma per step, m", above=0.0)
+    odom_floor_rot: float = setting(0.002, "minimum odometry rotation sigma per step, rad", above=0.0)
     odom_floor_trans_per_m: float = setting(0.02, "extra odometry sigma per metre travelled", minimum=0.0)
     odom_floor_rot_per_rad: float = setting(0.02, "extra odometry sigma per radian turned", minimum=0.0)
-    odom_max_gap: float = setting(0.5, "s; odometry is never interpolated across a longer gap", **_POSITIVE)
+    odom_max_gap: float = setting(0.5, "s; odometry is never interpolated across a longer gap", above=0.0)
     # Motion model between poses where odometry does not constrain them. Without odometry
     # (absolute only, or gyro) "constant_velocity" adds velocity states and a white-noise
     # acceleration model (motion_sigma_acc); "random_walk" ties poses only by
@@ -165,10 +164,10 @@ class FusionConfig:
     motion_model: str = setting(
         "constant_velocity", "between poses without odometry: constant_velocity or random_walk",
         choices=("constant_velocity", "random_walk"))
-    motion_sigma_trans: float = setting(0.5, "random-walk translation noise, m/sqrt(s)", **_POSITIVE)
-    motion_sigma_rot: float = setting(0.5, "random-walk rotation noise, rad/sqrt(s)", **_POSITIVE)
+    motion_sigma_trans: float = setting(0.5, "random-walk translation noise, m/sqrt(s)", above=0.0)
+    motion_sigma_rot: float = setting(0.5, "random-walk rotation noise, rad/sqrt(s)", above=0.0)
     motion_sigma_acc: float = setting(
-        0.5, "constant-velocity white acceleration noise, m/s^2/sqrt(Hz)", **_POSITIVE)
+        0.5, "constant-velocity white acceleration noise, m/s^2/sqrt(Hz)", above=0.0)
     kidnap_consecutive: int = setting(
         5, "consecutive gated poses that agree with each other: re-initialise there (kidnapped robot)",
         minimum=1)
@@ -180,23 +179,23 @@ class FusionConfig:
                                ros_name="imu_extrinsic")
     # IMU noise: datasheet values of a typical MEMS IMU (EuRoC's ADIS16448). Set your own;
     # real IMUs often need them inflated 2-10x for unmodelled effects (vibration, timing).
-    gyro_noise_density: float = setting(1.7e-4, "rad/s/sqrt(Hz)", **_POSITIVE)
-    accel_noise_density: float = setting(2.0e-3, "m/s^2/sqrt(Hz)", **_POSITIVE)
-    gyro_bias_walk: float = setting(1.9e-5, "rad/s^2/sqrt(Hz)", **_POSITIVE)
-    accel_bias_walk: float = setting(3.0e-3, "m/s^3/sqrt(Hz)", **_POSITIVE)
-    gyro_bias_sigma: float = setting(0.02, "prior sigma of the initial gyro bias, rad/s", **_POSITIVE)
-    accel_bias_sigma: float = setting(0.2, "prior sigma of the initial accelerometer bias, m/s^2", **_POSITIVE)
-    init_velocity_sigma: float = setting(1.0, "prior sigma of the initial velocity, m/s", **_POSITIVE)
-    imu_integration_sigma: float = setting(1e-4, "preintegration integration noise", **_POSITIVE)
+    gyro_noise_density: float = setting(1.7e-4, "rad/s/sqrt(Hz)", above=0.0)
+    accel_noise_density: float = setting(2.0e-3, "m/s^2/sqrt(Hz)", above=0.0)
+    gyro_bias_walk: float = setting(1.9e-5, "rad/s^2/sqrt(Hz)", above=0.0)
+    accel_bias_walk: float = setting(3.0e-3, "m/s^3/sqrt(Hz)", above=0.0)
+    gyro_bias_sigma: float = setting(0.02, "prior sigma of the initial gyro bias, rad/s", above=0.0)
+    accel_bias_sigma: float = setting(0.2, "prior sigma of the initial accelerometer bias, m/s^2", above=0.0)
+    init_velocity_sigma: float = setting(1.0, "prior sigma of the initial velocity, m/s", above=0.0)
+    imu_integration_sigma: float = setting(1e-4, "preintegration integration noise", above=0.0)
     imu_max_gap: float = setting(
-        0.1, "s between two IMU samples before the gap is bridged by the motion model", **_POSITIVE)
+        0.1, "s between two IMU samples before the gap is bridged by the motion model", above=0.0)
     gravity: Vec3 = setting((0.0, 0.0, -9.81), "gravity in map_frame, m/s^2")
-    min_abs_sigma_trans: float = setting(1e-3, "floor added to the network's translation sigma, m", **_POSITIVE)
-    min_abs_sigma_rot: float = setting(1e-4, "floor added to the network's rotation sigma, rad", **_POSITIVE)
+    min_abs_sigma_trans: float = setting(1e-3, "floor added to the network's translation sigma, m", above=0.0)
+    min_abs_sigma_rot: float = setting(1e-4, "floor added to the network's rotation sigma, rad", above=0.0)
     time_jump_s: float = setting(
-        1.0, "a stamp this far back (bag loop, restarted clock) resets the fusion", **_POSITIVE)
-    buffer_seconds: float = setting(30.0, "odometry / IMU history kept, s", **_POSITIVE)
-    relinearize_threshold: float = setting(0.1, "iSAM2 relinearisation threshold", **_POSITIVE)
+        1.0, "a stamp this far back (bag loop, restarted clock) resets the fusion", above=0.0)
+    buffer_seconds: float = setting(30.0, "odometry / IMU history kept, s", above=0.0)
+    relinearize_threshold: float = setting(0.1, "iSAM2 relinearisation threshold", above=0.0)
 
     def __post_init__(self):
         self._validate()

@@ -116,7 +116,9 @@ def _config_param(f) -> Param:
     meta = field_setting(f)
     kind = field_kind(f)
     default, length = meta.to_ros(f.default), None
-    if kind == "pose":
+    if kind in ("float", "opt_float"):  # a default written 1 would declare an int parameter
+        default = float(default)
+    elif kind == "pose":
         t, q = default
         default, length = [float(x) for x in t] + [float(x) for x in wxyz_to_ros(q)], 7
     elif kind == "vec3":
