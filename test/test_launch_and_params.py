@@ -1,6 +1,8 @@
-"""The ROS surface without ROS: launch arguments, the parameter tables, config/vizloc.yaml,
-the nodes' declarations, the rviz config and docs/ROS.md agree with each other; parameter
-values are checked into one clear error; rclpy stays under vizloc_ros/nodes/."""
+"""The ROS surface without ROS: launch arguments, the parameter definitions (the tables and
+the FusionConfig field metadata), the nodes' declarations, the rviz config and docs/ROS.md;
+config/vizloc.yaml and the docs' parameter tables are generated from the definitions and
+must be current; parameter values are checked into one clear error; rclpy stays under
+vizloc_ros/nodes/."""
 from __future__ import annotations
 
 import ast
@@ -11,6 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
+from vizloc_ros.fusion import FusionConfig
+from vizloc_ros.nodes import param_files
 from vizloc_ros.nodes import params as P
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,29 +205,68 @@ def test_node_modules_compile():
         compile(path.read_text(), str(path), "exec")
 
 
-def test_fusion_table_covers_fusion_config_with_its_defaults():
-    from vizloc_ros.fusion import FusionConfig
+def test_every_fusion_config_field_is_a_parameter_or_says_why_not():
+    from vizloc_ros.fusion.config import field_setting
 
-    defaults = FusionConfig()
-    exposed = {p.name: p for p in P.FUSION_CONFIG_PARAMS}
+    exposed = {p.config_field.name: p for p in P.FUSION_CONFIG_PARAMS}
     for f in fields(FusionConfig):
-        if f.name in P.FUSION_CONFIG_NOT_PARAMS:
-            assert f.name not in exposed
-            continue
-        assert f.name in exposed, f"FusionConfig.{f.name} is neither a parameter nor excluded"
-        default = getattr(defaults, f.name)
-        expected = exposed[f.name].default
-        if f.name == "window_seconds":
-            assert default is None and expected == 0.0
-        elif isinstance(expected, list):
-            assert list(default) == expected, f.name
-        else:
-            assert default == expected and type(default) is type(expected), f.name
-    assert set(exposed) - {f.name for f in fields(FusionConfig)} == {"imu_extrinsic"}
-    assert P.fusion_settings({}).config.base_T_camera == ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0))
+        meta = field_setting(f)
+        assert bool(meta.ros_name) != bool(meta.not_ros), f.name
+        assert (f.name in exposed) == bool(meta.ros_name), f.name
+        assert meta.description and "\n" not in meta.description, f.name
+    assert exposed["base_T_imu"].name == "imu_extrinsic"
+    names = [p.name for p in P.FUSION_PARAMS]
+    assert len(names) == len(set(names)), "a FusionConfig parameter shadows a node parameter"
+
+
+def test_the_ros_defaults_give_the_fusion_config_defaults():
+    """The YAML is written from the ROS form of the defaults: read back, it must be
+    FusionConfig() exactly (the demo runs on those defaults)."""
+    assert P.fusion_settings({}).config == FusionConfig()
+    values = P.load_yaml_parameters(CONFIG)[P.FUSION_NODE]
+    assert P.fusion_settings(values).config == FusionConfig()
+
+
+def test_none_is_zero_for_ros_in_one_place():
+    from vizloc_ros.fusion.config import field_setting
+
+    meta = field_setting(next(f for f in fields(FusionConfig) if f.name == "window_seconds"))
+    assert meta.to_ros(None) == 0.0 and meta.from_ros(0.0) is None
+    assert meta.to_ros(2.5) == 2.5 and meta.from_ros(2.5) == 2.5
+    param = next(p for p in P.FUSION_CONFIG_PARAMS if p.name == "window_seconds")
+    assert param.default == 0.0 and param.none_as == 0.0
+    assert P.fusion_settings({"window_seconds": 0.0}).config.window_seconds is None
+    assert P.fusion_settings({"window_seconds": 2.5}).config.window_seconds == 2.5
+
+
+def _outside(param):
+    b = param.bounds
+    edge = b.minimum if b.minimum is not None else b.above if b.above is not None else b.below
+    step = 1 if param.type_name == "int" else 0.5
+    value = edge + step if b.minimum is None and b.above is None else edge - step
+    return value if param.type_name == "int" else float(value)
+
+
+BOUNDED = [(node, p) for node, table in P.PARAMS_BY_NODE.items() for p in table if str(p.bounds)]
+
+
+@pytest.mark.parametrize("node, param", BOUNDED, ids=[p.name for _, p in BOUNDED])
+def test_a_value_out_of_bounds_is_refused_naming_the_parameter(node, param):
+    build = {P.REGRESSOR_NODE: lambda v: P.regressor_settings(v, default_weights=lambda: "w.safetensors"),
+             P.FUSION_NODE: P.fusion_settings}[node]
+    with pytest.raises(ValueError, match=f"'{param.name}'"):
+        build({param.name: _outside(param)})
+
+
+def test_fusion_config_applies_the_same_bounds_without_ros():
+    for param in P.FUSION_CONFIG_PARAMS:
+        if str(param.bounds):
+            with pytest.raises(ValueError, match=param.config_field.name):
+                FusionConfig.from_dict({param.config_field.name: _outside(param)})
 
 
 def test_settings_defaults_match_the_pipeline():
+    """FusionSettings is the pipeline's (not generated from the table): its defaults agree."""
     from vizloc_ros.pipeline.fusion_core import FusionSettings
 
     defaults = FusionSettings()
@@ -331,6 +374,43 @@ def test_docs_list_every_parameter_and_launch_argument():
             assert f"`{param.name}`" in text, param.name
     for name in LAUNCH_ARGUMENTS:
         assert f"`{name}`" in text, name
+
+
+def test_the_generated_yaml_and_docs_tables_are_current():
+    stale = param_files.stale_files()
+    assert not stale, (f"{', '.join(str(p.relative_to(ROOT)) for p in stale)} no longer match the "
+                       f"parameter definitions: run `{param_files.COMMAND}` and commit the result")
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -9.81, 1.9e-05, 1e-05, 1e20, 0.1, 3, True, False, "",
+                                   "map", 'a "quoted" word', [0.0, -1.0, 2e-07]])
+def test_yaml_literals_read_back_with_their_type(value):
+    loaded = yaml.safe_load(param_files.yaml_literal(value))
+    assert loaded == value and type(loaded) is type(value)
+    if isinstance(value, list):
+        assert all(type(v) is float for v in loaded)
+
+
+def test_the_generator_rewrites_stale_files_and_keeps_the_prose(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "config" / "vizloc.yaml").write_text("vizloc_regressor:\n  ros__parameters: {}\n")
+    docs = f"# Title\n\nbefore\n\n{param_files.DOCS_BEGIN}\nold table\n{param_files.DOCS_END}\n\nafter\n"
+    (tmp_path / "docs" / "ROS.md").write_text(docs)
+    assert param_files.main(["--root", str(tmp_path)]) == 1
+    assert len(param_files.stale_files(tmp_path)) == 2
+    assert param_files.main(["--root", str(tmp_path), "--write"]) == 0
+    assert param_files.stale_files(tmp_path) == [] and param_files.main(["--root", str(tmp_path)]) == 0
+    written = (tmp_path / "docs" / "ROS.md").read_text()
+    assert written.startswith("# Title\n\nbefore\n\n") and written.endswith("\n\nafter\n")
+    assert "old table" not in written and "| `window_size` | int | `20` |" in written
+    written_yaml = P.load_yaml_parameters(tmp_path / "config" / "vizloc.yaml")
+    assert written_yaml.keys() == {P.REGRESSOR_NODE, P.FUSION_NODE}
+
+
+def test_the_generator_refuses_docs_without_markers(tmp_path):
+    with pytest.raises(ValueError, match="markers"):
+        param_files.docs_with_tables("# ROS\n\n### vizloc_regressor\n")
 
 
 ROS_MODULES = {"rclpy", "rcl_interfaces", "tf2_ros", "diagnostic_updater", "launch", "launch_ros",

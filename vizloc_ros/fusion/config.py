@@ -2,42 +2,127 @@
 
 Why validated here and not in the node: the node, the replay and the tests all build a
 :class:`FusionConfig`, and a typo or a wrong type must fail the same way in each.
+
+Each field is defined once, with :func:`setting`: its type is the annotation, and the
+field's metadata (:class:`Setting`) holds its one-line description, bounds, choices and
+how it appears as a ROS parameter. The validation below, the fusion node's parameter
+declarations, ``config/vizloc.yaml`` and the table in ``docs/ROS.md`` are all derived from
+it (``vizloc_ros.nodes.params`` and ``python -m vizloc_ros.nodes.param_files --write``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 from vizloc_ros.geometry import quat_hemisphere, quat_normalize
 
-_ROBUST_KERNELS = ("huber", "cauchy", "none")
-_IMU_MODES = ("preintegration", "gyro")
-_MOTION_MODELS = ("constant_velocity", "random_walk")
+#: annotation types of the fields that are tuples (the annotation names the kind)
+Vec3 = tuple   # (x, y, z)
+Pose = tuple   # ((tx, ty, tz), (qw, qx, qy, qz))
+
+#: annotation (a string: ``from __future__ import annotations``) -> kind checked by _check_kind
+_KIND_OF_ANNOTATION = {"int": "int", "int | None": "opt_int", "float": "float",
+                       "float | None": "opt_float", "bool": "bool", "str": "str",
+                       "Vec3": "vec3", "Pose": "pose"}
+
+# --------------------------------------------------------------------------- one field, defined once
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Numeric bounds of a parameter: ``value >= minimum``, ``value > above``, ``value < below``.
+
+    Defined beside :class:`FusionConfig` because the fusion is the lowest layer with
+    parameters; the node-only parameters (``vizloc_ros.nodes.params``) use it too.
+    """
+
+    minimum: float | None = None
+    above: float | None = None
+    below: float | None = None
+
+    def violated(self, value) -> str | None:
+        """The bound ``value`` breaks, as text (``"must be > 0"``), or None."""
+        if self.minimum is not None and not value >= self.minimum:
+            return f"must be >= {self.minimum:g}"
+        if self.above is not None and not value > self.above:
+            return f"must be > {self.above:g}"
+        if self.below is not None and not value < self.below:
+            return f"must be < {self.below:g}"
+        return None
+
+    def __str__(self) -> str:
+        if self.above is not None and self.below is not None:
+            return f"({self.above:g}, {self.below:g})"
+        parts = [f">= {self.minimum:g}" if self.minimum is not None else "",
+                 f"> {self.above:g}" if self.above is not None else "",
+                 f"< {self.below:g}" if self.below is not None else ""]
+        return ", ".join(p for p in parts if p)
+
+
+NO_BOUNDS = Bounds()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a :class:`FusionConfig` field is, besides its name, type and default.
+
+    ``ros_name``: the fusion node's parameter setting this field ("" when the field is not
+    a parameter: ``not_ros`` then says why). ``none_as``: the ROS value that stands for
+    None (ROS parameters have no None: ``window_seconds`` None is 0.0 there); the
+    conversion in both directions is :meth:`to_ros` / :meth:`from_ros` and nowhere else.
+    """
+
+    description: str
+    bounds: Bounds = NO_BOUNDS
+    choices: tuple = ()
+    ros_name: str = ""
+    not_ros: str = ""
+    none_as: Any = None
+
+    def to_ros(self, value):
+        """A field value as the ROS parameter holds it: None -> ``none_as``."""
+        return self.none_as if value is None else value
+
+    def from_ros(self, value):
+        """A ROS parameter value as the field takes it: ``none_as`` -> None."""
+        return None if self.none_as is not None and value == self.none_as else value
+
+
+def setting(default, description: str, *, minimum=None, above=None, below=None, choices=(),
+            ros_name: str | None = None, not_ros: str = "", none_as=None):
+    """A :class:`FusionConfig` field: its default and its :class:`Setting` (see there).
+
+    The ROS parameter has the field's name unless ``ros_name`` says otherwise; ``not_ros``
+    (the reason) makes the field no parameter at all.
+    """
+    meta = Setting(description=description, bounds=Bounds(minimum, above, below), choices=tuple(choices),
+                   ros_name="" if not_ros else (ros_name or ""), not_ros=not_ros, none_as=none_as)
+    return field(default=default, metadata={"setting": meta})
+
+
+def field_setting(f) -> Setting:
+    """The :class:`Setting` of a :class:`FusionConfig` field, with ``ros_name`` filled in."""
+    meta = f.metadata["setting"]
+    if not meta.not_ros and not meta.ros_name:
+        meta = replace(meta, ros_name=f.name)
+    return meta
+
+
+def field_kind(f) -> str:
+    """The kind _check_kind applies to a field, from its annotation."""
+    try:
+        return _KIND_OF_ANNOTATION[str(f.type)]
+    except KeyError:
+        raise TypeError(f"FusionConfig.{f.name}: annotation {f.type!r} is not one of "
+                        f"{', '.join(_KIND_OF_ANNOTATION)}") from None
+
 
 # --------------------------------------------------------------------------- config
 
-_FIELD_KINDS = {
-    "window_size": "opt_int", "window_seconds": "opt_float",
-    "robust_kernel": "str", "robust_param": "float", "gate_probability": "float",
-    "use_odom": "bool", "use_imu": "bool", "imu_mode": "str",
-    "odom_floor_trans": "float", "odom_floor_rot": "float",
-    "odom_floor_trans_per_m": "float", "odom_floor_rot_per_rad": "float",
-    "odom_max_gap": "float",
-    "motion_model": "str", "motion_sigma_trans": "float", "motion_sigma_rot": "float",
-    "motion_sigma_acc": "float",
-    "kidnap_consecutive": "int", "init_consistent": "int",
-    "base_T_camera": "pose", "base_T_imu": "pose",
-    "gyro_noise_density": "float", "accel_noise_density": "float",
-    "gyro_bias_walk": "float", "accel_bias_walk": "float",
-    "gyro_bias_sigma": "float", "accel_bias_sigma": "float",
-    "init_velocity_sigma": "float", "imu_integration_sigma": "float",
-    "imu_max_gap": "float", "gravity": "vec3",
-    "min_abs_sigma_trans": "float", "min_abs_sigma_rot": "float",
-    "time_jump_s": "float", "buffer_seconds": "float", "relinearize_threshold": "float",
-}
+_IDENTITY_POSE = ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0))
 
 
 @dataclass
@@ -46,53 +131,71 @@ class FusionConfig:
 
     Window: ``window_seconds`` (a time span) takes precedence when set; otherwise the
     window holds the last ``window_size`` poses. Noise figures are standard deviations
-    (IMU ones are continuous-time densities, as in Kalibr / GTSAM).
+    (IMU ones are continuous-time densities, as in Kalibr / GTSAM). Poses are
+    ``((tx, ty, tz), (qw, qx, qy, qz))``.
     """
 
-    window_size: int | None = 20
-    window_seconds: float | None = None
-    robust_kernel: str = "huber"          # "huber" | "cauchy" | "none"
-    robust_param: float = 3.0             # on the whitened 6-dof residual norm
-    gate_probability: float = 0.99        # chi-square gate, 6 dof
-    use_odom: bool = True
-    use_imu: bool = False
-    imu_mode: str = "preintegration"      # "preintegration" | "gyro"
+    window_size: int | None = setting(
+        20, "poses in the sliding window (>= 2); used when window_seconds is unset (0)")
+    window_seconds: float | None = setting(
+        None, "window as a time span in s; 0: use window_size", above=0.0, none_as=0.0)
+    robust_kernel: str = setting(
+        "huber", "robust loss on absolute poses: huber, cauchy or none",
+        choices=("huber", "cauchy", "none"))
+    robust_param: float = setting(3.0, "robust kernel width on the whitened residual norm", above=0.0)
+    gate_probability: float = setting(
+        0.99, "chi-square gate (6 dof) for absolute poses, in (0, 1)", above=0.0, below=1.0)
+    use_odom: bool = setting(True, "fuse odometry as relative constraints",
+                             not_ros="set from the node's use_odom")
+    use_imu: bool = setting(False, "fuse the IMU", not_ros="set from the node's use_imu")
+    imu_mode: str = setting("preintegration", "preintegration (gyro + accelerometer) or gyro",
+                            choices=("preintegration", "gyro"))
     # Odometry: a relative motion's covariance is the increase of the (accumulated) message
     # covariance between its two ends; these floors apply where that is zero or smaller.
-    odom_floor_trans: float = 0.002       # m
-    odom_floor_rot: float = 0.002         # rad
-    odom_floor_trans_per_m: float = 0.02  # extra sigma per metre travelled
-    odom_floor_rot_per_rad: float = 0.02  # extra sigma per radian turned
-    odom_max_gap: float = 0.5             # s; never interpolate across a longer gap
+    odom_floor_trans: float = setting(0.002, "minimum odometry translation sigma per step, m", above=0.0)
+    odom_floor_rot: float = setting(0.002, "minimum odometry rotation sigma per step, rad", above=0.0)
+    odom_floor_trans_per_m: float = setting(0.02, "extra odometry sigma per metre travelled", minimum=0.0)
+    odom_floor_rot_per_rad: float = setting(0.02, "extra odometry sigma per radian turned", minimum=0.0)
+    odom_max_gap: float = setting(0.5, "s; odometry is never interpolated across a longer gap", above=0.0)
     # Motion model between poses where odometry does not constrain them. Without odometry
     # (absolute only, or gyro) "constant_velocity" adds velocity states and a white-noise
     # acceleration model (motion_sigma_acc); "random_walk" ties poses only by
     # motion_sigma_trans / motion_sigma_rot, which is also the fallback for odometry gaps.
-    motion_model: str = "constant_velocity"
-    motion_sigma_trans: float = 0.5       # m / sqrt(s)
-    motion_sigma_rot: float = 0.5         # rad / sqrt(s)
-    motion_sigma_acc: float = 0.5         # m/s^2 / sqrt(Hz)
-    kidnap_consecutive: int = 5
-    init_consistent: int = 3
-    base_T_camera: tuple = ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0))  # (t, q_wxyz)
-    base_T_imu: tuple = ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0))
+    motion_model: str = setting(
+        "constant_velocity", "between poses without odometry: constant_velocity or random_walk",
+        choices=("constant_velocity", "random_walk"))
+    motion_sigma_trans: float = setting(0.5, "random-walk translation noise, m/sqrt(s)", above=0.0)
+    motion_sigma_rot: float = setting(0.5, "random-walk rotation noise, rad/sqrt(s)", above=0.0)
+    motion_sigma_acc: float = setting(
+        0.5, "constant-velocity white acceleration noise, m/s^2/sqrt(Hz)", above=0.0)
+    kidnap_consecutive: int = setting(
+        5, "consecutive gated poses that agree with each other: re-initialise there (kidnapped robot)",
+        minimum=1)
+    init_consistent: int = setting(3, "mutually consistent absolute poses needed to initialise", minimum=1)
+    base_T_camera: Pose = setting(
+        _IDENTITY_POSE, "pose of the camera in the base frame",
+        not_ros="the fusion receives base poses (the regressor applied the extrinsic): identity")
+    base_T_imu: Pose = setting(_IDENTITY_POSE, "pose of the IMU in base_frame [x, y, z, qx, qy, qz, qw]",
+                               ros_name="imu_extrinsic")
     # IMU noise: datasheet values of a typical MEMS IMU (EuRoC's ADIS16448). Set your own;
     # real IMUs often need them inflated 2-10x for unmodelled effects (vibration, timing).
-    gyro_noise_density: float = 1.7e-4    # rad/s/sqrt(Hz)
-    accel_noise_density: float = 2.0e-3   # m/s^2/sqrt(Hz)
-    gyro_bias_walk: float = 1.9e-5        # rad/s^2/sqrt(Hz)
-    accel_bias_walk: float = 3.0e-3       # m/s^3/sqrt(Hz)
-    gyro_bias_sigma: float = 0.02         # rad/s, prior on the initial bias
-    accel_bias_sigma: float = 0.2         # m/s^2
-    init_velocity_sigma: float = 1.0      # m/s
-    imu_integration_sigma: float = 1e-4
-    imu_max_gap: float = 0.1              # s between two IMU samples
-    gravity: tuple = (0.0, 0.0, -9.81)    # in map
-    min_abs_sigma_trans: float = 1e-3     # floor added to the estimator's covariance
-    min_abs_sigma_rot: float = 1e-4
-    time_jump_s: float = 1.0              # a stamp this far back is a bag loop: reset
-    buffer_seconds: float = 30.0          # odometry / IMU history kept
-    relinearize_threshold: float = 0.1
+    gyro_noise_density: float = setting(1.7e-4, "rad/s/sqrt(Hz)", above=0.0)
+    accel_noise_density: float = setting(2.0e-3, "m/s^2/sqrt(Hz)", above=0.0)
+    gyro_bias_walk: float = setting(1.9e-5, "rad/s^2/sqrt(Hz)", above=0.0)
+    accel_bias_walk: float = setting(3.0e-3, "m/s^3/sqrt(Hz)", above=0.0)
+    gyro_bias_sigma: float = setting(0.02, "prior sigma of the initial gyro bias, rad/s", above=0.0)
+    accel_bias_sigma: float = setting(0.2, "prior sigma of the initial accelerometer bias, m/s^2", above=0.0)
+    init_velocity_sigma: float = setting(1.0, "prior sigma of the initial velocity, m/s", above=0.0)
+    imu_integration_sigma: float = setting(1e-4, "preintegration integration noise", above=0.0)
+    imu_max_gap: float = setting(
+        0.1, "s between two IMU samples before the gap is bridged by the motion model", above=0.0)
+    gravity: Vec3 = setting((0.0, 0.0, -9.81), "gravity in map_frame, m/s^2")
+    min_abs_sigma_trans: float = setting(1e-3, "floor added to the network's translation sigma, m", above=0.0)
+    min_abs_sigma_rot: float = setting(1e-4, "floor added to the network's rotation sigma, rad", above=0.0)
+    time_jump_s: float = setting(
+        1.0, "a stamp this far back (bag loop, restarted clock) resets the fusion", above=0.0)
+    buffer_seconds: float = setting(30.0, "odometry / IMU history kept, s", above=0.0)
+    relinearize_threshold: float = setting(0.1, "iSAM2 relinearisation threshold", above=0.0)
 
     def __post_init__(self):
         self._validate()
@@ -103,11 +206,11 @@ class FusionConfig:
         ``ValueError`` naming the key, so a typo never silently falls back to a default."""
         if not isinstance(values, dict):
             raise ValueError(f"FusionConfig.from_dict expects a dict, got {type(values).__name__}")
-        unknown = sorted(set(values) - set(_FIELD_KINDS))
+        unknown = sorted(set(values) - set(_FIELDS))
         if unknown:
             raise ValueError(f"unknown fusion parameter(s): {', '.join(map(str, unknown))}; "
-                             f"known: {', '.join(sorted(_FIELD_KINDS))}")
-        kwargs = {k: _check_kind(k, _FIELD_KINDS[k], v) for k, v in values.items()}
+                             f"known: {', '.join(sorted(_FIELDS))}")
+        kwargs = {k: _check_kind(k, field_kind(_FIELDS[k]), v) for k, v in values.items()}
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,34 +218,22 @@ class FusionConfig:
 
     def _validate(self):
         for f in fields(self):
-            setattr(self, f.name, _check_kind(f.name, _FIELD_KINDS[f.name], getattr(self, f.name)))
-        if self.window_seconds is None:
-            if self.window_size is None or self.window_size < 2:
-                raise ValueError("window_size must be an int >= 2 (or set window_seconds)")
-        elif self.window_seconds <= 0:
-            raise ValueError("window_seconds must be > 0")
-        if self.robust_kernel not in _ROBUST_KERNELS:
-            raise ValueError(f"robust_kernel must be one of {_ROBUST_KERNELS}, got {self.robust_kernel!r}")
-        if self.motion_model not in _MOTION_MODELS:
-            raise ValueError(f"motion_model must be one of {_MOTION_MODELS}, got {self.motion_model!r}")
-        if self.imu_mode not in _IMU_MODES:
-            raise ValueError(f"imu_mode must be one of {_IMU_MODES}, got {self.imu_mode!r}")
-        if not 0.0 < self.gate_probability < 1.0:
-            raise ValueError("gate_probability must be in (0, 1)")
-        if self.kidnap_consecutive < 1 or self.init_consistent < 1:
-            raise ValueError("kidnap_consecutive and init_consistent must be >= 1")
-        for name in ("robust_param", "odom_floor_trans", "odom_floor_rot", "odom_max_gap",
-                     "motion_sigma_trans", "motion_sigma_rot", "motion_sigma_acc",
-                     "gyro_noise_density", "accel_noise_density", "gyro_bias_walk",
-                     "accel_bias_walk", "gyro_bias_sigma", "accel_bias_sigma",
-                     "init_velocity_sigma", "imu_integration_sigma", "imu_max_gap",
-                     "min_abs_sigma_trans", "min_abs_sigma_rot", "time_jump_s",
-                     "buffer_seconds", "relinearize_threshold"):
-            if not getattr(self, name) > 0.0:
-                raise ValueError(f"{name} must be > 0")
-        for name in ("odom_floor_trans_per_m", "odom_floor_rot_per_rad"):
-            if getattr(self, name) < 0.0:
-                raise ValueError(f"{name} must be >= 0")
+            value = _check_kind(f.name, field_kind(f), getattr(self, f.name))
+            setattr(self, f.name, value)
+            meta = f.metadata["setting"]
+            if meta.choices and value not in meta.choices:
+                raise ValueError(f"{f.name} must be one of {meta.choices}, got {value!r}")
+            problem = meta.bounds.violated(value) if value is not None else None
+            if problem:
+                raise ValueError(f"{f.name} {problem}")
+        # the one rule between two fields
+        if self.window_seconds is None and (self.window_size is None or self.window_size < 2):
+            raise ValueError("window_size must be an int >= 2 (or set window_seconds)")
+
+
+_FIELDS = {f.name: f for f in fields(FusionConfig)}
+for _f in _FIELDS.values():  # an annotation without a kind fails at import, not at first use
+    field_kind(_f)
 
 
 def _check_kind(name: str, kind: str, v):

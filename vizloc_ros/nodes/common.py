@@ -76,7 +76,8 @@ def declare_parameters(node, table) -> dict:
     """
     values = {}
     for param in table:
-        descriptor = ParameterDescriptor(description=param.description, read_only=True)
+        descriptor = ParameterDescriptor(description=param.description, additional_constraints=param.allowed,
+                                         read_only=True)
         try:
             values[param.name] = node.declare_parameter(param.name, param.default, descriptor).value
         except ParameterException as exc:

@@ -1,9 +1,18 @@
-"""The ROS parameters of the two nodes, as plain tables (no rclpy here).
+"""The ROS parameters of the two nodes, as plain tables (no rclpy here): each defined once.
 
-Why a table outside ``vizloc_ros/nodes``: the nodes declare exactly these parameters
-(iterating the tables), ``config/vizloc.yaml`` lists exactly these, the docs table is
-written from them, and the tests check all of that without ROS installed. The
-conversion of parameter values into the ROS-free settings objects
+Why a table outside the node modules: the nodes declare exactly these parameters
+(iterating the tables), ``config/vizloc.yaml`` and the parameter tables of
+``docs/ROS.md`` are generated from them (``python -m vizloc_ros.nodes.param_files
+--write``), and the tests check all of that without ROS installed. Where each parameter
+is defined:
+
+* the regressor node's parameters and the fusion node's own ones (frames, topics,
+  outputs): the :class:`Param` entries below;
+* the sliding-window fusion's: the :class:`~vizloc_ros.fusion.FusionConfig` fields
+  (:func:`~vizloc_ros.fusion.config.setting` metadata); ``FUSION_CONFIG_PARAMS`` is derived
+  from them.
+
+The conversion of parameter values into the ROS-free settings objects
 (:class:`~vizloc_ros.pipeline.fusion_core.FusionSettings`, :class:`~vizloc_ros.fusion.FusionConfig`,
 :class:`RegressorSettings`) also lives here, so a bad YAML value is caught by the same
 code in the node and in the tests, and reported as one ``ValueError`` naming the
@@ -16,10 +25,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from vizloc_ros.fusion.config import NO_BOUNDS, Bounds, FusionConfig, field_kind, field_setting
+from vizloc_ros.geometry import wxyz_to_ros
 from vizloc_ros.localize.weights import shipped_weights
+from vizloc_ros.pipeline.fusion_core import FusionSettings
+from vizloc_ros.ros_io.messages import extrinsic_from_ros
 
 REGRESSOR_NODE = "vizloc_regressor"
 FUSION_NODE = "vizloc_fusion"
@@ -40,17 +54,46 @@ IDENTITY_EXTRINSIC = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 
 @dataclass(frozen=True)
 class Param:
-    """One ROS parameter: name, default (its type is the parameter's type), description."""
+    """One ROS parameter: name, default (its type is the parameter's type), description,
+    and what a valid value is (choices, list length, bounds, non-empty).
+
+    ``config_field``: the :class:`FusionConfig` field the parameter sets (None for the
+    nodes' own parameters); its value reaches the field through :func:`config_value`.
+    """
 
     name: str
     default: Any
     description: str
     choices: tuple = ()
     length: int | None = None  # for lists
+    bounds: Bounds = NO_BOUNDS
+    required: bool = False     # a string that must not be empty
+    config_field: Any = field(default=None, compare=False)  # dataclasses.Field of FusionConfig
 
     @property
     def type_name(self) -> str:
         return _type_name(self.default)
+
+    @property
+    def none_as(self):
+        """The value standing for None in the FusionConfig field (ROS has no None), or None."""
+        return field_setting(self.config_field).none_as if self.config_field is not None else None
+
+    @property
+    def allowed(self) -> str:
+        """What a valid value is, in words (empty when any value of the type is)."""
+        parts = []
+        if self.choices:
+            parts.append(", ".join(self.choices))
+        if self.length is not None:
+            parts.append(f"{self.length} numbers")
+        if str(self.bounds):
+            parts.append(str(self.bounds))
+        if self.none_as is not None:
+            parts.append(f"or {self.none_as!r} (unset)")
+        if self.required:
+            parts.append("not empty")
+        return "; ".join(parts)
 
 
 def _type_name(value) -> str:
@@ -67,6 +110,34 @@ def _type_name(value) -> str:
     raise TypeError(f"unsupported parameter type {type(value).__name__}")
 
 
+def _config_param(f) -> Param:
+    """The ROS parameter of a :class:`FusionConfig` field, from its metadata: a pose becomes
+    ``[x, y, z, qx, qy, qz, qw]`` (ROS order), a vector a list, None its ``none_as``."""
+    meta = field_setting(f)
+    kind = field_kind(f)
+    default, length = meta.to_ros(f.default), None
+    if kind in ("float", "opt_float"):  # a default written 1 would declare an int parameter
+        default = float(default)
+    elif kind == "pose":
+        t, q = default
+        default, length = [float(x) for x in t] + [float(x) for x in wxyz_to_ros(q)], 7
+    elif kind == "vec3":
+        default, length = [float(x) for x in default], 3
+    return Param(meta.ros_name, default, meta.description, choices=meta.choices, length=length,
+                 bounds=meta.bounds, config_field=f)
+
+
+def config_value(param: Param, value):
+    """A checked ROS value of ``param`` -> the value of its :class:`FusionConfig` field."""
+    kind = field_kind(param.config_field)
+    if kind == "pose":
+        t, q = extrinsic_from_ros(value, f"parameter {param.name!r}")
+        return (tuple(float(x) for x in t), tuple(float(x) for x in q))
+    if kind == "vec3":
+        return tuple(value)
+    return field_setting(param.config_field).from_ros(value)
+
+
 REGRESSOR_PARAMS: tuple[Param, ...] = (
     Param("weights", "", "checkpoint (.safetensors with its .json; or an exported .onnx / "
           ".engine with the .json beside it); empty: the shipped weights/mapnet_demo.safetensors"),
@@ -74,14 +145,18 @@ REGRESSOR_PARAMS: tuple[Param, ...] = (
           "falls back to the CPU with a warning)"),
     Param("precision", "fp32", "fp32 or fp16 (fp16 only on CUDA)", choices=("fp32", "fp16")),
     Param("mc_dropout_samples", 0, "N > 1: covariance from N MC-dropout samples per image; "
-          "0 or 1: the validation covariance stored in the checkpoint"),
-    Param("image_topic", "/camera/image_raw", "sensor_msgs/Image topic (SensorDataQoS, depth 1)"),
+          "0 or 1: the validation covariance stored in the checkpoint", bounds=Bounds(minimum=0)),
+    Param("image_topic", "/camera/image_raw", "sensor_msgs/Image topic (SensorDataQoS, depth 1)",
+          required=True),
     Param("compressed", False, "subscribe to sensor_msgs/CompressedImage on image_topic + "
           "'/compressed' instead"),
     Param("max_rate", 0.0, "process at most this many frames per second of message time; "
-          "0: as fast as the network goes (only the newest frame is ever processed)"),
-    Param("map_frame", "map", "frame of the published poses (the frame the network was trained in)"),
-    Param("base_frame", "base_link", "robot base frame: the pose published is this frame's"),
+          "0: as fast as the network goes (only the newest frame is ever processed)",
+          bounds=Bounds(minimum=0.0)),
+    Param("map_frame", "map", "frame of the published poses (the frame the network was trained in)",
+          required=True),
+    Param("base_frame", "base_link", "robot base frame: the pose published is this frame's",
+          required=True),
     Param("camera_frame", "", "camera optical frame; empty: the image header's frame_id"),
     Param("camera_extrinsic", list(IDENTITY_EXTRINSIC),
           "fallback pose of the camera in base_frame [x, y, z, qx, qy, qz, qw], used until (or "
@@ -90,79 +165,33 @@ REGRESSOR_PARAMS: tuple[Param, ...] = (
           "checkpoints) into visual odometry, published on visual_odometry_topic for the fusion's "
           "odom_topic: relative constraints for a robot without odometry"),
     Param("visual_odometry_topic", VISUAL_ODOMETRY_TOPIC, "nav_msgs/Odometry topic of the visual "
-          "odometry (odom_frame -> base_frame)"),
-    Param("odom_frame", "odom", "frame of the visual odometry (REP-105)"),
+          "odometry (odom_frame -> base_frame)", required=True),
+    Param("odom_frame", "odom", "frame of the visual odometry (REP-105)", required=True),
     Param("publish_odom_tf", True, "with visual_odometry: broadcast odom_frame -> base_frame "
           "(turn off when another node publishes it)"),
 )
 
 FUSION_SETTINGS_PARAMS: tuple[Param, ...] = (
-    Param("map_frame", "map", "global frame (REP-105)"),
-    Param("odom_frame", "odom", "odometry frame (REP-105)"),
-    Param("base_frame", "base_link", "robot base frame"),
-    Param("odom_topic", "/odom", "nav_msgs/Odometry topic (odom_frame -> base_frame)"),
-    Param("imu_topic", "/imu/data", "sensor_msgs/Imu topic"),
+    Param("map_frame", "map", "global frame (REP-105)", required=True),
+    Param("odom_frame", "odom", "odometry frame (REP-105)", required=True),
+    Param("base_frame", "base_link", "robot base frame", required=True),
+    Param("odom_topic", "/odom", "nav_msgs/Odometry topic (odom_frame -> base_frame)", required=True),
+    Param("imu_topic", "/imu/data", "sensor_msgs/Imu topic", required=True),
     Param("use_odom", True, "fuse odometry as relative constraints and publish map -> odom; "
           "false: publish map -> base_frame"),
     Param("use_imu", False, "fuse the IMU (see imu_mode)"),
     Param("publish_tf", True, "broadcast map -> odom (or map -> base_frame without odometry)"),
     Param("transform_tolerance", 0.1, "s added to the TF stamp (as in amcl): how far into the "
-          "future the transform is valid"),
-    Param("path_max_length", 10000, "poses kept in /vizloc/path"),
-    Param("path_min_spacing", 0.0, "m between consecutive poses of /vizloc/path"),
+          "future the transform is valid", bounds=Bounds(minimum=0.0)),
+    Param("path_max_length", 10000, "poses kept in /vizloc/path", bounds=Bounds(minimum=1)),
+    Param("path_min_spacing", 0.0, "m between consecutive poses of /vizloc/path", bounds=Bounds(minimum=0.0)),
 )
 
-#: FusionConfig fields exposed as parameters (defaults equal FusionConfig's; a test checks)
-FUSION_CONFIG_PARAMS: tuple[Param, ...] = (
-    Param("window_size", 20, "poses in the sliding window (>= 2); used when window_seconds is 0"),
-    Param("window_seconds", 0.0, "window as a time span in s; 0: use window_size"),
-    Param("robust_kernel", "huber", "robust loss on absolute poses: huber, cauchy or none",
-          choices=("huber", "cauchy", "none")),
-    Param("robust_param", 3.0, "robust kernel width on the whitened residual norm"),
-    Param("gate_probability", 0.99, "chi-square gate (6 dof) for absolute poses, in (0, 1)"),
-    Param("kidnap_consecutive", 5, "consecutive gated poses that agree with each other: "
-          "re-initialise there (kidnapped robot)"),
-    Param("init_consistent", 3, "mutually consistent absolute poses needed to initialise"),
-    Param("motion_model", "constant_velocity", "between poses without odometry: "
-          "constant_velocity or random_walk", choices=("constant_velocity", "random_walk")),
-    Param("motion_sigma_trans", 0.5, "random-walk translation noise, m/sqrt(s)"),
-    Param("motion_sigma_rot", 0.5, "random-walk rotation noise, rad/sqrt(s)"),
-    Param("motion_sigma_acc", 0.5, "constant-velocity white acceleration noise, m/s^2/sqrt(Hz)"),
-    Param("odom_floor_trans", 0.002, "minimum odometry translation sigma per step, m"),
-    Param("odom_floor_rot", 0.002, "minimum odometry rotation sigma per step, rad"),
-    Param("odom_floor_trans_per_m", 0.02, "extra odometry sigma per metre travelled"),
-    Param("odom_floor_rot_per_rad", 0.02, "extra odometry sigma per radian turned"),
-    Param("odom_max_gap", 0.5, "s; odometry is never interpolated across a longer gap"),
-    Param("imu_mode", "preintegration", "preintegration (gyro + accelerometer) or gyro",
-          choices=("preintegration", "gyro")),
-    Param("gyro_noise_density", 1.7e-4, "rad/s/sqrt(Hz)"),
-    Param("accel_noise_density", 2.0e-3, "m/s^2/sqrt(Hz)"),
-    Param("gyro_bias_walk", 1.9e-5, "rad/s^2/sqrt(Hz)"),
-    Param("accel_bias_walk", 3.0e-3, "m/s^3/sqrt(Hz)"),
-    Param("gyro_bias_sigma", 0.02, "prior sigma of the initial gyro bias, rad/s"),
-    Param("accel_bias_sigma", 0.2, "prior sigma of the initial accelerometer bias, m/s^2"),
-    Param("init_velocity_sigma", 1.0, "prior sigma of the initial velocity, m/s"),
-    Param("imu_integration_sigma", 1e-4, "preintegration integration noise"),
-    Param("imu_max_gap", 0.1, "s between two IMU samples before the gap is bridged by the motion model"),
-    Param("gravity", [0.0, 0.0, -9.81], "gravity in map_frame, m/s^2", length=3),
-    Param("imu_extrinsic", list(IDENTITY_EXTRINSIC),
-          "pose of the IMU in base_frame [x, y, z, qx, qy, qz, qw]", length=7),
-    Param("min_abs_sigma_trans", 1e-3, "floor added to the network's translation sigma, m"),
-    Param("min_abs_sigma_rot", 1e-4, "floor added to the network's rotation sigma, rad"),
-    Param("time_jump_s", 1.0, "a stamp this far back (bag loop, restarted clock) resets the fusion"),
-    Param("buffer_seconds", 30.0, "odometry / IMU history kept, s"),
-    Param("relinearize_threshold", 0.1, "iSAM2 relinearisation threshold"),
-)
+#: the FusionConfig fields that are parameters (those whose metadata gives a ROS name), in field order
+FUSION_CONFIG_PARAMS: tuple[Param, ...] = tuple(
+    _config_param(f) for f in fields(FusionConfig) if field_setting(f).ros_name)
 
 FUSION_PARAMS: tuple[Param, ...] = FUSION_SETTINGS_PARAMS + FUSION_CONFIG_PARAMS
-
-#: FusionConfig fields deliberately not parameters, and why.
-FUSION_CONFIG_NOT_PARAMS = {
-    "use_odom": "set from the node's use_odom",
-    "use_imu": "set from the node's use_imu",
-    "base_T_camera": "the fusion receives base poses (the regressor applied the extrinsic): identity",
-    "base_T_imu": "parameter imu_extrinsic (ROS quaternion order)",
-}
 
 PARAMS_BY_NODE = {REGRESSOR_NODE: REGRESSOR_PARAMS, FUSION_NODE: FUSION_PARAMS}
 
@@ -173,8 +202,21 @@ def check_value(param: Param, value):
     """``value`` converted to the parameter's type; ``ValueError`` naming the parameter.
 
     rclpy already enforces the declared type in the nodes; this is the same rule for
-    YAML files checked without ROS (and it checks choices, list lengths, finiteness).
+    YAML files checked without ROS, and it checks what rclpy does not: choices, list
+    lengths, finiteness, bounds and non-empty strings.
     """
+    value = _checked_type(param, value)
+    if param.required and not value.strip():
+        raise ValueError(f"parameter {param.name!r} must not be empty")
+    if param.type_name in ("int", "double") and value != param.none_as:
+        problem = param.bounds.violated(value)
+        if problem:
+            unset = f" (or {param.none_as!r}: unset)" if param.none_as is not None else ""
+            raise ValueError(f"parameter {param.name!r} {problem}{unset}, got {value!r}")
+    return value
+
+
+def _checked_type(param: Param, value):
     kind = param.type_name
 
     def bad(expected):
@@ -220,23 +262,6 @@ def check_values(table, values: dict) -> dict:
     return {p.name: check_value(p, values.get(p.name, p.default)) for p in table}
 
 
-def extrinsic_from_ros(values, name: str = "camera_extrinsic"):
-    """[x, y, z, qx, qy, qz, qw] (ROS order) -> (t (3,), q_wxyz (4,)), unit quaternion."""
-    import numpy as np
-
-    from vizloc_ros import geometry
-
-    v = np.asarray(values, dtype=float).reshape(-1)
-    if v.size != 7 or not np.all(np.isfinite(v)):
-        raise ValueError(f"parameter {name!r} must be 7 finite numbers [x, y, z, qx, qy, qz, qw]")
-    q = geometry.ros_to_wxyz(v[3:7])
-    norm = float(np.linalg.norm(q))
-    if abs(norm - 1.0) > 1e-2:
-        raise ValueError(f"parameter {name!r}: the quaternion (qx, qy, qz, qw) = {v[3:7].tolist()} "
-                         f"has norm {norm:.4g}, expected 1")
-    return v[:3].copy(), geometry.quat_hemisphere(q / norm)
-
-
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -275,13 +300,6 @@ def regressor_settings(values: dict, default_weights=None) -> RegressorSettings:
     device = v["device"].strip().lower()
     if not _DEVICE.match(device):
         raise ValueError(f"parameter 'device' must be auto, cpu, cuda or cuda:N, got {v['device']!r}")
-    if v["mc_dropout_samples"] < 0:
-        raise ValueError("parameter 'mc_dropout_samples' must be >= 0")
-    if v["max_rate"] < 0:
-        raise ValueError("parameter 'max_rate' must be >= 0 (0 = no limit)")
-    for name in ("image_topic", "map_frame", "base_frame", "visual_odometry_topic", "odom_frame"):
-        if not v[name].strip():
-            raise ValueError(f"parameter {name!r} must not be empty")
     weights = v["weights"].strip()
     if weights:
         path = Path(weights).expanduser()
@@ -294,7 +312,7 @@ def regressor_settings(values: dict, default_weights=None) -> RegressorSettings:
         mc_dropout_samples=v["mc_dropout_samples"], image_topic=v["image_topic"],
         compressed=v["compressed"], max_rate=v["max_rate"], map_frame=v["map_frame"],
         base_frame=v["base_frame"], camera_frame=v["camera_frame"].strip(),
-        camera_extrinsic=extrinsic_from_ros(v["camera_extrinsic"], "camera_extrinsic"),
+        camera_extrinsic=extrinsic_from_ros(v["camera_extrinsic"], "parameter 'camera_extrinsic'"),
         visual_odometry=v["visual_odometry"], visual_odometry_topic=v["visual_odometry_topic"],
         odom_frame=v["odom_frame"], publish_odom_tf=v["publish_odom_tf"])
 
@@ -305,35 +323,19 @@ class FusionNodeSettings:
 
     odom_topic: str
     imu_topic: str
-    settings: Any       # pipeline.FusionSettings
-    config: Any         # fusion.FusionConfig
+    settings: FusionSettings
+    config: FusionConfig
 
 
 def fusion_settings(values: dict) -> FusionNodeSettings:
     """Parameter values -> topics, FusionSettings and FusionConfig; ``ValueError`` if bad."""
-    from vizloc_ros.fusion import FusionConfig
-    from vizloc_ros.pipeline.fusion_core import FusionSettings
-
     v = check_values(FUSION_PARAMS, values)
-    for name in ("odom_topic", "imu_topic"):
-        if not v[name].strip():
-            raise ValueError(f"parameter {name!r} must not be empty")
-    if v["path_max_length"] < 1:
-        raise ValueError("parameter 'path_max_length' must be >= 1")
-    if v["path_min_spacing"] < 0:
-        raise ValueError("parameter 'path_min_spacing' must be >= 0")
     settings = FusionSettings(
         map_frame=v["map_frame"], odom_frame=v["odom_frame"], base_frame=v["base_frame"],
         publish_tf=v["publish_tf"], transform_tolerance=v["transform_tolerance"],
         use_odom=v["use_odom"], use_imu=v["use_imu"], path_max_length=v["path_max_length"],
         path_min_spacing=v["path_min_spacing"])
-    config = {p.name: v[p.name] for p in FUSION_CONFIG_PARAMS
-              if p.name not in ("window_seconds", "imu_extrinsic")}
-    if v["window_seconds"] < 0:
-        raise ValueError("parameter 'window_seconds' must be >= 0 (0 = use window_size)")
-    config["window_seconds"] = v["window_seconds"] if v["window_seconds"] > 0 else None
-    t, q = extrinsic_from_ros(v["imu_extrinsic"], "imu_extrinsic")
-    config["base_T_imu"] = (tuple(t), tuple(q))
+    config = {p.config_field.name: config_value(p, v[p.name]) for p in FUSION_CONFIG_PARAMS}
     config["use_odom"], config["use_imu"] = v["use_odom"], v["use_imu"]
     try:
         fusion_config = FusionConfig.from_dict(config)

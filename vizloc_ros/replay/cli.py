@@ -471,13 +471,13 @@ def format_table(metrics: dict) -> str:
 
 
 def _extrinsic(values):
+    """--camera-extrinsic X Y Z QX QY QZ QW -> (t, q_wxyz), or None when not given."""
     if values is None:
         return None
-    x, y, z, qx, qy, qz, qw = values
-    if not np.all(np.isfinite(values)) or not np.linalg.norm([qx, qy, qz, qw]) > 1e-6:
-        raise ReplayError(f"--camera-extrinsic {' '.join(f'{v:g}' for v in values)}: expected finite "
-                          "X Y Z and a non-zero quaternion QX QY QZ QW")
-    return np.array([x, y, z]), geometry.quat_normalize(geometry.ros_to_wxyz([qx, qy, qz, qw]))
+    try:
+        return messages.extrinsic_from_ros(values, f"--camera-extrinsic {' '.join(f'{v:g}' for v in values)}")
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -300,6 +300,26 @@ def _checked_quaternion(q_wxyz, name: str = "orientation") -> np.ndarray:
     return np.array([w / norm, x / norm, y / norm, z / norm])
 
 
+def extrinsic_from_ros(values, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A mount pose written the ROS way, [x, y, z, qx, qy, qz, qw] -> (t (3,), q_wxyz (4,)).
+
+    The one parser of a camera / IMU extrinsic given by hand: the nodes' ``camera_extrinsic``
+    and ``imu_extrinsic`` parameters and ``vizloc-replay --camera-extrinsic``. ``name`` says
+    where the numbers came from, for the error. The quaternion is normalised and taken with
+    w >= 0.
+
+    Tolerance: the quaternion's norm must be within :data:`QUATERNION_NORM_TOLERANCE` (1e-2,
+    tf2's TF_DENORMALIZED_QUATERNION rule) of 1, as for every quaternion read from a message.
+    Why not the replay's former "any non-zero quaternion": a norm far from 1 is a typo or
+    Euler angles, not rounding (a quaternion copied with 3 decimals is well within 1e-2), and
+    a mount given by hand should be refused where the same transform on /tf_static would be;
+    the parameter tests require a quaternion of norm 2 to be refused, and no test relies on
+    the replay normalising one.
+    """
+    v = _finite_vector(values, name, 7)
+    return v[:3].copy(), _checked_quaternion(ros_to_wxyz(v[3:7]), name)
+
+
 # --------------------------------------------------------------------------- reading poses
 
 def _vec3(obj) -> np.ndarray:
