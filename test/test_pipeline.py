@@ -3,21 +3,25 @@ rosbags messages: which frame is processed, what is dropped, stamps and frames o
 outputs, the camera -> base conversion (with its covariance) and the map -> odom TF."""
 from __future__ import annotations
 
+import ast
 import math
 import threading
 import time
+from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from vizloc_ros import geometry
+from vizloc_ros.fusion import FusionConfig
 from vizloc_ros.ros_io import messages
 from vizloc_ros.pipeline.diagnostics import RateMeter, diagnostics_summary
 from vizloc_ros.pipeline.drops import Drop, DropReason
 from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings, FusionStep
-from vizloc_ros.pipeline.outputs import PathMirror
-from vizloc_ros.pipeline.regressor import RegressorCore, StampRateLimiter, camera_to_base
+from vizloc_ros.pipeline.outputs import PATH_PERIOD_S, FusionMessages, OutputTopics, PathMirror, regressor_messages
+from vizloc_ros.pipeline.regressor import OdometryPose, RegressorCore, StampRateLimiter, camera_to_base
 from vizloc_ros.pipeline.worker import LatestFrameSlot
 
 T = messages.rosbags_types()
@@ -471,3 +475,110 @@ def test_coarse_pose_messages_initialise_the_fusion_and_bad_ones_are_counted_dro
     wrong = messages.make_pose_with_covariance_stamped(T, 101.0, "odom", np.zeros(3), q, cov)
     assert core.on_coarse_pose(wrong).drop.reason is DropReason.COARSE_INVALID
     assert core.counters["dropped_coarse_invalid"] == 1
+
+
+# --------------------------------------------------------------------------- drops as data
+
+def test_drop_reasons_are_typed_and_the_drop_counters_are_derived_from_them():
+    counters = [r.counter for r in DropReason]
+    assert len(set(counters)) == len(counters)  # one counter per reason
+    assert DropReason.refused("absolute", "rejected") is DropReason.ABSOLUTE_REJECTED
+    assert DropReason.refused("odom", "dropped").counter == "odom_dropped"
+    core = FusionCore()
+    steps = [core.on_absolute(absolute_msg(0, frame="odom"))]
+    steps += [core.on_odometry(odom_msg(i)) for i in (1, 1)]  # the same stamp twice: dropped
+    steps += [step for _, _, step in run_fusion_steps(core, 30)]
+    far = absolute_msg(31)
+    far.pose.pose.position.x += 50.0  # an outlier once running
+    steps.append(core.on_absolute(far))
+    drops = [s.drop for s in steps if s.drop is not None]
+    assert all(isinstance(d, Drop) and isinstance(d.reason, DropReason) and d.detail for d in drops)
+    reasons = {d.reason for d in drops}
+    assert {DropReason.ABSOLUTE_INVALID, DropReason.ODOM_DROPPED, DropReason.ABSOLUTE_REJECTED} <= reasons
+    assert all(s.output is None for s in steps if s.drop is not None)
+    # every drop counter of the core is exactly the count of the drops it returned
+    from_drops = Counter(d.reason.counter for d in drops)
+    assert {k: v for k, v in core.counters.items() if k in counters} == dict(from_drops)
+    assert core.last_drop == drops[-1]
+
+
+def run_fusion_steps(core, steps, start=1):
+    out = []
+    for i in range(start, start + steps):
+        out.append((i, "odom", core.on_odometry(odom_msg(i))))
+        if i % 3 == 0:
+            out.append((i, "abs", core.on_absolute(absolute_msg(i))))
+    return out
+
+
+def test_a_drop_the_node_saw_is_counted_like_the_cores_own():
+    core = RegressorCore(FakeEstimator())
+    core.record_drop(Drop(DropReason.ERROR, "RuntimeError: boom"))
+    assert core.counters["dropped_error"] == 1 and core.last_drop.detail == "RuntimeError: boom"
+
+
+# --------------------------------------------------------------------------- use_odom
+
+def test_the_fusion_core_copies_the_callers_config_and_use_odom_comes_from_its_settings():
+    config = FusionConfig(window_size=7)
+    core = FusionCore(config, FusionSettings(use_odom=False, use_imu=True))
+    assert config.use_odom is True and config.use_imu is False  # never changed
+    assert core.config is not config and core.config.window_size == 7
+    assert (core.config.use_odom, core.config.use_imu) == (False, True)
+    assert core.fusion.config is core.config
+    assert FusionCore({"use_odom": False}, FusionSettings(use_odom=True)).fusion.config.use_odom is True
+
+
+# --------------------------------------------------------------------------- one output path
+
+def test_fusion_messages_throttle_the_path_by_message_time():
+    core = FusionCore(settings=FusionSettings(use_odom=False))
+    outputs = FusionMessages(core, T)
+    published = []  # (step, topics), each output turned into messages as it comes
+    for i in range(120):  # 4 s at 30 Hz
+        out = core.on_absolute(absolute_msg(i)).output
+        if out is not None:
+            published.append((i, [topic for topic, _ in outputs.of(out)]))
+    assert all(topics[:2] == ["/vizloc/pose", "/tf"] for _, topics in published)
+    path_at = [stamp_ns(i) * 1e-9 for i, topics in published if "/vizloc/path" in topics]
+    assert len(path_at) >= 2 and np.all(np.diff(path_at) >= PATH_PERIOD_S - 1e-9)
+    assert len(path_at) < len(published) / 2
+    topic, msg = outputs.path_now()  # whatever the throttle says
+    assert topic == "/vizloc/path" and len(msg.poses) == len(core.path)
+    # a jump back in time (a looping bag) publishes the restarted path at once
+    steps = (core.on_absolute(absolute_msg(i)) for i in range(8))
+    items = [outputs.of(step.output) for step in steps if step.output is not None]
+    assert "/vizloc/path" in [topic for topic, _ in items[0]]
+
+
+def test_regressor_messages_put_the_visual_odometry_before_the_pose():
+    pose = RegressorCore(FakeEstimator()).process(image_msg(EPOCH_NS + ODD_NS)).pose
+    assert [topic for topic, _ in regressor_messages(T, pose, OutputTopics())] == ["/vizloc/absolute_pose"]
+    pose.odometry = OdometryPose(stamp=pose.stamp, stamp_ns=pose.stamp_ns, frame_id="odom",
+                                 child_frame_id="base_link", t=np.zeros(3), q=np.array([1.0, 0, 0, 0]),
+                                 cov=np.eye(6) * 1e-3)
+    items = regressor_messages(T, pose, OutputTopics(visual_odometry="/vo"), odometry_tf=False)
+    assert [topic for topic, _ in items] == ["/vo", "/vizloc/absolute_pose"]
+    assert all(messages.stamp_to_ns(msg.header.stamp) == EPOCH_NS + ODD_NS for _, msg in items)
+    with_tf = regressor_messages(T, pose, OutputTopics())
+    assert [topic for topic, _ in with_tf] == ["/vizloc/visual_odometry", "/tf", "/vizloc/absolute_pose"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("module", ["nodes/fusion_node.py", "nodes/regressor_node.py",
+                                    "replay/fusion_side.py", "replay/cli.py"])
+def test_nodes_and_replay_build_no_output_message_themselves(module):
+    """The nodes publish and the replay writes what pipeline.outputs builds: none of them
+    calls a message builder of its own (the output path exists once)."""
+    tree = ast.parse((ROOT / "vizloc_ros" / module).read_text())
+    builders = {"make_pose_with_covariance_stamped", "make_odometry", "make_tf_message",
+                "make_transform_stamped", "make_path", "make_pose_stamped"}
+    called = {node.func.attr for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    assert not called & builders
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "vizloc_ros.pipeline.outputs" for alias in node.names}
+    if module != "replay/cli.py":  # the regressor side hands its poses to fusion_side.py
+        assert imported & {"FusionMessages", "regressor_messages", "absolute_pose_messages"}
