@@ -58,6 +58,20 @@ class Drop:
     reason: DropReason
     detail: str
 
-    def count(self, counters: Counter) -> None:
-        """Count this drop under its reason's counter."""
-        counters[self.reason.counter] += 1
+
+class DropCounting:
+    """What a core does with its drops: each is counted under its reason's name in the
+    core's ``counters`` (so the counters are derived from the drops), the last is kept."""
+
+    counters: Counter
+    last_drop: Drop | None = None
+
+    def record_drop(self, drop: Drop) -> None:
+        """Count a drop; also one the caller saw (a node: an input whose handling raised)."""
+        self.counters[drop.reason.counter] += 1
+        self.last_drop = drop
+
+    def _drop(self, reason: DropReason, detail: str) -> Drop:
+        drop = Drop(reason, detail)
+        self.record_drop(drop)
+        return drop

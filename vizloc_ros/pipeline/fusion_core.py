@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vizloc_ros.pipeline.drops import Drop, DropReason
+from vizloc_ros.pipeline.drops import Drop, DropCounting, DropReason
 from vizloc_ros.ros_io import messages
 
 LOG = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class FusionSettings:
                 raise ValueError(f"{name} must be a non-empty string")
 
 
-class FusionCore:
+class FusionCore(DropCounting):
     """Messages in -> fused outputs, exactly as the fusion node publishes them."""
 
     def __init__(self, fusion_config=None, settings: FusionSettings | None = None):
@@ -255,17 +255,10 @@ class FusionCore:
         self.path.clear()
         self.counters["resets"] += 1
 
-    def record_drop(self, drop: Drop) -> None:
-        """Count a drop the caller saw (the node: an input whose handling raised)."""
-        drop.count(self.counters)
-        self.last_drop = drop
-
     # -- helpers -------------------------------------------------------------
     def _dropped(self, reason: DropReason, detail: str) -> FusionStep:
         """A step without output because of ``reason``, counted under the reason's name."""
-        drop = Drop(reason, detail)
-        self.record_drop(drop)
-        return FusionStep(drop=drop)
+        return FusionStep(drop=self._drop(reason, detail))
 
     def _output(self, stamp: float) -> FusionStep:
         estimate = self.fusion.estimate()

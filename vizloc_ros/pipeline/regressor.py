@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vizloc_ros import geometry
-from vizloc_ros.pipeline.drops import Drop, DropReason
+from vizloc_ros.pipeline.drops import Drop, DropCounting, DropReason
 from vizloc_ros.ros_io import messages
 
 LOG = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class FrameResult:
     skipped: bool = False
 
 
-class RegressorCore:
+class RegressorCore(DropCounting):
     """Image messages -> absolute base poses in ``map``.
 
     Args:
@@ -234,15 +234,8 @@ class RegressorCore:
             raise ValueError(f"image stamp {stamp_ns} ns is zero or invalid")
         return stamp_ns, messages.image_to_rgb(msg)
 
-    def record_drop(self, drop: Drop) -> None:
-        """Count a drop (also one the caller saw: the node's worker, a frame that raised)."""
-        drop.count(self.counters)
-        self.last_drop = drop
-
     def _dropped(self, reason: DropReason, detail: str) -> FrameResult:
-        drop = Drop(reason, detail)
-        self.record_drop(drop)
-        return FrameResult(drop=drop)
+        return FrameResult(drop=self._drop(reason, detail))
 
     def process(self, msg) -> FrameResult:
         """One image message -> its pose, or why there is none (dropped and counted)."""
