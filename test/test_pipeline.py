@@ -3,20 +3,26 @@ rosbags messages: which frame is processed, what is dropped, stamps and frames o
 outputs, the camera -> base conversion (with its covariance) and the map -> odom TF."""
 from __future__ import annotations
 
+import ast
 import math
 import threading
 import time
+from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from vizloc_ros import geometry
+from vizloc_ros.fusion import FusionConfig
 from vizloc_ros.ros_io import messages
-from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
-from vizloc_ros.pipeline.worker import LatestFrameSlot
 from vizloc_ros.pipeline.diagnostics import RateMeter, diagnostics_summary
-from vizloc_ros.pipeline.regressor import RegressorCore, StampRateLimiter, camera_to_base
+from vizloc_ros.pipeline.drops import Drop, DropReason
+from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings, FusionStep
+from vizloc_ros.pipeline.outputs import PATH_PERIOD_S, FusionMessages, OutputTopics, PathMirror, regressor_messages
+from vizloc_ros.pipeline.regressor import OdometryPose, RegressorCore, StampRateLimiter, camera_to_base
+from vizloc_ros.pipeline.worker import LatestFrameSlot
 
 T = messages.rosbags_types()
 EPOCH_NS = 1_700_000_000_000_000_000
@@ -143,7 +149,7 @@ BASE_T_CAMERA = (np.array([0.1, 0.0, 0.2]), np.array([0.5, -0.5, 0.5, -0.5]))
 def test_regressor_output_carries_the_image_stamp_exactly_and_the_map_frame():
     core = RegressorCore(FakeEstimator(), base_T_camera=BASE_T_CAMERA, map_frame="world")
     ns = EPOCH_NS + ODD_NS
-    pose = core.process(image_msg(ns))
+    pose = core.process(image_msg(ns)).pose
     assert pose.stamp_ns == ns and pose.frame_id == "world"
     assert messages.stamp_to_ns(messages.make_pose_with_covariance_stamped(
         T, messages.time_from_ns(T, pose.stamp_ns), pose.frame_id, pose.t, pose.q, pose.cov).header.stamp) == ns
@@ -167,9 +173,13 @@ def test_regressor_drops_bad_images_and_counts_them():
     corrupt = T.CompressedImage(header=messages.make_header(T, messages.time_from_ns(T, EPOCH_NS + 5), "cam"),
                                 format="jpeg", data=T.byte_array(b"\xff\xd8 not a jpeg"))
     out = core.process_batch([good, depth, truncated, unstamped, corrupt])
-    assert out[0] is not None and out[1:] == [None] * 4
+    assert out[0].pose is not None and out[0].drop is None
+    assert [r.pose for r in out[1:]] == [None] * 4
+    assert [r.drop.reason for r in out[1:]] == [DropReason.INVALID_IMAGE] * 4
+    assert "16UC1" in out[1].drop.detail and "corrupt CompressedImage" in out[4].drop.detail
+    # the counters are the drops', under the reason's name
     assert core.counters["dropped_invalid_image"] == 4 and core.counters["published"] == 1
-    assert "corrupt CompressedImage" in core.last_error
+    assert core.last_drop == out[4].drop
     assert est.calls == [[(24, 32, 3)]]  # bad images never reach the network
 
 
@@ -177,29 +187,32 @@ def test_regressor_decodes_compressed_images():
     rgb = np.full((24, 32, 3), 128, np.uint8)
     msg = messages.make_compressed_image(T, messages.time_from_ns(T, EPOCH_NS + ODD_NS), "cam", rgb, "png")
     est = FakeEstimator()
-    pose = RegressorCore(est).process(msg)
+    pose = RegressorCore(est).process(msg).pose
     assert pose is not None and pose.stamp_ns == EPOCH_NS + ODD_NS and est.calls == [[(24, 32, 3)]]
 
 
 def test_regressor_estimator_failures_and_non_finite_poses_are_drops():
     core = RegressorCore(FakeEstimator(fail=ValueError("image smaller than the crop")))
-    assert core.process(image_msg(EPOCH_NS + 1)) is None
-    assert core.counters["dropped_estimator"] == 1 and "crop" in core.last_error
+    result = core.process(image_msg(EPOCH_NS + 1))
+    assert result.pose is None and result.drop == Drop(DropReason.ESTIMATOR, "image smaller than the crop")
+    assert core.counters["dropped_estimator"] == 1
     core = RegressorCore(FakeEstimator(t=(np.nan, 0.0, 0.0)))
-    assert core.process(image_msg(EPOCH_NS + 1)) is None
+    result = core.process(image_msg(EPOCH_NS + 1))
+    assert result.pose is None and result.drop.reason is DropReason.NON_FINITE
     assert core.counters["dropped_non_finite"] == 1
 
 
 def test_regressor_rate_limit_and_unknown_extrinsic():
     core = RegressorCore(FakeEstimator(), max_rate=10.0)
     out = [core.process(image_msg(EPOCH_NS + i * 20_000_000)) for i in range(10)]  # 50 Hz
-    assert sum(o is not None for o in out) == 2
+    assert sum(o.pose is not None for o in out) == 2
     # max_rate at work is counted, not reported as a drop (the node warns about drops)
+    assert sum(o.skipped for o in out) == 8 and all(o.drop is None for o in out)
     assert core.counters["skipped_rate"] == 8 and core.counters["dropped_rate"] == 0
     # no extrinsic: the camera pose is published as the base pose
-    assert np.allclose(out[0].t, core.estimator.t)
+    assert np.allclose(out[0].pose.t, core.estimator.t)
     core.set_extrinsic(*BASE_T_CAMERA)
-    assert not np.allclose(core.process(image_msg(EPOCH_NS + 10**9)).t, core.estimator.t)
+    assert not np.allclose(core.process(image_msg(EPOCH_NS + 10**9)).pose.t, core.estimator.t)
 
 
 def test_camera_to_base_pose_matches_pose_compose():
@@ -269,10 +282,9 @@ def run_fusion(core, steps, abs_every=3, start=0):
     outputs = []
     for i in range(start, start + steps):
         if core.settings.use_odom:
-            out = core.on_odometry(odom_msg(i))
-            outputs.append((i, "odom", out))
+            outputs.append((i, "odom", core.on_odometry(odom_msg(i)).output))
         if i % abs_every == 0:
-            outputs.append((i, "abs", core.on_absolute(absolute_msg(i))))
+            outputs.append((i, "abs", core.on_absolute(absolute_msg(i)).output))
     return outputs
 
 
@@ -320,18 +332,21 @@ def test_path_grows_with_outputs(fused):
 
 def test_wrong_frame_and_nan_covariance_are_dropped_without_exception():
     core = FusionCore()
-    assert core.on_absolute(absolute_msg(0, frame="odom")) is None
-    assert core.counters["dropped_absolute_invalid"] == 1 and "'odom'" in core.last_reason
+    step = core.on_absolute(absolute_msg(0, frame="odom"))
+    assert step.output is None and step.drop.reason is DropReason.ABSOLUTE_INVALID
+    assert core.counters["dropped_absolute_invalid"] == 1 and "'odom'" in step.drop.detail
     bad = absolute_msg(1)
     bad.pose.covariance = np.full(36, np.nan)  # the builders refuse NaN; a driver may not
-    assert core.on_absolute(bad) is None
+    assert core.on_absolute(bad).drop.reason is DropReason.ABSOLUTE_INVALID
     bad = absolute_msg(2)
     bad.pose.pose.position.x = float("nan")
-    assert core.on_absolute(bad) is None
+    assert core.on_absolute(bad).drop.reason is DropReason.ABSOLUTE_INVALID
     assert core.counters["dropped_absolute_invalid"] == 3
     odom = odom_msg(3)
     odom.pose.covariance = np.full(36, np.inf)
-    assert core.on_odometry(odom) is None and core.counters["dropped_odom_invalid"] == 1
+    step = core.on_odometry(odom)
+    assert step.output is None and step.drop.reason is DropReason.ODOM_INVALID
+    assert core.counters["dropped_odom_invalid"] == 1
     assert core.fusion.initialised is False
 
 
@@ -342,7 +357,7 @@ def test_without_odometry_tf_is_map_to_base_link():
     for out in outs:
         assert (out.transform.parent, out.transform.child) == ("map", "base_link")
         assert np.allclose(out.transform.t, out.t) and np.allclose(out.transform.q, out.q)
-    assert core.on_odometry(odom_msg(41)) is None  # not used
+    assert core.on_odometry(odom_msg(41)) == FusionStep()  # not used, not a drop either
 
 
 def test_publish_tf_false_gives_no_transform():
@@ -380,13 +395,14 @@ def test_initial_pose_resets_there_and_zero_stamp_means_now():
     msg = messages.make_pose_with_covariance_stamped(T, messages.time_from_ns(T, 1), "map",
                                                      [5.0, 5.0, 0.0], yaw_quat(1.0), np.eye(6) * 0.01)
     msg.header.stamp = T.Time(sec=0, nanosec=0)  # `ros2 topic pub /initialpose ...`
-    out = core.on_initial_pose(msg)
+    out = core.on_initial_pose(msg).output
     assert out is not None and np.allclose(out.t, [5.0, 5.0, 0.0])
     # "now": 2 ms before the newest stamp the fusion had seen (a frame at that stamp can follow)
     assert out.stamp_ns == pytest.approx(stamp_ns(18) - 2_000_000, abs=1000)
     assert len(core.path) == 1
     wrong = messages.make_pose_with_covariance_stamped(T, 1.0, "odom", [0, 0, 0], [1, 0, 0, 0], np.eye(6))
-    assert core.on_initial_pose(wrong) is None and core.counters["dropped_initialpose_invalid"] == 1
+    assert core.on_initial_pose(wrong).drop.reason is DropReason.INITIALPOSE_INVALID
+    assert core.counters["dropped_initialpose_invalid"] == 1
 
 
 # --------------------------------------------------------------------------- diagnostics
@@ -418,10 +434,6 @@ def test_odometry_in_other_frames_is_fused_counted_and_said_once(caplog):
 
 
 def test_path_mirror_converts_each_pose_once_and_rebuilds_after_the_core_clears_its_path():
-    from vizloc_ros.ros_io import messages
-    from vizloc_ros.pipeline.fusion_core import FusionCore
-    from vizloc_ros.pipeline.outputs import PathMirror
-
     core = FusionCore()
     mirror = PathMirror(core, messages.rosbags_types())
     q = np.array([1.0, 0.0, 0.0, 0.0])
@@ -446,10 +458,6 @@ def test_path_mirror_converts_each_pose_once_and_rebuilds_after_the_core_clears_
 
 
 def test_coarse_pose_messages_initialise_the_fusion_and_bad_ones_are_counted_drops():
-    from vizloc_ros.ros_io import messages
-    from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
-
-    T = messages.rosbags_types()
     core = FusionCore(settings=FusionSettings(use_odom=False))
     cov = np.diag([0.3, 0.3, 0.3, 0.05, 0.05, 0.05]) ** 2
     q = np.array([1.0, 0.0, 0.0, 0.0])
@@ -459,10 +467,118 @@ def test_coarse_pose_messages_initialise_the_fusion_and_bad_ones_are_counted_dro
                                                          q, cov)
         outputs.append(core.on_coarse_pose(msg))
     assert core.fusion.initialised
-    assert any(o is not None for o in outputs)
+    assert any(o.output is not None for o in outputs)
+    assert all(o.drop is None for o in outputs)
     assert core.counters["coarse_received"] == 8
     # once running, an agreeing coarse pose is neither fused nor a "drop" to warn about
     assert core.counters["coarse_agreed"] >= 1 and core.counters["coarse_dropped"] == 0
     wrong = messages.make_pose_with_covariance_stamped(T, 101.0, "odom", np.zeros(3), q, cov)
-    assert core.on_coarse_pose(wrong) is None
+    assert core.on_coarse_pose(wrong).drop.reason is DropReason.COARSE_INVALID
     assert core.counters["dropped_coarse_invalid"] == 1
+
+
+# --------------------------------------------------------------------------- drops as data
+
+def test_drop_reasons_are_typed_and_the_drop_counters_are_derived_from_them():
+    counters = [r.counter for r in DropReason]
+    assert len(set(counters)) == len(counters)  # one counter per reason
+    assert DropReason.refused("absolute", "rejected") is DropReason.ABSOLUTE_REJECTED
+    assert DropReason.refused("odom", "dropped").counter == "odom_dropped"
+    core = FusionCore()
+    steps = [core.on_absolute(absolute_msg(0, frame="odom"))]
+    steps += [core.on_odometry(odom_msg(i)) for i in (1, 1)]  # the same stamp twice: dropped
+    steps += [step for _, _, step in run_fusion_steps(core, 30)]
+    far = absolute_msg(31)
+    far.pose.pose.position.x += 50.0  # an outlier once running
+    steps.append(core.on_absolute(far))
+    drops = [s.drop for s in steps if s.drop is not None]
+    assert all(isinstance(d, Drop) and isinstance(d.reason, DropReason) and d.detail for d in drops)
+    reasons = {d.reason for d in drops}
+    assert {DropReason.ABSOLUTE_INVALID, DropReason.ODOM_DROPPED, DropReason.ABSOLUTE_REJECTED} <= reasons
+    assert all(s.output is None for s in steps if s.drop is not None)
+    # every drop counter of the core is exactly the count of the drops it returned
+    from_drops = Counter(d.reason.counter for d in drops)
+    assert {k: v for k, v in core.counters.items() if k in counters} == dict(from_drops)
+    assert core.last_drop == drops[-1]
+
+
+def run_fusion_steps(core, steps, start=1):
+    out = []
+    for i in range(start, start + steps):
+        out.append((i, "odom", core.on_odometry(odom_msg(i))))
+        if i % 3 == 0:
+            out.append((i, "abs", core.on_absolute(absolute_msg(i))))
+    return out
+
+
+def test_a_drop_the_node_saw_is_counted_like_the_cores_own():
+    core = RegressorCore(FakeEstimator())
+    core.record_drop(Drop(DropReason.ERROR, "RuntimeError: boom"))
+    assert core.counters["dropped_error"] == 1 and core.last_drop.detail == "RuntimeError: boom"
+
+
+# --------------------------------------------------------------------------- use_odom
+
+def test_the_fusion_core_copies_the_callers_config_and_use_odom_comes_from_its_settings():
+    config = FusionConfig(window_size=7)
+    core = FusionCore(config, FusionSettings(use_odom=False, use_imu=True))
+    assert config.use_odom is True and config.use_imu is False  # never changed
+    assert core.config is not config and core.config.window_size == 7
+    assert (core.config.use_odom, core.config.use_imu) == (False, True)
+    assert core.fusion.config is core.config
+    assert FusionCore({"use_odom": False}, FusionSettings(use_odom=True)).fusion.config.use_odom is True
+
+
+# --------------------------------------------------------------------------- one output path
+
+def test_fusion_messages_throttle_the_path_by_message_time():
+    core = FusionCore(settings=FusionSettings(use_odom=False))
+    outputs = FusionMessages(core, T)
+    published = []  # (step, topics), each output turned into messages as it comes
+    for i in range(120):  # 4 s at 30 Hz
+        out = core.on_absolute(absolute_msg(i)).output
+        if out is not None:
+            published.append((i, [topic for topic, _ in outputs.of(out)]))
+    assert all(topics[:2] == ["/vizloc/pose", "/tf"] for _, topics in published)
+    path_at = [stamp_ns(i) * 1e-9 for i, topics in published if "/vizloc/path" in topics]
+    assert len(path_at) >= 2 and np.all(np.diff(path_at) >= PATH_PERIOD_S - 1e-9)
+    assert len(path_at) < len(published) / 2
+    topic, msg = outputs.path_now()  # whatever the throttle says
+    assert topic == "/vizloc/path" and len(msg.poses) == len(core.path)
+    # a jump back in time (a looping bag) publishes the restarted path at once
+    steps = (core.on_absolute(absolute_msg(i)) for i in range(8))
+    items = [outputs.of(step.output) for step in steps if step.output is not None]
+    assert "/vizloc/path" in [topic for topic, _ in items[0]]
+
+
+def test_regressor_messages_put_the_visual_odometry_before_the_pose():
+    pose = RegressorCore(FakeEstimator()).process(image_msg(EPOCH_NS + ODD_NS)).pose
+    assert [topic for topic, _ in regressor_messages(T, pose, OutputTopics())] == ["/vizloc/absolute_pose"]
+    pose.odometry = OdometryPose(stamp=pose.stamp, stamp_ns=pose.stamp_ns, frame_id="odom",
+                                 child_frame_id="base_link", t=np.zeros(3), q=np.array([1.0, 0, 0, 0]),
+                                 cov=np.eye(6) * 1e-3)
+    items = regressor_messages(T, pose, OutputTopics(visual_odometry="/vo"), odometry_tf=False)
+    assert [topic for topic, _ in items] == ["/vo", "/vizloc/absolute_pose"]
+    assert all(messages.stamp_to_ns(msg.header.stamp) == EPOCH_NS + ODD_NS for _, msg in items)
+    with_tf = regressor_messages(T, pose, OutputTopics())
+    assert [topic for topic, _ in with_tf] == ["/vizloc/visual_odometry", "/tf", "/vizloc/absolute_pose"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("module", ["nodes/fusion_node.py", "nodes/regressor_node.py",
+                                    "replay/fusion_side.py", "replay/cli.py"])
+def test_nodes_and_replay_build_no_output_message_themselves(module):
+    """The nodes publish and the replay writes what pipeline.outputs builds: none of them
+    calls a message builder of its own (the output path exists once)."""
+    tree = ast.parse((ROOT / "vizloc_ros" / module).read_text())
+    builders = {"make_pose_with_covariance_stamped", "make_odometry", "make_tf_message",
+                "make_transform_stamped", "make_path", "make_pose_stamped"}
+    called = {node.func.attr for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    assert not called & builders
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "vizloc_ros.pipeline.outputs" for alias in node.names}
+    if module != "replay/cli.py":  # the regressor side hands its poses to fusion_side.py
+        assert imported & {"FusionMessages", "regressor_messages", "absolute_pose_messages"}

@@ -1,14 +1,23 @@
 """The replay's fusion side: stamp order across the bag's own messages and the regressor's
 poses, the same report in a child process as in-process, and errors that cross back."""
+import signal
+from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 import numpy as np
 import pytest
 
+from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
+from vizloc_ros.pipeline.outputs import (PATH_PERIOD_S, FusionMessages, OutputTopics, absolute_pose_messages,
+                                         visual_odometry_messages)
+from vizloc_ros.pipeline.regressor import AbsolutePose, OdometryPose
 from vizloc_ros.replay import cli as replay
 from vizloc_ros.replay import fusion_side as replay_fusion
+from vizloc_ros.ros_io import messages
+from vizloc_ros.ros_io.bag_io import BagMessage, read_messages, topic_message_counts
+from vizloc_ros.ros_io.messages import header_stamp_sec
 from vizloc_ros.ros_io.tum import read_tum
-from vizloc_ros.pipeline.regressor import AbsolutePose
 
 
 def _pose(stamp):
@@ -19,9 +28,6 @@ def _pose(stamp):
 
 
 def _odometry_stamps(bag):
-    from vizloc_ros.ros_io.bag_io import read_messages
-    from vizloc_ros.ros_io.messages import header_stamp_sec
-
     return [header_stamp_sec(r.msg) for r in read_messages(bag, ["/odom"])]
 
 
@@ -105,8 +111,6 @@ def test_a_dead_fusion_process_is_a_clear_error(small_bag, tmp_path):
 
 
 def test_result_bag_path_snapshots_grow_and_the_last_is_the_whole_fused_path(small_bag, tiny_weights, tmp_path):
-    from vizloc_ros.ros_io.bag_io import read_messages
-
     out = tmp_path / "r"
     replay.run_replay(replay.ReplayOptions(bag=small_bag, out=out, weights=tiny_weights, device="cpu",
                                            progress=False, fusion_process=False))
@@ -116,7 +120,7 @@ def test_result_bag_path_snapshots_grow_and_the_last_is_the_whole_fused_path(sma
     lengths = [n for _, n, _ in snapshots]
     assert lengths == sorted(lengths)
     times = [t for t, _, _ in snapshots]
-    assert all(b - a >= replay_fusion.PATH_PERIOD_S - 1e-6 for a, b in zip(times[:-2], times[1:-1]))
+    assert all(b - a >= PATH_PERIOD_S - 1e-6 for a, b in zip(times[:-2], times[1:-1]))
     fused = read_tum(out / "fused.tum")
     final = snapshots[-1][2]
     assert len(final) == len(fused[0])
@@ -127,8 +131,6 @@ def test_result_bag_path_snapshots_grow_and_the_last_is_the_whole_fused_path(sma
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_the_fusion_child_starts_deaf_to_ctrl_c_and_the_parent_keeps_its_handlers(small_bag, tmp_path):
-    import signal
-
     def handler(*_):
         raise KeyboardInterrupt
 
@@ -168,9 +170,6 @@ class _Queued(_Recording):
 
 
 def test_odometry_and_imu_are_read_as_the_fusion_goes_not_all_at_once(longer_bag, tmp_path):
-    from vizloc_ros.ros_io.bag_io import read_messages, topic_message_counts
-    from vizloc_ros.ros_io.messages import header_stamp_sec
-
     spec = replay_fusion.FusionSideSpec(bag=longer_bag, out_bag=tmp_path / "bag", imu_topic="/imu/data",
                                         use_imu=True)
     side = _Queued(spec)
@@ -197,10 +196,6 @@ def test_odometry_and_imu_are_read_as_the_fusion_goes_not_all_at_once(longer_bag
 
 
 def test_an_odometry_message_stamped_behind_its_window_is_fused_on_arrival_and_counted(small_bag, tmp_path):
-    from types import SimpleNamespace as NS
-
-    from vizloc_ros.ros_io.bag_io import BagMessage
-
     def odom(stamp):
         sec = int(stamp)
         return BagMessage("/odom", "nav_msgs/msg/Odometry", 0, 0, NS(header=NS(
@@ -220,3 +215,76 @@ def test_an_odometry_message_stamped_behind_its_window_is_fused_on_arrival_and_c
     side._release(np.inf)
     assert [s for s, _ in side.seen][3:] == [8.0, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5, 14.0]
     assert side._late == {"absolute": 0, "own": 1}
+
+
+def _serialized(msg) -> bytes:
+    return bytes(messages.rosbags_typestore().serialize_cdr(msg, msg.__msgtype__))
+
+
+def test_the_result_bag_holds_exactly_the_messages_of_the_nodes_output_functions(small_bag, tiny_weights,
+                                                                                  tmp_path, monkeypatch):
+    """One output path: the events the replay fused, fed again to a fresh core and turned
+    into messages by pipeline.outputs (what the nodes publish), give the result bag
+    message for message; the replay adds only the whole path at the end."""
+    events = []
+    fuse = replay_fusion.FusionSide._process
+
+    def recording(side, kind, payload):
+        events.append((kind, payload))
+        fuse(side, kind, payload)
+
+    monkeypatch.setattr(replay_fusion.FusionSide, "_process", recording)
+    out = tmp_path / "r"
+    replay.run_replay(replay.ReplayOptions(bag=small_bag, out=out, weights=tiny_weights, device="cpu",
+                                           progress=False, fusion_process=False))
+    assert {kind for kind, _ in events} == {"absolute", "odom"}
+
+    types, topics = messages.rosbags_types(), OutputTopics()
+    core = FusionCore({}, FusionSettings())
+    outputs = FusionMessages(core, types, topics)
+    expected = defaultdict(list)
+    for kind, payload in events:
+        if kind == "absolute":
+            items = absolute_pose_messages(types, payload, topics.absolute_pose)
+            step = core.on_absolute(items[0][1])
+        else:
+            items, step = [], core.on_odometry(payload)
+        if step.output is not None:
+            items += outputs.of(step.output)
+        for topic, msg in items:
+            expected[topic].append(_serialized(msg))
+    expected[topics.path].append(_serialized(outputs.path_now()[1]))  # the whole path, last
+
+    written = defaultdict(list)
+    for record in read_messages(out / "bag"):
+        written[record.topic].append(_serialized(record.msg))
+    assert set(written) == {topics.absolute_pose, topics.pose, topics.path, "/tf"}
+    for topic in written:
+        assert written[topic] == expected[topic], topic
+    assert len(written[topics.pose]) > 20 and len(written[topics.path]) >= 2
+
+
+def test_visual_odometry_and_coarse_poses_are_written_by_the_output_functions(tmp_path):
+    """The regressor side's other outputs: the replay writes what the regressor node
+    publishes, and feeds the fusion the very message it wrote."""
+    spec = replay_fusion.FusionSideSpec(bag=Path("unused"), out_bag=tmp_path / "bag", odom_topic=None,
+                                        visual_odometry=True, coarse_prior=True)
+    side = replay_fusion.FusionSide(spec)
+    side.open_output()
+    odometry = OdometryPose(stamp=100.0, stamp_ns=100_000_000_000, frame_id="odom", child_frame_id="base_link",
+                            t=np.array([1.0, 0.0, 0.0]), q=np.array([1.0, 0, 0, 0]), cov=np.eye(6) * 1e-3)
+    fed = []  # what the fusion core is given
+    for method in ("on_odometry", "on_coarse_pose"):
+        original = getattr(side.core, method)
+        setattr(side.core, method, lambda msg, original=original: (fed.append(msg), original(msg))[1])
+    side._process("visual_odometry", odometry)
+    side._process("prior", _pose(100.0))
+    side._writer.close()
+    side._writer = None
+    types, topics = messages.rosbags_types(), OutputTopics()
+    expected = visual_odometry_messages(types, odometry, topics.visual_odometry) + \
+        absolute_pose_messages(types, _pose(100.0), topics.coarse_pose)
+    written = [(r.topic, _serialized(r.msg)) for r in read_messages(tmp_path / "bag")]
+    assert sorted(written) == sorted((topic, _serialized(msg)) for topic, msg in expected)
+    assert [_serialized(m) for m in fed] == [_serialized(expected[0][1]), _serialized(expected[2][1])]
+    assert side.core.counters["coarse_received"] == 1  # the node's path: the frame is checked

@@ -413,7 +413,8 @@ def test_visual_odometry_integrates_the_relative_head_into_base_motion():
     ns = [1_700_000_000_000_000_000 + int(k * 1e8) for k in range(6)]
     img = np.zeros((8, 8, 3), np.uint8)
     msgs = [messages.make_image(T, messages.time_from_ns(T, n), "cam", img, "rgb8") for n in ns]
-    poses = core.process_batch(msgs[:1]) + core.process_batch(msgs[3:0:-1] + msgs[4:])  # out of order
+    results = core.process_batch(msgs[:1]) + core.process_batch(msgs[3:0:-1] + msgs[4:])  # out of order
+    poses = [r.pose for r in results]
     assert core.estimator.stamps == sorted(core.estimator.stamps)  # the core sorted them
     poses = sorted(poses, key=lambda p: p.stamp_ns)
     first_inv = geometry.pose_inverse(*bases[0])

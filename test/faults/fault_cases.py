@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
 import time
@@ -42,7 +41,15 @@ from typing import Callable
 
 import numpy as np
 
+# torch, the trainer and the synthetic world are imported by the cases that need them:
+# collecting the catalogue (and benchmarks/fault_suite.py --help) loads no torch
+from vizloc_ros.nodes import params as P
+from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
+from vizloc_ros.pipeline.outputs import OutputTopics, regressor_messages
+from vizloc_ros.pipeline.regressor import RegressorCore, load_estimator
+from vizloc_ros.replay import cli as replay_cli
 from vizloc_ros.ros_io import messages
+from vizloc_ros.ros_io.bag_io import read_messages
 
 TYPES = messages.rosbags_types()
 T0 = 1_700_000_000.0
@@ -115,8 +122,6 @@ class Resources:
     @property
     def estimator(self):
         if self._estimator is None:
-            from vizloc_ros.pipeline.regressor import load_estimator
-
             self._estimator = load_estimator(self.weights, device=self.device, cpu_threads=1)
         return self._estimator
 
@@ -166,8 +171,6 @@ def non_finite_in_outputs(path: Path) -> int:
             text = file.read_text().lower()
             count += text.count("nan") + text.count("inf")
     for bag in {f.parent for f in files if f.name == "metadata.yaml"}:
-        from vizloc_ros.ros_io.bag_io import read_messages
-
         for record in read_messages(bag):
             count += int(not _finite(_numbers(record.msg)))
     return int(count)
@@ -249,9 +252,7 @@ def _snapshot(path: Path | None):
 
 
 def _replay_main():
-    from vizloc_ros.replay import cli as replay
-
-    return replay.main
+    return replay_cli.main
 
 
 def _eval_main():
@@ -344,8 +345,6 @@ def _bad_images() -> dict:
 
 def _image_case(name, expected, msg) -> Case:
     def run(res: Resources) -> Observation:
-        from vizloc_ros.pipeline.regressor import RegressorCore
-
         core = RegressorCore(res.estimator, base_T_camera=((0.1, 0.0, 0.2), (0.5, -0.5, 0.5, -0.5)))
         obs = _regress(core, msg)
         follow = _regress(core, _image(T0 + 2))  # the next good frame
@@ -357,15 +356,14 @@ def _image_case(name, expected, msg) -> Case:
 
 def _regress(core, msg) -> Observation:
     """One frame through the core and the node's publish step."""
-    before = sum(v for k, v in core.counters.items() if k.startswith("dropped_"))
-    pose = core.process(msg)
-    dropped = sum(v for k, v in core.counters.items() if k.startswith("dropped_")) - before
+    result = core.process(msg)
+    pose = result.pose
     if pose is None:
-        return Observation("drop" if dropped == 1 else f"dropped {dropped}", detail=core.last_error or "")
+        return Observation("drop" if result.drop is not None else "no output",
+                           detail=result.drop.detail if result.drop is not None else "")
     nan = 0 if _finite(pose.t, pose.q, pose.cov) else 1
     if not nan:  # what the node publishes; it refuses a covariance that is not PSD
-        messages.make_pose_with_covariance_stamped(TYPES, messages.time_from_ns(TYPES, pose.stamp_ns),
-                                                   pose.frame_id, pose.t, pose.q, pose.cov)
+        regressor_messages(TYPES, pose, OutputTopics())
     return Observation("ok", nan_outputs=nan)
 
 
@@ -433,14 +431,18 @@ class _FusionRun:
     """FusionCore fed like the fusion node: odometry, IMU and absolute poses at 10 Hz."""
 
     def __init__(self, use_imu=False):
-        from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
-
         self.core = FusionCore(settings=FusionSettings(use_imu=use_imu))
         self.use_imu = use_imu
         self.nan = 0
+        self.drops = 0
+        self.last_drop = None
 
     def feed(self, method: str, msg):
-        out = getattr(self.core, method)(msg)
+        step = getattr(self.core, method)(msg)
+        if step.drop is not None:
+            self.drops += 1
+            self.last_drop = step.drop
+        out = step.output
         if out is not None and not _finite(out.t, out.q, out.cov):
             self.nan += 1
         if out is not None and out.transform is not None and not _finite(out.transform.t, out.transform.q):
@@ -457,11 +459,9 @@ class _FusionRun:
             self.feed("on_absolute", _abs(s))
 
     def counts(self):
-        drops = sum(v for k, v in self.core.counters.items()
-                    if k.startswith("dropped_") or k.endswith(("_dropped", "_rejected")))
         fusion = self.core.fusion.counters
         resets = sum(fusion.get(k, 0) for k in ("resets", "time_jumps", "reinitialisations", "initial_poses"))
-        return drops, resets
+        return self.drops, resets
 
 
 def _message_case(name, expected, inject, why="", use_imu=False, resume=None) -> Case:
@@ -473,7 +473,7 @@ def _message_case(name, expected, inject, why="", use_imu=False, resume=None) ->
         drops0, resets0 = fr.counts()
         before = fr.core.fusion.estimate()
         inject(fr)
-        detail = fr.core.last_reason or ""
+        detail = fr.last_drop.detail if fr.last_drop is not None and fr.drops > drops0 else ""
         after = fr.core.fusion.estimate()
         moved = (float(np.linalg.norm(after.t - before.t)) if after is not None and _finite(after.t)
                  else float("inf"))
@@ -687,8 +687,6 @@ def _weights_cases() -> list[Case]:
     cases = []
     for name, make in WEIGHT_FAULTS.items():
         def loader(res, folder, make=make):
-            from vizloc_ros.pipeline.regressor import load_estimator
-
             path = make(res, folder)
             try:
                 load_estimator(path, device="cpu", cpu_threads=1)
@@ -869,8 +867,6 @@ PARAM_FILES = {
 
 def _param_case(name, node, text, words) -> Case:
     def run(res: Resources, folder: Path) -> Observation:
-        from vizloc_ros.nodes import params as P
-
         body = text if node is None else f"{node}:\n  ros__parameters:\n    {text}\n"
         path = folder / "params.yaml"
         path.write_text(body)
@@ -940,17 +936,13 @@ class _Inject:
 
 def _interrupted(expected_code):
     def run(res, folder):
-        from vizloc_ros.replay import report
-
         inner = replay_case(error_code=expected_code)
-        return _Inject(report, "write_report", KeyboardInterrupt())(inner)(res, folder)
+        return _Inject(replay_cli, "write_report", KeyboardInterrupt())(inner)(res, folder)
     return run
 
 
 def _disk_full(res, folder):
-    from vizloc_ros.replay import report
-
-    return _Inject(report, "write_report", OSError(28, "No space left on device"))(replay_case())(res, folder)
+    return _Inject(replay_cli, "write_report", OSError(28, "No space left on device"))(replay_case())(res, folder)
 
 
 def _second_run_overwrites(res, folder):

@@ -17,6 +17,12 @@ import numpy as np
 
 from fault_cases import TYPES, T0, _abs, _finite, _imu, _odom, _truth
 from vizloc_ros.ros_io import messages
+from vizloc_ros.fusion import FusionConfig
+from vizloc_ros.pipeline.diagnostics import RateMeter
+from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
+from vizloc_ros.pipeline.outputs import OutputTopics, regressor_messages
+from vizloc_ros.pipeline.regressor import RegressorCore
+from vizloc_ros.pipeline.worker import FrameWorker, LatestFrameSlot
 
 #: the fusion node's subscription depths (KEEP_LAST): odometry sensor_qos(50), IMU
 #: sensor_qos(400), absolute poses reliable_qos(10); a late executor loses the oldest
@@ -47,8 +53,6 @@ def peak_rss_bytes() -> int:
 
 def service_time(estimator, size=(480, 640), frames: int = 8) -> float:
     """Median seconds the regressor core needs for one frame (decode + network + base pose)."""
-    from vizloc_ros.pipeline.regressor import RegressorCore
-
     core = RegressorCore(estimator, base_T_camera=((0.1, 0.0, 0.2), (0.5, -0.5, 0.5, -0.5)))
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
@@ -64,8 +68,6 @@ def service_time(estimator, size=(480, 640), frames: int = 8) -> float:
 def _recording_slot():
     """A LatestFrameSlot that also notes, under its own lock, the newest stamp put, so the
     worker can check it was handed the newest frame (the property the slot promises)."""
-    from vizloc_ros.pipeline.worker import LatestFrameSlot
-
     class Recording(LatestFrameSlot):
         def __init__(self):
             super().__init__()
@@ -94,10 +96,6 @@ def image_load(estimator, rate_hz: float, seconds: float, size=(480, 640), sampl
     new buffer stamped with the wall clock when it is made (the camera's capture time), so
     latency = publish time - stamp, as a subscriber would measure it.
     """
-    from vizloc_ros.pipeline.worker import FrameWorker
-    from vizloc_ros.pipeline.diagnostics import RateMeter
-    from vizloc_ros.pipeline.regressor import RegressorCore
-
     slot = _recording_slot()
     core = RegressorCore(estimator, base_T_camera=((0.1, 0.0, 0.2), (0.5, -0.5, 0.5, -0.5)))
     meter = RateMeter()
@@ -112,14 +110,13 @@ def image_load(estimator, rate_hz: float, seconds: float, size=(480, 640), sampl
         stamp_ns = messages.header_stamp_ns(msg)
         if slot.newest_at_take is not None and stamp_ns != slot.newest_at_take:
             state["stale"] += 1
-        pose = core.process(msg)
+        pose = core.process(msg).pose
         if pose is None:
             return
         if not _finite(pose.t, pose.q, pose.cov):
             state["nan"] += 1
             return
-        messages.make_pose_with_covariance_stamped(TYPES, messages.time_from_ns(TYPES, pose.stamp_ns),
-                                                   pose.frame_id, pose.t, pose.q, pose.cov)
+        regressor_messages(TYPES, pose, OutputTopics())  # what the node publishes
         done = time.time()
         with lock:
             processed.append((stamp_ns * 1e-9, taken - stamp_ns * 1e-9, done - stamp_ns * 1e-9))
@@ -189,9 +186,6 @@ def fusion_load(seconds: float, odom_hz: float = 1000.0, imu_hz: float = 2000.0,
     subscription, only the newest ``depth`` messages of a stream that are waiting: when
     the executor is late the oldest are lost (counted), as in the node.
     """
-    from vizloc_ros.fusion import FusionConfig
-    from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
-
     config = FusionConfig()
     if buffer_seconds is not None:
         config.buffer_seconds = buffer_seconds
@@ -230,11 +224,11 @@ def fusion_load(seconds: float, odom_hz: float = 1000.0, imu_hz: float = 2000.0,
         stamp = T0 + due
         begun = time.perf_counter()
         if kind == "odom":
-            out = core.on_odometry(_odom(stamp))
+            out = core.on_odometry(_odom(stamp)).output
         elif kind == "imu":
-            out = core.on_imu(_imu(stamp))
+            out = core.on_imu(_imu(stamp)).output
         else:
-            out = core.on_absolute(_abs(stamp))
+            out = core.on_absolute(_abs(stamp)).output
         if out is not None and not _finite(out.t, out.q, out.cov):
             nan += 1
         handled = time.perf_counter() - start

@@ -15,8 +15,10 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rcl_interfaces.msg import ParameterDescriptor
 
-from vizloc_ros.ros_io import messages
 from vizloc_ros.pipeline.diagnostics import RateMeter, diagnostics_summary
+from vizloc_ros.pipeline.drops import Drop
+from vizloc_ros.pipeline.outputs import TF_TOPIC
+from vizloc_ros.ros_io import messages
 
 
 class StartupError(Exception):
@@ -114,20 +116,22 @@ class ProblemLog:
         self.logger.warning(f"{text}{suffix}")
 
 
-def report_new_drops(problems: ProblemLog, before: dict, counters, detail: str | None,
-                     what: str) -> None:
-    """Log counters named ``dropped_*`` / ``*_rejected`` / ``*_dropped`` that grew, e.g.
-    "image dropped (invalid image): unsupported encoding '16UC1'"."""
-    for key, value in list(counters.items()):
-        if value <= before.get(key, 0):
-            continue
-        if key.startswith("dropped_"):
-            label = f"dropped ({key[len('dropped_'):].replace('_', ' ')})"
-        elif key.endswith(("_rejected", "_dropped")):
-            label = key.rsplit("_", 1)[1]
+def report_drop(problems: ProblemLog, drop: Drop | None, what: str) -> None:
+    """Log a core's drop, throttled per reason, e.g. "image dropped (invalid image):
+    unsupported encoding '16UC1'"."""
+    if drop is not None:
+        problems.warn(drop.reason.counter, f"{what} {drop.reason.label}: {drop.detail or 'no detail'}")
+
+
+def publish(publishers: dict, tf_broadcaster, items) -> None:
+    """Publish ``(topic, message)`` pairs (:mod:`vizloc_ros.pipeline.outputs`): each on its
+    topic's publisher, TF through ``tf_broadcaster`` (the outputs hold TF only when the
+    node broadcasts it)."""
+    for topic, msg in items:
+        if topic == TF_TOPIC:
+            tf_broadcaster.sendTransform(list(msg.transforms))
         else:
-            continue
-        problems.warn(key, f"{what} {label}: {detail or 'no detail'}")
+            publishers[topic].publish(msg)
 
 
 # --------------------------------------------------------------------------- diagnostics

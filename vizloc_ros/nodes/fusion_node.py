@@ -13,13 +13,13 @@ from collections import Counter
 
 from rclpy.node import Node
 
-from vizloc_ros.ros_io import messages
 from vizloc_ros.nodes import params as node_params
 from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters,
-                                     latched_qos, reliable_qos, report_new_drops,
+                                     latched_qos, publish, reliable_qos, report_drop,
                                      ros_message_types, run, sensor_qos)
-from vizloc_ros.pipeline.outputs import PATH_PERIOD_S, PathMirror
+from vizloc_ros.pipeline.drops import Drop, DropReason
 from vizloc_ros.pipeline.fusion_core import FusionCore
+from vizloc_ros.pipeline.outputs import FusionMessages, OutputTopics
 
 
 class FusionNode(Node):
@@ -38,12 +38,13 @@ class FusionNode(Node):
         self.types = ros_message_types()
         self.problems = ProblemLog(self.get_logger())
         self._latency = None
-        self._path = PathMirror(self.core, self.types)
-        self._path_published_at = None
+        topics = OutputTopics(pose=node_params.FUSED_POSE_TOPIC, path=node_params.PATH_TOPIC)
+        self.outputs = FusionMessages(self.core, self.types, topics)
 
-        self.pose_pub = self.create_publisher(self.types.PoseWithCovarianceStamped,
-                                              node_params.FUSED_POSE_TOPIC, latched_qos())
-        self.path_pub = self.create_publisher(self.types.Path, node_params.PATH_TOPIC, latched_qos())
+        self.publishers_by_topic = {
+            topics.pose: self.create_publisher(self.types.PoseWithCovarianceStamped, topics.pose,
+                                               latched_qos()),
+            topics.path: self.create_publisher(self.types.Path, topics.path, latched_qos())}
         self.tf_broadcaster = None
         if s.publish_tf:
             from tf2_ros import TransformBroadcaster
@@ -86,14 +87,14 @@ class FusionNode(Node):
 
     def _on_initial_pose(self, msg) -> None:
         self.get_logger().info("initial pose received: restarting the fusion there")
-        self._path.clear()
+        self.outputs.clear_path()
         self._handle(self.core.on_initial_pose, msg, "initial pose")
-        self._publish_path(force=True)
+        self._publish_path_now()
 
     def _on_reset(self, request, response):
         self.core.reset()
-        self._path.clear()
-        self._publish_path(force=True)
+        self.outputs.clear_path()
+        self._publish_path_now()
         response.success = True
         response.message = "fusion reset: waiting for consistent absolute poses"
         self.get_logger().info(response.message)
@@ -102,43 +103,19 @@ class FusionNode(Node):
     def _handle(self, method, msg, what: str) -> None:
         """Run one core input; publish what it produced; report what it refused."""
         start = time.perf_counter()
-        before = dict(self.core.counters)
-        previous_reason, self.core.last_reason = self.core.last_reason, None
         try:
-            out = method(msg)
-            if out is not None:
-                self._publish(out)
+            step = method(msg)
+            if step.output is not None:
+                publish(self.publishers_by_topic, self.tf_broadcaster, self.outputs.of(step.output))
+            report_drop(self.problems, step.drop, what)
         except Exception as exc:  # noqa: BLE001 - one line per problem, never a traceback per message
-            self.core.counters["dropped_error"] += 1
+            self.core.record_drop(Drop(DropReason.ERROR, f"{type(exc).__name__}: {exc}"))
             self.problems.warn(f"error:{type(exc).__name__}", f"{what} dropped: {type(exc).__name__}: {exc}")
         self._latency = time.perf_counter() - start
-        # only this message's reason (the IMU path records none): never a stale one
-        detail = self.core.last_reason
-        if detail is None:
-            self.core.last_reason = previous_reason
-        report_new_drops(self.problems, before, self.core.counters, detail, what)
 
-    # -- outputs ---------------------------------------------------------------
-    def _publish(self, out) -> None:
-        T = self.types
-        stamp = messages.time_from_ns(T, out.stamp_ns)
-        self.pose_pub.publish(messages.make_pose_with_covariance_stamped(
-            T, stamp, out.frame_id, out.t, out.q, out.cov))
-        if out.transform is not None and self.tf_broadcaster is not None:
-            tr = out.transform
-            self.tf_broadcaster.sendTransform(messages.make_transform_stamped(
-                T, messages.time_from_ns(T, tr.stamp_ns), tr.parent, tr.child, tr.t, tr.q))
-        if out.path_appended:
-            self._path.sync()
-            self._publish_path()
-
-    def _publish_path(self, force: bool = False) -> None:
-        newest = self._path.newest_stamp
-        last = self._path_published_at
-        if not force and newest is not None and last is not None and 0.0 <= newest - last < PATH_PERIOD_S:
-            return
-        self._path_published_at = newest
-        self.path_pub.publish(self._path.message(None if self._path.poses else self.get_clock().now().to_msg()))
+    def _publish_path_now(self) -> None:
+        """The path whatever the throttle says (after a reset or an initial pose)."""
+        publish(self.publishers_by_topic, None, [self.outputs.path_now(self.get_clock().now().to_msg())])
 
     # -- diagnostics -----------------------------------------------------------
     def _status(self):

@@ -18,14 +18,15 @@ from collections import Counter
 
 from rclpy.node import Node
 
-from vizloc_ros.ros_io import messages
 from vizloc_ros.ros_io.camera_mount import CameraMountResolver
 from vizloc_ros.nodes import params as node_params
-from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters,
-                                     reliable_qos, report_new_drops, ros_message_types, run,
+from vizloc_ros.nodes.common import (Diagnostics, ProblemLog, StartupError, declare_parameters, publish,
+                                     reliable_qos, report_drop, ros_message_types, run,
                                      sensor_qos, static_tf_qos)
-from vizloc_ros.pipeline.worker import FrameWorker, LatestFrameSlot
+from vizloc_ros.pipeline.drops import Drop, DropReason
+from vizloc_ros.pipeline.outputs import OutputTopics, regressor_messages
 from vizloc_ros.pipeline.regressor import RegressorCore, load_estimator
+from vizloc_ros.pipeline.worker import FrameWorker, LatestFrameSlot
 
 #: how long the first frame waits for the static TF base <- camera before the fallback is used
 FIRST_EXTRINSIC_WAIT_S = 2.0
@@ -74,12 +75,14 @@ class RegressorNode(Node):
         self._tf_subscription = self.create_subscription(self.types.TFMessage, "/tf", self._on_tf,
                                                          reliable_qos(TF_QOS_DEPTH))
 
-        self.publisher = self.create_publisher(self.types.PoseWithCovarianceStamped,
-                                               node_params.ABSOLUTE_POSE_TOPIC, reliable_qos(10))
-        self.odom_publisher = self.odom_tf = None
+        self.topics = OutputTopics(absolute_pose=node_params.ABSOLUTE_POSE_TOPIC,
+                                   visual_odometry=s.visual_odometry_topic)
+        self.publishers_by_topic = {self.topics.absolute_pose: self.create_publisher(
+            self.types.PoseWithCovarianceStamped, self.topics.absolute_pose, reliable_qos(10))}
+        self.odom_tf = None
         if s.visual_odometry:
-            self.odom_publisher = self.create_publisher(self.types.Odometry, s.visual_odometry_topic,
-                                                        reliable_qos(10))
+            self.publishers_by_topic[self.topics.visual_odometry] = self.create_publisher(
+                self.types.Odometry, self.topics.visual_odometry, reliable_qos(10))
             if s.publish_odom_tf:
                 from tf2_ros import TransformBroadcaster
                 self.odom_tf = TransformBroadcaster(self)
@@ -129,7 +132,7 @@ class RegressorNode(Node):
         if not self.context.ok():
             return False  # Ctrl-C shut rclpy down under us: nothing to report, stop
         with self._lock:
-            self.core.counters["dropped_error"] += 1
+            self.core.record_drop(Drop(DropReason.ERROR, f"{type(exc).__name__}: {exc}"))
         self.problems.warn(f"error:{type(exc).__name__}", f"frame dropped: {type(exc).__name__}: {exc}")
         return True
 
@@ -137,26 +140,16 @@ class RegressorNode(Node):
         if not self._extrinsic_from_tf:
             self._lookup_extrinsic(msg.header.frame_id)
         with self._lock:
-            before = dict(self.core.counters)
-            pose = self.core.process(msg)
-            detail = self.core.last_error
-        report_new_drops(self.problems, before, self.core.counters, detail, "image")
+            result = self.core.process(msg)
+        report_drop(self.problems, result.drop, "image")
+        pose = result.pose
         if pose is None:
             return
         self._latency = pose.latency_s
         if not self.context.ok():
             return
-        stamp = messages.time_from_ns(self.types, pose.stamp_ns)
-        if pose.odometry is not None and self.odom_publisher is not None:  # odometry first
-            odom = pose.odometry
-            self.odom_publisher.publish(messages.make_odometry(
-                self.types, stamp, odom.frame_id, odom.child_frame_id, odom.t, odom.q, odom.cov))
-            if self.odom_tf is not None:
-                self.odom_tf.sendTransform(messages.make_transform_stamped(
-                    self.types, stamp, odom.frame_id, odom.child_frame_id, odom.t, odom.q))
-        out = messages.make_pose_with_covariance_stamped(
-            self.types, stamp, pose.frame_id, pose.t, pose.q, pose.cov)
-        self.publisher.publish(out)
+        publish(self.publishers_by_topic, self.odom_tf,
+                regressor_messages(self.types, pose, self.topics, odometry_tf=self.odom_tf is not None))
 
     def _lookup_extrinsic(self, header_frame: str) -> None:
         """base_frame <- camera frame from TF (:attr:`camera_mount`); the parameter is used until then.

@@ -15,5 +15,11 @@ is processed, what is dropped and why, which stamp and frame an output carries, 
 * :class:`FusionCore` - absolute pose / odometry / IMU / initial pose messages ->
   ``SlidingWindowFusion`` -> ``/vizloc/pose``, ``/vizloc/path`` and the TF transform.
 
+Each core input returns a result (:class:`~vizloc_ros.pipeline.regressor.FrameResult`,
+:class:`~vizloc_ros.pipeline.fusion_core.FusionStep`): the output, or a
+:class:`~vizloc_ros.pipeline.drops.Drop` with a typed reason, from which the counters are
+derived. :mod:`vizloc_ros.pipeline.outputs` turns outputs into the ``(topic, message)``
+lists that the nodes publish and the replay writes: the output path exists once.
+
 Messages may be rclpy or rosbags messages: the cores only read fields (messages.py).
 """

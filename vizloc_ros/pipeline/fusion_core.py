@@ -6,12 +6,14 @@ messages and must publish the same result.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from vizloc_ros.pipeline.drops import Drop, DropCounting, DropReason
 from vizloc_ros.ros_io import messages
 
 LOG = logging.getLogger(__name__)
@@ -45,9 +47,27 @@ class FusionOutput:
     stamp_ns: int = 0  # exact stamp of the input the estimate is at (float seconds lose ns)
 
 
+@dataclass(frozen=True)
+class FusionStep:
+    """What one input message became: the output to publish, or why there is none.
+
+    Both are None when the input was used without a new estimate (IMU, odometry before
+    initialisation, a coarse pose that agrees with the estimate) or not used at all.
+    """
+
+    output: FusionOutput | None = None
+    drop: Drop | None = None
+
+
 @dataclass
 class FusionSettings:
-    """Node-level settings around the fusion (frames, TF, path), DESIGN.md names."""
+    """Node-level settings around the fusion (frames, TF, path), DESIGN.md names.
+
+    ``use_odom`` / ``use_imu`` are the one source of which inputs are fused: the core
+    subscribes to nothing, but it reads odometry / IMU only when they are set, chooses
+    the TF it publishes by ``use_odom``, and builds its fusion from a copy of the given
+    :class:`~vizloc_ros.fusion.FusionConfig` with these two values.
+    """
 
     map_frame: str = "map"
     odom_frame: str = "odom"
@@ -67,10 +87,15 @@ class FusionSettings:
                 raise ValueError(f"{name} must be a non-empty string")
 
 
-class FusionCore:
+class FusionCore(DropCounting):
     """Messages in -> fused outputs, exactly as the fusion node publishes them."""
 
     def __init__(self, fusion_config=None, settings: FusionSettings | None = None):
+        """``fusion_config``: a :class:`~vizloc_ros.fusion.FusionConfig`, a dict for
+        ``FusionConfig.from_dict`` or None (defaults); it is copied, never changed."""
+        # vizloc_ros.fusion loads gtsam: only when a fusion is built, not with this module,
+        # so that a missing gtsam is one startup error of the fusion node and
+        # ``vizloc-replay --no-fusion`` runs without it
         from vizloc_ros.fusion import FusionConfig, SlidingWindowFusion
 
         self.settings = settings or FusionSettings()
@@ -78,12 +103,12 @@ class FusionCore:
             fusion_config = FusionConfig()
         elif isinstance(fusion_config, dict):
             fusion_config = FusionConfig.from_dict(fusion_config)
-        fusion_config.use_odom = self.settings.use_odom
-        fusion_config.use_imu = self.settings.use_imu
-        self.fusion = SlidingWindowFusion(fusion_config)
+        self.config = dataclasses.replace(fusion_config, use_odom=self.settings.use_odom,
+                                          use_imu=self.settings.use_imu)
+        self.fusion = SlidingWindowFusion(self.config)
         self.counters: Counter = Counter()
         self.path: deque = deque(maxlen=self.settings.path_max_length)
-        self.last_reason: str | None = None
+        self.last_drop: Drop | None = None
         # float stamp -> exact ns of recent inputs, so outputs carry the input's stamp exactly
         self._exact_ns: "OrderedDict[float, int]" = OrderedDict()
         self._time_jumps_seen = 0
@@ -104,13 +129,13 @@ class FusionCore:
         return self._exact_ns.get(stamp, int(round(stamp * 1e9)))
 
     # -- inputs --------------------------------------------------------------
-    def on_absolute(self, msg) -> FusionOutput | None:
+    def on_absolute(self, msg) -> FusionStep:
         """A ``/vizloc/absolute_pose`` message (PoseWithCovarianceStamped of the base)."""
         self.counters["absolute_received"] += 1
         try:
             stamp, t, q, cov = self._map_pose(msg, "absolute pose")
         except ValueError as exc:
-            return self._drop("absolute_invalid", str(exc))
+            return self._dropped(DropReason.ABSOLUTE_INVALID, str(exc))
         return self.add_absolute(stamp, t, q, cov)
 
     def _map_pose(self, msg, what: str):
@@ -122,40 +147,44 @@ class FusionCore:
         stamp = self._remember(msg)
         return (stamp, *messages.pose_with_covariance_from_msg(msg))
 
-    def add_absolute(self, stamp, t, q, cov) -> FusionOutput | None:
+    def add_absolute(self, stamp, t, q, cov) -> FusionStep:
         result = self.fusion.add_absolute(stamp, t, q, cov)
-        self.counters[f"absolute_{result.status}"] += 1
-        self.last_reason = result.reason
-        return self._output(stamp) if result.status in ("accepted", "initialising") else None
+        if result.status in ("accepted", "initialising"):
+            self.counters[f"absolute_{result.status}"] += 1
+            return self._output(stamp)
+        return self._dropped(DropReason.refused("absolute", result.status), result.reason)
 
-    def on_coarse_pose(self, msg) -> FusionOutput | None:
+    def on_coarse_pose(self, msg) -> FusionStep:
         """A ``/vizloc/coarse_pose`` message (PoseWithCovarianceStamped of the base, from a
         coarse relocalizer such as NetVLAD): initialisation and kidnap recovery only."""
         self.counters["coarse_received"] += 1
         try:
             stamp, t, q, cov = self._map_pose(msg, "coarse pose")
         except ValueError as exc:
-            return self._drop("coarse_invalid", str(exc))
+            return self._dropped(DropReason.COARSE_INVALID, str(exc))
         return self.add_coarse_prior(stamp, t, q, cov)
 
-    def add_coarse_prior(self, stamp, t, q, cov) -> FusionOutput | None:
+    def add_coarse_prior(self, stamp, t, q, cov) -> FusionStep:
         """A coarse pose (e.g. NetVLAD retrieval): initialisation and kidnap recovery only."""
         result = self.fusion.add_coarse_prior(stamp, t, q, cov)
-        # one that agrees with the running estimate is not a problem: counted, not "dropped"
-        agrees = result.status == "dropped" and result.mahalanobis2 is not None
-        self.counters["coarse_agreed" if agrees else f"coarse_{result.status}"] += 1
-        self.last_reason = result.reason
-        return self._output(stamp) if result.status in ("accepted", "initialising") else None
+        if result.status in ("accepted", "initialising"):
+            self.counters[f"coarse_{result.status}"] += 1
+            return self._output(stamp)
+        if result.status == "dropped" and result.mahalanobis2 is not None:
+            # one that agrees with the running estimate is not a problem: counted, not "dropped"
+            self.counters["coarse_agreed"] += 1
+            return FusionStep()
+        return self._dropped(DropReason.refused("coarse", result.status), result.reason)
 
-    def on_odometry(self, msg) -> FusionOutput | None:
+    def on_odometry(self, msg) -> FusionStep:
         if not self.settings.use_odom:
-            return None
+            return FusionStep()
         self.counters["odom_received"] += 1
         try:
             stamp = self._remember(msg)
             t, q, cov = messages.pose_with_covariance_from_msg(msg)
         except ValueError as exc:
-            return self._drop("odom_invalid", str(exc))
+            return self._dropped(DropReason.ODOM_INVALID, str(exc))
         self._check_odom_frames(msg)
         return self.add_odometry(stamp, t, q, cov)
 
@@ -175,17 +204,17 @@ class FusionCore:
                         frames[0] or "?", frames[1] or "?", s.odom_frame, s.base_frame,
                         s.map_frame, s.odom_frame)
 
-    def add_odometry(self, stamp, t, q, cov) -> FusionOutput | None:
+    def add_odometry(self, stamp, t, q, cov) -> FusionStep:
         result = self.fusion.add_odometry(stamp, t, q, cov)
-        self.counters[f"odom_{result.status}"] += 1
         if result.status != "accepted":
-            self.last_reason = result.reason
-            return None
+            return self._dropped(DropReason.refused("odom", result.status), result.reason)
+        self.counters["odom_accepted"] += 1
         return self._output(stamp)
 
-    def on_imu(self, msg) -> None:
+    def on_imu(self, msg) -> FusionStep:
+        """An IMU sample: it moves no output by itself (the next pose or odometry does)."""
         if not self.settings.use_imu:
-            return None
+            return FusionStep()
         self.counters["imu_received"] += 1
         try:
             stamp_ns = messages.header_stamp_ns(msg)
@@ -193,15 +222,14 @@ class FusionCore:
                 raise ValueError(f"IMU stamp {stamp_ns} ns is zero or invalid")
             stamp, gyro, accel = messages.imu_motion_from_msg(msg)  # the fusion uses no more
         except ValueError as exc:
-            self._drop("imu_invalid", str(exc))
-            return None
+            return self._dropped(DropReason.IMU_INVALID, str(exc))
         result = self.fusion.add_imu(stamp, gyro, accel)
-        self.counters[f"imu_{result.status}"] += 1
         if result.status != "accepted":
-            self.last_reason = result.reason
-        return None
+            return self._dropped(DropReason.refused("imu", result.status), result.reason)
+        self.counters["imu_accepted"] += 1
+        return FusionStep()
 
-    def on_initial_pose(self, msg) -> FusionOutput | None:
+    def on_initial_pose(self, msg) -> FusionStep:
         """rviz "2D Pose Estimate": reset the fusion at the given pose and covariance."""
         self.counters["initialpose_received"] += 1
         try:
@@ -213,12 +241,13 @@ class FusionCore:
             stamp = self._remember(msg) if messages.header_stamp_ns(msg) != 0 else 0.0
             t, q, cov = messages.pose_with_covariance_from_msg(msg)
         except ValueError as exc:
-            return self._drop("initialpose_invalid", str(exc))
+            return self._dropped(DropReason.INITIALPOSE_INVALID, str(exc))
         result = self.fusion.set_initial_pose(stamp, t, q, cov)
-        self.counters[f"initialpose_{result.status}"] += 1
-        self.last_reason = result.reason
         self.path.clear()
-        return self._output(stamp) if result.status == "accepted" else None
+        if result.status != "accepted":
+            return self._dropped(DropReason.refused("initialpose", result.status), result.reason)
+        self.counters["initialpose_accepted"] += 1
+        return self._output(stamp)
 
     def reset(self) -> None:
         """``~/reset``: forget the window and the path; re-initialise from measurements."""
@@ -227,18 +256,17 @@ class FusionCore:
         self.counters["resets"] += 1
 
     # -- helpers -------------------------------------------------------------
-    def _drop(self, reason: str, detail: str) -> None:
-        self.counters[f"dropped_{reason}"] += 1
-        self.last_reason = detail
-        return None
+    def _dropped(self, reason: DropReason, detail: str) -> FusionStep:
+        """A step without output because of ``reason``, counted under the reason's name."""
+        return FusionStep(drop=self._drop(reason, detail))
 
-    def _output(self, stamp: float) -> FusionOutput | None:
+    def _output(self, stamp: float) -> FusionStep:
         estimate = self.fusion.estimate()
         if estimate is None:
-            return None
+            return FusionStep()
         t, q, cov = estimate.t, estimate.q, estimate.cov_ros
         if not (np.all(np.isfinite(t)) and np.all(np.isfinite(q)) and np.all(np.isfinite(cov))):
-            return self._drop("non_finite_estimate", "fusion produced a non-finite estimate")
+            return self._dropped(DropReason.NON_FINITE_ESTIMATE, "fusion produced a non-finite estimate")
         s = self.settings
         jumps = self.fusion.counters.get("time_jumps", 0)
         if jumps != self._time_jumps_seen:
@@ -263,8 +291,9 @@ class FusionCore:
                              np.linalg.norm(t - self.path[-1][1]) >= s.path_min_spacing):
             self.path.append((estimate.stamp, t.copy(), q.copy()))
             appended = True
-        return FusionOutput(stamp=estimate.stamp, frame_id=s.map_frame, t=t, q=q, cov=cov,
-                            transform=transform, path_appended=appended, stamp_ns=stamp_ns)
+        return FusionStep(output=FusionOutput(stamp=estimate.stamp, frame_id=s.map_frame, t=t, q=q,
+                                              cov=cov, transform=transform, path_appended=appended,
+                                              stamp_ns=stamp_ns))
 
     def path_arrays(self):
         """(stamps, t, q) of the fused path so far."""
@@ -272,7 +301,3 @@ class FusionCore:
             return np.zeros(0), np.zeros((0, 3)), np.zeros((0, 4))
         stamps, ts, qs = zip(*self.path)
         return np.array(stamps), np.stack(ts), np.stack(qs)
-
-
-#: /vizloc/path is republished at most this often (seconds of message time): it can hold
-#: thousands of poses, and rviz does not need it at the odometry rate.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vizloc_ros import geometry
+from vizloc_ros.pipeline.drops import Drop, DropCounting, DropReason
 from vizloc_ros.ros_io import messages
 
 LOG = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ def load_estimator(weights, **kwargs):
     non-finite pose (NaN/inf in them, a diverged training; the estimator's warm-up frame
     shows it).
     """
+    # torch is loaded with the first weights, not with this module: vizloc-replay forks its
+    # fusion process before any torch thread exists, and the fusion node never loads it
     from vizloc_ros.localize.estimator import PoseEstimator
 
     try:
@@ -167,7 +170,19 @@ class AbsolutePose:
     odometry: OdometryPose | None = None
 
 
-class RegressorCore:
+@dataclass(frozen=True)
+class FrameResult:
+    """What one image message became: a pose to publish, or why there is none.
+
+    ``skipped``: ``max_rate`` left the frame out (not a problem, so not a drop).
+    """
+
+    pose: AbsolutePose | None = None
+    drop: Drop | None = None
+    skipped: bool = False
+
+
+class RegressorCore(DropCounting):
     """Image messages -> absolute base poses in ``map``.
 
     Args:
@@ -202,7 +217,7 @@ class RegressorCore:
         if base_T_camera is not None:
             self.set_extrinsic(*base_T_camera)
         self.counters: Counter = Counter()
-        self.last_error: str | None = None
+        self.last_drop: Drop | None = None
         self._warned_extrinsic = False
 
     def set_extrinsic(self, t, q_wxyz) -> None:
@@ -219,32 +234,32 @@ class RegressorCore:
             raise ValueError(f"image stamp {stamp_ns} ns is zero or invalid")
         return stamp_ns, messages.image_to_rgb(msg)
 
-    def _drop(self, reason: str, detail: str) -> None:
-        self.counters[f"dropped_{reason}"] += 1
-        self.last_error = detail
+    def _dropped(self, reason: DropReason, detail: str) -> FrameResult:
+        return FrameResult(drop=self._drop(reason, detail))
 
-    def process(self, msg) -> AbsolutePose | None:
-        """One image message -> AbsolutePose, or None (dropped and counted)."""
+    def process(self, msg) -> FrameResult:
+        """One image message -> its pose, or why there is none (dropped and counted)."""
         results = self.process_batch([msg])
         return results[0]
 
-    def process_batch(self, msgs) -> list[AbsolutePose | None]:
-        """Many image messages (replay batches them for GPU throughput).
+    def process_batch(self, msgs) -> list[FrameResult]:
+        """Many image messages (replay batches them for GPU throughput), one result each.
 
         Images of one size go through the estimator together; a bad image is dropped and
         counted without affecting the others.
         """
-        out: list[AbsolutePose | None] = [None] * len(msgs)
+        out: list[FrameResult] = [FrameResult()] * len(msgs)
         decoded: dict[tuple, list[tuple[int, float, np.ndarray]]] = {}
         for i, msg in enumerate(msgs):
             self.counters["received"] += 1
             try:
                 stamp_ns, image = self.decode(msg)
             except (ValueError, AttributeError) as exc:
-                self._drop("invalid_image", str(exc))
+                out[i] = self._dropped(DropReason.INVALID_IMAGE, str(exc))
                 continue
             if not self.limiter.accept(stamp_ns * 1e-9):
                 self.counters["skipped_rate"] += 1  # max_rate at work: not a problem to warn about
+                out[i] = FrameResult(skipped=True)
                 continue
             decoded.setdefault(image.shape, []).append((i, stamp_ns, image))
         for group in decoded.values():
@@ -256,26 +271,24 @@ class RegressorCore:
                 else:
                     estimates = self.estimator.estimate_batch([g[2] for g in group])
             except (ValueError, FloatingPointError) as exc:
-                for _ in group:
-                    self._drop("estimator", str(exc))
+                for i, _, _ in group:
+                    out[i] = self._dropped(DropReason.ESTIMATOR, str(exc))
                 continue
             for (i, stamp_ns, _), est in zip(group, estimates):
                 odometry = None
                 if self.visual_odometry is not None:  # every step counts, even if the pose is dropped
                     odometry = self.visual_odometry.add(stamp_ns, getattr(est, "relative", None),
                                                         self.base_T_camera)
-                pose = self._to_base(stamp_ns, est)
-                if pose is not None:
-                    pose.odometry = odometry
-                    out[i] = pose
+                out[i] = self._to_base(stamp_ns, est)
+                if out[i].pose is not None:
+                    out[i].pose.odometry = odometry
                     self.counters["published"] += 1
         return out
 
-    def _to_base(self, stamp_ns: int, est) -> AbsolutePose | None:
+    def _to_base(self, stamp_ns: int, est) -> FrameResult:
         cov = np.asarray(est.cov, dtype=float)
         if not (np.all(np.isfinite(est.t)) and np.all(np.isfinite(est.q)) and np.all(np.isfinite(cov))):
-            self._drop("non_finite", "estimator returned a non-finite pose")
-            return None
+            return self._dropped(DropReason.NON_FINITE, "estimator returned a non-finite pose")
         if self.base_T_camera is None:
             if not self._warned_extrinsic:
                 LOG.warning("camera extrinsic unknown: publishing the camera pose as the base pose")
@@ -283,6 +296,7 @@ class RegressorCore:
             t, q, cov_b = np.asarray(est.t, float), np.asarray(est.q, float), cov
         else:
             t, q, cov_b = camera_to_base(est.t, est.q, cov, self.base_T_camera)
-        return AbsolutePose(stamp=stamp_ns * 1e-9, frame_id=self.map_frame, t=t, q=q, cov=cov_b,
-                            latency_s=float(est.latency_s), t_cam=np.asarray(est.t, float),
-                            q_cam=np.asarray(est.q, float), stamp_ns=int(stamp_ns))
+        return FrameResult(pose=AbsolutePose(
+            stamp=stamp_ns * 1e-9, frame_id=self.map_frame, t=t, q=q, cov=cov_b,
+            latency_s=float(est.latency_s), t_cam=np.asarray(est.t, float),
+            q_cam=np.asarray(est.q, float), stamp_ns=int(stamp_ns)))

@@ -36,14 +36,19 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry
+from vizloc_ros.metrics import pose_errors, step_errors, summarize_errors, trajectory_metrics
+from vizloc_ros.pipeline.regressor import RegressorCore, load_estimator
 from vizloc_ros.ros_io import messages
+from vizloc_ros.ros_io.bag_io import list_topics, read_messages, topic_message_counts
 from vizloc_ros.ros_io.camera_mount import FROM_FIXED_TF, CameraMountResolver, resolve_in_bag
 from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
                                           default_max_gap, interpolate_poses, previous_poses)
 from vizloc_ros.ros_io.messages import IMAGE_TYPES
 from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.replay.fusion_side import (FusionProcess, FusionSideSpec, InProcessFusion, ReplayError,
-                                      bag_errors)
+                                           bag_errors)
+from vizloc_ros.replay.report import write_report
+from vizloc_ros.sim.synthetic import cached_demo_bag
 
 LOG = logging.getLogger("vizloc-replay")
 
@@ -85,8 +90,6 @@ class ReplayOptions:
 # --------------------------------------------------------------------------- bag reading
 
 def _check_topics(bag: Path, options: ReplayOptions) -> dict:
-    from vizloc_ros.ros_io.bag_io import list_topics
-
     try:
         topics = list_topics(bag)
     except FileNotFoundError:
@@ -148,10 +151,6 @@ def run_replay(options: ReplayOptions) -> dict:
     """Replay a bag; returns metrics. Writes the output folder atomically."""
     from tqdm import tqdm
 
-    from vizloc_ros.ros_io.bag_io import read_messages
-    from vizloc_ros.pipeline.regressor import RegressorCore, load_estimator
-    from vizloc_ros.replay.report import write_report
-
     bag, out = Path(options.bag), Path(options.out)
     if not 1 <= options.batch_size <= MAX_BATCH_SIZE:
         raise ReplayError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {options.batch_size}")
@@ -165,9 +164,11 @@ def run_replay(options: ReplayOptions) -> dict:
         odom_topic=options.odom_topic if options.odom_topic in topics else None,
         imu_topic=options.imu_topic, read_tf_static="/tf_static" in topics, fusion=options.fusion,
         use_odom=use_odom, use_imu=use_imu, visual_odometry=options.visual_odometry,
+        coarse_prior=bool(options.prior_weights is not None and options.fusion),
         map_frame=options.map_frame, odom_frame=options.odom_frame, base_frame=options.base_frame,
         fusion_params=dict(options.fusion_params))
     if options.fusion:  # bad fusion parameters: say so before anything runs
+        # here, not at the top: vizloc_ros.fusion loads gtsam, which --no-fusion does without
         from vizloc_ros.fusion import FusionConfig
 
         try:
@@ -249,7 +250,6 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
     latest_image = -np.inf
     n_images = None
     try:
-        from vizloc_ros.ros_io.bag_io import topic_message_counts
         n_images = topic_message_counts(bag).get(options.image_topic)
     except Exception:  # counts are for the progress bar only
         pass
@@ -278,9 +278,10 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
         if prior is not None:  # coarse poses (retrieval): initialisation and kidnap recovery only
             if prior.base_T_camera is None and regressor.base_T_camera is not None:
                 prior.set_extrinsic(*regressor.base_T_camera)
-            events += [(pose.stamp, "prior", pose) for pose in prior.process_batch(pending)
-                       if pose is not None]
-        for pose in regressor.process_batch(pending):
+            events += [(r.pose.stamp, "prior", r.pose) for r in prior.process_batch(pending)
+                       if r.pose is not None]
+        for result in regressor.process_batch(pending):
+            pose = result.pose
             if pose is not None:
                 if pose.odometry is not None:  # odometry first: it covers the pose's stamp
                     events.append((pose.stamp, "visual_odometry", pose.odometry))
@@ -317,7 +318,8 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
     inference_s = time.perf_counter() - started
     if not absolute:
         raise ReplayError(f"no image on {options.image_topic} could be processed "
-                          f"({dict(regressor.counters)}; last error: {regressor.last_error})")
+                          f"({dict(regressor.counters)}; last error: "
+                          f"{regressor.last_drop.detail if regressor.last_drop else None})")
     handing_over = phase["fusion_wait"]  # time the fusion side held up the image loop
     finish_start = time.perf_counter()
     result = fusion_side.finish()
@@ -373,8 +375,6 @@ def _anchored(track, gt_stamps, gt_t, gt_q):
 def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_counts, elapsed,
               inference_s, n_images, vo_track=(), phases=None) -> dict:
     """Trajectories evaluated at the image stamps, and the metrics of each source."""
-    from vizloc_ros.metrics import pose_errors, step_errors, summarize_errors, trajectory_metrics
-
     gt_stamps, gt_t, gt_q = gt
     stamps = np.array([p.stamp for p in absolute])
     raw_t = np.stack([p.t for p in absolute])
@@ -535,8 +535,6 @@ def main(argv=None) -> int:
     overwrite = args.overwrite
     try:
         if args.demo:
-            from vizloc_ros.sim.synthetic import cached_demo_bag
-
             print("vizloc-replay: preparing the demo bag (rendered once, then cached) ...", file=sys.stderr)
             bag = cached_demo_bag(progress=not args.no_progress)
             out = Path(args.out or "vizloc_demo_report")

@@ -32,14 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
+from vizloc_ros.pipeline.outputs import (TF_TOPIC, FusionMessages, OutputTopics, absolute_pose_messages,
+                                         visual_odometry_messages)
 from vizloc_ros.ros_io import messages
-from vizloc_ros.pipeline.outputs import PATH_PERIOD_S, PathMirror
+from vizloc_ros.ros_io.bag_io import BagWriter, read_messages, topic_message_counts
 from vizloc_ros.ros_io.ground_truth import GroundTruthError, GroundTruthReader, tf_edges
-
-#: /vizloc/path snapshots in the result bag: at most every PATH_PERIOD_S of bag time (the
-#: fusion node's period), and, once the path is long, only after it grew by PATH_GROWTH
-#: (a long path rewritten every period made the replay quadratic in its length)
-PATH_GROWTH = 0.05
 
 #: how far (seconds) camera stamps may go back between consecutive images before the
 #: poses are fused out of stamp order
@@ -48,6 +46,8 @@ IMAGE_REORDER_S = 1.0
 #: fused when it is read, as the node would on arrival, and counted as ``late_own``
 OWN_REORDER_S = 1.0
 TF_TYPE = "tf2_msgs/msg/TFMessage"
+#: the result bag's topics: what the nodes publish
+TOPICS = OutputTopics()
 
 
 class ReplayError(RuntimeError):
@@ -83,6 +83,7 @@ class FusionSideSpec:
     use_odom: bool = True
     use_imu: bool = False
     visual_odometry: bool = False
+    coarse_prior: bool = False  # the regressor side sends a coarse prior's poses too
     map_frame: str = "map"
     odom_frame: str = "odom"
     base_frame: str = "base_link"
@@ -104,8 +105,6 @@ class FusionSide:
     """Own messages of the bag + the regressor's events -> FusionCore -> result bag."""
 
     def __init__(self, spec: FusionSideSpec):
-        from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
-
         self.spec = spec
         try:
             self.gt = GroundTruthReader(spec.ground_truth, spec.base_frame)
@@ -127,8 +126,7 @@ class FusionSide:
         self._busy = 0.0
         self._writer = None
         self._types = None
-        self._path = None  # PathMirror, once the message types are loaded
-        self._path_written: tuple | None = None  # (stamp, length) of the last snapshot
+        self._outputs = None  # FusionMessages, once the message types are loaded
         self.ground_truth = None
 
     # -- the bag's own messages ---------------------------------------------------------
@@ -136,8 +134,6 @@ class FusionSide:
         """Read the ground truth (and /tf_static) now: it is small, and a bad one is an
         error before any work starts. Odometry and IMU are read as the fusion goes
         (:meth:`_pull`), so memory stays bounded on long recordings."""
-        from vizloc_ros.ros_io.bag_io import read_messages, topic_message_counts
-
         spec = self.spec
         wanted = ["/tf"] if spec.ground_truth.startswith("tf:") else [spec.ground_truth]
         if spec.read_tf_static:
@@ -212,20 +208,20 @@ class FusionSide:
 
     # -- the regressor's events -----------------------------------------------------------
     def open_output(self) -> None:
-        from vizloc_ros.ros_io.bag_io import BagWriter
-
         self._types = messages.rosbags_types()
         if self.core is not None:
-            self._path = PathMirror(self.core, self._types)
+            self._outputs = FusionMessages(self.core, self._types, TOPICS)
         writer = BagWriter(self.spec.out_bag, typestore=messages.rosbags_typestore())
         writer.open()
         self._writer = writer
-        writer.add_topic("/vizloc/absolute_pose", "geometry_msgs/msg/PoseWithCovarianceStamped")
-        writer.add_topic("/vizloc/pose", "geometry_msgs/msg/PoseWithCovarianceStamped")
-        writer.add_topic("/vizloc/path", "nav_msgs/msg/Path")
-        writer.add_topic("/tf", TF_TYPE)
+        writer.add_topic(TOPICS.absolute_pose, "geometry_msgs/msg/PoseWithCovarianceStamped")
+        writer.add_topic(TOPICS.pose, "geometry_msgs/msg/PoseWithCovarianceStamped")
+        writer.add_topic(TOPICS.path, "nav_msgs/msg/Path")
+        writer.add_topic(TF_TOPIC, TF_TYPE)
         if self.spec.visual_odometry:
-            writer.add_topic("/vizloc/visual_odometry", "nav_msgs/msg/Odometry")
+            writer.add_topic(TOPICS.visual_odometry, "nav_msgs/msg/Odometry")
+        if self.spec.coarse_prior:
+            writer.add_topic(TOPICS.coarse_pose, "geometry_msgs/msg/PoseWithCovarianceStamped")
 
     def add(self, events, image_stamp: float) -> None:
         """Events of one image batch, ``(stamp, kind, payload)`` in the order the regressor
@@ -242,8 +238,8 @@ class FusionSide:
         """Fuse what is left, close the result bag; what the report needs."""
         start = time.perf_counter()
         self._release(np.inf)
-        if self._path is not None and self._path.poses:  # the complete path, last
-            self._write_path(self.core.exact_ns(self._path.newest_stamp) + 1)
+        if self._outputs is not None and self._outputs.path.poses:  # the complete path, last
+            self._write(self.core.exact_ns(self._outputs.path.newest_stamp) + 1, [self._outputs.path_now()])
         self._writer.close()
         self._writer = None
         counts: dict = {}
@@ -284,53 +280,37 @@ class FusionSide:
             self._process(candidate[3], candidate[4])
 
     def _process(self, kind: str, payload) -> None:
-        """One event, as the fusion node handles the message (and what it publishes)."""
-        core, writer, types = self.core, self._writer, self._types
-        output = None
+        """One event, as the fusion node handles the message; what the nodes would publish
+        (the regressor's message, then the fusion's) goes to the result bag."""
+        core, types = self.core, self._types
+        step = None
         if kind == "absolute":
-            msg = messages.make_pose_with_covariance_stamped(
-                types, messages.time_from_ns(types, payload.stamp_ns), payload.frame_id, payload.t,
-                payload.q, payload.cov)
-            writer.write("/vizloc/absolute_pose", payload.stamp_ns, msg)
+            written = absolute_pose_messages(types, payload, TOPICS.absolute_pose)
+            self._write(payload.stamp_ns, written)
             if core is not None:
-                output = core.on_absolute(msg)
+                step = core.on_absolute(written[0][1])
         elif kind == "prior":
-            output = core.add_coarse_prior(payload.stamp, payload.t, payload.q, payload.cov)
+            written = absolute_pose_messages(types, payload, TOPICS.coarse_pose)
+            self._write(payload.stamp_ns, written)
+            step = core.on_coarse_pose(written[0][1])
         elif kind == "odom":
-            output = core.on_odometry(payload)
+            step = core.on_odometry(payload)
         elif kind == "visual_odometry":
-            stamp_msg = messages.time_from_ns(types, payload.stamp_ns)
-            msg = messages.make_odometry(types, stamp_msg, payload.frame_id, payload.child_frame_id,
-                                         payload.t, payload.q, payload.cov)
-            writer.write("/vizloc/visual_odometry", payload.stamp_ns, msg)
-            writer.write("/tf", payload.stamp_ns, messages.make_tf_message(types, [
-                messages.make_transform_stamped(types, stamp_msg, payload.frame_id,
-                                                payload.child_frame_id, payload.t, payload.q)]))
+            written = visual_odometry_messages(types, payload, TOPICS.visual_odometry)
+            self._write(payload.stamp_ns, written)
             if core is not None:
-                output = core.on_odometry(msg)
+                step = core.on_odometry(written[0][1])
         elif kind == "imu":
             core.on_imu(payload)
-        if output is None:
+        if step is None or step.output is None:
             return
-        ns = output.stamp_ns
-        writer.write("/vizloc/pose", ns, messages.make_pose_with_covariance_stamped(
-            types, messages.time_from_ns(types, ns), output.frame_id, output.t, output.q, output.cov))
+        output = step.output
         self.fused.append((output.stamp, output.t, output.q))
-        if output.transform is not None:
-            tf = output.transform
-            writer.write("/tf", ns, messages.make_tf_message(types, [
-                messages.make_transform_stamped(types, messages.time_from_ns(types, tf.stamp_ns),
-                                                tf.parent, tf.child, tf.t, tf.q)]))
-        if output.path_appended:
-            self._path.sync()
-            last, length = self._path_written, len(self._path.poses)
-            if last is None or output.stamp < last[0] or (
-                    output.stamp - last[0] >= PATH_PERIOD_S and length - last[1] >= PATH_GROWTH * last[1]):
-                self._write_path(ns)
-                self._path_written = (output.stamp, length)
+        self._write(output.stamp_ns, self._outputs.of(output))
 
-    def _write_path(self, ns: int) -> None:
-        self._writer.write("/vizloc/path", ns, self._path.message())
+    def _write(self, ns: int, items) -> None:
+        for topic, msg in items:
+            self._writer.write(topic, ns, msg)
 
 
 # --------------------------------------------------------------------------- child process

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros.localize.models import checkpoint_paths
-from vizloc_ros.metrics import THRESHOLDS, evaluate_poses, pose_errors, threshold_key
+from vizloc_ros.metrics import THRESHOLDS, evaluate_poses, threshold_key
 from vizloc_ros.pipeline.regressor import load_estimator
 from vizloc_ros.training.datasets import KittiOdometry, open_dataset
 
