@@ -47,18 +47,13 @@ from vizloc_ros.ros_io.messages import IMAGE_TYPES
 from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.replay.fusion_side import (FusionProcess, FusionSideSpec, InProcessFusion, ReplayError,
                                            bag_errors)
-from vizloc_ros.replay.report import write_report
+from vizloc_ros.replay.report import format_table, write_report
 from vizloc_ros.sim.synthetic import cached_demo_bag
 
 LOG = logging.getLogger("vizloc-replay")
 
 #: largest --batch-size: every image of a batch is decoded in memory at once
 MAX_BATCH_SIZE = 1024
-
-
-#: trajectory sources of the report, in table order
-SOURCE_NAMES = ("absolute", "fused", "odometry", "visual_odometry")
-SHORT_NAMES = {"visual_odometry": "visual odom"}
 
 
 @dataclass
@@ -440,35 +435,6 @@ def default_weights() -> Path:
 
 
 # --------------------------------------------------------------------------- CLI
-
-def format_table(metrics: dict) -> str:
-    names = [n for n in SOURCE_NAMES if n in metrics["sources"]]
-    rows = [("median translation (m)", "median_translation_m", "{:.3f}"),
-            ("median rotation (deg)", "median_rotation_deg", "{:.2f}"),
-            ("final median transl. (m)", "final_median_translation_m", "{:.3f}"),
-            ("within 25 cm, 2 deg", "within_25cm_2deg", "{:.1%}"),
-            ("within 50 cm, 5 deg", "within_50cm_5deg", "{:.1%}"),
-            ("ATE RMSE (m)", "ate_rmse_m", "{:.3f}"),
-            ("ATE RMSE, SE(3)-aligned (m)", "ate_rmse_m_se3_aligned", "{:.3f}"),
-            ("median step error (m)", "median_step_translation_m", "{:.4f}"),
-            ("median step error (deg)", "median_step_rotation_deg", "{:.3f}")]
-    width = max(len(r[0]) for r in rows)
-    lines = [" " * width + "".join(f"{SHORT_NAMES.get(n, n):>12}" for n in names)]
-    for label, key, fmt in rows:
-        cells = []
-        for n in names:
-            value = metrics["sources"][n].get(key)
-            cells.append(f"{fmt.format(value) if value is not None else '-':>12}")
-        lines.append(label.ljust(width) + "".join(cells))
-    counts = metrics["counts"]
-    lines.append("")
-    lines.append(f"images: {metrics['frames']['images']} read, {metrics['frames']['estimated']} estimated; "
-                 f"absolute measurements accepted {counts.get('absolute_accepted', 0)}, "
-                 f"rejected {counts.get('absolute_rejected', 0)}, dropped {counts.get('absolute_dropped', 0)}; "
-                 f"{metrics['timing']['frames_per_second']:.1f} frames/s end to end on "
-                 f"{metrics['timing']['device']}")
-    return "\n".join(lines)
-
 
 def _extrinsic(values):
     """--camera-extrinsic X Y Z QX QY QZ QW -> (t, q_wxyz), or None when not given."""

@@ -12,6 +12,10 @@ import numpy as np
 
 from vizloc_ros.ros_io.tum import write_tum
 
+#: the sources a replay scores, in the order of the table
+SOURCE_NAMES = ("absolute", "fused", "odometry", "visual_odometry")
+SHORT_NAMES = {"visual_odometry": "visual odom"}
+
 _SOURCE = {
     "type": "object",
     "required": ["frames", "median_translation_m", "median_rotation_deg", "within_5cm_5deg",
@@ -83,9 +87,37 @@ def _phases(metrics: dict) -> str:
     return ": " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
 
 
-def _markdown(metrics: dict) -> str:
-    from vizloc_ros.replay.cli import format_table
+def format_table(metrics: dict) -> str:
+    """The metrics table that vizloc-replay prints and report.md shows."""
+    names = [n for n in SOURCE_NAMES if n in metrics["sources"]]
+    rows = [("median translation (m)", "median_translation_m", "{:.3f}"),
+            ("median rotation (deg)", "median_rotation_deg", "{:.2f}"),
+            ("final median transl. (m)", "final_median_translation_m", "{:.3f}"),
+            ("within 25 cm, 2 deg", "within_25cm_2deg", "{:.1%}"),
+            ("within 50 cm, 5 deg", "within_50cm_5deg", "{:.1%}"),
+            ("ATE RMSE (m)", "ate_rmse_m", "{:.3f}"),
+            ("ATE RMSE, SE(3)-aligned (m)", "ate_rmse_m_se3_aligned", "{:.3f}"),
+            ("median step error (m)", "median_step_translation_m", "{:.4f}"),
+            ("median step error (deg)", "median_step_rotation_deg", "{:.3f}")]
+    width = max(len(r[0]) for r in rows)
+    lines = [" " * width + "".join(f"{SHORT_NAMES.get(n, n):>12}" for n in names)]
+    for label, key, fmt in rows:
+        cells = []
+        for n in names:
+            value = metrics["sources"][n].get(key)
+            cells.append(f"{fmt.format(value) if value is not None else '-':>12}")
+        lines.append(label.ljust(width) + "".join(cells))
+    counts = metrics["counts"]
+    lines.append("")
+    lines.append(f"images: {metrics['frames']['images']} read, {metrics['frames']['estimated']} estimated; "
+                 f"absolute measurements accepted {counts.get('absolute_accepted', 0)}, "
+                 f"rejected {counts.get('absolute_rejected', 0)}, dropped {counts.get('absolute_dropped', 0)}; "
+                 f"{metrics['timing']['frames_per_second']:.1f} frames/s end to end on "
+                 f"{metrics['timing']['device']}")
+    return "\n".join(lines)
 
+
+def _markdown(metrics: dict) -> str:
     lines = ["# vizloc-replay report", "",
              f"- bag: `{metrics['bag']}`", f"- weights: `{metrics['weights']}`",
              f"- device: {metrics['timing']['device']}, {metrics['timing']['frames_per_second']:.1f} "
