@@ -20,7 +20,7 @@ from vizloc_ros.ros_io import messages
 from vizloc_ros.pipeline.diagnostics import RateMeter, diagnostics_summary
 from vizloc_ros.pipeline.drops import Drop, DropReason
 from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings, FusionStep
-from vizloc_ros.pipeline.outputs import PATH_PERIOD_S, FusionMessages, OutputTopics, PathMirror, regressor_messages
+from vizloc_ros.pipeline.outputs import PATH_GROWTH, PATH_PERIOD_S, FusionMessages, OutputTopics, PathMirror, regressor_messages
 from vizloc_ros.pipeline.regressor import OdometryPose, RegressorCore, StampRateLimiter, camera_to_base
 from vizloc_ros.pipeline.worker import LatestFrameSlot
 
@@ -549,6 +549,26 @@ def test_fusion_messages_throttle_the_path_by_message_time():
     steps = (core.on_absolute(absolute_msg(i)) for i in range(8))
     items = [outputs.of(step.output) for step in steps if step.output is not None]
     assert "/vizloc/path" in [topic for topic, _ in items[0]]
+
+
+def test_a_long_path_is_sent_after_it_grew_and_keeps_updating_at_its_cap():
+    """Each /vizloc/path carries the whole path: sent every period, the bytes would grow with
+    the square of the run. After PATH_GROWTH new poses it is sent again, also at the cap."""
+    core = FusionCore(settings=FusionSettings(use_odom=False, path_max_length=1000))
+    outputs = FusionMessages(core, T)
+    sent = []  # (step, poses in the path sent)
+    for i in range(3000):  # 100 s at 30 Hz
+        out = core.on_absolute(absolute_msg(i)).output
+        if out is not None:
+            sent += [(i, len(msg.poses)) for topic, msg in outputs.of(out) if topic == "/vizloc/path"]
+    steps = [i for i, _ in sent]
+    lengths = [n for _, n in sent]
+    assert lengths[-1] == 1000 and steps[-1] > 3000 - 2 * PATH_GROWTH * 1000  # updating at the cap
+    gaps = np.diff(steps)
+    assert np.all(gaps >= 15)                                # never more often than 0.5 s (15 frames)
+    assert np.all(gaps[-10:] == PATH_GROWTH * 1000)          # at the cap: after 50 new poses
+    assert len(sent) < 100                                   # every period would be 200
+    assert sum(lengths) < 40 * 3000                          # every period: ~150,000 poses
 
 
 def test_regressor_messages_put_the_visual_odometry_before_the_pose():

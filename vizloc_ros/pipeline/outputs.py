@@ -19,6 +19,11 @@ from vizloc_ros.ros_io import messages
 #: /vizloc/path is republished at most this often (seconds of message time): it can hold
 #: thousands of poses, and rviz does not need it at the odometry rate
 PATH_PERIOD_S = 0.5
+#: ... and, once long, only after this many new poses per pose it held when last sent:
+#: each message carries the whole path, so sending it every period made the bytes on the
+#: wire (and in a replay's result bag) grow with the square of the run's length. New
+#: poses are counted, not the length, so a path at ``path_max_length`` keeps updating.
+PATH_GROWTH = 0.05
 TF_TOPIC = "/tf"
 
 
@@ -115,13 +120,16 @@ class PathMirror:
 
 class FusionMessages:
     """A :class:`FusionCore`'s outputs -> what the fusion node publishes: the fused pose,
-    its TF, and the path, at most every :data:`PATH_PERIOD_S` of message time."""
+    its TF, and the path, at most every :data:`PATH_PERIOD_S` of message time and after
+    :data:`PATH_GROWTH` new poses (at once when time went back: a looping bag)."""
 
     def __init__(self, core: FusionCore, types, topics: OutputTopics = OutputTopics()):
         self.types = types
         self.topics = topics
         self.path = PathMirror(core, types)
         self._path_published_at: float | None = None  # newest stamp of the last path sent
+        self._path_published_length = 0   # poses in the last path sent
+        self._poses_since_published = 0   # poses appended since
 
     def of(self, out: FusionOutput) -> list[tuple[str, object]]:
         """The messages of one output, in publishing order."""
@@ -134,8 +142,11 @@ class FusionMessages:
                 T, messages.time_from_ns(T, tr.stamp_ns), tr.parent, tr.child, tr.t, tr.q)])))
         if out.path_appended:
             self.path.sync()
+            self._poses_since_published += 1
             newest, last = self.path.newest_stamp, self._path_published_at
-            if last is None or not 0.0 <= newest - last < PATH_PERIOD_S:  # due, or time went back
+            if last is None or newest < last or (  # the first, or time went back
+                    newest - last >= PATH_PERIOD_S
+                    and self._poses_since_published >= PATH_GROWTH * self._path_published_length):
                 items.append(self.path_now())
         return items
 
@@ -143,6 +154,8 @@ class FusionMessages:
         """The path as it is, whenever it was last sent (after a reset or an initial pose,
         at the end of a recording); ``stamp_if_empty``: a Time message for an empty path."""
         self._path_published_at = self.path.newest_stamp
+        self._path_published_length = len(self.path.poses)
+        self._poses_since_published = 0
         return self.topics.path, self.path.message(stamp_if_empty)
 
     def clear_path(self) -> None:
