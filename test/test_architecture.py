@@ -19,17 +19,19 @@ PACKAGE = ROOT / "vizloc_ros"
 
 #: stage -> the stages it may import (besides itself). The runtime (ros_io, localize,
 #: fusion, pipeline, nodes) never imports the offline tools (replay, training, sim).
+BASE = {"geometry", "settings"}
 ALLOWED = {
     "geometry": set(),
+    "settings": set(),
     "metrics": {"geometry"},
-    "ros_io": {"geometry"},
-    "localize": {"geometry"},
-    "fusion": {"geometry"},
-    "pipeline": {"geometry", "ros_io", "localize", "fusion"},
-    "nodes": {"geometry", "ros_io", "localize", "fusion", "pipeline"},
-    "replay": {"geometry", "metrics", "ros_io", "localize", "fusion", "pipeline"},
-    "training": {"geometry", "metrics", "ros_io", "localize", "pipeline"},
-    "sim": {"geometry", "ros_io"},
+    "ros_io": BASE,
+    "localize": BASE,
+    "fusion": BASE,
+    "pipeline": BASE | {"ros_io", "localize", "fusion"},
+    "nodes": BASE | {"ros_io", "localize", "fusion", "pipeline"},
+    "replay": BASE | {"metrics", "ros_io", "localize", "fusion", "pipeline"},
+    "training": BASE | {"metrics", "ros_io", "localize", "pipeline"},
+    "sim": BASE | {"ros_io"},
 }
 #: single modules that one offline tool may use beyond its stage's row, and why
 EXCEPTIONS = {

@@ -206,7 +206,7 @@ def test_node_modules_compile():
 
 
 def test_every_fusion_config_field_is_a_parameter_or_says_why_not():
-    from vizloc_ros.fusion.config import field_setting
+    from vizloc_ros.settings import field_setting
 
     exposed = {p.config_field.name: p for p in P.FUSION_CONFIG_PARAMS}
     for f in fields(FusionConfig):
@@ -228,7 +228,7 @@ def test_the_ros_defaults_give_the_fusion_config_defaults():
 
 
 def test_none_is_zero_for_ros_in_one_place():
-    from vizloc_ros.fusion.config import field_setting
+    from vizloc_ros.settings import field_setting
 
     meta = field_setting(next(f for f in fields(FusionConfig) if f.name == "window_seconds"))
     assert meta.to_ros(None) == 0.0 and meta.from_ros(0.0) is None
@@ -265,14 +265,21 @@ def test_fusion_config_applies_the_same_bounds_without_ros():
                 FusionConfig.from_dict({param.config_field.name: _outside(param)})
 
 
-def test_settings_defaults_match_the_pipeline():
-    """FusionSettings is the pipeline's (not generated from the table): its defaults agree."""
+def test_every_fusion_settings_field_is_a_parameter_defined_by_the_field():
+    """FusionSettings' fields are the fusion node's frame / output parameters: the table is
+    derived from them (no second copy of a default or a description)."""
     from vizloc_ros.pipeline.fusion_core import FusionSettings
 
+    derived = {p.name: p for p in P.FUSION_SETTINGS_PARAMS if p.config_field is not None}
+    assert set(derived) == {f.name for f in fields(FusionSettings)}
     defaults = FusionSettings()
-    for p in P.FUSION_SETTINGS_PARAMS:
-        if hasattr(defaults, p.name):
-            assert getattr(defaults, p.name) == p.default, p.name
+    for name, param in derived.items():
+        assert param.default == getattr(defaults, name) and param.description
+    assert P.fusion_settings({}).settings == defaults
+    with pytest.raises(ValueError, match="'transform_tolerance' must be >= 0"):
+        P.fusion_settings({"transform_tolerance": -0.5})
+    with pytest.raises(ValueError, match="'map_frame' must not be empty"):
+        P.fusion_settings({"map_frame": " "})
 
 
 # --------------------------------------------------------------------------- checking values
@@ -342,7 +349,10 @@ def test_fusion_settings_map_onto_fusion_config():
                            "robust_kernel": "cauchy", "imu_extrinsic": [0.1, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0],
                            "transform_tolerance": 0.3, "odom_topic": "/wheel/odom"})
     assert s.odom_topic == "/wheel/odom" and s.settings.transform_tolerance == 0.3
-    assert (s.config.use_odom, s.config.use_imu) == (False, True)
+    assert (s.settings.use_odom, s.settings.use_imu) == (False, True)  # the one source ...
+    from vizloc_ros.pipeline.fusion_core import FusionCore
+    core = FusionCore(s.config, s.settings)                            # ... that the core applies
+    assert (core.fusion.config.use_odom, core.fusion.config.use_imu) == (False, True)
     assert s.config.window_seconds == 2.5 and s.config.robust_kernel == "cauchy"
     t, q = s.config.base_T_imu
     assert np.allclose(t, [0.1, 0, 0]) and np.allclose(q, [0, 0, 0, 1])  # ROS order -> wxyz

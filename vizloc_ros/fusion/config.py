@@ -3,8 +3,8 @@
 Why validated here and not in the node: the node, the replay and the tests all build a
 :class:`FusionConfig`, and a typo or a wrong type must fail the same way in each.
 
-Each field is defined once, with :func:`setting`: its type is the annotation, and the
-field's metadata (:class:`Setting`) holds its one-line description, bounds, choices and
+Each field is defined once, with :func:`vizloc_ros.settings.setting`: its type is the
+annotation, and the field's metadata (:class:`~vizloc_ros.settings.Setting`) holds its one-line description, bounds, choices and
 how it appears as a ROS parameter. The validation below, the fusion node's parameter
 declarations, ``config/vizloc.yaml`` and the table in ``docs/ROS.md`` are all derived from
 it (``vizloc_ros.nodes.params`` and ``python -m vizloc_ros.nodes.param_files --write``).
@@ -12,113 +12,13 @@ it (``vizloc_ros.nodes.params`` and ``python -m vizloc_ros.nodes.param_files --w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
 from vizloc_ros.geometry import quat_hemisphere, quat_normalize
-
-#: annotation types of the fields that are tuples (the annotation names the kind)
-Vec3 = tuple   # (x, y, z)
-Pose = tuple   # ((tx, ty, tz), (qw, qx, qy, qz))
-
-#: annotation (a string: ``from __future__ import annotations``) -> kind checked by _check_kind
-_KIND_OF_ANNOTATION = {"int": "int", "int | None": "opt_int", "float": "float",
-                       "float | None": "opt_float", "bool": "bool", "str": "str",
-                       "Vec3": "vec3", "Pose": "pose"}
-
-# --------------------------------------------------------------------------- one field, defined once
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """Numeric bounds of a parameter: ``value >= minimum``, ``value > above``, ``value < below``.
-
-    Defined beside :class:`FusionConfig` because the fusion is the lowest layer with
-    parameters; the node-only parameters (``vizloc_ros.nodes.params``) use it too.
-    """
-
-    minimum: float | None = None
-    above: float | None = None
-    below: float | None = None
-
-    def violated(self, value) -> str | None:
-        """The bound ``value`` breaks, as text (``"must be > 0"``), or None."""
-        if self.minimum is not None and not value >= self.minimum:
-            return f"must be >= {self.minimum:g}"
-        if self.above is not None and not value > self.above:
-            return f"must be > {self.above:g}"
-        if self.below is not None and not value < self.below:
-            return f"must be < {self.below:g}"
-        return None
-
-    def __str__(self) -> str:
-        if self.above is not None and self.below is not None:
-            return f"({self.above:g}, {self.below:g})"
-        parts = [f">= {self.minimum:g}" if self.minimum is not None else "",
-                 f"> {self.above:g}" if self.above is not None else "",
-                 f"< {self.below:g}" if self.below is not None else ""]
-        return ", ".join(p for p in parts if p)
-
-
-NO_BOUNDS = Bounds()
-
-
-@dataclass(frozen=True)
-class Setting:
-    """What a :class:`FusionConfig` field is, besides its name, type and default.
-
-    ``ros_name``: the fusion node's parameter setting this field ("" when the field is not
-    a parameter: ``not_ros`` then says why). ``none_as``: the ROS value that stands for
-    None (ROS parameters have no None: ``window_seconds`` None is 0.0 there); the
-    conversion in both directions is :meth:`to_ros` / :meth:`from_ros` and nowhere else.
-    """
-
-    description: str
-    bounds: Bounds = NO_BOUNDS
-    choices: tuple = ()
-    ros_name: str = ""
-    not_ros: str = ""
-    none_as: Any = None
-
-    def to_ros(self, value):
-        """A field value as the ROS parameter holds it: None -> ``none_as``."""
-        return self.none_as if value is None else value
-
-    def from_ros(self, value):
-        """A ROS parameter value as the field takes it: ``none_as`` -> None."""
-        return None if self.none_as is not None and value == self.none_as else value
-
-
-def setting(default, description: str, *, minimum=None, above=None, below=None, choices=(),
-            ros_name: str | None = None, not_ros: str = "", none_as=None):
-    """A :class:`FusionConfig` field: its default and its :class:`Setting` (see there).
-
-    The ROS parameter has the field's name unless ``ros_name`` says otherwise; ``not_ros``
-    (the reason) makes the field no parameter at all.
-    """
-    meta = Setting(description=description, bounds=Bounds(minimum, above, below), choices=tuple(choices),
-                   ros_name="" if not_ros else (ros_name or ""), not_ros=not_ros, none_as=none_as)
-    return field(default=default, metadata={"setting": meta})
-
-
-def field_setting(f) -> Setting:
-    """The :class:`Setting` of a :class:`FusionConfig` field, with ``ros_name`` filled in."""
-    meta = f.metadata["setting"]
-    if not meta.not_ros and not meta.ros_name:
-        meta = replace(meta, ros_name=f.name)
-    return meta
-
-
-def field_kind(f) -> str:
-    """The kind _check_kind applies to a field, from its annotation."""
-    try:
-        return _KIND_OF_ANNOTATION[str(f.type)]
-    except KeyError:
-        raise TypeError(f"FusionConfig.{f.name}: annotation {f.type!r} is not one of "
-                        f"{', '.join(_KIND_OF_ANNOTATION)}") from None
-
+from vizloc_ros.settings import Pose, Vec3, field_kind, setting
 
 # --------------------------------------------------------------------------- config
 

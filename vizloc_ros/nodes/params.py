@@ -6,11 +6,13 @@ Why a table outside the node modules: the nodes declare exactly these parameters
 --write``), and the tests check all of that without ROS installed. Where each parameter
 is defined:
 
-* the regressor node's parameters and the fusion node's own ones (frames, topics,
-  outputs): the :class:`Param` entries below;
-* the sliding-window fusion's: the :class:`~vizloc_ros.fusion.FusionConfig` fields
-  (:func:`~vizloc_ros.fusion.config.setting` metadata); ``FUSION_CONFIG_PARAMS`` is derived
-  from them.
+* the regressor node's parameters and the fusion node's two input topics: the
+  :class:`Param` entries below;
+* the fusion node's frames and outputs: the
+  :class:`~vizloc_ros.pipeline.fusion_core.FusionSettings` fields, and the sliding-window
+  fusion's: the :class:`~vizloc_ros.fusion.FusionConfig` fields (both with
+  :func:`~vizloc_ros.settings.setting` metadata); ``FUSION_SETTINGS_PARAMS`` and
+  ``FUSION_CONFIG_PARAMS`` are derived from them.
 
 The conversion of parameter values into the ROS-free settings objects
 (:class:`~vizloc_ros.pipeline.fusion_core.FusionSettings`, :class:`~vizloc_ros.fusion.FusionConfig`,
@@ -29,25 +31,29 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vizloc_ros.fusion.config import NO_BOUNDS, Bounds, FusionConfig, field_kind, field_setting
+from vizloc_ros.fusion.config import FusionConfig
 from vizloc_ros.geometry import wxyz_to_ros
 from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.pipeline.fusion_core import FusionSettings
+from vizloc_ros.pipeline.outputs import OutputTopics
 from vizloc_ros.ros_io.messages import extrinsic_from_ros
+from vizloc_ros.settings import NO_BOUNDS, Bounds, field_kind, field_setting
 
 REGRESSOR_NODE = "vizloc_regressor"
 FUSION_NODE = "vizloc_fusion"
 
-#: topics that are not parameters (remap them like any ROS topic)
-ABSOLUTE_POSE_TOPIC = "/vizloc/absolute_pose"
-FUSED_POSE_TOPIC = "/vizloc/pose"
-PATH_TOPIC = "/vizloc/path"
+#: topics that are not parameters (remap them like any ROS topic); the outputs' names are
+#: defined once, in :class:`~vizloc_ros.pipeline.outputs.OutputTopics`
+_OUTPUTS = OutputTopics()
+ABSOLUTE_POSE_TOPIC = _OUTPUTS.absolute_pose
+FUSED_POSE_TOPIC = _OUTPUTS.pose
+PATH_TOPIC = _OUTPUTS.path
 INITIAL_POSE_TOPIC = "/initialpose"
 #: coarse poses (a second regressor, e.g. NetVLAD retrieval, remapped here by the launch
 #: file's prior_weights): the fusion uses them only to initialise and to recover
-COARSE_POSE_TOPIC = "/vizloc/coarse_pose"
+COARSE_POSE_TOPIC = _OUTPUTS.coarse_pose
 #: default topic of the regressor's visual odometry (a relative-head network, VLocNet)
-VISUAL_ODOMETRY_TOPIC = "/vizloc/visual_odometry"
+VISUAL_ODOMETRY_TOPIC = _OUTPUTS.visual_odometry
 
 IDENTITY_EXTRINSIC = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 
@@ -57,8 +63,9 @@ class Param:
     """One ROS parameter: name, default (its type is the parameter's type), description,
     and what a valid value is (choices, list length, bounds, non-empty).
 
-    ``config_field``: the :class:`FusionConfig` field the parameter sets (None for the
-    nodes' own parameters); its value reaches the field through :func:`config_value`.
+    ``config_field``: the settings field (of :class:`FusionConfig` or
+    :class:`FusionSettings`) the parameter sets, None for the parameters defined here;
+    its value reaches the field through :func:`config_value`.
     """
 
     name: str
@@ -76,7 +83,7 @@ class Param:
 
     @property
     def none_as(self):
-        """The value standing for None in the FusionConfig field (ROS has no None), or None."""
+        """The value standing for None in the settings field (ROS has no None), or None."""
         return field_setting(self.config_field).none_as if self.config_field is not None else None
 
     @property
@@ -111,7 +118,7 @@ def _type_name(value) -> str:
 
 
 def _config_param(f) -> Param:
-    """The ROS parameter of a :class:`FusionConfig` field, from its metadata: a pose becomes
+    """The ROS parameter of a settings field, from its metadata: a pose becomes
     ``[x, y, z, qx, qy, qz, qw]`` (ROS order), a vector a list, None its ``none_as``."""
     meta = field_setting(f)
     kind = field_kind(f)
@@ -124,11 +131,11 @@ def _config_param(f) -> Param:
     elif kind == "vec3":
         default, length = [float(x) for x in default], 3
     return Param(meta.ros_name, default, meta.description, choices=meta.choices, length=length,
-                 bounds=meta.bounds, config_field=f)
+                 bounds=meta.bounds, required=meta.required, config_field=f)
 
 
 def config_value(param: Param, value):
-    """A checked ROS value of ``param`` -> the value of its :class:`FusionConfig` field."""
+    """A checked ROS value of ``param`` -> the value of its settings field."""
     kind = field_kind(param.config_field)
     if kind == "pose":
         t, q = extrinsic_from_ros(value, f"parameter {param.name!r}")
@@ -171,21 +178,15 @@ REGRESSOR_PARAMS: tuple[Param, ...] = (
           "(turn off when another node publishes it)"),
 )
 
-FUSION_SETTINGS_PARAMS: tuple[Param, ...] = (
-    Param("map_frame", "map", "global frame (REP-105)", required=True),
-    Param("odom_frame", "odom", "odometry frame (REP-105)", required=True),
-    Param("base_frame", "base_link", "robot base frame", required=True),
+#: the fusion node's inputs (the outputs are OutputTopics: remapped, not parameters)
+FUSION_TOPIC_PARAMS: tuple[Param, ...] = (
     Param("odom_topic", "/odom", "nav_msgs/Odometry topic (odom_frame -> base_frame)", required=True),
     Param("imu_topic", "/imu/data", "sensor_msgs/Imu topic", required=True),
-    Param("use_odom", True, "fuse odometry as relative constraints and publish map -> odom; "
-          "false: publish map -> base_frame"),
-    Param("use_imu", False, "fuse the IMU (see imu_mode)"),
-    Param("publish_tf", True, "broadcast map -> odom (or map -> base_frame without odometry)"),
-    Param("transform_tolerance", 0.1, "s added to the TF stamp (as in amcl): how far into the "
-          "future the transform is valid", bounds=Bounds(minimum=0.0)),
-    Param("path_max_length", 10000, "poses kept in /vizloc/path", bounds=Bounds(minimum=1)),
-    Param("path_min_spacing", 0.0, "m between consecutive poses of /vizloc/path", bounds=Bounds(minimum=0.0)),
 )
+
+#: the fusion node's frames, topics and outputs: its topics, then the FusionSettings fields
+FUSION_SETTINGS_PARAMS: tuple[Param, ...] = FUSION_TOPIC_PARAMS + tuple(
+    _config_param(f) for f in fields(FusionSettings) if field_setting(f).ros_name)
 
 #: the FusionConfig fields that are parameters (those whose metadata gives a ROS name), in field order
 FUSION_CONFIG_PARAMS: tuple[Param, ...] = tuple(
@@ -267,7 +268,8 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 @dataclass
 class RegressorSettings:
-    """The regressor node's parameters, checked."""
+    """The regressor node's parameters, checked (no defaults here: they are the
+    :data:`REGRESSOR_PARAMS` entries, and :func:`regressor_settings` fills every field)."""
 
     weights: Path
     device: str
@@ -280,10 +282,10 @@ class RegressorSettings:
     base_frame: str
     camera_frame: str
     camera_extrinsic: tuple  # (t, q_wxyz), base -> camera
-    visual_odometry: bool = False
-    visual_odometry_topic: str = VISUAL_ODOMETRY_TOPIC
-    odom_frame: str = "odom"
-    publish_odom_tf: bool = True
+    visual_odometry: bool
+    visual_odometry_topic: str
+    odom_frame: str
+    publish_odom_tf: bool
 
     @property
     def subscribed_topic(self) -> str:
@@ -330,13 +332,9 @@ class FusionNodeSettings:
 def fusion_settings(values: dict) -> FusionNodeSettings:
     """Parameter values -> topics, FusionSettings and FusionConfig; ``ValueError`` if bad."""
     v = check_values(FUSION_PARAMS, values)
-    settings = FusionSettings(
-        map_frame=v["map_frame"], odom_frame=v["odom_frame"], base_frame=v["base_frame"],
-        publish_tf=v["publish_tf"], transform_tolerance=v["transform_tolerance"],
-        use_odom=v["use_odom"], use_imu=v["use_imu"], path_max_length=v["path_max_length"],
-        path_min_spacing=v["path_min_spacing"])
+    settings = FusionSettings(**{p.config_field.name: config_value(p, v[p.name])
+                                 for p in FUSION_SETTINGS_PARAMS if p.config_field is not None})
     config = {p.config_field.name: config_value(p, v[p.name]) for p in FUSION_CONFIG_PARAMS}
-    config["use_odom"], config["use_imu"] = v["use_odom"], v["use_imu"]
     try:
         fusion_config = FusionConfig.from_dict(config)
     except ValueError as exc:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from vizloc_ros.pipeline.drops import Drop, DropCounting, DropReason
 from vizloc_ros.ros_io import messages
+from vizloc_ros.settings import field_setting, setting
 
 LOG = logging.getLogger(__name__)
 
@@ -63,28 +64,37 @@ class FusionStep:
 class FusionSettings:
     """Node-level settings around the fusion (frames, TF, path), DESIGN.md names.
 
+    Each field is defined once (:func:`~vizloc_ros.settings.setting`): the fusion node
+    declares it as a parameter of the same name, and ``config/vizloc.yaml`` and
+    ``docs/ROS.md`` are generated from it.
+
     ``use_odom`` / ``use_imu`` are the one source of which inputs are fused: the core
     subscribes to nothing, but it reads odometry / IMU only when they are set, chooses
     the TF it publishes by ``use_odom``, and builds its fusion from a copy of the given
     :class:`~vizloc_ros.fusion.FusionConfig` with these two values.
     """
 
-    map_frame: str = "map"
-    odom_frame: str = "odom"
-    base_frame: str = "base_link"
-    publish_tf: bool = True
-    transform_tolerance: float = 0.1
-    use_odom: bool = True
-    use_imu: bool = False
-    path_max_length: int = 10000
-    path_min_spacing: float = 0.0
+    map_frame: str = setting("map", "global frame (REP-105)", required=True)
+    odom_frame: str = setting("odom", "odometry frame (REP-105)", required=True)
+    base_frame: str = setting("base_link", "robot base frame", required=True)
+    publish_tf: bool = setting(True, "broadcast map -> odom (or map -> base_frame without odometry)")
+    transform_tolerance: float = setting(
+        0.1, "s added to the TF stamp (as in amcl): how far into the future the transform is valid",
+        minimum=0.0)
+    use_odom: bool = setting(True, "fuse odometry as relative constraints and publish map -> odom; "
+                                   "false: publish map -> base_frame")
+    use_imu: bool = setting(False, "fuse the IMU (see imu_mode)")
+    path_max_length: int = setting(10000, "poses kept in /vizloc/path", minimum=1)
+    path_min_spacing: float = setting(0.0, "m between consecutive poses of /vizloc/path", minimum=0.0)
 
     def __post_init__(self):
-        if not np.isfinite(self.transform_tolerance) or self.transform_tolerance < 0:
-            raise ValueError(f"transform_tolerance must be >= 0, got {self.transform_tolerance}")
-        for name in ("map_frame", "odom_frame", "base_frame"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty string")
+        for f in fields(self):
+            meta, value = field_setting(f), getattr(self, f.name)
+            if meta.required and (not isinstance(value, str) or not value):
+                raise ValueError(f"{f.name} must be a non-empty string")
+            problem = meta.bounds.violated(value) if isinstance(value, (int, float)) else None
+            if problem or (isinstance(value, float) and not np.isfinite(value)):
+                raise ValueError(f"{f.name} {problem or 'must be finite'}, got {value}")
 
 
 class FusionCore(DropCounting):

@@ -8,7 +8,7 @@ model's registry name::
     @register_recipe("my_net")
     class MyNetRecipe(TrainingRecipe):
         def loss(self, model, config):
-            return MyLoss(**recipe_options("my_net", MY_OPTIONS, config["loss"]))
+            return MyLoss(**own_loss_options("my_net", MY_OPTIONS, config["loss"]))
 
 Pose regressors need no more than :class:`TrainingRecipe` itself: the pose losses of
 :mod:`vizloc_ros.training.losses`, built from the config's ``loss`` block.
