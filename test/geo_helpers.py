@@ -2,6 +2,8 @@
 rendered as a 7-Scenes folder (colour, depth, poses, scene.json) and as bags."""
 from pathlib import Path
 
+import torch
+
 from vizloc_ros.sim.synthetic import SequenceSpec, SynthConfig, generate
 
 #: the network input of the tiny tests: 80x60 frames resized to 64x48, no crop
@@ -24,3 +26,17 @@ def train_args(scene: Path, model: str, out: Path, *extra: str) -> list[str]:
             "--set", f"input.resize={TINY_INPUT['resize']}", "--set", "input.crop=[48,64]",
             "--set", "augment.random_crop=false", "--set", "augment.color_jitter=0",
             "--set", "threads=1", *extra]
+
+
+def adam_losses(model, loss_of, steps: int, lr: float = 3e-3) -> list[float]:
+    """``steps`` Adam steps on ``loss_of()`` (model in train mode); the loss before each."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = loss_of()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses

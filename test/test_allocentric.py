@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geo_helpers import TINY_INPUT, make_geo_scene, train_args
-from vizloc_ros import geometry
+from geo_helpers import TINY_INPUT, adam_losses, make_geo_scene, train_args
 from vizloc_ros.training import train
 from vizloc_ros.training.datasets import SevenScenes
 from vizloc_ros.localize.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
@@ -25,9 +24,8 @@ SPEC = InputSpec.from_meta(TINY_INPUT)
 RECIPE = recipe_for("allocentric")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu(fast_cpu):
-    """Every test here runs with conftest.fast_cpu."""
+#: every test here runs with conftest.fast_cpu (one thread, denormals flushed)
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 
 def _egocentric_from_map(memory, r0, c0, yaw, S):
@@ -165,15 +163,7 @@ def test_training_steps_lower_the_loss(scene, tmp_path):
     x = train.prepare_images(images.reshape(-1, *images.shape[-3:]), SPEC, "cpu", False, config,
                              torch.Generator())
     extras = {k: v for k, v in batch.items() if k != "image"}
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(10):
-        loss = loss_fn(model, x, extras)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = adam_losses(model, lambda: loss_fn(model, x, extras), steps=10)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.8 * losses[0]
 

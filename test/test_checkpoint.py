@@ -23,9 +23,8 @@ SCHEMA_KEYS = {"format", "architecture", "backbone", "model_config", "rotation_f
                "validation_errors"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu(fast_cpu):
-    """Every test here runs with conftest.fast_cpu."""
+#: every test here runs with conftest.fast_cpu (one thread, denormals flushed)
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 
 def trained_like(name, images, **kwargs):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from geo_helpers import TINY_INPUT, make_geo_scene, train_args
+from geo_helpers import TINY_INPUT, adam_losses, make_geo_scene, train_args
 from vizloc_ros import geometry
 from vizloc_ros.training import evaluate, export, train
 from vizloc_ros.training.datasets import SevenScenes, translation_stats
@@ -24,9 +24,8 @@ SPEC = InputSpec.from_meta(TINY_INPUT)
 RECIPE = recipe_for("dsac")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu(fast_cpu):
-    """Every test here runs with conftest.fast_cpu."""
+#: every test here runs with conftest.fast_cpu (one thread, denormals flushed)
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 
 @pytest.fixture(scope="module")
@@ -144,15 +143,7 @@ def test_training_steps_lower_the_coordinate_loss(scene, tmp_path):
     batch = train._collate([samples[i] for i in range(8)])
     x = train.prepare_images(batch["image"], SPEC, "cpu", False, config, torch.Generator())
     extras = {k: v for k, v in batch.items() if k != "image"}
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(12):
-        loss = loss_fn(model, x, extras)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = adam_losses(model, lambda: loss_fn(model, x, extras), steps=12)
     assert losses[-1] < 0.7 * losses[0]
     # the other stages run on the same batch and give finite losses with gradients
     for stage in ("reprojection", "e2e"):

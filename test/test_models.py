@@ -29,9 +29,8 @@ EXPECTED_MODELS = {"posenet": ("googlenet", "quat"), "posenet_resnet18": ("resne
                    "mapnet": ("resnet34", "logq")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu(fast_cpu):
-    """Every test here runs with conftest.fast_cpu."""
+#: every test here runs with conftest.fast_cpu (one thread, denormals flushed)
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED_MODELS))

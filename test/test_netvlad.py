@@ -23,9 +23,8 @@ SPEC = InputSpec.from_meta(TINY_INPUT)
 RECIPE = recipe_for("netvlad")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu(fast_cpu):
-    """Every test here runs with conftest.fast_cpu."""
+#: every test here runs with conftest.fast_cpu (one thread, denormals flushed)
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 
 @pytest.fixture(scope="module")

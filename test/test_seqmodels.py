@@ -46,9 +46,8 @@ TINY_ARGS = {"lstm_posenet": {"backbone": "resnet18", "feat_dim": 48, "grid_rows
 CROP = (32, 40)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu(fast_cpu):
-    """Every test here runs with conftest.fast_cpu."""
+#: every test here runs with conftest.fast_cpu (one thread, denormals flushed)
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 
 def tiny(name, **overrides):

@@ -49,6 +49,14 @@ TF_TYPE = "tf2_msgs/msg/TFMessage"
 #: the result bag's topics: what the nodes publish
 TOPICS = OutputTopics()
 
+#: regressor-side events: (message builder, topic, the FusionCore method the node's
+#: subscription calls with that message)
+_REGRESSOR_OUTPUTS = {
+    "absolute": (absolute_pose_messages, TOPICS.absolute_pose, "on_absolute"),
+    "prior": (absolute_pose_messages, TOPICS.coarse_pose, "on_coarse_pose"),
+    "visual_odometry": (visual_odometry_messages, TOPICS.visual_odometry, "on_odometry"),
+}
+
 
 class ReplayError(RuntimeError):
     """The replay cannot run: the message says why and what to do."""
@@ -284,22 +292,14 @@ class FusionSide:
         (the regressor's message, then the fusion's) goes to the result bag."""
         core, types = self.core, self._types
         step = None
-        if kind == "absolute":
-            written = absolute_pose_messages(types, payload, TOPICS.absolute_pose)
+        if kind in _REGRESSOR_OUTPUTS:  # the regressor node's message, written, then fused
+            build, topic, on_message = _REGRESSOR_OUTPUTS[kind]
+            written = build(types, payload, topic)
             self._write(payload.stamp_ns, written)
             if core is not None:
-                step = core.on_absolute(written[0][1])
-        elif kind == "prior":
-            written = absolute_pose_messages(types, payload, TOPICS.coarse_pose)
-            self._write(payload.stamp_ns, written)
-            step = core.on_coarse_pose(written[0][1])
+                step = getattr(core, on_message)(written[0][1])
         elif kind == "odom":
             step = core.on_odometry(payload)
-        elif kind == "visual_odometry":
-            written = visual_odometry_messages(types, payload, TOPICS.visual_odometry)
-            self._write(payload.stamp_ns, written)
-            if core is not None:
-                step = core.on_odometry(written[0][1])
         elif kind == "imu":
             core.on_imu(payload)
         if step is None or step.output is None:

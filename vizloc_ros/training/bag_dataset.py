@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry
-from vizloc_ros.ros_io import messages
-from vizloc_ros.ros_io.bag_io import list_topics, read_messages
+from vizloc_ros.ros_io.bag_io import read_messages
 from vizloc_ros.ros_io.camera_mount import CameraMountResolver, resolve_in_bag
 from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
                                           interpolate_poses)
 from vizloc_ros.ros_io.messages import IMAGE_TYPES
-from vizloc_ros.training.pose_dataset import CAMERA_MOUNT_HINT, DatasetError, PoseDataset
+from vizloc_ros.training.pose_dataset import (CAMERA_MOUNT_HINT, DatasetError, ImageSampler, PoseDataset,
+                                             bag_topics)
 
 LOG = logging.getLogger(__name__)
 
@@ -39,40 +39,24 @@ class BagDataset(PoseDataset):
                  every: int = 1):
         super().__init__()
         bag = Path(bag)
-        try:
-            topics = list_topics(bag)
-        except (FileNotFoundError, ValueError) as exc:
-            raise DatasetError(str(exc)) from None
-        listing = ", ".join(f"{k} [{v}]" for k, v in sorted(topics.items()))
-        if image_topic not in topics:
-            raise DatasetError(f"image topic {image_topic!r} is not in {bag}; it has: {listing}")
         gt_source = "/tf" if gt_topic.startswith("tf:") else gt_topic
-        if gt_source not in topics:
-            raise DatasetError(f"ground-truth topic {gt_source!r} is not in {bag}; it has: {listing}")
+        topics = bag_topics(bag, {image_topic: "image", gt_source: "ground-truth"})
         for topic, allowed in ((image_topic, IMAGE_TYPES),
                                (gt_source, TF_TYPES if gt_source == "/tf" else GT_TYPES)):
             if topics[topic] not in allowed:
                 raise DatasetError(f"{bag}: topic {topic} carries {topics[topic]}, expected one of "
                                    f"{', '.join(allowed)}")
-        if every < 1:
-            raise DatasetError("every must be >= 1")
+        sampler = ImageSampler(bag, image_topic, every)
         wanted = [image_topic, gt_source] + (["/tf_static"] if "/tf_static" in topics else [])
         reader = GroundTruthReader(gt_topic, base_frame)
         camera_mount = CameraMountResolver(override=camera_extrinsic, hint=CAMERA_MOUNT_HINT)
-        images: list[tuple[int, np.ndarray, str]] = []
-        bad_images = 0
-        count = 0
+        images: list[tuple[int, np.ndarray, str]] = []  # (stamp_ns, rgb, frame_id)
         try:
             for record in read_messages(bag, wanted):
                 if record.topic == image_topic:
-                    count += 1
-                    if (count - 1) % every:
-                        continue
-                    try:
-                        images.append((messages.header_stamp_ns(record.msg),
-                                       messages.image_to_rgb(record.msg), record.msg.header.frame_id))
-                    except ValueError:
-                        bad_images += 1
+                    image = sampler.decode(record.msg)
+                    if image is not None:
+                        images.append(image)
                 elif record.topic == "/tf_static":
                     camera_mount.feed(record.msg, static=True)
                 if record.topic == gt_source:
@@ -80,9 +64,7 @@ class BagDataset(PoseDataset):
             gt_stamps, gt_t, gt_q = reader.finish(camera_mount.static_edges())
         except (ValueError, GroundTruthError) as exc:
             raise DatasetError(f"{bag}: {exc}") from None
-        if bad_images:
-            LOG.warning("%s: %d image(s) on %s could not be decoded and were skipped", bag, bad_images,
-                        image_topic)
+        sampler.warn(LOG)
         if not images:
             raise DatasetError(f"{bag}: no decodable image on {image_topic}")
         mount = resolve_in_bag(camera_mount, bag, topics, base_frame, images[0][2])

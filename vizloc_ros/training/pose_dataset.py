@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vizloc_ros.ros_io import messages
+from vizloc_ros.ros_io.bag_io import list_topics
+
 #: what fixes a missing camera mount, in the bag loaders' options
 #: (:class:`~vizloc_ros.training.bag_dataset.BagDataset`, :mod:`~vizloc_ros.training.unlabeled`)
 CAMERA_MOUNT_HINT = "pass camera_extrinsic, or base_frame if the robot's base has another name"
@@ -85,3 +88,47 @@ class PoseDataset:
         """Open (part of) the images now so a broken file fails early."""
         for item in self.items[:limit]:
             load_image(item[0])
+
+
+class ImageSampler:
+    """Every ``every``-th image message of a bag, decoded to RGB; the ones that cannot be
+    decoded are counted (``bad``) and logged once by :meth:`warn`, never fatal: one
+    corrupt frame in an hour of recording should not stop a training run."""
+
+    def __init__(self, bag, topic: str, every: int):
+        if every < 1:
+            raise DatasetError("every must be >= 1")
+        self.bag, self.topic, self.every = bag, topic, every
+        self.seen = 0
+        self.bad = 0
+
+    def decode(self, msg):
+        """``(stamp_ns, rgb, frame_id)`` of a kept image, or None (skipped or bad)."""
+        self.seen += 1
+        if (self.seen - 1) % self.every:
+            return None
+        try:
+            return messages.header_stamp_ns(msg), messages.image_to_rgb(msg), msg.header.frame_id
+        except (ValueError, AttributeError):
+            self.bad += 1
+            return None
+
+    def warn(self, log) -> None:
+        if self.bad:
+            log.warning("%s: %d image(s) on %s could not be decoded and were skipped",
+                        self.bag, self.bad, self.topic)
+
+
+def bag_topics(bag: Path, required: dict[str, str]) -> dict[str, str]:
+    """``{topic: type}`` of a bag; ``DatasetError`` when it cannot be read, or when a
+    ``required`` topic (``{topic: what it is}``) is missing, naming the topics it has."""
+    try:
+        topics = list_topics(bag)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DatasetError(str(exc)) from None
+    listing = ", ".join(f"{k} [{v}]" for k, v in sorted(topics.items()))
+    for topic, what in required.items():
+        if topic not in topics:
+            raise DatasetError(f"{what} topic {topic!r} is not in {bag}; it has: {listing}")
+    return topics
+

@@ -22,10 +22,10 @@ import numpy as np
 
 from vizloc_ros import geometry
 from vizloc_ros.ros_io import messages
-from vizloc_ros.ros_io.bag_io import list_topics, read_messages
+from vizloc_ros.ros_io.bag_io import read_messages
 from vizloc_ros.ros_io.camera_mount import CameraMountResolver, resolve_in_bag
 from vizloc_ros.ros_io.ground_truth import interpolate_poses
-from vizloc_ros.training.pose_dataset import CAMERA_MOUNT_HINT, DatasetError
+from vizloc_ros.training.pose_dataset import CAMERA_MOUNT_HINT, DatasetError, ImageSampler, bag_topics
 
 LOG = logging.getLogger(__name__)
 
@@ -59,33 +59,20 @@ def read_bag_sequence(bag, image_topic: str = "/camera/image_raw", odom_topic: s
                       every: int = 1) -> OdometrySequence:
     """Images + odometry of one bag (rosbag2 or ROS 1) -> :class:`OdometrySequence`."""
     bag = Path(bag)
-    try:
-        topics = list_topics(bag)
-    except (FileNotFoundError, ValueError) as exc:
-        raise DatasetError(str(exc)) from None
-    listing = ", ".join(f"{k} [{v}]" for k, v in sorted(topics.items()))
-    for topic, what in ((image_topic, "image"), (odom_topic, "odometry")):
-        if topic not in topics:
-            raise DatasetError(f"{what} topic {topic!r} is not in {bag}; it has: {listing}")
-    if every < 1:
-        raise DatasetError("every must be >= 1")
+    topics = bag_topics(bag, {image_topic: "image", odom_topic: "odometry"})
+    sampler = ImageSampler(bag, image_topic, every)
     wanted = [image_topic, odom_topic] + (["/tf_static"] if "/tf_static" in topics else [])
     images, image_stamps, frame_id = [], [], None
     odom_stamps, odom_t, odom_q = [], [], []
     camera_mount = CameraMountResolver(override=camera_extrinsic, hint=CAMERA_MOUNT_HINT)
-    count = bad = 0
     try:
         for record in read_messages(bag, wanted):
             if record.topic == image_topic:
-                count += 1
-                if (count - 1) % every:
-                    continue
-                try:
-                    images.append(messages.image_to_rgb(record.msg))
+                image = sampler.decode(record.msg)
+                if image is not None:
+                    images.append(image[1])
                     image_stamps.append(messages.header_stamp_sec(record.msg))
-                    frame_id = frame_id or record.msg.header.frame_id
-                except (ValueError, AttributeError):
-                    bad += 1
+                    frame_id = frame_id or image[2]
             elif record.topic == odom_topic:
                 try:
                     t, q = messages.pose_from_msg(record.msg)
@@ -98,8 +85,7 @@ def read_bag_sequence(bag, image_topic: str = "/camera/image_raw", odom_topic: s
                 camera_mount.feed(record.msg, static=True)
     except ValueError as exc:
         raise DatasetError(f"{bag}: {exc}") from None
-    if bad:
-        LOG.warning("%s: %d image(s) on %s could not be decoded and were skipped", bag, bad, image_topic)
+    sampler.warn(LOG)
     if not images or len(odom_stamps) < 2:
         raise DatasetError(f"{bag}: needs images on {image_topic} and odometry on {odom_topic} "
                            f"(found {len(images)} images, {len(odom_stamps)} odometry messages)")

@@ -402,14 +402,8 @@ class AllocentricLocalizer(PoseRegressor):
                            "origin": torch.as_tensor(self.map_origin)}}
 
     def load_side_tensors(self, tensors: dict) -> None:
-        unknown = set(tensors) - {"memory"}
-        if unknown:
-            raise ValueError(f"allocentric has no side file {sorted(unknown)}")
-        if "memory" in tensors:
-            m = tensors["memory"]
-            missing = {"sum", "count", "origin"} - set(m)
-            if missing:
-                raise ValueError(f"memory lacks {sorted(missing)}")
+        m = self.side_group(tensors, "memory", ("sum", "count", "origin"))
+        if m is not None:
             self.set_memory(m["sum"].float(), m["count"].float(), m["origin"].double().numpy())
 
     def integrate(self, view_sums: torch.Tensor, view_counts: torch.Tensor, x: float, y: float, yaw: float) -> None:

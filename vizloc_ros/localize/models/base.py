@@ -235,3 +235,17 @@ class PoseRegressor(nn.Module):
     def load_side_tensors(self, tensors: dict) -> None:
         if tensors:
             raise ValueError(f"{type(self).__name__} takes no side files, got {sorted(tensors)}")
+
+    def side_group(self, tensors: dict, group: str, keys) -> dict | None:
+        """The side file ``group`` of ``tensors`` (None when absent), checked: no other
+        side file, and all of ``keys`` present. For :meth:`load_side_tensors` of a model
+        with one side file (a retrieval database, a scene memory)."""
+        unknown = set(tensors) - {group}
+        if unknown:
+            raise ValueError(f"{self.architecture} has no side file {sorted(unknown)}")
+        if group not in tensors:
+            return None
+        missing = set(keys) - set(tensors[group])
+        if missing:
+            raise ValueError(f"{group} lacks {sorted(missing)}")
+        return tensors[group]

@@ -165,14 +165,8 @@ class NetVLADRetrieval(PoseRegressor):
                              "t": torch.as_tensor(self.db_t), "q": torch.as_tensor(self.db_q)}}
 
     def load_side_tensors(self, tensors: dict) -> None:
-        unknown = set(tensors) - {"database"}
-        if unknown:
-            raise ValueError(f"netvlad has no side file {sorted(unknown)}")
-        if "database" in tensors:
-            db = tensors["database"]
-            missing = {"descriptors", "t", "q"} - set(db)
-            if missing:
-                raise ValueError(f"database lacks {sorted(missing)}")
+        db = self.side_group(tensors, "database", ("descriptors", "t", "q"))
+        if db is not None:
             self.set_database(db["descriptors"].float(), db["t"].double().numpy(), db["q"].double().numpy())
 
     # ------------------------------------------------------------------ inference
