@@ -230,12 +230,15 @@ def test_fusion_harness_noise_is_the_shared_model():
     assert imu.white_sigma(config.imu_rate) == pytest.approx(
         (config.gyro_noise_density * math.sqrt(config.imu_rate), config.accel_noise_density * math.sqrt(config.imu_rate)))
     assert (imu.gyro_initial_bias, imu.accel_initial_bias) == (config.gyro_bias_sigma, config.accel_bias_sigma)
+    def step_sigma(distance):
+        return np.sqrt(np.diag(config.odometry_noise.step_covariance(distance, 1.0 / config.odom_rate))[:6])
+
     # a standing robot: only the per-second rotation floor and the per-step floor
-    standing = config.odometry_step_sigma(0.0)
+    standing = step_sigma(0.0)
     np.testing.assert_allclose(standing[:3], config.odom_sigma_floor)
     np.testing.assert_allclose(standing[3:], math.sqrt(config.odom_sigma_rot_per_sqrt_s ** 2 / config.odom_rate
                                                        + config.odom_sigma_floor ** 2))
-    one_metre = config.odometry_step_sigma(1.0)
+    one_metre = step_sigma(1.0)
     np.testing.assert_allclose(one_metre[:3], math.hypot(config.odom_sigma_trans_per_sqrt_m, config.odom_sigma_floor))
     assert np.all(one_metre[3:] == one_metre[3])  # rotation noise is isotropic here, heading included
     assert config.gravity == tuple(GRAVITY)
