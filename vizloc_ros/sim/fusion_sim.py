@@ -18,12 +18,12 @@ synthetic) trajectory, this module builds a self-consistent world:
   publish it;
 * IMU: body rates and specific force from the truth's derivatives with white noise and
   random-walk biases;
+* kidnap: optionally the truth jumps 5 m at a given time; odometry and IMU do not notice.
 
-both drawn by the generators of ``vizloc-synth``
+Odometry and IMU are drawn by the generators of ``vizloc-synth``
 (:func:`~vizloc_ros.sim.sensors.simulate_visual_odometry`,
 :func:`~vizloc_ros.sim.sensors.simulate_imu`) from the truth, with this harness's noise
-(:attr:`SimConfig.odometry_noise`, :attr:`SimConfig.imu_noise`);
-* kidnap: optionally the truth jumps 5 m at a given time; odometry and IMU do not notice.
+(:attr:`SimConfig.odometry_noise`, :attr:`SimConfig.imu_noise`) and its random generator.
 
 Events come out sorted by *arrival* time, the order a node or bag replay would see them.
 """

@@ -53,8 +53,6 @@ class Motion(Protocol):
     piecewise constant-acceleration truth is another (its IMU then describes the truth
     exactly between samples, as preintegration assumes)."""
 
-    t_end: float
-
     def sample_times(self, rate_hz: float, t_start: float | None = None,
                      t_end: float | None = None) -> np.ndarray: ...
 
