@@ -246,12 +246,14 @@ def test_fusion_harness_sensors_describe_its_truth_and_miss_the_kidnap():
                      gyro_bias_sigma=0.0, accel_bias_sigma=0.0, odom_sigma_trans_per_sqrt_m=0.0,
                      odom_sigma_rot_per_sqrt_m=0.0, odom_sigma_rot_per_sqrt_s=0.0, odom_sigma_floor=0.0,
                      odom_scale_error=0.0, duration=12.0, odom_outage=(4.0, 5.0))
-    seq = simulate(*synthetic_trajectory(15.0), SimConfig(**noiseless))
-    kidnapped = simulate(*synthetic_trajectory(15.0), SimConfig(kidnap_time=6.0, **noiseless))
+    stamps, t, q = synthetic_trajectory(15.0)
+    stamps = stamps + 1.52e9  # stamped like a real recording: ~1e-7 s of float rounding
+    seq = simulate(stamps, t, q, SimConfig(**noiseless))
+    kidnapped = simulate(stamps, t, q, SimConfig(kidnap_time=6.0, **noiseless))
     truth = seq.truth
     imu = [e[3] for e in seq.events if e[2] == "imu"]
     k = np.arange(len(imu))
-    np.testing.assert_allclose([s for s, _, _ in imu], truth.t0 + k * truth.dt, atol=1e-9)
+    np.testing.assert_allclose([s for s, _, _ in imu], truth.t0 + k * truth.dt, rtol=0, atol=1e-6)
     np.testing.assert_allclose([g for _, g, _ in imu], truth.w[k], atol=1e-12)
     np.testing.assert_allclose([a for _, _, a in imu], specific_force(truth.R[k], truth.a[k]), atol=1e-9)
     assert imu[-1][0] <= truth.t0 + 12.0

@@ -126,10 +126,12 @@ class Truth:
 
     def _segment(self, t):
         """(times (n,), grid index k (n,), time since grid point k (n, 1)). A time within a
-        millionth of a period below a grid point belongs to that point, so a sensor clock
-        that reaches it by ``t0 + k / rate`` gets its rate and acceleration."""
+        thousandth of a period below a grid point belongs to that point, so a sensor clock
+        that reaches it by ``t0 + k / rate`` gets its rate and acceleration: recordings are
+        stamped in seconds since 1970, where a float64 time carries ~1e-7 s of rounding
+        (1e-4 of a 200 Hz period)."""
         t = np.atleast_1d(np.asarray(t, dtype=float))
-        k = np.clip(np.floor((t - self.t0) / self.dt + 1e-6).astype(int), 0, len(self.p) - 2)
+        k = np.clip(np.floor((t - self.t0) / self.dt + 1e-3).astype(int), 0, len(self.p) - 2)
         tau = np.clip(t - (self.t0 + k * self.dt), 0.0, None)[:, None]
         return t, k, tau
 
