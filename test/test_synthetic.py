@@ -17,9 +17,10 @@ from vizloc_ros.geometry import (pose_compose, pose_inverse, quat_rotate, quat_t
 from vizloc_ros.ros_io.bag_io import BagWriter, list_topics, read_messages, topic_message_counts
 from vizloc_ros.ros_io.tum import read_tum, write_tum
 from vizloc_ros.sim import synthetic as synth
-from vizloc_ros.sim.fusion_sim import SimConfig
+from vizloc_ros.sim.fusion_sim import SimConfig, simulate, synthetic_trajectory
 from vizloc_ros.sim.scene import get_scene
-from vizloc_ros.sim.sensors import GRAVITY, ImuNoise, VoNoise, simulate_imu, simulate_visual_odometry
+from vizloc_ros.sim.sensors import (GRAVITY, ImuNoise, VoNoise, simulate_imu, simulate_visual_odometry,
+                                    specific_force)
 from vizloc_ros.sim.sevenscenes_writer import read_pose
 from vizloc_ros.sim.trajectories import (BOX_MARGIN, CAMERA_IN_BASE_T, WALL_MARGIN, camera_poses,
                                          gaussian_smooth, moving_average, random_walk, sorted_distinct,
@@ -201,7 +202,71 @@ def test_odometry_drift_grows_and_its_covariance_is_honest(walk):
     assert np.all(np.linalg.eigvalsh(covs) > 0)
 
 
+def test_odometry_options_of_the_fusion_harness(walk):
+    # a fixed scale error stretches every step and adds no variance
+    stretched = simulate_visual_odometry(walk, 30.0, VoNoise(), seed=1, scale_bias=0.05, covariance="summed")
+    exact = simulate_visual_odometry(walk, 30.0, VoNoise.none(), scale_bias=0.05)
+    np.testing.assert_allclose(exact.t, 1.05 * exact.true_t, atol=1e-9)
+    np.testing.assert_array_equal(stretched.pose_cov,
+                                  simulate_visual_odometry(walk, 30.0, VoNoise(), seed=1, covariance="summed").pose_cov)
+    # summed covariance: the initial variance plus every step's, in odom axes, nothing correlated
+    noise = VoNoise()
+    summed = simulate_visual_odometry(walk, 30.0, noise, seed=4, covariance="summed")
+    steps = np.linalg.norm(np.diff(summed.true_t, axis=0), axis=1)
+    expected = noise.initial_std ** 2 + np.cumsum([np.diag(noise.step_covariance(d, 1 / 30.0))[:6] for d in steps], 0)
+    np.testing.assert_allclose(np.diagonal(summed.pose_cov, axis1=1, axis2=2)[1:], expected, rtol=1e-9)
+    np.testing.assert_array_equal(summed.pose_cov, np.einsum("nii->ni", summed.pose_cov)[:, :, None] * np.eye(6))
+    # the same draws whichever convention reports them; a Generator is used as given
+    propagated = simulate_visual_odometry(walk, 30.0, noise, seed=np.random.default_rng(4))
+    np.testing.assert_array_equal(propagated.t, summed.t)
+    # an outage drops the messages, not the motion: the samples after it are unchanged
+    gap = simulate_visual_odometry(walk, 30.0, noise, seed=4, covariance="summed", outage=(5.0, 7.0))
+    kept = (summed.times < 5.0) | (summed.times >= 7.0)
+    np.testing.assert_array_equal(gap.times, summed.times[kept])
+    np.testing.assert_array_equal(gap.t, summed.t[kept])
+    np.testing.assert_array_equal(gap.pose_cov, summed.pose_cov[kept])
+    np.testing.assert_array_equal(gap.map_T_odom[0], summed.map_T_odom[0])  # odom still starts at the first sample
+    with pytest.raises(ValueError, match="covariance"):
+        simulate_visual_odometry(walk, 30.0, noise, covariance="diagonal")
+
+
+def test_imu_shares_a_generator_and_stops_at_an_end(walk):
+    by_seed = simulate_imu(walk, 200.0, ImuNoise(), seed=7)
+    by_generator = simulate_imu(walk, 200.0, ImuNoise(), seed=np.random.default_rng(7), t_end=5.0)
+    assert by_generator.times[-1] == pytest.approx(5.0) and len(by_generator.times) == 1001
+    np.testing.assert_array_equal(by_generator.gyro_bias[0], by_seed.gyro_bias[0])  # the same first draws
+
+
 # --------------------------------------------------------------------------- shared with the fusion harness
+
+def test_fusion_harness_sensors_describe_its_truth_and_miss_the_kidnap():
+    """With the noise off, the harness's IMU is the truth's rate and specific force on its
+    grid, and its odometry the truth relative to the first odometry stamp, kidnap or not."""
+    noiseless = dict(gyro_noise_density=0.0, accel_noise_density=0.0, gyro_bias_walk=0.0, accel_bias_walk=0.0,
+                     gyro_bias_sigma=0.0, accel_bias_sigma=0.0, odom_sigma_trans_per_sqrt_m=0.0,
+                     odom_sigma_rot_per_sqrt_m=0.0, odom_sigma_rot_per_sqrt_s=0.0, odom_sigma_floor=0.0,
+                     odom_scale_error=0.0, duration=12.0, odom_outage=(4.0, 5.0))
+    stamps, t, q = synthetic_trajectory(15.0)
+    stamps = stamps + 1.52e9  # stamped like a real recording: ~1e-7 s of float rounding
+    seq = simulate(stamps, t, q, SimConfig(**noiseless))
+    kidnapped = simulate(stamps, t, q, SimConfig(kidnap_time=6.0, **noiseless))
+    truth = seq.truth
+    imu = [e[3] for e in seq.events if e[2] == "imu"]
+    k = np.arange(len(imu))
+    np.testing.assert_allclose([s for s, _, _ in imu], truth.t0 + k * truth.dt, rtol=0, atol=1e-6)
+    np.testing.assert_allclose([g for _, g, _ in imu], truth.w[k], atol=1e-12)
+    np.testing.assert_allclose([a for _, _, a in imu], specific_force(truth.R[k], truth.a[k]), atol=1e-9)
+    assert imu[-1][0] <= truth.t0 + 12.0
+    odom = [e[3] for e in seq.events if e[2] == "odom"]
+    stamps = np.array([o[0] for o in odom])
+    assert not np.any((stamps >= truth.t0 + 4.0) & (stamps < truth.t0 + 5.0))  # the outage
+    t_map, q_map = truth.pose(stamps, kidnapped=False)
+    t_rel, q_rel = pose_compose(*pose_inverse(*seq.map_T_odom_true), t_map, q_map)
+    np.testing.assert_allclose([o[1] for o in odom], t_rel, atol=1e-9)
+    assert rotation_angle(np.array([o[2] for o in odom]), q_rel).max() < 1e-6
+    assert kidnapped.truth.kidnap_time == truth.t0 + 6.0
+    np.testing.assert_allclose([e[3][1] for e in kidnapped.events if e[2] == "odom"], t_rel, atol=1e-9)
+
 
 def test_recordings_are_sorted_and_stamps_too_close_dropped():
     stamps = [3.0, 1.0, 2.0, 1.0, 2.0 + 1e-8]
@@ -230,12 +295,15 @@ def test_fusion_harness_noise_is_the_shared_model():
     assert imu.white_sigma(config.imu_rate) == pytest.approx(
         (config.gyro_noise_density * math.sqrt(config.imu_rate), config.accel_noise_density * math.sqrt(config.imu_rate)))
     assert (imu.gyro_initial_bias, imu.accel_initial_bias) == (config.gyro_bias_sigma, config.accel_bias_sigma)
+    def step_sigma(distance):
+        return np.sqrt(np.diag(config.odometry_noise.step_covariance(distance, 1.0 / config.odom_rate))[:6])
+
     # a standing robot: only the per-second rotation floor and the per-step floor
-    standing = config.odometry_step_sigma(0.0)
+    standing = step_sigma(0.0)
     np.testing.assert_allclose(standing[:3], config.odom_sigma_floor)
     np.testing.assert_allclose(standing[3:], math.sqrt(config.odom_sigma_rot_per_sqrt_s ** 2 / config.odom_rate
                                                        + config.odom_sigma_floor ** 2))
-    one_metre = config.odometry_step_sigma(1.0)
+    one_metre = step_sigma(1.0)
     np.testing.assert_allclose(one_metre[:3], math.hypot(config.odom_sigma_trans_per_sqrt_m, config.odom_sigma_floor))
     assert np.all(one_metre[3:] == one_metre[3])  # rotation noise is isotropic here, heading included
     assert config.gravity == tuple(GRAVITY)

@@ -13,12 +13,17 @@ synthetic) trajectory, this module builds a self-consistent world:
   0.3 m / 5 deg in map axes, a share of outliers displaced 2-5 m, and a random latency
   so they arrive after the odometry of their stamp (and sometimes out of order);
 * odometry: ``odom -> base_link`` accumulated from noisy increments (random walk in the
-  distance travelled, a heading drift and an unmodelled 1 % scale error), with the
-  accumulated covariance in the message, as wheel / visual odometry drivers publish it;
-  each increment's noise is the shared odometry model (:class:`~vizloc_ros.sim.sensors.VoNoise`);
+  distance travelled, a heading drift and an unmodelled 1 % scale error), with the step
+  variances summed into the message's covariance, as simple wheel odometry drivers
+  publish it;
 * IMU: body rates and specific force from the truth's derivatives with white noise and
-  random-walk biases of the shared IMU model (:class:`~vizloc_ros.sim.sensors.ImuNoise`);
+  random-walk biases;
 * kidnap: optionally the truth jumps 5 m at a given time; odometry and IMU do not notice.
+
+Odometry and IMU are drawn by the generators of ``vizloc-synth``
+(:func:`~vizloc_ros.sim.sensors.simulate_visual_odometry`,
+:func:`~vizloc_ros.sim.sensors.simulate_imu`) from the truth, with this harness's noise
+(:attr:`SimConfig.odometry_noise`, :attr:`SimConfig.imu_noise`) and its random generator.
 
 Events come out sorted by *arrival* time, the order a node or bag replay would see them.
 """
@@ -26,14 +31,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from vizloc_ros.geometry import (matrix_to_quat, pose_compose, pose_relative, quat_exp,
-                                 quat_multiply, quat_to_matrix, so3_exp, so3_log)
-from vizloc_ros.sim.sensors import GRAVITY, ImuNoise, VoNoise, specific_force
-from vizloc_ros.sim.trajectories import CAMERA_IN_BASE_Q, gaussian_smooth, resample, sorted_distinct
+from vizloc_ros.geometry import (matrix_to_quat, pose_compose, quat_exp, quat_multiply, quat_to_matrix,
+                                 so3_exp, so3_log)
+from vizloc_ros.sim.sensors import GRAVITY, ImuNoise, VoNoise, simulate_imu, simulate_visual_odometry
+from vizloc_ros.sim.trajectories import (CAMERA_IN_BASE_Q, gaussian_smooth, resample, sorted_distinct,
+                                         uniform_times)
 
 #: the harness's camera mount: the optical frame of the synthetic world looking along base x,
 #: 0.15 m ahead of and 0.25 m above the base origin
@@ -56,7 +62,7 @@ class SimConfig:
     odom_sigma_trans_per_sqrt_m: float = 0.02
     odom_sigma_rot_per_sqrt_m: float = 0.01
     odom_sigma_rot_per_sqrt_s: float = 0.002
-    odom_sigma_floor: float = 1e-4           # per step, so a standing robot is not exact
+    odom_sigma_floor: float = 1e-4           # m and rad per step, so a standing robot is not exact
     odom_scale_error: float = 0.01           # systematic, deliberately not in the covariance
     gyro_noise_density: float = 1.7e-4
     accel_noise_density: float = 2.0e-3
@@ -86,22 +92,18 @@ class SimConfig:
     @property
     def odometry_noise(self) -> VoNoise:
         """The odometry fields above as the shared odometry noise model: isotropic rotation
-        noise (heading as roll and pitch) and no modelled scale walk (the scale error here
-        is the constant, unmodelled ``odom_scale_error``). ``odom_sigma_floor`` comes on
-        top, per step (:meth:`odometry_step_sigma`)."""
+        noise (heading as roll and pitch), no modelled scale walk (the scale error here is
+        the constant, unmodelled ``odom_scale_error``), and the per-step floor
+        ``odom_sigma_floor`` as the per-second floor that gives it at ``odom_rate``."""
+        floor_variance_per_second = self.odom_sigma_floor ** 2 * self.odom_rate
         return VoNoise(translation=self.odom_sigma_trans_per_sqrt_m,
                        rotation=self.odom_sigma_rot_per_sqrt_m,
                        heading=self.odom_sigma_rot_per_sqrt_m,
                        scale=0.0,
-                       translation_per_second=0.0,
-                       rotation_per_second=self.odom_sigma_rot_per_sqrt_s,
+                       translation_per_second=math.sqrt(floor_variance_per_second),
+                       rotation_per_second=math.sqrt(self.odom_sigma_rot_per_sqrt_s ** 2
+                                                     + floor_variance_per_second),
                        initial_std=0.0)
-
-    def odometry_step_sigma(self, distance: float) -> np.ndarray:
-        """Standard deviations (6,) of one odometry step's noise (translation, rotation) over
-        ``distance`` metres: the shared model plus the per-step floor."""
-        variance = np.diag(self.odometry_noise.step_covariance(distance, 1.0 / self.odom_rate))[:6]
-        return np.sqrt(variance + self.odom_sigma_floor ** 2)
 
 
 @dataclass
@@ -122,16 +124,49 @@ class Truth:
     def t_end(self) -> float:
         return self.t0 + (len(self.p) - 1) * self.dt
 
+    def _segment(self, t):
+        """(times (n,), grid index k (n,), time since grid point k (n, 1)). A time within a
+        thousandth of a period below a grid point belongs to that point, so a sensor clock
+        that reaches it by ``t0 + k / rate`` gets its rate and acceleration: recordings are
+        stamped in seconds since 1970, where a float64 time carries ~1e-7 s of rounding
+        (1e-4 of a 200 Hz period)."""
+        t = np.atleast_1d(np.asarray(t, dtype=float))
+        k = np.clip(np.floor((t - self.t0) / self.dt + 1e-3).astype(int), 0, len(self.p) - 2)
+        tau = np.clip(t - (self.t0 + k * self.dt), 0.0, None)[:, None]
+        return t, k, tau
+
     def pose(self, t, kidnapped: bool = True):
         """Truth base pose at times ``t`` (array) -> (positions (n,3), quaternions (n,4))."""
-        t = np.atleast_1d(np.asarray(t, dtype=float))
-        k = np.clip(np.floor((t - self.t0) / self.dt).astype(int), 0, len(self.p) - 2)
-        tau = np.clip(t - (self.t0 + k * self.dt), 0.0, None)[:, None]
+        t, k, tau = self._segment(t)
         p = self.p[k] + self.v[k] * tau + 0.5 * self.a[k] * tau * tau
-        R = self.R[k] @ so3_exp(self.w[k] * tau)
         if kidnapped and self.kidnap_time is not None:
             p = p + np.where(t[:, None] >= self.kidnap_time, self.kidnap_offset, 0.0)
-        return p, matrix_to_quat(R)
+        return p, matrix_to_quat(self.rotation(t))
+
+    # The rest of :class:`~vizloc_ros.sim.sensors.Motion`, so the sensor generators sample it.
+
+    def rotation(self, t) -> np.ndarray:
+        """Body-to-map rotations (n, 3, 3) at times ``t``."""
+        _, k, tau = self._segment(t)
+        return self.R[k] @ so3_exp(self.w[k] * tau)
+
+    def acceleration(self, t) -> np.ndarray:
+        """World acceleration (n, 3), constant over each grid period."""
+        return self.a[self._segment(t)[1]]
+
+    def angular_velocity_body(self, t) -> np.ndarray:
+        """Body rate (n, 3), constant over each grid period."""
+        return self.w[self._segment(t)[1]]
+
+    def sample_times(self, rate_hz: float, t_start: float | None = None, t_end: float | None = None):
+        """Sensor times at ``rate_hz`` from ``t_start`` (default the start) to ``t_end``
+        (default the last grid period's start: the truth has no motion beyond it)."""
+        last = self.t0 + (len(self.p) - 2) * self.dt
+        return uniform_times(self.t0 if t_start is None else t_start, last if t_end is None else t_end, rate_hz)
+
+    def without_kidnap(self) -> "Truth":
+        """The same motion with no kidnap: what odometry and IMU feel (shares the arrays)."""
+        return replace(self, kidnap_time=None)
 
 
 @dataclass
@@ -203,49 +238,21 @@ def simulate(stamps, t, q, config: SimConfig | None = None) -> SimSequence:
         ang = rng.uniform(0, 2 * math.pi)
         truth.kidnap_time = t_start + cfg.kidnap_time
         truth.kidnap_offset = cfg.kidnap_distance * np.array([math.cos(ang), math.sin(ang), 0.0])
-    g = np.asarray(cfg.gravity, dtype=float)
     events = []
 
-    # IMU on the truth grid: zero-order hold of rate and specific force. The noise is the
-    # shared model; the draws keep this harness's order, so a seed gives the same sequence.
-    n_imu = int(round((t_end - t_start) * cfg.imu_rate)) + 1
-    n_imu = min(n_imu, len(truth.p) - 1)
-    dt = truth.dt
-    imu_noise = cfg.imu_noise
-    bg = rng.normal(0, imu_noise.gyro_initial_bias, 3)
-    ba = rng.normal(0, imu_noise.accel_initial_bias, 3)
-    sg, sa = imu_noise.white_sigma(cfg.imu_rate)
-    step_g, step_a = imu_noise.bias_step_sigma(cfg.imu_rate)
-    walk_g = rng.normal(0, step_g, (n_imu, 3)).cumsum(0)
-    walk_a = rng.normal(0, step_a, (n_imu, 3)).cumsum(0)
-    f = specific_force(truth.R[:n_imu], truth.a[:n_imu], g)
-    gyro = truth.w[:n_imu] + bg + walk_g + rng.normal(0, sg, (n_imu, 3))
-    acc = f + ba + walk_a + rng.normal(0, sa, (n_imu, 3))
-    for k in range(n_imu):
-        s = truth.t0 + k * dt
-        events.append((s, 0, "imu", (s, gyro[k], acc[k])))
-    imu_bias_true = (bg, ba)
-
-    # Odometry: noisy increments of the (un-kidnapped) truth, the covariance summed per
-    # step (as simple drivers report it; vizloc-synth's visual odometry propagates it).
-    o_stamps = np.arange(t_start, t_end, 1.0 / cfg.odom_rate)
-    op, oq = truth.pose(o_stamps, kidnapped=False)
-    cur_t, cur_q = np.zeros(3), np.array([1.0, 0.0, 0.0, 0.0])
-    cov = np.zeros((6, 6))
-    outage = cfg.odom_outage
-    for j, s in enumerate(o_stamps):
-        if j > 0:
-            dtr, dq = pose_relative(op[j - 1], oq[j - 1], op[j], oq[j])
-            dist = float(np.linalg.norm(dtr))
-            step_sigma = cfg.odometry_step_sigma(dist)
-            noisy_t = dtr * (1.0 + cfg.odom_scale_error) + rng.normal(0, step_sigma[:3])
-            noisy_q = quat_multiply(dq, quat_exp(0.5 * rng.normal(0, step_sigma[3:])))
-            cur_t, cur_q = pose_compose(cur_t, cur_q, noisy_t, noisy_q)
-            cov = cov + np.diag(step_sigma * step_sigma)
-        if outage is not None and outage[0] <= s - t_start < outage[1]:
-            continue
-        events.append((s + 1e-4, 1, "odom", (s, cur_t.copy(), cur_q.copy(), cov.copy())))
-    map_T_odom_true = (op[0], oq[0])
+    # IMU and odometry: the generators of vizloc-synth, sampling the un-kidnapped truth
+    # from this sequence's random generator. The IMU sits on the truth grid (zero-order
+    # hold of rate and specific force, as preintegration assumes).
+    motion = truth.without_kidnap()
+    imu = simulate_imu(motion, cfg.imu_rate, cfg.imu_noise, rng, t_end=t_end,
+                       gravity=np.asarray(cfg.gravity, dtype=float))
+    for s, gyro, accel in zip(imu.times, imu.gyro, imu.accel):
+        events.append((s, 0, "imu", (s, gyro, accel)))
+    outage = None if cfg.odom_outage is None else (t_start + cfg.odom_outage[0], t_start + cfg.odom_outage[1])
+    odom = simulate_visual_odometry(motion, cfg.odom_rate, cfg.odometry_noise, rng, t_end=t_end,
+                                    scale_bias=cfg.odom_scale_error, covariance="summed", outage=outage)
+    for s, odom_t, odom_q, cov in zip(odom.times, odom.t, odom.q, odom.pose_cov):
+        events.append((s + 1e-4, 1, "odom", (s, odom_t, odom_q, cov)))
 
     # Absolute camera poses.
     a_stamps = np.arange(t_start + cfg.camera_offset, t_end, 1.0 / cfg.camera_rate)
@@ -264,7 +271,8 @@ def simulate(stamps, t, q, config: SimConfig | None = None) -> SimSequence:
         events.append((arrival, 2, "abs", (s, mt, mq, cov_abs.copy(), j)))
     events.sort(key=lambda e: (e[0], e[1]))
     return SimSequence(events=events, truth=truth, abs_stamps=a_stamps, abs_outlier=outlier,
-                       config=cfg, map_T_odom_true=map_T_odom_true, imu_bias_true=imu_bias_true)
+                       config=cfg, map_T_odom_true=odom.map_T_odom,
+                       imu_bias_true=(imu.gyro_bias[0], imu.accel_bias[0]))
 
 
 # --------------------------------------------------------------------------- evaluation

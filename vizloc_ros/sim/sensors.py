@@ -1,10 +1,12 @@
 """The sensor noise models of the synthetic world: IMU and odometry.
 
-One copy of each model, used twice: :func:`simulate_imu` and
-:func:`simulate_visual_odometry` sample them along a spline
-:class:`~vizloc_ros.sim.trajectories.Trajectory` for ``vizloc-synth``, and the fusion test
-harness (:mod:`vizloc_ros.sim.fusion_sim`) samples the same :class:`ImuNoise`,
-:class:`VoNoise` and :func:`specific_force` along its resampled recordings.
+One copy of each model and one generator per sensor, used twice: :func:`simulate_imu`
+and :func:`simulate_visual_odometry` sample a :class:`Motion` -- the spline
+:class:`~vizloc_ros.sim.trajectories.Trajectory` for ``vizloc-synth``, the resampled
+recording (:class:`~vizloc_ros.sim.fusion_sim.Truth`) for the fusion test harness
+(:mod:`vizloc_ros.sim.fusion_sim`), which adds the options it needs (a shared random
+generator, a shorter end, an odometry outage, a fixed scale error, covariance summed per
+step).
 
 Why these models: fusion needs odometry that drifts the way real visual odometry
 drifts (scale and heading wander, error growing with distance) *and* says honestly how
@@ -28,12 +30,12 @@ bias that is a random walk and discrete white noise with
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Protocol
 
 import numpy as np
 
 from vizloc_ros.geometry import hat, matrix_to_quat, pose_relative, quat_to_matrix, so3_exp, so3_log
-from vizloc_ros.sim.trajectories import Trajectory
 
 #: gravity in ``map`` (z up), m/s^2
 GRAVITY = np.array([0.0, 0.0, -9.81])
@@ -45,11 +47,30 @@ def specific_force(rotations: np.ndarray, acceleration: np.ndarray, gravity=GRAV
     return np.einsum("nji,nj->ni", rotations, acceleration - gravity)
 
 
-def _sample_times(trajectory: Trajectory, rate_hz: float, sensor: str) -> np.ndarray:
-    """The sensor's sample times over the whole trajectory (a clear error for a bad rate)."""
+class Motion(Protocol):
+    """What the generators sample: the true motion of ``base_link`` in ``map``. A spline
+    :class:`~vizloc_ros.sim.trajectories.Trajectory` is one; the fusion harness's
+    piecewise constant-acceleration truth is another (its IMU then describes the truth
+    exactly between samples, as preintegration assumes)."""
+
+    def sample_times(self, rate_hz: float, t_start: float | None = None,
+                     t_end: float | None = None) -> np.ndarray: ...
+
+    def pose(self, times) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def rotation(self, times) -> np.ndarray: ...
+
+    def acceleration(self, times) -> np.ndarray: ...
+
+    def angular_velocity_body(self, times) -> np.ndarray: ...
+
+
+def _sample_times(trajectory: Motion, rate_hz: float, sensor: str, t_end: float | None) -> np.ndarray:
+    """The sensor's sample times from the start of the motion to ``t_end`` (None: its end),
+    with a clear error for a bad rate."""
     if rate_hz <= 0:
         raise ValueError(f"{sensor} rate must be positive, got {rate_hz}")
-    return trajectory.sample_times(rate_hz)
+    return trajectory.sample_times(rate_hz, t_end=t_end)
 
 
 # --------------------------------------------------------------------------- IMU
@@ -91,13 +112,15 @@ class ImuSamples:
     accel_cov: np.ndarray
 
 
-def simulate_imu(trajectory: Trajectory, rate_hz: float = 200.0, noise: ImuNoise = ImuNoise(),
-                 seed: int = 0) -> ImuSamples:
-    """IMU samples at ``rate_hz`` over the whole trajectory."""
-    times = _sample_times(trajectory, rate_hz, "IMU")
-    rng = np.random.default_rng(seed)
+def simulate_imu(trajectory: Motion, rate_hz: float = 200.0, noise: ImuNoise = ImuNoise(),
+                 seed: int | np.random.Generator = 0, *, t_end: float | None = None,
+                 gravity=GRAVITY) -> ImuSamples:
+    """IMU samples at ``rate_hz`` over the trajectory (up to ``t_end`` if given). ``seed`` is
+    a seed or a generator to draw from (the fusion harness shares one across its sensors)."""
+    times = _sample_times(trajectory, rate_hz, "IMU", t_end)
+    rng = np.random.default_rng(seed)  # a Generator comes back as is
     n = len(times)
-    accel_true = specific_force(trajectory.rotation(times), trajectory.acceleration(times))
+    accel_true = specific_force(trajectory.rotation(times), trajectory.acceleration(times), gravity)
     gyro_true = trajectory.angular_velocity_body(times)
 
     def bias_walk(initial_std, step_std):
@@ -159,14 +182,37 @@ class OdometrySamples:
     true_t: np.ndarray  # (N, 3) the exact odom_T_base, for evaluation
     true_q: np.ndarray
     map_T_odom: tuple[np.ndarray, np.ndarray]  # the base pose at the first sample
-    scale_error: np.ndarray  # (N,) the simulated scale error
+    scale_error: np.ndarray  # (N,) the simulated scale error (the walk, without a fixed bias)
+
+    def select(self, keep: np.ndarray) -> "OdometrySamples":
+        """The samples where ``keep`` (bool (N,)) is true; ``map_T_odom`` stays."""
+        return replace(self, **{f.name: getattr(self, f.name)[keep] for f in fields(self)
+                                if f.name != "map_T_odom"})
 
 
-def simulate_visual_odometry(trajectory: Trajectory, rate_hz: float = 30.0, noise: VoNoise = VoNoise(),
-                             seed: int = 0) -> OdometrySamples:
-    """Drifting odometry of ``base_link`` in ``odom`` at ``rate_hz``."""
-    times = _sample_times(trajectory, rate_hz, "odometry")
-    rng = np.random.default_rng(seed)
+#: how the odometry reports its pose covariance: first-order propagation of the error model
+#: (honest, as visual odometry does it), or the step variances summed in the ``odom`` axes
+#: (as simple wheel-odometry drivers do it; the fusion harness)
+ODOMETRY_COVARIANCES = ("propagated", "summed")
+
+
+def simulate_visual_odometry(trajectory: Motion, rate_hz: float = 30.0, noise: VoNoise = VoNoise(),
+                             seed: int | np.random.Generator = 0, *, t_end: float | None = None,
+                             scale_bias: float = 0.0, covariance: str = "propagated",
+                             outage: tuple[float, float] | None = None) -> OdometrySamples:
+    """Drifting odometry of ``base_link`` in ``odom`` at ``rate_hz`` (up to ``t_end`` if given).
+
+    ``seed``: a seed or a generator to draw from. ``scale_bias``: a fixed scale error on top
+    of the modelled walk, deliberately not in the covariance (real odometry is miscalibrated
+    without knowing it). ``covariance``: one of :data:`ODOMETRY_COVARIANCES`. ``outage``:
+    ``(start, end)`` in trajectory seconds without messages; the odometry keeps integrating
+    through it, so the first pose after it includes the motion during it.
+    """
+    if covariance not in ODOMETRY_COVARIANCES:
+        raise ValueError(f"covariance must be one of {ODOMETRY_COVARIANCES}, got {covariance!r}")
+    propagated = covariance == "propagated"
+    times = _sample_times(trajectory, rate_hz, "odometry", t_end)
+    rng = np.random.default_rng(seed)  # a Generator comes back as is
     n = len(times)
     dt = 1.0 / rate_hz
     t_map, q_map = trajectory.pose(times)
@@ -180,7 +226,7 @@ def simulate_visual_odometry(trajectory: Trajectory, rate_hz: float = 30.0, nois
     step_std = np.sqrt(np.stack([np.diag(noise.step_covariance(d, dt)) for d in distance]))  # (n-1, 7)
     sample = rng.normal(0.0, 1.0, step_std.shape) * step_std
     scale_error = np.cumsum(sample[:, 6])
-    measured_t = (1.0 + scale_error)[:, None] * delta_t + sample[:, :3]
+    measured_t = (1.0 + scale_bias + scale_error)[:, None] * delta_t + sample[:, :3]
     measured_R = delta_R @ so3_exp(sample[:, 3:6])
 
     out_t = np.zeros((n, 3))
@@ -195,22 +241,27 @@ def simulate_visual_odometry(trajectory: Trajectory, rate_hz: float = 30.0, nois
     G = np.zeros((7, 7))
     G[6, 6] = 1.0
     for k in range(1, n):
-        # first-order propagation of the error (dp, dtheta, ds), position and rotation
-        # errors in odom axes; this step's scale increment already acts on this step
         step = k - 1
         R_next = R @ measured_R[step]
-        lever = R @ delta_t[step]
-        F[0:3, 3:6] = -hat(R @ measured_t[step])
-        F[0:3, 6] = lever
-        G[0:3, 0:3] = R
-        G[3:6, 3:6] = R_next
-        G[0:3, 6] = lever
-        cov = F @ cov @ F.T + (G * step_std[step] ** 2) @ G.T
+        if propagated:
+            # first-order propagation of the error (dp, dtheta, ds), position and rotation
+            # errors in odom axes; this step's scale increment already acts on this step
+            lever = R @ delta_t[step]
+            F[0:3, 3:6] = -hat(R @ measured_t[step])
+            F[0:3, 6] = lever
+            G[0:3, 0:3] = R
+            G[3:6, 3:6] = R_next
+            G[0:3, 6] = lever
+            cov = F @ cov @ F.T + (G * step_std[step] ** 2) @ G.T
+            out_cov[k] = 0.5 * (cov[:6, :6] + cov[:6, :6].T)
+            scale_var[k] = cov[6, 6]
         p = p + R @ measured_t[step]
         R = R_next
         out_t[k], out_R[k] = p, R
-        out_cov[k] = 0.5 * (cov[:6, :6] + cov[:6, :6].T)
-        scale_var[k] = cov[6, 6]
+    if not propagated:
+        summed = np.diag(cov) + np.cumsum(step_std ** 2, axis=0)  # (n - 1, 7)
+        out_cov[1:] = np.einsum("ni,ij->nij", summed[:, :6], np.eye(6))
+        scale_var[1:] = summed[:, 6]
 
     # Twist in base_link, as VO reports it: the measured step over the period.
     out_linear = np.zeros((n, 3))
@@ -224,5 +275,8 @@ def simulate_visual_odometry(trajectory: Trajectory, rate_hz: float = 30.0, nois
     twist_var[0] = np.diag(noise.step_covariance(0.0, dt))[:6] / dt ** 2
     out_twist_cov = np.einsum("ni,ij->nij", twist_var, np.eye(6))
     scales = np.concatenate([[0.0], scale_error])
-    return OdometrySamples(times, out_t, matrix_to_quat(out_R), out_cov, out_linear, out_angular,
-                           out_twist_cov, true_t, true_q, (t_map[0], q_map[0]), scales)
+    samples = OdometrySamples(times, out_t, matrix_to_quat(out_R), out_cov, out_linear, out_angular,
+                              out_twist_cov, true_t, true_q, (t_map[0], q_map[0]), scales)
+    if outage is None:
+        return samples
+    return samples.select(~((times >= outage[0]) & (times < outage[1])))

@@ -157,10 +157,15 @@ class Trajectory:
 
     def sample_times(self, rate_hz: float, t_start: float | None = None, t_end: float | None = None) -> np.ndarray:
         """Uniform sample times at ``rate_hz`` within the trajectory (relative seconds)."""
-        t_start = self.t0 if t_start is None else t_start
-        t_end = self.t_end if t_end is None else t_end
-        count = int(math.floor((t_end - t_start) * rate_hz + 1e-9)) + 1
-        return t_start + np.arange(count) / rate_hz
+        return uniform_times(self.t0 if t_start is None else t_start, self.t_end if t_end is None else t_end,
+                             rate_hz)
+
+
+def uniform_times(t_start: float, t_end: float, rate_hz: float) -> np.ndarray:
+    """Sample times ``t_start + k / rate_hz`` up to and including ``t_end`` (within 1e-9 of a
+    period): the one sensor clock of the synthetic world and of the fusion harness."""
+    count = int(math.floor((t_end - t_start) * rate_hz + 1e-9)) + 1
+    return t_start + np.arange(count) / rate_hz
 
 
 def camera_poses(trajectory: Trajectory, times) -> tuple[np.ndarray, np.ndarray]:
