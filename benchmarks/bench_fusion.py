@@ -32,14 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vizloc_ros.fusion import FusionConfig, SlidingWindowFusion  # noqa: E402
-from vizloc_ros.sim.fusion_sim import (DEFAULT_BASE_T_CAMERA, SimConfig, simulate,  # noqa: E402
+from vizloc_ros.sim.fusion_sim import (DEFAULT_BASE_T_CAMERA, FUSION_MODES, SimConfig, simulate,  # noqa: E402
                                        synthetic_trajectory)
 
-MODES = {
-    "abs+odom": dict(use_odom=True, use_imu=False),
-    "abs+odom+imu": dict(use_odom=True, use_imu=True),
-    "abs+imu": dict(use_odom=False, use_imu=True),
-}
+MODES = {name: FUSION_MODES[name] for name in ("abs+odom", "abs+odom+imu", "abs+imu")}
 
 
 def _stats(samples):

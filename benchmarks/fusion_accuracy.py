@@ -34,16 +34,10 @@ sys.path.insert(0, str(REPO))
 
 from vizloc_ros.ros_io.tum import read_tum  # noqa: E402
 from vizloc_ros.fusion import FusionConfig, SlidingWindowFusion  # noqa: E402
-from vizloc_ros.sim.fusion_sim import (DEFAULT_BASE_T_CAMERA, SimConfig, run_sequence,  # noqa: E402
+from vizloc_ros.sim.fusion_sim import (DEFAULT_BASE_T_CAMERA, FUSION_MODES, SimConfig, run_sequence,  # noqa: E402
                                        simulate, summarize)
 
-MODES = {
-    "abs": dict(use_odom=False, use_imu=False),
-    "abs+odom": dict(use_odom=True, use_imu=False),
-    "abs+imu": dict(use_odom=False, use_imu=True, imu_mode="preintegration"),
-    "abs+gyro": dict(use_odom=False, use_imu=True, imu_mode="gyro"),
-    "abs+odom+imu": dict(use_odom=True, use_imu=True, imu_mode="preintegration"),
-}
+MODES = FUSION_MODES
 TARGETS = {"ratio": 0.40, "outliers_accepted": 0, "kidnap_recovery": 10, "nees": (0.5, 2.0)}
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from vizloc_ros.sim.synthetic import SequenceSpec, SynthConfig, generate
+from vizloc_ros.training import train
 
 #: the network input of the tiny tests: 80x60 frames resized to 64x48, no crop
 TINY_INPUT = {"resize": 48, "crop": [48, 64]}
@@ -26,6 +27,14 @@ def train_args(scene: Path, model: str, out: Path, *extra: str) -> list[str]:
             "--set", f"input.resize={TINY_INPUT['resize']}", "--set", "input.crop=[48,64]",
             "--set", "augment.random_crop=false", "--set", "augment.color_jitter=0",
             "--set", "threads=1", *extra]
+
+
+def train_tiny(scene: Path, model: str, out: Path, settings: dict) -> Path:
+    """``vizloc-train`` a few CPU steps of ``model`` on the tiny scene into ``out``, with
+    ``--set key=value`` for each of ``settings``; the checkpoint's path."""
+    extra = [a for key, value in settings.items() for a in ("--set", f"{key}={value}")]
+    assert train.main(train_args(scene, model, out, *extra)) == 0
+    return out
 
 
 def adam_losses(model, loss_of, steps: int, lr: float = 3e-3) -> list[float]:

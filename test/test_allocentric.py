@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geo_helpers import TINY_INPUT, adam_losses, make_geo_scene, train_args
+from geo_helpers import TINY_INPUT, adam_losses, make_geo_scene, train_tiny
 from vizloc_ros.training import train
 from vizloc_ros.training.datasets import SevenScenes
 from vizloc_ros.localize.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
@@ -199,16 +199,12 @@ def test_online_update_integrates_the_view_into_the_memory(scene):
 
 @pytest.fixture(scope="module")
 def trained(scene, tmp_path_factory):
-    out = tmp_path_factory.mktemp("alloc_w") / "allocentric"
-    args = train_args(scene, "allocentric", out, "--set", "model.args.backbone=small",
-                      "--set", "model.args.feat_dim=4", "--set", "model.args.resolution=0.2",
-                      "--set", "model.args.max_range=3.0", "--set", "model.args.rotations=36",
-                      "--set", "loss.memory_frames=2", "--set", "loss.min_separation=5",
-                      "--set", "loss.memory_radius=1.0",
-                      "--set", "loss.train_rotations=12", "--set", "max_steps=3",
-                      "--set", "storage_dtype=fp16")
-    assert train.main(args) == 0
-    return out
+    return train_tiny(scene, "allocentric", tmp_path_factory.mktemp("alloc_w") / "allocentric",
+                      {"model.args.backbone": "small", "model.args.feat_dim": "4",
+                       "model.args.resolution": "0.2", "model.args.max_range": "3.0",
+                       "model.args.rotations": "36", "loss.memory_frames": "2",
+                       "loss.min_separation": "5", "loss.memory_radius": "1.0",
+                       "loss.train_rotations": "12", "max_steps": "3", "storage_dtype": "fp16"})
 
 
 def test_vizloc_train_saves_the_memory_and_the_estimator_and_replay_use_it(trained, scene, tmp_path):

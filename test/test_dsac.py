@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from geo_helpers import TINY_INPUT, adam_losses, make_geo_scene, train_args
+from geo_helpers import TINY_INPUT, adam_losses, make_geo_scene, train_tiny
 from vizloc_ros import geometry
 from vizloc_ros.training import evaluate, export, train
 from vizloc_ros.training.datasets import SevenScenes, translation_stats
@@ -185,13 +185,10 @@ def test_checkpoint_round_trip_keeps_the_camera_and_the_poses(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(scene, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dsac_w") / "dsac"
-    args = train_args(scene, "dsac", out, "--set", "model.args.backbone=small",
-                      "--set", "model.args.hypotheses=32", "--set", "loss.stage=coords+e2e",
-                      "--set", "loss.e2e_after=3", "--set", "loss.hypotheses=8", "--set", "max_steps=5",
-                      "--set", "storage_dtype=fp16")
-    assert train.main(args) == 0
-    return out
+    return train_tiny(scene, "dsac", tmp_path_factory.mktemp("dsac_w") / "dsac",
+                      {"model.args.backbone": "small", "model.args.hypotheses": "32",
+                       "loss.stage": "coords+e2e", "loss.e2e_after": "3", "loss.hypotheses": "8",
+                       "max_steps": "5", "storage_dtype": "fp16"})
 
 
 def test_vizloc_train_writes_a_checkpoint_the_estimator_and_eval_use(trained, scene, tmp_path):

@@ -9,18 +9,12 @@ import pytest
 
 from vizloc_ros.fusion import (FusionConfig, SlidingWindowFusion, chi2_quantile,
                                gtsam_cov_to_ros, map_to_odom, ros_cov_to_gtsam)
-from vizloc_ros.sim.fusion_sim import (DEFAULT_BASE_T_CAMERA, SimConfig, pose_error, run_sequence,
+from vizloc_ros.sim.fusion_sim import (DEFAULT_BASE_T_CAMERA, FUSION_MODES, SimConfig, pose_error, run_sequence,
                                        simulate, summarize, synthetic_trajectory)
 from vizloc_ros.geometry import pose_compose, quat_exp, rotation_angle
 
 TRAJ = synthetic_trajectory(30.0)
-MODES = {
-    "abs": dict(use_odom=False, use_imu=False),
-    "odom": dict(use_odom=True, use_imu=False),
-    "imu": dict(use_odom=False, use_imu=True, imu_mode="preintegration"),
-    "gyro": dict(use_odom=False, use_imu=True, imu_mode="gyro"),
-    "all": dict(use_odom=True, use_imu=True, imu_mode="preintegration"),
-}
+MODES = FUSION_MODES
 
 
 def make_fusion(**kw) -> SlidingWindowFusion:
@@ -147,8 +141,8 @@ def test_chi2_quantile():
 
 # --------------------------------------------------------------------------- fusion modes
 
-@pytest.mark.parametrize("mode, max_ratio", [("abs", 0.75), ("odom", 0.35), ("imu", 0.5),
-                                             ("gyro", 0.75), ("all", 0.35)])
+@pytest.mark.parametrize("mode, max_ratio", [("abs", 0.75), ("abs+odom", 0.35), ("abs+imu", 0.5),
+                                             ("abs+gyro", 0.75), ("abs+odom+imu", 0.35)])
 def test_each_fusion_mode_beats_the_raw_measurements(base_seq, mode, max_ratio):
     fusion = make_fusion(**MODES[mode])
     res = run_sequence(fusion, base_seq)
@@ -163,7 +157,7 @@ def test_each_fusion_mode_beats_the_raw_measurements(base_seq, mode, max_ratio):
 
 
 def test_odometry_fusion_has_consistent_covariance(base_seq):
-    fusion = make_fusion(**MODES["odom"])
+    fusion = make_fusion(**MODES["abs+odom"])
     s = summarize(run_sequence(fusion, base_seq), base_seq)
     assert 0.5 <= s["nees_per_dim"] <= 2.0, s
 
@@ -282,7 +276,7 @@ def test_measurement_older_than_the_window_is_dropped_and_counted(base_seq):
 
 # --------------------------------------------------------------------------- recovery
 
-@pytest.mark.parametrize("mode", ["odom", "abs", "all"])
+@pytest.mark.parametrize("mode", ["abs+odom", "abs", "abs+odom+imu"])
 def test_kidnapped_robot_recovers(mode):
     seq = sim(kidnap_time=15.0, seed=11)
     fusion = make_fusion(**MODES[mode])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from geo_helpers import TINY_INPUT, make_geo_scene, train_args
+from geo_helpers import TINY_INPUT, make_geo_scene, train_tiny
 from vizloc_ros import geometry
 from vizloc_ros.training import train
 from vizloc_ros.training.datasets import SevenScenes
@@ -160,14 +160,11 @@ def test_without_a_database_localize_says_how_to_build_one():
 
 @pytest.fixture(scope="module")
 def trained(scene, tmp_path_factory):
-    out = tmp_path_factory.mktemp("netvlad_w") / "netvlad"
-    args = train_args(scene, "netvlad", out, "--set", "model.args.backbone=small",
-                      "--set", "model.args.feat_dim=16", "--set", "model.args.clusters=4",
-                      "--set", "loss.pos_radius=0.1", "--set", "loss.neg_radius=0.3",
-                      "--set", "loss.positives=2", "--set", "loss.negatives=2", "--set", "max_steps=3",
-                      "--set", "storage_dtype=fp16")
-    assert train.main(args) == 0
-    return out
+    return train_tiny(scene, "netvlad", tmp_path_factory.mktemp("netvlad_w") / "netvlad",
+                      {"model.args.backbone": "small", "model.args.feat_dim": "16",
+                       "model.args.clusters": "4", "loss.pos_radius": "0.1",
+                       "loss.neg_radius": "0.3", "loss.positives": "2", "loss.negatives": "2",
+                       "max_steps": "3", "storage_dtype": "fp16"})
 
 
 def test_vizloc_train_saves_the_database_and_the_estimator_and_replay_use_it(trained, scene, tmp_path):

@@ -362,7 +362,8 @@ def torch_so3_log(R):
     return 2.0 * torch_quat_log(torch_matrix_to_quat(R))
 
 
-def _torch_hat(v):
+def torch_hat(v):
+    """Batched, differentiable twin of :func:`hat`."""
     z = torch.zeros_like(v[..., 0])
     x, y, w = v.unbind(-1)
     return torch.stack([torch.stack([z, -w, y], -1), torch.stack([w, z, -x], -1),
@@ -376,7 +377,7 @@ def torch_se3_exp(xi):
     safe = torch.where(small, torch.ones_like(theta), theta)
     b = torch.where(small, 0.5 - theta ** 2 / 24.0, (1.0 - torch.cos(safe)) / safe ** 2)
     c = torch.where(small, 1.0 / 6.0 - theta ** 2 / 120.0, (safe - torch.sin(safe)) / safe ** 3)
-    W = _torch_hat(omega)
+    W = torch_hat(omega)
     eye = torch.eye(3, dtype=xi.dtype, device=xi.device)
     V = eye + b * W + c * (W @ W)
     t = (V @ rho[..., None])[..., 0]
@@ -393,7 +394,7 @@ def torch_se3_log(T):
     safe = torch.where(small, torch.ones_like(theta), theta)
     d = torch.where(small, 1.0 / 12.0 + theta ** 2 / 720.0,
                     (1.0 - safe * torch.sin(safe) / (2.0 * (1.0 - torch.cos(safe)))) / safe ** 2)
-    W = _torch_hat(omega)
+    W = torch_hat(omega)
     eye = torch.eye(3, dtype=T.dtype, device=T.device)
     V_inv = eye - 0.5 * W + d * (W @ W)
     rho = (V_inv @ T[..., :3, 3:4])[..., 0]

@@ -45,6 +45,15 @@ from vizloc_ros.sim.trajectories import (CAMERA_IN_BASE_Q, gaussian_smooth, resa
 #: 0.15 m ahead of and 0.25 m above the base origin
 DEFAULT_BASE_T_CAMERA = ((0.15, 0.0, 0.25), tuple(CAMERA_IN_BASE_Q))
 
+#: the sensor combinations the fusion is tested and benchmarked in: FusionConfig overrides
+FUSION_MODES = {
+    "abs": dict(use_odom=False, use_imu=False),
+    "abs+odom": dict(use_odom=True, use_imu=False),
+    "abs+imu": dict(use_odom=False, use_imu=True, imu_mode="preintegration"),
+    "abs+gyro": dict(use_odom=False, use_imu=True, imu_mode="gyro"),
+    "abs+odom+imu": dict(use_odom=True, use_imu=True, imu_mode="preintegration"),
+}
+
 
 @dataclass
 class SimConfig:

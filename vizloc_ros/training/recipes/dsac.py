@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from vizloc_ros import geometry
-from vizloc_ros.geometry import torch_matrix_to_quat, torch_rotation_angle, torch_so3_exp
+from vizloc_ros.geometry import torch_hat, torch_matrix_to_quat, torch_rotation_angle, torch_so3_exp
 from vizloc_ros.localize.camera import input_camera
 from vizloc_ros.localize.models.dsac import SceneCoordinateNet
 from vizloc_ros.training.recipes.base import TrainingRecipe, own_loss_options, register_recipe, require_fixed_crop
@@ -52,13 +52,6 @@ def torch_project(R: torch.Tensor, t: torch.Tensor, X: torch.Tensor, K: torch.Te
     return uv, Xc
 
 
-def _hat(v: torch.Tensor) -> torch.Tensor:
-    z = torch.zeros_like(v[..., 0])
-    x, y, w = v.unbind(-1)
-    return torch.stack([torch.stack([z, -w, y], -1), torch.stack([w, z, -x], -1),
-                        torch.stack([-y, x, z], -1)], -2)
-
-
 def gauss_newton_step(R, t, X, p, K, weights=None, damping: float = 1e-6):
     """One (weighted) Gauss-Newton step of the reprojection error for M hypotheses,
     differentiable with respect to the points ``X`` (and the weights).
@@ -71,7 +64,7 @@ def gauss_newton_step(R, t, X, p, K, weights=None, damping: float = 1e-6):
     zeros = torch.zeros_like(z)
     dpi = torch.stack([torch.stack([fx / z, zeros, -fx * Xc[..., 0] / z ** 2], -1),
                        torch.stack([zeros, fy / z, -fy * Xc[..., 1] / z ** 2], -1)], -2)  # (M, N, 2, 3)
-    J = torch.cat([dpi, -dpi @ _hat(Xc)], dim=-1)  # (M, N, 2, 6)
+    J = torch.cat([dpi, -dpi @ torch_hat(Xc)], dim=-1)  # (M, N, 2, 6)
     if weights is not None:
         Jw = J * weights[..., None, None]
     else:
