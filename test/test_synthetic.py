@@ -23,8 +23,8 @@ from vizloc_ros.sim.sensors import (GRAVITY, ImuNoise, VoNoise, simulate_imu, si
                                     specific_force)
 from vizloc_ros.sim.sevenscenes_writer import read_pose
 from vizloc_ros.sim.trajectories import (BOX_MARGIN, CAMERA_IN_BASE_T, WALL_MARGIN, camera_poses,
-                                         gaussian_smooth, moving_average, random_walk, sorted_distinct,
-                                         static_trajectory, trajectory_from_tum)
+                                         gaussian_smooth, moving_average, place_tum_trajectory, random_walk,
+                                         sorted_distinct, static_trajectory, trajectory_from_tum)
 
 SCENE = get_scene("demo")
 SMALL = (80, 60)
@@ -87,11 +87,13 @@ def test_camera_is_the_base_pose_times_the_extrinsic(walk):
     np.testing.assert_allclose(quat_rotate(q_cam, [0, 1.0, 0]), quat_rotate(q_base, [0, 0, -1.0]), atol=1e-12)
 
 
-def _synthetic_tum(path, seconds=25.0, rate=100.0):
-    """A hand-held-like recording: circles of 1.5 m radius with shake, z up world."""
+def _synthetic_tum(path, seconds=25.0, rate=100.0, radii=(1.5, 1.5)):
+    """A hand-held-like recording: circles (ellipses with ``radii``, x and y; 1.5 m by
+    default) with shake, z up world."""
     t = np.arange(0.0, seconds, 1.0 / rate)
     angle = 0.3 * t
-    xyz = np.stack([1.5 * np.cos(angle) + 10.0, 1.5 * np.sin(angle) - 4.0, 1.2 + 0.05 * np.sin(2 * t)], -1)
+    xyz = np.stack([radii[0] * np.cos(angle) + 10.0, radii[1] * np.sin(angle) - 4.0,
+                    1.2 + 0.05 * np.sin(2 * t)], -1)
     half = 0.5 * (angle + np.pi / 2)
     q = np.stack([np.cos(half), 0.02 * np.sin(5 * t), 0.02 * np.cos(3 * t), np.sin(half)], -1)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -536,6 +538,87 @@ def test_cli_with_a_tum_trajectory_and_a_failing_one(tmp_path, capsys):
                        "--quiet"]) == 2
     assert "does not fit" in capsys.readouterr().err
     assert not failed.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _source_poses_from_metadata(ground_truth_tum, sequence_meta, epoch_ns):
+    """The rendered walk mapped back to the recording with nothing but scene.json: the
+    inverse written there, computed independently of TumPlacement.to_source."""
+    stamps, t_map, q_map = read_tum(ground_truth_tum)
+    block = sequence_meta["tum_placement"]
+    transform = block["source_to_map"]
+    R = quat_to_matrix(np.array(transform["q_wxyz"]))
+    t_source = (t_map - np.array(transform["t"])) @ R / transform["scale"]
+    base_in_body = quat_to_matrix(np.array(block["base_in_body_q_wxyz"]))
+    R_source = R.T @ quat_to_matrix(q_map) @ base_in_body.T
+    return stamps - epoch_ns * 1e-9 + block["source_start_stamp"], t_source, R_source
+
+
+@pytest.mark.parametrize("radii, frames, keep_scale", [((1.0, 3.5), 61, False), ((1.5, 1.5), 41, True)])
+def test_tum_placement_in_scene_json_maps_the_walk_back_to_the_recording(tmp_path, capsys, radii, frames,
+                                                                         keep_scale):
+    """Shrunk (12 s of an ellipse larger than the room) or kept at its real scale (8 s of
+    a circle), both rotated: the logged and stored scale, rotation and offset recover the
+    recording from the rendered ground truth."""
+    path = tmp_path / "ellipse.tum"
+    _synthetic_tum(path, seconds=25.0, radii=radii)
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--trajectory", str(path), "--frames", str(frames), "--camera-hz", "5",
+            "--size", "16x12",
+            "--format", "bag", "--quiet"] + (["--keep-scale"] if keep_scale else [])
+    assert synth.main(args) == 0
+    err = capsys.readouterr().err
+    meta = json.loads((out / "scene.json").read_text())
+    block = meta["sequences"][0]["tum_placement"]
+    assert (block["scale"] == 1.0) == keep_scale and 0.0 < block["scale"] <= 1.0
+    assert block["keep_scale"] == keep_scale and block["yaw_deg"] % 360.0 > 1.0  # a rotation to undo
+    log_line = [line for line in err.splitlines() if "seq-01 <- ellipse.tum" in line]
+    assert len(log_line) == 1
+    assert f"{block['yaw_deg']:.1f} deg" in log_line[0]
+    assert ("shrunk to scale" in log_line[0]) == (not keep_scale)
+    stamps, t_source, R_source = _source_poses_from_metadata(
+        out / "trajectories" / "seq-01_ground_truth.tum", meta["sequences"][0], meta["epoch_ns"])
+    rec_stamps, rec_t, rec_q = read_tum(path)
+    assert rec_stamps[0] <= stamps[0] and stamps[-1] <= rec_stamps[-1]
+    expected_t = np.stack([np.interp(stamps, rec_stamps, rec_t[:, d]) for d in range(3)], -1)
+    # off by the smoothing over 0.1 s only (most at the window's ends, where it is one-sided)
+    assert np.abs(t_source - expected_t).max() < 0.02 and np.median(np.abs(t_source - expected_t)) < 0.002
+    nearest = np.abs(rec_stamps[None, :] - stamps[:, None]).argmin(axis=1)
+    angles = so3_log(np.einsum("nji,njk->nik", quat_to_matrix(rec_q[nearest]), R_source))
+    assert np.degrees(np.linalg.norm(angles, axis=1)).max() < 0.5
+
+
+def test_keep_scale_refuses_a_recording_larger_than_the_room(tmp_path, capsys):
+    path = tmp_path / "big.tum"
+    _synthetic_tum(path, seconds=25.0, radii=(1.0, 3.5))
+    failed = tmp_path / "failed"
+    assert synth.main(["--out", str(failed), "--trajectory", str(path), "--frames", "111", "--camera-hz", "5",
+                       "--size", "16x12",
+                       "--keep-scale", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("vizloc-synth: error: big.tum:")
+    assert "spans 2.00 x 6.98 m" in err or "spans 2.00 x 7.00 m" in err, err
+    assert "4.80 x 3.80 m free" in err and "6.00 x 5.00 m" in err
+    assert not failed.exists()
+    with pytest.raises(SystemExit) as exit_info:  # no TUM walk to keep at scale
+        synth.main(["--out", str(failed), "--keep-scale", "--quiet"])
+    assert exit_info.value.code == 2 and "--trajectory" in capsys.readouterr().err
+
+
+def test_place_tum_trajectory_placement_inverts_the_walk(tmp_path):
+    """TumPlacement.to_source (the library's inverse) agrees with the recording too, here
+    on a whole loop shrunk to a third."""
+    path = tmp_path / "ellipse.tum"
+    _synthetic_tum(path, seconds=25.0, radii=(1.0, 3.5))
+    stamps, t, q = read_tum(path)
+    trajectory, placement = place_tum_trajectory(SCENE, stamps, t, q, duration=22.0)
+    assert placement.scale < 0.5
+    times = trajectory.sample_times(10.0)
+    t_source, q_source = placement.to_source(*trajectory.pose(times))
+    source_times = times + placement.source_start_stamp
+    expected_t = np.stack([np.interp(source_times, stamps, t[:, d]) for d in range(3)], -1)
+    assert np.abs(t_source - expected_t).max() < 0.02 and np.median(np.abs(t_source - expected_t)) < 0.002
+    nearest = np.abs(stamps[None, :] - source_times[:, None]).argmin(axis=1)
+    assert np.degrees(rotation_angle(q_source, q[nearest])).max() < 0.5
 
 
 def test_cached_demo_bag_honours_xdg_cache_home(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ module only orchestrates: the room and its textures (``scene.py``), ray casting
 Output of :func:`generate` under ``out_dir`` (written under a hidden temporary name and
 renamed when complete, so there is never a half-written output)::
 
-    scene.json                       room, camera, frames, extrinsic, rates, sequences
+    scene.json                       room, camera, frames, extrinsic, rates, sequences (a TUM-driven
+                                     one with ``tum_placement``: how it was fitted into the room)
     trajectories/seq-NN_ground_truth.tum   base_link in map (TUM: x y z qx qy qz qw)
     bags/seq-NN/                     rosbag2, MCAP   (format bag or both)
     seq-NN/, TrainSplit.txt, TestSplit.txt    7-Scenes (format 7scenes or both)
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -50,8 +52,10 @@ from vizloc_ros.sim.scene import SCENES, Scene, get_scene
 from vizloc_ros.sim.sensors import (ImuNoise, ImuSamples, OdometrySamples, VoNoise, simulate_imu,
                                     simulate_visual_odometry)
 from vizloc_ros.sim.sevenscenes_writer import sequence_dir_name, write_frame, write_splits
-from vizloc_ros.sim.trajectories import (CAMERA_IN_BASE_Q, CAMERA_IN_BASE_T, Trajectory, camera_poses,
-                                         random_walk, trajectory_from_tum)
+from vizloc_ros.sim.trajectories import (CAMERA_IN_BASE_Q, CAMERA_IN_BASE_T, Trajectory, TumPlacement,
+                                         camera_poses, place_tum_trajectory, random_walk)
+
+LOG = logging.getLogger("vizloc-synth")
 
 #: bump when anything changes what the generator outputs (invalidates the demo cache)
 GENERATOR_VERSION = 1
@@ -109,13 +113,15 @@ class SynthConfig:
 @dataclass(frozen=True)
 class SequenceSpec:
     """One recording: its number (seq-NN), split, seed and length; a TUM file drives it
-    instead of a random walk when ``tum_file`` is set."""
+    instead of a random walk when ``tum_file`` is set (never shrunk to fit the room when
+    ``keep_scale``)."""
 
     number: int
     split: str
     seed: int
     frames: int
     tum_file: str | None = None
+    keep_scale: bool = False
 
     @property
     def name(self) -> str:
@@ -152,6 +158,7 @@ class SimulatedSequence:
     ground_truth_times: np.ndarray
     ground_truth_t: np.ndarray  # base_link in map
     ground_truth_q: np.ndarray
+    placement: TumPlacement | None = None  # how a TUM recording was fitted into the room
 
 
 def simulate_sequence(spec: SequenceSpec, config: SynthConfig, scene: Scene) -> SimulatedSequence:
@@ -162,16 +169,21 @@ def simulate_sequence(spec: SequenceSpec, config: SynthConfig, scene: Scene) -> 
     if spec.tum_file is not None:
         stamps, t, q = read_tum(spec.tum_file)
         # a little extra so the smoothed spline still covers the last frame
-        trajectory = trajectory_from_tum(scene, stamps, t, q, duration=duration + 0.25)
+        try:
+            trajectory, placement = place_tum_trajectory(scene, stamps, t, q, duration=duration + 0.25,
+                                                         keep_scale=spec.keep_scale)
+        except ValueError as exc:
+            raise ValueError(f"{Path(spec.tum_file).name}: {exc}") from None
     else:
-        trajectory = random_walk(scene, duration, seed=spec.seed)
+        trajectory, placement = random_walk(scene, duration, seed=spec.seed), None
     frame_times = np.arange(spec.frames) / config.camera_hz
     camera_t, camera_q = camera_poses(trajectory, frame_times)
     odom = simulate_visual_odometry(trajectory, config.odom_hz, config.vo_noise, seed=spec.seed * 10 + 1)
     imu = simulate_imu(trajectory, config.imu_hz, config.imu_noise, seed=spec.seed * 10 + 2)
     gt_times = trajectory.sample_times(config.ground_truth_hz)
     gt_t, gt_q = trajectory.pose(gt_times)
-    return SimulatedSequence(spec, trajectory, frame_times, camera_t, camera_q, odom, imu, gt_times, gt_t, gt_q)
+    return SimulatedSequence(spec, trajectory, frame_times, camera_t, camera_q, odom, imu, gt_times, gt_t, gt_q,
+                             placement)
 
 
 # --------------------------------------------------------------------------- bag
@@ -278,6 +290,7 @@ def _scene_metadata(config: SynthConfig, scene: Scene, sims: list[SimulatedSeque
             "source": f"tum:{Path(sim.spec.tum_file).name}" if sim.spec.tum_file else "random_walk",
             "duration_s": float(sim.frame_times[-1]),
             "map_T_odom": {"t": sim.odom.map_T_odom[0].tolist(), "q_wxyz": sim.odom.map_T_odom[1].tolist()},
+            **({"tum_placement": sim.placement.metadata()} if sim.placement is not None else {}),
         } for sim in sims],
     }
 
@@ -325,8 +338,13 @@ def _render_sequence_job(staging: str, spec: SequenceSpec, config: SynthConfig,
 
 
 def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = SynthConfig(),
-             fmt: str = "both", overwrite: bool = False, progress: bool = True, jobs: int = 1) -> Path:
+             fmt: str = "both", overwrite: bool = False, progress: bool = True, jobs: int = 1,
+             log=LOG.info) -> Path:
     """Render ``sequences`` into ``out_dir`` (bags and/or 7-Scenes folders); returns it.
+
+    ``log`` gets one line per TUM-driven sequence saying how the recording was fitted
+    into the room (scale, rotation, offset; also written into ``scene.json``), so that
+    nobody evaluates a shrunk walk unknowingly.
 
     ``jobs > 1`` renders that many sequences at once in worker processes (the output is
     the same bytes as with one job: every sequence has its own seeds). Raises
@@ -344,6 +362,9 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
     _check_output(out_dir, overwrite)
     scene = get_scene(config.scene)
     sims = [simulate_sequence(spec, config, scene) for spec in sequences]  # fail early, before rendering
+    for sim in sims:
+        if sim.placement is not None:
+            log(f"{sim.spec.name} <- {Path(sim.spec.tum_file).name}: {sim.placement.describe()}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -532,7 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--camera-hz", type=_positive_float, default=15.0, help="camera rate (default 15)")
     parser.add_argument("--trajectory", type=Path, action="append", default=None, metavar="FILE.tum",
                         help="drive a sequence with a real TUM trajectory instead of the demo walks "
-                             "(repeatable; sequences go to the test split unless --split train)")
+                             "(repeatable; sequences go to the test split unless --split train); "
+                             "shrunk to fit the room if needed, the scale, rotation and offset logged "
+                             "and written into scene.json")
+    parser.add_argument("--keep-scale", action="store_true",
+                        help="with --trajectory: keep the recording at its real scale (error, exit 2, "
+                             "when it does not fit the room)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the walks and sensor noise (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--jobs", type=_int_at_least(1), default=1,
@@ -556,12 +582,15 @@ def main(argv=None) -> int:
         parser.error("the following arguments are required: --out (or --demo-bag)")
     if args.out.exists() and not args.overwrite:
         parser.error(f"output {args.out} exists; pass --overwrite to replace it")
+    if args.keep_scale and not args.trajectory:
+        parser.error("--keep-scale applies to --trajectory walks only")
     if args.trajectory:
         for path in args.trajectory:
             if not path.is_file():
                 parser.error(f"trajectory file {path} does not exist")
         split = "train" if args.split == "train" else "test"
-        sequences = [SequenceSpec(i + 1, split, 1000 * args.seed + 500 + i, args.frames, str(path))
+        sequences = [SequenceSpec(i + 1, split, 1000 * args.seed + 500 + i, args.frames, str(path),
+                                  keep_scale=args.keep_scale)
                      for i, path in enumerate(args.trajectory)]
     else:
         sequences = demo_sequences(args.split, args.frames, args.seed, args.train_walks)
@@ -569,7 +598,8 @@ def main(argv=None) -> int:
                          camera_hz=args.camera_hz)
     try:
         out = generate(args.out, sequences, config, fmt=args.format, overwrite=args.overwrite,
-                       progress=not args.quiet, jobs=args.jobs)
+                       progress=not args.quiet, jobs=args.jobs,
+                       log=lambda line: print(f"vizloc-synth: {line}", file=sys.stderr))
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"vizloc-synth: error: {exc}", file=sys.stderr)
         return 2

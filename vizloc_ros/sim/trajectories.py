@@ -15,6 +15,8 @@ Two kinds of trajectory:
   recentred, rotated and, if needed, shrunk into the room, keeping its real timing, shake
   and turn rates. Its orientation is re-based with one constant rotation so that the
   mean orientation is level and looks along the base x axis.
+  :func:`place_tum_trajectory` also returns that placement (:class:`TumPlacement`), so
+  that what was evaluated can be mapped back to the recording.
 
 Base frame (REP-103): x forward, y left, z up. The camera optical frame sits on the
 base with the fixed extrinsic :data:`CAMERA_IN_BASE_T` / :data:`CAMERA_IN_BASE_Q`; the
@@ -41,6 +43,8 @@ WALL_MARGIN = 0.6
 BOX_MARGIN = 0.5
 #: the base stays in this height band (hand-held camera) (m)
 HEIGHT_RANGE = (1.1, 1.6)
+#: a fitted recording may climb or drop at most this much (m)
+MAX_HEIGHT_EXTENT = 2.0
 #: longest tracking dropout of a TUM file that is bridged by interpolation (s)
 MAX_TUM_GAP = 0.5
 
@@ -295,9 +299,72 @@ def _chordal_mean_rotation(R: np.ndarray) -> np.ndarray:
     return mean
 
 
+@dataclass(frozen=True)
+class TumPlacement:
+    """How a recording was placed in the room: enough to map the rendered walk back.
+
+    Positions: ``p_map = scale * R(yaw) p_source + offset`` (R(yaw) a rotation about z).
+    Orientations: ``R_base_in_map = R(yaw) R_body_in_source C`` with C =
+    ``base_in_body_q_wxyz`` (the constant re-basing that levels the mean attitude).
+    Times: the walk's second 0 is the source's stamp ``source_start_stamp``. The walk
+    itself is the source smoothed over one knot interval, so mapping back recovers the
+    source up to that smoothing.
+    """
+
+    scale: float
+    yaw: float  # rad, about the room's z axis
+    offset: np.ndarray  # (3,) m, in map
+    base_in_body_q_wxyz: np.ndarray  # (4,)
+    source_start_stamp: float  # the source file's stamp at the walk's time 0
+    window: tuple[float, float]  # seconds from the source's first stamp
+    keep_scale: bool  # True when shrinking was not allowed (--keep-scale)
+
+    def rotation(self) -> np.ndarray:
+        return euler_zyx_to_matrix(self.yaw, 0.0, 0.0)
+
+    def to_source(self, t_map, q_map_wxyz) -> tuple[np.ndarray, np.ndarray]:
+        """Base poses in map (N, 3), (N, 4) -> the source body poses they came from."""
+        rot = self.rotation()
+        t_source = ((np.reshape(t_map, (-1, 3)) - self.offset) / self.scale) @ rot
+        R_source = rot.T @ quat_to_matrix(np.reshape(q_map_wxyz, (-1, 4))) @ quat_to_matrix(self.base_in_body_q_wxyz).T
+        return t_source, matrix_to_quat(R_source)
+
+    def metadata(self) -> dict:
+        """The JSON block of ``scene.json`` (per TUM-driven sequence)."""
+        return {
+            "scale": float(self.scale),
+            "yaw_deg": math.degrees(self.yaw),
+            "offset": [float(v) for v in self.offset],
+            "source_to_map": {"scale": float(self.scale),
+                              "q_wxyz": matrix_to_quat(self.rotation()).tolist(),
+                              "t": [float(v) for v in self.offset]},
+            "base_in_body_q_wxyz": [float(v) for v in self.base_in_body_q_wxyz],
+            "source_start_stamp": float(self.source_start_stamp),
+            "source_window_s": [float(self.window[0]), float(self.window[1])],
+            "keep_scale": bool(self.keep_scale),
+            "inverse": ("p_source = R(q)^T (p_map - t) / scale; R_body_in_source = R(q)^T R_base_in_map "
+                        "R(base_in_body_q_wxyz)^T; source stamp = stamp - epoch_ns * 1e-9 + source_start_stamp"),
+        }
+
+    def describe(self) -> str:
+        """One line for the log: what was done to the recording."""
+        how = ("kept at its real scale" if self.scale == 1.0
+               else f"shrunk to scale {self.scale:.3f} to fit the room")
+        x, y, z = self.offset
+        return (f"window [{self.window[0]:.2f}, {self.window[1]:.2f}] s {how}, rotated {math.degrees(self.yaw):.1f} "
+                f"deg about z, offset ({x:.3f}, {y:.3f}, {z:.3f}) m (p_map = scale * R p_source + offset)")
+
+
 def trajectory_from_tum(scene: Scene, stamps, t, q_wxyz, duration: float | None = None,
                         start: float | None = None, knot_dt: float = 0.1) -> Trajectory:
-    """Drive the base with a real recording, fitted into the room.
+    """The walk of :func:`place_tum_trajectory` (without its placement)."""
+    return place_tum_trajectory(scene, stamps, t, q_wxyz, duration, start, knot_dt)[0]
+
+
+def place_tum_trajectory(scene: Scene, stamps, t, q_wxyz, duration: float | None = None,
+                         start: float | None = None, knot_dt: float = 0.1,
+                         keep_scale: bool = False) -> tuple[Trajectory, TumPlacement]:
+    """Drive the base with a real recording, fitted into the room -> (walk, placement).
 
     ``stamps``/``t``/``q_wxyz`` as returned by :func:`vizloc_ros.ros_io.tum.read_tum`
     (body-to-world, the file's world assumed z-up as in EuRoC, TUM-VI and TUM RGB-D).
@@ -307,9 +374,13 @@ def trajectory_from_tum(scene: Scene, stamps, t, q_wxyz, duration: float | None 
     differentiates it twice), its orientation re-based so the mean is level, then
     rotated about z, shifted and, only if it does not fit, scaled down so that the whole
     path stays clear of walls and boxes. Timing is kept: speeds are real or smaller.
+    ``keep_scale`` never shrinks: a recording that does not fit at its real scale is a
+    ``ValueError`` naming its extent and the room's. The placement says what was done
+    (the CLI logs it and writes it into ``scene.json``).
     """
     stamps, t, q_wxyz = sorted_distinct(stamps, np.reshape(t, (-1, 3)), np.reshape(q_wxyz, (-1, 4)),
                                         min_step=1e-9)
+    first_stamp = float(stamps[0])
     stamps = stamps - stamps[0]
     if duration is not None and duration > stamps[-1]:
         raise ValueError(f"the TUM trajectory spans {stamps[-1]:.2f} s; a window of {duration:.2f} s "
@@ -349,16 +420,34 @@ def trajectory_from_tum(scene: Scene, stamps, t, q_wxyz, duration: float | None 
     if len(ctrl_positions) < 2:
         raise ValueError("the TUM window is too short")
 
-    placement = _fit_into_room(scene, ctrl_positions)
-    if placement is None:
+    fit = _fit_into_room(scene, ctrl_positions, scales=(1.0,) if keep_scale else None)
+    if fit is None:
+        if keep_scale:
+            raise ValueError(_does_not_fit_at_real_scale(scene, ctrl_positions, start, end))
         raise ValueError("could not fit the TUM trajectory into the room, even shrunk")
-    angle, scale, offset = placement
+    angle, scale, offset = fit
     rot = euler_zyx_to_matrix(angle, 0.0, 0.0)
     centre = _path_centre(ctrl_positions)
     placed = (scale * (ctrl_positions - centre)) @ rot.T + offset
     ctrl_euler = ctrl_euler.copy()
     ctrl_euler[:, 0] += angle
-    return Trajectory(0.0, fine_dt * step, placed, ctrl_euler)
+    placement = TumPlacement(scale=float(scale), yaw=float(angle), offset=offset - scale * (rot @ centre),
+                             base_in_body_q_wxyz=matrix_to_quat(correction),
+                             source_start_stamp=first_stamp + float(start), window=(float(start), float(end)),
+                             keep_scale=keep_scale)
+    return Trajectory(0.0, fine_dt * step, placed, ctrl_euler), placement
+
+
+def _does_not_fit_at_real_scale(scene: Scene, positions: np.ndarray, start: float, end: float) -> str:
+    """The one-line error of ``keep_scale``: the recording's extent against the room's."""
+    extent = positions.max(axis=0) - positions.min(axis=0)
+    free = (scene.room_hi[:2] - scene.room_lo[:2]) - 2 * WALL_MARGIN
+    room = scene.room_hi[:2] - scene.room_lo[:2]
+    return (f"the TUM window [{start:.2f}, {end:.2f}] s spans {extent[0]:.2f} x {extent[1]:.2f} m "
+            f"(height {extent[2]:.2f} m) and does not fit at its real scale in room {scene.spec.name!r}: "
+            f"{free[0]:.2f} x {free[1]:.2f} m free ({room[0]:.2f} x {room[1]:.2f} m less {WALL_MARGIN} m "
+            f"from the walls, {BOX_MARGIN} m from the boxes; height at most {MAX_HEIGHT_EXTENT} m); "
+            f"drop --keep-scale to shrink it, or use fewer --frames")
 
 
 def _first_window_without_gaps(stamps: np.ndarray, duration: float | None, max_gap: float) -> float:
@@ -377,9 +466,10 @@ def _path_centre(positions: np.ndarray) -> np.ndarray:
     return 0.5 * (positions.min(axis=0) + positions.max(axis=0))
 
 
-def _fit_into_room(scene: Scene, positions: np.ndarray):
-    """Search rotation about z, scale (largest first, never above 1) and offset so that
-    the path keeps clear of walls and boxes and stays in the height band."""
+def _fit_into_room(scene: Scene, positions: np.ndarray, scales=None):
+    """Search rotation about z, scale (largest first, never above 1; ``scales`` replaces
+    the default ladder) and offset so that the path keeps clear of walls and boxes and
+    stays in the height band -> (angle, scale, offset of the path centre) or None."""
     centred = positions - _path_centre(positions)
     free_lo = scene.room_lo[:2] + WALL_MARGIN
     free_hi = scene.room_hi[:2] - WALL_MARGIN
@@ -393,9 +483,10 @@ def _fit_into_room(scene: Scene, positions: np.ndarray):
     radius = np.max(np.linalg.norm(centred[:, :2], axis=1)) + 1e-9
     max_scale = min(1.0, 0.5 * float(np.min(free_hi - free_lo)) / radius * 1.4)
     subsample = centred[:: max(1, len(centred) // 150)]
-    for scale in max_scale * np.array([1.0, 0.85, 0.7, 0.55, 0.4, 0.3, 0.2, 0.1]):
+    ladder = max_scale * np.array([1.0, 0.85, 0.7, 0.55, 0.4, 0.3, 0.2, 0.1]) if scales is None else scales
+    for scale in ladder:
         z_extent = scale * (subsample[:, 2].max() - subsample[:, 2].min())
-        if z_extent > 2.0:
+        if z_extent > MAX_HEIGHT_EXTENT:
             continue
         for angle in np.linspace(0.0, 2 * np.pi, 12, endpoint=False):
             c, s = math.cos(angle), math.sin(angle)
