@@ -154,3 +154,10 @@ def test_nees_of_an_absurdly_small_covariance_stays_finite():
     q = np.tile([1.0, 0.0, 0.0, 0.0], (n, 1))
     summary = metrics.nees_summary(t + 1e3, q, t, q, np.stack([np.eye(6) * 1e-300] * n))
     assert np.isfinite(summary["nees_per_dof"]) and summary["nees_per_dof"] > 1e300
+
+
+def test_pose_error_vectors_of_missing_poses_are_nan_rows():
+    q = np.array([[1.0, 0.0, 0.0, 0.0], [np.nan] * 4])
+    t = np.array([[0.0, 0.0, 0.0], [np.nan] * 3])
+    e = metrics.pose_error_vectors(t, q, np.zeros((2, 3)), np.tile([1.0, 0, 0, 0], (2, 1)))
+    assert np.all(e[0] == 0.0) and np.all(np.isnan(e[1]))

@@ -85,11 +85,16 @@ def step_errors(t_est, q_est, t_gt, q_gt) -> dict:
 def pose_error_vectors(t_est, q_est, t_true, q_true) -> np.ndarray:
     """(N, 6) errors e = (t_true - t_est, rotvec(R_true R_est^T)) in ROS order with the axes
     of the parent frame (DESIGN.md "Covariance honesty"): the order and axes of the
-    covariance published with the pose, so that e^T C^-1 e is meaningful."""
-    t_est, t_true = np.asarray(t_est, float), np.asarray(t_true, float)
-    R_est = geometry.quat_to_matrix(np.asarray(q_est, float))
-    R_true = geometry.quat_to_matrix(np.asarray(q_true, float))
-    rot = geometry.so3_log(R_true @ np.swapaxes(R_est, -1, -2))
+    covariance published with the pose, so that e^T C^-1 e is meaningful. Rows where a
+    pose is missing (non-finite, e.g. before the fusion's first output) are NaN."""
+    t_est, t_true = np.asarray(t_est, float).reshape(-1, 3), np.asarray(t_true, float).reshape(-1, 3)
+    q_est, q_true = np.asarray(q_est, float).reshape(-1, 4), np.asarray(q_true, float).reshape(-1, 4)
+    rot = np.full(t_est.shape, np.nan)
+    known = np.all(np.isfinite(q_est), axis=1) & np.all(np.isfinite(q_true), axis=1)
+    if np.any(known):
+        R_est = geometry.quat_to_matrix(q_est[known])
+        R_true = geometry.quat_to_matrix(q_true[known])
+        rot[known] = geometry.so3_log(R_true @ np.swapaxes(R_est, -1, -2))
     return np.concatenate([t_true - t_est, rot], axis=-1)
 
 
