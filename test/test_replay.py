@@ -222,3 +222,111 @@ def test_a_missing_camera_mount_is_warned_once_with_the_flags_that_fix_it(small_
         _run(small_bag, tiny_weights, tmp_path / "p", fusion=False, base_frame="/chassis",
              camera_extrinsic=(np.zeros(3), np.array([1.0, 0.0, 0.0, 0.0])))
     assert not [r for r in caplog.records if "no TF path" in r.getMessage()]
+
+
+# --------------------------------------------------------------------------- covariance honesty
+
+def _published(bag, topic):
+    """(stamps, t, q, cov) of a PoseWithCovarianceStamped topic of the result bag."""
+    from vizloc_ros.ros_io import messages
+
+    rows = [(messages.header_stamp_sec(r.msg), *messages.pose_with_covariance_from_msg(r.msg))
+            for r in read_messages(bag, [topic])]
+    return (np.array([r[0] for r in rows]), np.stack([r[1] for r in rows]), np.stack([r[2] for r in rows]),
+            np.stack([r[3] for r in rows]))
+
+
+def test_nees_in_metrics_equals_nees_of_the_published_messages(report):
+    """NEES of both outputs recomputed from what the result bag carries: each network
+    pose, and the latest fused pose at or before each image, against the ground truth."""
+    from vizloc_ros.metrics import nees
+
+    out, metrics = report
+    g_s, g_t, g_q = read_tum(out / "ground_truth.tum")
+    a_s, a_t, a_q, a_cov = _published(out / "bag", "/vizloc/absolute_pose")
+    rows = np.abs(g_s[None, :] - a_s[:, None]).argmin(axis=1)
+    truth_t, truth_q = g_t[rows], g_q[rows]
+
+    def error(t, q):
+        rot = np.stack([geometry.so3_log(geometry.quat_to_matrix(tq) @ geometry.quat_to_matrix(eq).T)
+                        for tq, eq in zip(truth_q, q)])
+        return np.concatenate([truth_t - t, rot], axis=1)
+
+    values = nees(error(a_t, a_q), a_cov)
+    absolute = metrics["sources"]["absolute"]
+    assert absolute["nees_frames"] == len(a_s) and absolute["nees_skipped_covariances"] == 0
+    assert absolute["nees_per_dof"] == pytest.approx(np.mean(values) / 6, rel=1e-6)
+    assert absolute["nees_share_within_95"] == pytest.approx(np.mean(values <= 12.5916))
+
+    f_s, f_t, f_q, f_cov = _published(out / "bag", "/vizloc/pose")
+    held = np.array([np.flatnonzero(f_s <= s + 1e-9)[-1] if np.any(f_s <= s + 1e-9) else -1 for s in a_s])
+    scored = held >= 0
+    last = held[scored]
+    values = nees(error(f_t[held], f_q[held])[scored], f_cov[last])
+    fused = metrics["sources"]["fused"]
+    assert fused["nees_frames"] == fused["frames"] == scored.sum()
+    assert fused["nees_per_dof"] == pytest.approx(np.mean(values) / 6, rel=1e-6)
+    assert fused["nees_share_within_95"] == pytest.approx(np.mean(values <= 12.5916))
+    assert fused["reinitialisations"] == metrics["counts"]["fusion_reinitialisations"]
+    assert "nees_per_dof" not in metrics["sources"]["odometry"]
+
+
+def test_report_shows_nees_and_links_the_fused_error_band(report):
+    out, metrics = report
+    text = (out / "report.md").read_text()
+    assert "![fused error and its 2-sigma band](fused_error_band.png)" in text
+    assert (out / "fused_error_band.png").stat().st_size > 10_000
+    table = replay.format_table(metrics)
+    nees_row = next(line for line in table.splitlines() if line.startswith("NEES / dof"))
+    assert f"{metrics['sources']['fused']['nees_per_dof']:.2f}" in nees_row
+    assert any(line.startswith("inside 95 % bound") for line in table.splitlines())
+    assert next(line for line in table.splitlines() if line.startswith("reinitialisations")).split()[1:] == \
+        ["-", str(metrics["sources"]["fused"]["reinitialisations"]), "-"]
+
+
+def test_no_fusion_report_has_network_nees_and_no_error_band(small_bag, tiny_weights, tmp_path):
+    metrics = _run(small_bag, tiny_weights, tmp_path / "raw", fusion=False)
+    assert metrics["sources"]["absolute"]["nees_frames"] == 24
+    assert not (tmp_path / "raw" / "fused_error_band.png").exists()
+    assert "fused_error_band" not in (tmp_path / "raw" / "report.md").read_text()
+
+
+def test_singular_and_non_finite_covariances_are_skipped_counted_and_never_nan(tmp_path):
+    """A network pose published with a singular or NaN covariance and a fused one with a
+    singular covariance: left out of the NEES, counted, and metrics.json stays valid JSON
+    without NaN."""
+    from types import SimpleNamespace
+
+    from vizloc_ros.pipeline.regressor import AbsolutePose
+    from vizloc_ros.replay.report import write_report
+
+    n = 12
+    stamps = np.arange(n) * 0.1
+    gt_t = np.c_[np.linspace(0, 1, n), np.zeros(n), np.zeros(n)]
+    gt_q = np.tile([1.0, 0.0, 0.0, 0.0], (n, 1))
+    good = np.eye(6) * 0.01
+    singular = np.diag([0.01] * 5 + [0.0])
+    not_finite = np.full((6, 6), np.nan)
+    network_covs = [good] * n
+    network_covs[3], network_covs[7] = singular, not_finite
+    absolute = [AbsolutePose(stamp=s, frame_id="map", t=t + [0.1, 0.0, 0.0], q=q, cov=c)
+                for s, t, q, c in zip(stamps, gt_t, gt_q, network_covs)]
+    fused = [(s, t + 0.05, q, singular if i == 5 else good)
+             for i, (s, t, q) in enumerate(zip(stamps, gt_t, gt_q))]
+    regressor = SimpleNamespace(counters={"received": n}, estimator=SimpleNamespace(device="cpu"))
+    result = replay._assemble(replay.ReplayOptions(bag=tmp_path / "b", out=tmp_path / "o", weights=tmp_path / "w"),
+                              absolute, fused, [], (stamps, gt_t, gt_q), regressor,
+                              {"fusion_reinitialisations": 2}, 1.0, 1.0, n)
+    absolute_nees = result["metrics"]["sources"]["absolute"]
+    assert absolute_nees["nees_skipped_covariances"] == 2 and absolute_nees["nees_frames"] == n - 2
+    # the error (0.1, 0, 0) against 0.01 I: NEES 1 on every scored frame
+    assert absolute_nees["nees_per_dof"] == pytest.approx(1 / 6)
+    fused_nees = result["metrics"]["sources"]["fused"]
+    assert fused_nees["nees_skipped_covariances"] == 1 and fused_nees["reinitialisations"] == 2
+    assert np.isnan(result["per_frame"]["fused_sigma_xyz_m"][5]).all()
+    write_report(tmp_path, result)
+    text = (tmp_path / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(json.loads(text), METRICS_SCHEMA)
+    assert "singular or non-finite covariance: 2 absolute, 1 fused" in (tmp_path / "report.md").read_text()

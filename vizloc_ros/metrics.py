@@ -7,7 +7,10 @@
 * ATE and RPE through evo (with and without SE(3) alignment), so figures match what
   users get from the ``evo_ape`` / ``evo_rpe`` command lines on the same TUM files;
 * per-step errors: the error of each frame-to-frame motion, what an odometry drifts by
-  per step (compares a network's relative head with the robot's odometry).
+  per step (compares a network's relative head with the robot's odometry);
+* covariance honesty: NEES = e^T C^-1 e of each pose against its published 6x6
+  covariance, its mean per degree of freedom (near 1 when honest) and the share of frames
+  inside the 95 % bound.
 """
 from __future__ import annotations
 
@@ -17,6 +20,14 @@ from vizloc_ros import geometry
 
 #: (metres, degrees) thresholds of DESIGN.md
 THRESHOLDS = ((0.05, 5.0), (0.25, 2.0), (0.50, 5.0), (5.0, 10.0))
+#: degrees of freedom of a pose error (x, y, z, rot_x, rot_y, rot_z)
+POSE_DOF = 6
+#: 95 % quantile of chi-square with 6 dof (DESIGN.md's 12.59): a frame whose NEES is at or
+#: below it lies inside the 95 % bound of its covariance
+NEES_BOUND_95 = 12.591587243743977
+#: a covariance whose smallest eigenvalue is below this share of its largest is singular
+#: for NEES: its inverse would be dominated by rounding
+_SINGULAR_RATIO = 1e-12
 
 
 def threshold_key(metres: float, degrees: float) -> str:
@@ -69,6 +80,75 @@ def step_errors(t_est, q_est, t_gt, q_gt) -> dict:
     return {"median_step_translation_m": float(np.median(t_err)),
             "median_step_rotation_deg": float(np.median(r_err)),
             "median_step_length_m": float(np.median(np.linalg.norm(g_t, axis=1)))}
+
+
+def pose_error_vectors(t_est, q_est, t_true, q_true) -> np.ndarray:
+    """(N, 6) errors e = (t_true - t_est, rotvec(R_true R_est^T)) in ROS order with the axes
+    of the parent frame (DESIGN.md "Covariance honesty"): the order and axes of the
+    covariance published with the pose, so that e^T C^-1 e is meaningful. Rows where a
+    pose is missing (non-finite, e.g. before the fusion's first output) are NaN."""
+    t_est, t_true = np.asarray(t_est, float).reshape(-1, 3), np.asarray(t_true, float).reshape(-1, 3)
+    q_est, q_true = np.asarray(q_est, float).reshape(-1, 4), np.asarray(q_true, float).reshape(-1, 4)
+    rot = np.full(t_est.shape, np.nan)
+    known = np.all(np.isfinite(q_est), axis=1) & np.all(np.isfinite(q_true), axis=1)
+    if np.any(known):
+        R_est = geometry.quat_to_matrix(q_est[known])
+        R_true = geometry.quat_to_matrix(q_true[known])
+        rot[known] = geometry.so3_log(R_true @ np.swapaxes(R_est, -1, -2))
+    return np.concatenate([t_true - t_est, rot], axis=-1)
+
+
+def usable_covariances(covariances) -> np.ndarray:
+    """(N,) True where a 6x6 covariance can be inverted for NEES: finite, and its symmetric
+    part (what a PoseWithCovariance message carries) positive definite with a smallest
+    eigenvalue above :data:`_SINGULAR_RATIO` of its largest."""
+    cov = np.asarray(covariances, float).reshape(-1, POSE_DOF, POSE_DOF)
+    usable = np.all(np.isfinite(cov), axis=(1, 2))
+    if np.any(usable):
+        sym = 0.5 * (cov[usable] + np.swapaxes(cov[usable], 1, 2))
+        eig = np.linalg.eigvalsh(sym)
+        usable[usable] = (eig[:, -1] > 0) & (eig[:, 0] > _SINGULAR_RATIO * eig[:, -1])
+    return usable
+
+
+def nees(errors, covariances) -> np.ndarray:
+    """(N,) normalised estimation error squared e^T C^-1 e of each (6,) error against its
+    (6, 6) covariance (symmetrised); NaN where the covariance is not usable
+    (:func:`usable_covariances`) or the error not finite."""
+    e = np.asarray(errors, float).reshape(-1, POSE_DOF)
+    cov = np.asarray(covariances, float).reshape(-1, POSE_DOF, POSE_DOF)
+    if len(e) != len(cov):
+        raise ValueError(f"{len(e)} errors but {len(cov)} covariances")
+    out = np.full(len(e), np.nan)
+    ok = usable_covariances(cov) & np.all(np.isfinite(e), axis=1)
+    if np.any(ok):
+        sym = 0.5 * (cov[ok] + np.swapaxes(cov[ok], 1, 2))
+        out[ok] = np.einsum("ni,ni->n", e[ok], np.linalg.solve(sym, e[ok][..., None])[..., 0])
+    return out
+
+
+def nees_summary(t_est, q_est, t_true, q_true, covariances) -> dict:
+    """Covariance honesty of a run, as plain JSON values (never NaN):
+
+    * ``nees_per_dof``: mean NEES / 6 (1 when the covariance matches the errors, larger
+      when it is over-confident); None when no frame had a usable covariance;
+    * ``nees_share_within_95``: share of those frames with NEES <= :data:`NEES_BOUND_95`
+      (0.95 when honest); None likewise;
+    * ``nees_frames``: frames scored; ``nees_skipped_covariances``: frames left out because
+      their covariance was singular or not finite (:func:`usable_covariances`), or their
+      NEES overflowed.
+
+    Frames whose estimate or truth is not finite are not frames of the run here.
+    """
+    errors = pose_error_vectors(t_est, q_est, t_true, q_true)
+    values = nees(errors, covariances)
+    finite_error = np.all(np.isfinite(errors), axis=1)
+    scored = values[np.isfinite(values)]
+    # each term divided first: no overflow to inf even for absurdly small covariances
+    return {"nees_per_dof": float(np.sum(scored / (POSE_DOF * scored.size))) if scored.size else None,
+            "nees_share_within_95": float(np.mean(scored <= NEES_BOUND_95)) if scored.size else None,
+            "nees_frames": int(scored.size),
+            "nees_skipped_covariances": int(np.sum(finite_error) - scored.size)}
 
 
 def _evo_trajectory(stamps, t, q):

@@ -19,7 +19,7 @@ Output folder (built under a temporary name, renamed when complete)::
     bag/                    rosbag2 (mcap): /vizloc/absolute_pose, /vizloc/pose, /vizloc/path, /tf
                             (+ /vizloc/visual_odometry)
     ground_truth.tum  absolute.tum  fused.tum  odometry.tum  (visual_odometry.tum)
-    metrics.json  report.md  trajectories.png  errors.png  error_cdf.png
+    metrics.json  report.md  trajectories.png  errors.png  error_cdf.png  fused_error_band.png
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry
-from vizloc_ros.metrics import pose_errors, step_errors, summarize_errors, trajectory_metrics
+from vizloc_ros.metrics import (nees_summary, pose_error_vectors, pose_errors, step_errors, summarize_errors,
+                                trajectory_metrics, usable_covariances)
 from vizloc_ros.pipeline.regressor import RegressorCore, load_estimator
 from vizloc_ros.ros_io import messages
 from vizloc_ros.ros_io.bag_io import list_topics, read_messages, topic_message_counts
@@ -378,6 +379,8 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_counts
     valid = np.all(np.isfinite(truth_t), axis=1)
     trajectories = {"ground_truth": (gt_stamps, gt_t, gt_q), "absolute": (stamps, raw_t, raw_q)}
     sources = {"absolute": (raw_t, raw_q)}
+    # the covariance each scored pose was published with, at the image stamps (for NEES)
+    covariances = {"absolute": np.stack([p.cov for p in absolute])}
     if fused:
         f_stamps = np.array([f[0] for f in fused])
         order = np.argsort(f_stamps, kind="stable")
@@ -386,6 +389,8 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_counts
         keep = np.r_[np.diff(f_stamps) > 0, True]  # the last output at each stamp
         trajectories["fused"] = (f_stamps[keep], f_t[keep], f_q[keep])
         sources["fused"] = previous_poses(f_stamps[keep], f_t[keep], f_q[keep], stamps)
+        covariances["fused"] = _held_covariances(
+            f_stamps[keep], np.stack([f[3] for f in fused])[order][keep], stamps)
     # odometry alone (the bag's, and the network's visual odometry), anchored in map with
     # the ground truth at its first usable stamp
     for name, track in (("odometry", odom_track), ("visual_odometry", vo_track)):
@@ -408,12 +413,19 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_counts
         summary["final_median_translation_m"] = float(np.median(t_err[-tail:]))
         summary.update(step_errors(t[ok], q[ok], truth_t[ok], truth_q[ok]))
         summary.update(trajectory_metrics(stamps[ok], t[ok], q[ok], truth_t[ok], truth_q[ok]))
+        if name in covariances:
+            summary.update(nees_summary(t[ok], q[ok], truth_t[ok], truth_q[ok], covariances[name][ok]))
+        if name == "fused":  # restarts of the fusion from rejected measurements (kidnap recovery)
+            summary["reinitialisations"] = int(fusion_counts.get("fusion_reinitialisations", 0))
         metrics["sources"][name] = summary
         full_t = np.full(len(stamps), np.nan)
         full_r = np.full(len(stamps), np.nan)
         full_t[ok], full_r[ok] = t_err, r_err
         per_frame[f"{name}_translation_m"] = full_t[valid]
         per_frame[f"{name}_rotation_deg"] = full_r[valid]
+    if "fused" in covariances:  # the report's error band: signed error and 1-sigma per axis of map
+        per_frame["fused_error_xyz_m"], per_frame["fused_sigma_xyz_m"] = _error_band(
+            *sources["fused"], truth_t, truth_q, covariances["fused"], valid)
     counts = {"images_" + k: int(v) for k, v in regressor.counters.items()}
     counts.update(fusion_counts)
     metrics["counts"] = counts
@@ -424,6 +436,27 @@ def _assemble(options, absolute, fused, odom_track, gt, regressor, fusion_counts
     if phases:  # where the time went: seconds per stage, summed over the run
         metrics["timing"]["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
     return {"metrics": metrics, "trajectories": trajectories, "per_frame": per_frame}
+
+
+def _held_covariances(f_stamps, f_cov, query):
+    """The covariance of the fused pose that :func:`previous_poses` holds at each query
+    stamp (the latest at or before it; NaN before the first), so a pose and the covariance
+    it was published with are scored together."""
+    held = np.full((len(query), 6, 6), np.nan)
+    idx = np.searchsorted(f_stamps, np.asarray(query) + 1e-9, side="right") - 1
+    held[idx >= 0] = f_cov[idx[idx >= 0]]
+    return held
+
+
+def _error_band(t, q, truth_t, truth_q, cov, valid):
+    """Per frame of ``valid``: the signed translation error t_true - t_est along x, y, z of
+    map and its standard deviation sqrt(C_ii) from the published covariance (NaN where
+    the pose or a usable covariance is missing)."""
+    error = pose_error_vectors(t[valid], q[valid], truth_t[valid], truth_q[valid])[:, :3]
+    sigma = np.full(error.shape, np.nan)
+    usable = usable_covariances(cov[valid])
+    sigma[usable] = np.sqrt(np.diagonal(cov[valid][usable], axis1=1, axis2=2)[:, :3])
+    return error, sigma
 
 
 def default_weights() -> Path:

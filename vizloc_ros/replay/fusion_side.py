@@ -102,7 +102,8 @@ class FusionSideSpec:
 class FusionSideResult:
     """What the report needs from the fusion side."""
 
-    fused: list          # (stamp, t, q) of every /vizloc/pose, in publishing order
+    fused: list          # (stamp, t, q, cov) of every /vizloc/pose, in publishing order; cov:
+                         # the (6, 6) ROS-order covariance it carries (for the report's NEES)
     odom_track: list     # (stamp, t, q) of the bag's odometry
     ground_truth: tuple  # (stamps, t, q) of the base in map, sorted
     counts: dict         # FusionCore counters + fusion_* counters + late_absolute
@@ -305,7 +306,7 @@ class FusionSide:
         if step is None or step.output is None:
             return
         output = step.output
-        self.fused.append((output.stamp, output.t, output.q))
+        self.fused.append((output.stamp, output.t, output.q, output.cov))
         self._write(output.stamp_ns, self._outputs.of(output))
 
     def _write(self, ns: int, items) -> None:

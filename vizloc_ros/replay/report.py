@@ -34,10 +34,28 @@ _SOURCE = {
     "patternProperties": {"^within_": {"type": "number", "minimum": 0, "maximum": 1}},
 }
 
+#: covariance honesty (DESIGN.md), for the sources published with a covariance: mean NEES
+#: / 6 and share of frames with NEES <= 12.59 (null when no frame had a usable
+#: covariance), frames scored, frames skipped for a singular or non-finite covariance
+_NEES = {
+    "nees_per_dof": {"type": ["number", "null"], "minimum": 0},
+    "nees_share_within_95": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "nees_frames": {"type": "integer", "minimum": 0},
+    "nees_skipped_covariances": {"type": "integer", "minimum": 0},
+}
+_COVARIANCE_SOURCE = {**_SOURCE, "required": _SOURCE["required"] + list(_NEES),
+                      "properties": {**_SOURCE["properties"], **_NEES}}
+#: the fused source also counts the fusion's restarts from rejected measurements
+_FUSED_SOURCE = {**_COVARIANCE_SOURCE, "required": _COVARIANCE_SOURCE["required"] + ["reinitialisations"],
+                 "properties": {**_COVARIANCE_SOURCE["properties"],
+                                "reinitialisations": {"type": "integer", "minimum": 0}}}
+
 #: JSON Schema of ``metrics.json`` (draft 2020-12). ``sources`` holds ``absolute`` (raw
 #: network), ``fused`` (when fusion ran), ``odometry`` (odometry alone, anchored to the
 #: ground truth at its first pose) and ``visual_odometry`` (the network's relative head
-#: integrated, ``--visual-odom``), each evaluated at the image stamps.
+#: integrated, ``--visual-odom``), each evaluated at the image stamps; ``absolute`` and
+#: ``fused`` also score their published covariances (NEES), ``fused`` counts the
+#: fusion's reinitialisations.
 METRICS_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -48,7 +66,7 @@ METRICS_SCHEMA = {
         "frames": {"type": "object", "required": ["images", "estimated", "evaluated"],
                    "additionalProperties": {"type": "integer", "minimum": 0}},
         "sources": {"type": "object", "required": ["absolute"],
-                    "properties": {"absolute": _SOURCE, "fused": _SOURCE, "odometry": _SOURCE,
+                    "properties": {"absolute": _COVARIANCE_SOURCE, "fused": _FUSED_SOURCE, "odometry": _SOURCE,
                                    "visual_odometry": _SOURCE},
                     "additionalProperties": False},
         "counts": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
@@ -67,6 +85,9 @@ METRICS_SCHEMA = {
     },
 }
 
+#: the fused translation error over time with its 2-sigma band (written when fusion ran)
+ERROR_BAND_PLOT = "fused_error_band.png"
+
 COLOURS = {"ground_truth": "black", "absolute": "tab:orange", "fused": "tab:blue", "odometry": "tab:green",
            "visual_odometry": "tab:purple"}
 
@@ -76,8 +97,8 @@ def write_report(folder: Path, result: dict) -> None:
     for name, (stamps, t, q) in result["trajectories"].items():
         write_tum(folder / f"{name}.tum", stamps, t, q)
     (folder / "metrics.json").write_text(json.dumps(result["metrics"], indent=2, allow_nan=False) + "\n")
-    _plots(folder, result)
-    (folder / "report.md").write_text(_markdown(result["metrics"]))
+    error_band = _plots(folder, result)
+    (folder / "report.md").write_text(_markdown(result["metrics"], error_band))
 
 
 def _phases(metrics: dict) -> str:
@@ -98,7 +119,10 @@ def format_table(metrics: dict) -> str:
             ("ATE RMSE (m)", "ate_rmse_m", "{:.3f}"),
             ("ATE RMSE, SE(3)-aligned (m)", "ate_rmse_m_se3_aligned", "{:.3f}"),
             ("median step error (m)", "median_step_translation_m", "{:.4f}"),
-            ("median step error (deg)", "median_step_rotation_deg", "{:.3f}")]
+            ("median step error (deg)", "median_step_rotation_deg", "{:.3f}"),
+            ("NEES / dof (1 = honest)", "nees_per_dof", "{:.2f}"),
+            ("inside 95 % bound (NEES)", "nees_share_within_95", "{:.1%}"),
+            ("reinitialisations", "reinitialisations", "{:d}")]
     width = max(len(r[0]) for r in rows)
     lines = [" " * width + "".join(f"{SHORT_NAMES.get(n, n):>12}" for n in names)]
     for label, key, fmt in rows:
@@ -117,7 +141,18 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _markdown(metrics: dict) -> str:
+def _skipped_covariances(metrics: dict) -> str:
+    """A sentence naming the sources whose NEES left frames out, or nothing."""
+    skipped = [f"{metrics['sources'][n]['nees_skipped_covariances']} {SHORT_NAMES.get(n, n)}"
+               for n in SOURCE_NAMES
+               if metrics["sources"].get(n, {}).get("nees_skipped_covariances")]
+    if not skipped:
+        return ""
+    return (f" Frames left out of the NEES for a singular or non-finite covariance: "
+            f"{', '.join(skipped)}.")
+
+
+def _markdown(metrics: dict, error_band: bool = False) -> str:
     lines = ["# vizloc-replay report", "",
              f"- bag: `{metrics['bag']}`", f"- weights: `{metrics['weights']}`",
              f"- device: {metrics['timing']['device']}, {metrics['timing']['frames_per_second']:.1f} "
@@ -127,14 +162,27 @@ def _markdown(metrics: dict) -> str:
              "`fused` is the latest fused pose at or before each image (causal), `odometry` "
              "is the odometry alone anchored to the ground truth at its first pose (`visual "
              "odometry`: the network's relative head integrated, likewise). ATE/RPE "
-             "come from evo on the same poses.", "",
+             "come from evo on the same poses. NEES = e^T C^-1 e scores each pose against the "
+             "covariance it was published with (e = (t_true - t_est, rotvec(R_true R_est^T)), "
+             "ROS order, map axes): NEES / dof is its mean / 6, about 1 when the covariance "
+             "is honest and larger when it is over-confident; about 95 % of the frames should "
+             "lie inside the 95 % bound (NEES <= 12.59, chi-square with 6 dof)."
+             + _skipped_covariances(metrics), "",
              "![trajectories](trajectories.png)", "", "![errors](errors.png)", "",
-             "![error CDF](error_cdf.png)", "", "## Counts", ""]
+             "![error CDF](error_cdf.png)", ""]
+    if error_band:
+        lines += [f"![fused error and its 2-sigma band]({ERROR_BAND_PLOT})", "",
+                  "Fused translation error t_true - t_est along each axis of map, with the "
+                  "band of +-2 sigma per axis (sigma = the square root of that axis's "
+                  "diagonal entry of the published covariance); with an honest covariance "
+                  "about 95 % of the error lies inside the band.", ""]
+    lines += ["## Counts", ""]
     lines += [f"- {k}: {v}" for k, v in sorted(metrics["counts"].items())]
     return "\n".join(lines) + "\n"
 
 
-def _plots(folder: Path, result: dict) -> None:
+def _plots(folder: Path, result: dict) -> bool:
+    """Writes the plots; True when the fused error band was among them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,3 +236,30 @@ def _plots(folder: Path, result: dict) -> None:
     fig.tight_layout()
     fig.savefig(folder / "error_cdf.png", dpi=110)
     plt.close(fig)
+    return _error_band_plot(folder, per_frame, rel, plt)
+
+
+def _error_band_plot(folder: Path, per_frame: dict, rel, plt) -> bool:
+    """Fused signed translation error per axis of map with +-2 sigma of the published
+    covariance: where the covariance is over-confident the error leaves the band."""
+    error, sigma = per_frame.get("fused_error_xyz_m"), per_frame.get("fused_sigma_xyz_m")
+    if error is None or not np.any(np.isfinite(error)):
+        return False
+    fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
+    for axis, ax in enumerate(axes):
+        inside = np.abs(error[:, axis]) <= 2 * sigma[:, axis]
+        scored = np.isfinite(error[:, axis]) & np.isfinite(sigma[:, axis])
+        share = f", {np.mean(inside[scored]):.0%} inside" if np.any(scored) else ""
+        ax.fill_between(rel, -2 * sigma[:, axis], 2 * sigma[:, axis], color=COLOURS["fused"], alpha=0.2,
+                        lw=0, label="+-2 sigma (published covariance)")
+        ax.plot(rel, error[:, axis], color=COLOURS["fused"], lw=1, label=f"error{share}")
+        ax.axhline(0.0, color="black", lw=0.5)
+        ax.set_ylabel(f"{'xyz'[axis]} error (m)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize="small")
+    axes[0].set_title("Fused translation error (t_true - t_est, map axes) and its 2-sigma band")
+    axes[-1].set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(folder / ERROR_BAND_PLOT, dpi=110)
+    plt.close(fig)
+    return True
