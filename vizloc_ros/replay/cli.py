@@ -549,6 +549,7 @@ def main(argv=None) -> int:
         parser.error("give a BAG or --demo (not both)")
     overwrite = args.overwrite
     try:
+        file_and_flags = _file_then_flags(args)  # a bad --params-file: said before any work
         if args.demo:
             print("vizloc-replay: preparing the demo bag (rendered once, then cached) ...", file=sys.stderr)
             bag = cached_demo_bag(progress=not args.no_progress)
@@ -562,7 +563,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size, overwrite=overwrite, progress=not args.no_progress,
             camera_extrinsic=_extrinsic(args.camera_extrinsic),
             prior_weights=Path(args.prior_weights) if args.prior_weights else None,
-            fusion_process=not args.single_process, **_file_then_flags(args))
+            fusion_process=not args.single_process, **file_and_flags)
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
