@@ -76,6 +76,7 @@ vizloc_regressor:
 vizloc_fusion:
   ros__parameters:
     odom_topic: /wheel/odom
+    base_frame: chassis
     use_imu: true
     imu_topic: /imu
     window_size: 9
@@ -86,7 +87,7 @@ vizloc_fusion:
     assert (from_file["device"], from_file["mc_dropout_samples"], from_file["max_rate"]) == ("cuda", 8, 5.0)
     assert (from_file["odom_topic"], from_file["imu_topic"], from_file["base_frame"]) == ("/wheel/odom", "/imu",
                                                                                          "chassis")
-    assert from_file["fusion_params"]["window_size"] == 9
+    assert from_file["fusion_params"]["window_size"] == 9 and read_params_file(path).not_honoured == []
     flags = replay._file_then_flags(parser.parse_args(
         ["b", "--params-file", str(path), "--image-topic", "/cam", "--device", "cpu", "--mc-dropout-samples", "0",
          "--odom-topic", "none", "--imu-topic", "none", "--base-frame", "base_link"]))

@@ -86,7 +86,7 @@ def read_params_file(path) -> ParamsFileOptions:
         _fusion_options(fusion, read)
     if regressor is not None:
         _regressor_options(regressor, given[node_params.REGRESSOR_NODE], fusion, read)
-    _frames(given, regressor, fusion, read)
+    _frames(regressor, fusion, read)
     return read
 
 
@@ -117,8 +117,8 @@ def _regressor_options(s, given: dict, fusion, read: ParamsFileOptions) -> None:
     read.options.update(device=s.device, precision=s.precision, mc_dropout_samples=s.mc_dropout_samples,
                         image_topic=s.subscribed_topic, max_rate=s.max_rate, camera_frame=s.camera_frame)
     t, q = s.camera_extrinsic
-    if np.any(t) or not np.allclose(q, (1.0, 0.0, 0.0, 0.0)):
-        # identity is the node's "no fallback" (the camera pose is published as the base's)
+    if np.any(t) or q[0] != 1.0:
+        # identity (the node's own test) is "no fallback": the camera pose is published as the base's
         read.options["camera_extrinsic_fallback"] = s.camera_extrinsic
     if not s.visual_odometry:
         return
@@ -139,16 +139,16 @@ def _regressor_options(s, given: dict, fusion, read: ParamsFileOptions) -> None:
         read.not_honoured.append("vizloc_regressor.publish_odom_tf (the result bag has the odom TF)")
 
 
-def _frames(given: dict, regressor, fusion, read: ParamsFileOptions) -> None:
-    """The replay runs one set of frames for both nodes: the fusion's where the file gives
-    it, else the regressor's; a regressor frame that differs is named. The regressor's
-    ``odom_frame`` is that of its visual odometry: it counts only when that is fused."""
+def _frames(regressor, fusion, read: ParamsFileOptions) -> None:
+    """The replay runs one set of frames for both nodes: the fusion node's where the file
+    has its section (its defaults included: they are what the robot runs), else the
+    regressor's; a regressor frame that differs is named. The regressor's ``odom_frame``
+    is that of its visual odometry: it counts only when that is fused."""
     for name in _FRAMES:
         values = {}
-        if (regressor is not None and name in given[node_params.REGRESSOR_NODE]
-                and (name != "odom_frame" or read.options.get("visual_odometry"))):
+        if regressor is not None and (name != "odom_frame" or read.options.get("visual_odometry")):
             values[node_params.REGRESSOR_NODE] = getattr(regressor, name)
-        if fusion is not None and name in given[node_params.FUSION_NODE]:
+        if fusion is not None:
             values[node_params.FUSION_NODE] = getattr(fusion.settings, name)
         if not values:
             continue
