@@ -36,6 +36,8 @@ ALLOWED = {
 #: single modules that one offline tool may use beyond its stage's row, and why
 EXCEPTIONS = {
     ("replay", "vizloc_ros.sim.synthetic"): "vizloc-replay --demo renders the demo bag once",
+    ("replay", "vizloc_ros.nodes.params"): "the replay reads the nodes' parameter file "
+                                           "(vizloc-replay --params-file; params imports no rclpy)",
 }
 RUNTIME = ("ros_io", "localize", "fusion", "pipeline", "nodes")
 OFFLINE = ("replay", "training", "sim")

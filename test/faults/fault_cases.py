@@ -952,6 +952,31 @@ def _second_run_overwrites(res, folder):
     return replay_case(args=("--overwrite",))(res, folder)
 
 
+#: vizloc-replay --params-file: (file text, None for a missing file; words the error line must hold)
+REPLAY_PARAM_FILES = {
+    "an unknown parameter": ("vizloc_fusion:\n  ros__parameters:\n    windw_size: 10\n", "windw_size"),
+    "a string for an integer": ("vizloc_fusion:\n  ros__parameters:\n    window_size: '20'\n", "'window_size'"),
+    "a value out of bounds": ("vizloc_fusion:\n  ros__parameters:\n    gate_probability: 1.5\n",
+                              "gate_probability"),
+    "malformed YAML": ("vizloc_regressor:\n  ros__parameters:\n    device: [cpu\n", "not valid YAML"),
+    "a file that does not exist": (None, "cannot read it"),
+}
+
+
+def _replay_params_file(text, words):
+    """vizloc-replay with a bad --params-file: exit 2, one line naming the file and the
+    parameter, before anything is written (as the node would refuse to start)."""
+    def run(res, folder):
+        path = folder / ("robot.yaml" if text is not None else "missing.yaml")
+        if text is not None:
+            path.write_text(text)
+        obs = replay_case(args=("--params-file", path))(res, folder)
+        if obs.behaviour == "error" and not (str(path) in obs.detail and words in obs.detail):
+            obs.behaviour = f"error without {path} and {words!r}"
+        return obs
+    return run
+
+
 def _cli_cases() -> list[Case]:
     c = []
     add = lambda name, expected, run, why="exit 2, one line, nothing written": \
@@ -981,6 +1006,9 @@ def _cli_cases() -> list[Case]:
         replay_case(args=("--ground-truth", "/camera/image_raw")))
     add("vizloc-replay: --imu-topic on the odometry topic", "error", replay_case(args=("--imu-topic", "/odom")))
     add("vizloc-replay: --image-topic that does not exist", "error", replay_case(args=("--image-topic", "/cam")))
+    for name, (text, words) in REPLAY_PARAM_FILES.items():
+        add(f"vizloc-replay: --params-file with {name}", "error", _replay_params_file(text, words),
+            "exit 2, one line naming the file and the parameter, nothing written")
     add("vizloc-replay: interrupted while writing (Ctrl-C)", "error", _interrupted(130),
         "exit 130, no report folder, no temporaries")
     add("vizloc-replay: disk full while writing", "error", _disk_full, "exit 2, no report folder, no temporaries")

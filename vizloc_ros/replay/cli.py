@@ -47,7 +47,8 @@ from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError
 from vizloc_ros.ros_io.messages import IMAGE_TYPES
 from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.replay.fusion_side import (FusionProcess, FusionSideSpec, InProcessFusion, ReplayError,
-                                           bag_errors)
+                                           bag_errors, fusion_settings_of)
+from vizloc_ros.replay.params_file import read_params_file
 from vizloc_ros.replay.report import format_table, write_report
 from vizloc_ros.sim.synthetic import cached_demo_bag
 
@@ -59,6 +60,10 @@ MAX_BATCH_SIZE = 1024
 
 @dataclass
 class ReplayOptions:
+    """What one replay runs; ``vizloc-replay`` fills it from its flags and ``--params-file``
+    (:mod:`vizloc_ros.replay.params_file`: the nodes' parameters, same names where they
+    exist)."""
+
     bag: Path
     out: Path
     weights: Path | None = None
@@ -75,8 +80,13 @@ class ReplayOptions:
     map_frame: str = "map"
     odom_frame: str = "odom"
     base_frame: str = "base_link"
-    camera_extrinsic: tuple | None = None  # (t, q_wxyz) base -> camera
-    fusion_params: dict = field(default_factory=dict)
+    camera_extrinsic: tuple | None = None  # (t, q_wxyz) base -> camera, wins over the bag's TF
+    # (t, q_wxyz) base -> camera used while the bag gives none (the node's camera_extrinsic)
+    camera_extrinsic_fallback: tuple | None = None
+    camera_frame: str = ""  # the camera's frame in TF; empty: the images' frame_id
+    max_rate: float = 0.0  # frames per second of message time the network runs; 0: every frame
+    fusion_params: dict = field(default_factory=dict)  # FusionConfig fields
+    fusion_settings: dict = field(default_factory=dict)  # FusionSettings fields but frames and inputs
     mc_dropout_samples: int = 0
     visual_odometry: bool = False  # the network's relative head as the fusion's odometry
     prior_weights: Path | None = None  # coarse prior (e.g. NetVLAD): initialisation / kidnap only
@@ -162,13 +172,14 @@ def run_replay(options: ReplayOptions) -> dict:
         use_odom=use_odom, use_imu=use_imu, visual_odometry=options.visual_odometry,
         coarse_prior=bool(options.prior_weights is not None and options.fusion),
         map_frame=options.map_frame, odom_frame=options.odom_frame, base_frame=options.base_frame,
-        fusion_params=dict(options.fusion_params))
+        fusion_params=dict(options.fusion_params), fusion_settings=dict(options.fusion_settings))
     if options.fusion:  # bad fusion parameters: say so before anything runs
         # here, not at the top: vizloc_ros.fusion loads gtsam, which --no-fusion does without
         from vizloc_ros.fusion import FusionConfig
 
         try:
             FusionConfig.from_dict(dict(options.fusion_params))
+            fusion_settings_of(spec)
         except (ValueError, TypeError) as exc:
             raise ReplayError(f"fusion parameters: {exc}") from None
     try:
@@ -198,11 +209,14 @@ def run_replay(options: ReplayOptions) -> dict:
         except ValueError as exc:
             raise ReplayError(str(exc)) from None
         try:
-            regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic,
+            regressor = RegressorCore(estimator, base_T_camera=options.camera_extrinsic or
+                                      options.camera_extrinsic_fallback,
                                       map_frame=options.map_frame, visual_odometry=options.visual_odometry,
-                                      odom_frame=options.odom_frame, base_frame=options.base_frame)
+                                      odom_frame=options.odom_frame, base_frame=options.base_frame,
+                                      max_rate=options.max_rate)
         except ValueError as exc:
-            what = "--visual-odom" if options.visual_odometry and "visual" in str(exc) else "camera extrinsic"
+            what = ("--visual-odom" if options.visual_odometry and "visual" in str(exc) else
+                    "max_rate" if "max_rate" in str(exc) else "camera extrinsic")
             raise ReplayError(f"{what}: {exc}") from None
         prior = None
         if options.prior_weights is not None and options.fusion:
@@ -237,7 +251,11 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
     the report's numbers."""
     camera_mount = CameraMountResolver(
         override=options.camera_extrinsic,
-        hint="pass --camera-extrinsic, or --base-frame if the robot's base has another name")
+        hint="using camera_extrinsic of --params-file" if options.camera_extrinsic_fallback is not None
+        else "pass --camera-extrinsic, or --base-frame if the robot's base has another name")
+    # the mount comes from --camera-extrinsic or the bag; a fallback (the node's
+    # camera_extrinsic) is used until the bag gives it, as on the robot
+    mount_known = options.camera_extrinsic is not None
     warned_extrinsic: list = []
     image_stamps: list = []
     absolute: list = []
@@ -254,17 +272,19 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
                dynamic_ncols=True)
 
     def flush_images():
+        nonlocal mount_known
         if not pending:
             return
         flush_start = time.perf_counter()
-        if regressor.base_T_camera is None:
-            frame = pending[0].header.frame_id
+        if not mount_known:
+            frame = options.camera_frame or pending[0].header.frame_id
             mount = resolve_in_bag(camera_mount, bag, topics, options.base_frame, frame)
             if mount.source == FROM_FIXED_TF:
                 LOG.info("camera extrinsic %s -> %s from transforms that stay fixed on /tf: t=%s q_wxyz=%s",
                          options.base_frame, frame, np.round(mount.pose[0], 4), np.round(mount.pose[1], 4))
             if mount.found:
                 regressor.set_extrinsic(*mount.pose)
+                mount_known = True
             elif not warned_extrinsic:
                 warned_extrinsic.append(frame)
                 LOG.warning("%s", mount.reason)
@@ -272,7 +292,7 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
             pending.sort(key=_stamp_or_zero)
         events = []
         if prior is not None:  # coarse poses (retrieval): initialisation and kidnap recovery only
-            if prior.base_T_camera is None and regressor.base_T_camera is not None:
+            if regressor.base_T_camera is not None:  # the mount as known now (a fallback may go)
                 prior.set_extrinsic(*regressor.base_T_camera)
             events += [(r.pose.stamp, "prior", r.pose) for r in prior.process_batch(pending)
                        if r.pose is not None]
@@ -479,40 +499,69 @@ def _extrinsic(values):
         raise ReplayError(str(exc)) from None
 
 
+def _file_then_flags(args) -> dict:
+    """The :class:`ReplayOptions` fields that ``--params-file`` may set, with the flags
+    given on the command line over the file's values (the defaults: ReplayOptions')."""
+    values = {}
+    if args.params_file:
+        read = read_params_file(args.params_file)
+        if read.not_honoured:
+            LOG.warning("--params-file %s: not reproduced offline: %s", args.params_file,
+                        "; ".join(read.not_honoured))
+        values.update(read.options)
+    flags = {"image_topic": args.image_topic, "device": args.device, "precision": args.precision,
+             "mc_dropout_samples": args.mc_dropout_samples, "base_frame": args.base_frame,
+             "visual_odometry": args.visual_odom}
+    values.update({name: value for name, value in flags.items() if value is not None})
+    if args.weights:
+        values["weights"] = Path(args.weights)
+    for name, topic in (("odom_topic", args.odom_topic), ("imu_topic", args.imu_topic)):
+        if topic is not None:
+            values[name] = None if topic.lower() == "none" else topic
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vizloc-replay",
         description="Replay a rosbag2 (mcap / sqlite3) or ROS 1 bag through the vizloc_ros pipeline "
-                    "(estimator + fusion, exactly as the nodes run) and report how well it localized.")
+                    "(estimator + fusion, exactly as the nodes run) and report how well it localized.",
+        epilog="With --params-file, the flags given on the command line win over the file; the "
+               "defaults shown apply where neither sets a value.")
     parser.add_argument("bag", nargs="?", help="bag folder (rosbag2) or .bag file (ROS 1)")
     parser.add_argument("--demo", action="store_true",
                         help="replay the demo scene's test walk (rendered with vizloc-synth on first "
                              "use and cached) with the shipped MapNet")
+    parser.add_argument("--params-file", metavar="YAML",
+                        help="the nodes' parameter file (config/vizloc.yaml format: vizloc_regressor / "
+                             "vizloc_fusion ros__parameters), checked as the nodes check it: the replay "
+                             "runs the robot's fusion and network settings. Flags given here win over it; "
+                             "a parameter it cannot reproduce offline is named in one warning")
     parser.add_argument("--weights", help="checkpoint (default: the shipped weights/mapnet_demo)")
-    parser.add_argument("--image-topic", default="/camera/image_raw",
+    parser.add_argument("--image-topic",
                         help="sensor_msgs/Image or CompressedImage topic (default /camera/image_raw)")
     parser.add_argument("--ground-truth", default="/ground_truth/pose",
                         help="PoseStamped / PoseWithCovarianceStamped / Odometry / TransformStamped topic, "
                              "or tf:PARENT->CHILD for a TF chain of any length through /tf and /tf_static "
                              "(default /ground_truth/pose)")
-    parser.add_argument("--odom-topic", default="/odom", help="nav_msgs/Odometry topic, or 'none'")
-    parser.add_argument("--imu-topic", default="none", help="sensor_msgs/Imu topic to fuse, or 'none' (default)")
+    parser.add_argument("--odom-topic", help="nav_msgs/Odometry topic, or 'none' (default /odom)")
+    parser.add_argument("--imu-topic", help="sensor_msgs/Imu topic to fuse, or 'none' (default)")
     parser.add_argument("--no-fusion", action="store_true", help="raw network poses only")
-    parser.add_argument("--visual-odom", action="store_true",
+    parser.add_argument("--visual-odom", action="store_true", default=None,
                         help="fuse the network's own relative-pose head (VLocNet) as visual odometry "
                              "instead of --odom-topic (for robots without odometry)")
     parser.add_argument("--prior-weights", help="a second checkpoint (e.g. NetVLAD retrieval) whose poses "
                                                 "only initialise the fusion and recover it after a kidnapping")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"),
                         help="network precision, as the node's `precision` parameter: fp16 runs "
                              "the GPU in half precision (default fp32; the CPU always runs fp32)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
-    parser.add_argument("--mc-dropout-samples", type=int, default=0,
+    parser.add_argument("--mc-dropout-samples", type=int,
                         help="MC dropout samples per image for the covariance (default 0: validation covariance)")
     parser.add_argument("--camera-extrinsic", type=float, nargs=7, metavar=("X", "Y", "Z", "QX", "QY", "QZ", "QW"),
                         help="base -> camera transform when the bag has no /tf_static for it")
-    parser.add_argument("--base-frame", default="base_link")
+    parser.add_argument("--base-frame", help="the robot's base frame (default base_link)")
     parser.add_argument("--out", help="output folder (default vizloc_replay_<bag name>; "
                                       "--demo: vizloc_demo_report, replaced on each run)")
     parser.add_argument("--overwrite", action="store_true",
@@ -533,6 +582,7 @@ def main(argv=None) -> int:
         parser.error("give a BAG or --demo (not both)")
     overwrite = args.overwrite
     try:
+        file_and_flags = _file_then_flags(args)  # a bad --params-file: said before any work
         if args.demo:
             print("vizloc-replay: preparing the demo bag (rendered once, then cached) ...", file=sys.stderr)
             bag = cached_demo_bag(progress=not args.no_progress)
@@ -542,17 +592,11 @@ def main(argv=None) -> int:
             bag = Path(args.bag)
             out = Path(args.out or f"vizloc_replay_{bag.resolve().name}")
         options = ReplayOptions(
-            bag=bag, out=out, weights=Path(args.weights) if args.weights else None,
-            image_topic=args.image_topic, ground_truth=args.ground_truth,
-            odom_topic=None if args.odom_topic.lower() == "none" else args.odom_topic,
-            imu_topic=None if args.imu_topic.lower() == "none" else args.imu_topic,
-            fusion=not args.no_fusion, device=args.device, precision=args.precision,
-            batch_size=args.batch_size,
-            overwrite=overwrite, progress=not args.no_progress, base_frame=args.base_frame,
+            bag=bag, out=out, ground_truth=args.ground_truth, fusion=not args.no_fusion,
+            batch_size=args.batch_size, overwrite=overwrite, progress=not args.no_progress,
             camera_extrinsic=_extrinsic(args.camera_extrinsic),
-            mc_dropout_samples=args.mc_dropout_samples, visual_odometry=args.visual_odom,
             prior_weights=Path(args.prior_weights) if args.prior_weights else None,
-            fusion_process=not args.single_process)
+            fusion_process=not args.single_process, **file_and_flags)
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:

@@ -96,6 +96,9 @@ class FusionSideSpec:
     odom_frame: str = "odom"
     base_frame: str = "base_link"
     fusion_params: dict = field(default_factory=dict)
+    #: the other FusionSettings fields (publish_tf, transform_tolerance, path_*), e.g. from
+    #: ``--params-file``; the frames and inputs are the fields above
+    fusion_settings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -110,6 +113,13 @@ class FusionSideResult:
     busy_s: float = 0.0  # time spent fusing and writing the result bag
 
 
+def fusion_settings_of(spec: FusionSideSpec) -> FusionSettings:
+    """The fusion node's settings the replay runs; ``ValueError`` for a bad value."""
+    return FusionSettings(**{**spec.fusion_settings, "map_frame": spec.map_frame, "odom_frame": spec.odom_frame,
+                             "base_frame": spec.base_frame, "use_odom": spec.use_odom,
+                             "use_imu": spec.use_imu})
+
+
 class FusionSide:
     """Own messages of the bag + the regressor's events -> FusionCore -> result bag."""
 
@@ -119,8 +129,7 @@ class FusionSide:
             self.gt = GroundTruthReader(spec.ground_truth, spec.base_frame)
         except GroundTruthError as exc:
             raise ReplayError(str(exc)) from None
-        settings = FusionSettings(map_frame=spec.map_frame, odom_frame=spec.odom_frame,
-                                  base_frame=spec.base_frame, use_odom=spec.use_odom, use_imu=spec.use_imu)
+        settings = fusion_settings_of(spec)
         self.core = FusionCore(dict(spec.fusion_params), settings) if spec.fusion else None
         self.odom_track: list = []
         self.fused: list = []
