@@ -9,7 +9,6 @@ too: a dependency hidden inside a function still counts.
 from __future__ import annotations
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
