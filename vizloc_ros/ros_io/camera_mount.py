@@ -74,6 +74,7 @@ class CameraMountResolver:
         self._tf_samples: dict = {}    # (parent, child) -> samples of the /tf window
         self._tf_first_ns: int | None = None
         self._tf_window_closed = False
+        self._fixed_tf: dict | None = None  # fixed_edges of the closed window (it changes no more)
         self._changed = threading.Condition()
 
     # -- feeding ---------------------------------------------------------------
@@ -150,7 +151,9 @@ class CameraMountResolver:
         if chain is not None:
             return CameraMount(chain, FROM_TF_STATIC)
         if self._tf_window_closed and self._tf_samples:
-            chain = static_chain(fixed_edges(self._tf_samples) | self._static, base_frame, camera_frame)
+            if self._fixed_tf is None:  # once: a node resolves on every frame until a mount appears
+                self._fixed_tf = fixed_edges(self._tf_samples)
+            chain = static_chain(self._fixed_tf | self._static, base_frame, camera_frame)
             if chain is not None:
                 return CameraMount(chain, FROM_FIXED_TF)
         reason = (f"no TF path {normalise_frame(base_frame)} -> {normalise_frame(camera_frame)} "
