@@ -403,6 +403,13 @@ def test_initial_pose_resets_there_and_zero_stamp_means_now():
     wrong = messages.make_pose_with_covariance_stamped(T, 1.0, "odom", [0, 0, 0], [1, 0, 0, 0], np.eye(6))
     assert core.on_initial_pose(wrong).drop.reason is DropReason.INITIALPOSE_INVALID
     assert core.counters["dropped_initialpose_invalid"] == 1
+    run_fusion(core, 20, abs_every=2)
+    before = len(core.path)
+    bad_cov = messages.make_pose_with_covariance_stamped(T, messages.time_from_ns(T, stamp_ns(19)), "map",
+                                                         [0, 0, 0], [1, 0, 0, 0], np.zeros((6, 6)))
+    step = core.on_initial_pose(bad_cov)  # refused by the fusion: it goes on, and so does its path
+    assert step.drop.reason is DropReason.INITIALPOSE_DROPPED and step.output is None
+    assert len(core.path) == before > 1 and core.fusion.initialised
 
 
 # --------------------------------------------------------------------------- diagnostics

@@ -87,8 +87,9 @@ class FusionNode(Node):
 
     def _on_initial_pose(self, msg) -> None:
         self.get_logger().info("initial pose received: restarting the fusion there")
-        self.outputs.clear_path()
         self._handle(self.core.on_initial_pose, msg, "initial pose")
+        if not self.core.path:  # accepted: the core restarted its path (a refused pose keeps it)
+            self.outputs.clear_path()
         self._publish_path_now()
 
     def _on_reset(self, request, response):

@@ -253,9 +253,9 @@ class FusionCore(DropCounting):
         except ValueError as exc:
             return self._dropped(DropReason.INITIALPOSE_INVALID, str(exc))
         result = self.fusion.set_initial_pose(stamp, t, q, cov)
-        self.path.clear()
-        if result.status != "accepted":
+        if result.status != "accepted":  # the fusion goes on as it was, and so does its path
             return self._dropped(DropReason.refused("initialpose", result.status), result.reason)
+        self.path.clear()
         self.counters["initialpose_accepted"] += 1
         return self._output(stamp)
 
