@@ -83,7 +83,9 @@ def declare_parameters(node, table) -> dict:
         try:
             values[param.name] = node.declare_parameter(param.name, param.default, descriptor).value
         except ParameterException as exc:
-            hint = " (write 1.0, not 1)" if param.type_name == "double" and "INTEGER" in str(exc) else ""
+            # a double or double[] written with integers: rclpy says INTEGER / INTEGER_ARRAY
+            integers = param.type_name.startswith("double") and "INTEGER" in str(exc)
+            hint = " (write 1.0, not 1)" if integers else ""
             raise StartupError(f"parameter {param.name!r} must be a {param.type_name}{hint}; "
                                f"rclpy says: {exc}") from None
     return values
