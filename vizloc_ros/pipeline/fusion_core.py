@@ -161,7 +161,7 @@ class FusionCore(DropCounting):
         result = self.fusion.add_absolute(stamp, t, q, cov)
         if result.status in ("accepted", "initialising"):
             self.counters[f"absolute_{result.status}"] += 1
-            return self._output(stamp)
+            return self._output()
         return self._dropped(DropReason.refused("absolute", result.status), result.reason)
 
     def on_coarse_pose(self, msg) -> FusionStep:
@@ -179,7 +179,7 @@ class FusionCore(DropCounting):
         result = self.fusion.add_coarse_prior(stamp, t, q, cov)
         if result.status in ("accepted", "initialising"):
             self.counters[f"coarse_{result.status}"] += 1
-            return self._output(stamp)
+            return self._output()
         if result.status == "dropped" and result.mahalanobis2 is not None:
             # one that agrees with the running estimate is not a problem: counted, not "dropped"
             self.counters["coarse_agreed"] += 1
@@ -219,7 +219,7 @@ class FusionCore(DropCounting):
         if result.status != "accepted":
             return self._dropped(DropReason.refused("odom", result.status), result.reason)
         self.counters["odom_accepted"] += 1
-        return self._output(stamp)
+        return self._output()
 
     def on_imu(self, msg) -> FusionStep:
         """An IMU sample: it moves no output by itself (the next pose or odometry does)."""
@@ -257,7 +257,7 @@ class FusionCore(DropCounting):
             return self._dropped(DropReason.refused("initialpose", result.status), result.reason)
         self.path.clear()
         self.counters["initialpose_accepted"] += 1
-        return self._output(stamp)
+        return self._output()
 
     def reset(self) -> None:
         """``~/reset``: forget the window and the path; re-initialise from measurements."""
@@ -270,7 +270,9 @@ class FusionCore(DropCounting):
         """A step without output because of ``reason``, counted under the reason's name."""
         return FusionStep(drop=self._drop(reason, detail))
 
-    def _output(self, stamp: float) -> FusionStep:
+    def _output(self) -> FusionStep:
+        """The fusion's current estimate (at its newest state, whatever input led to it)
+        as an output: the fused pose, its TF and whether the path grew."""
         estimate = self.fusion.estimate()
         if estimate is None:
             return FusionStep()
