@@ -74,7 +74,7 @@ def test_slow_worker_only_ever_sees_newer_frames():
 
     def work():
         while True:
-            item = slot.take(timeout=1.0)
+            item = slot.take(timeout=10.0)  # returns at once when a frame is there
             if item is None:
                 return
             seen.append(item)
@@ -88,7 +88,7 @@ def test_slow_worker_only_ever_sees_newer_frames():
         slot.put(i)
         if i % 50 == 0:
             time.sleep(0.003)
-    worker.join(timeout=10.0)
+    worker.join(timeout=30.0)
     assert not worker.is_alive()
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
     assert seen[-1] == n - 1
