@@ -587,7 +587,7 @@ def main(argv=None) -> int:
     if args.trajectory:
         for path in args.trajectory:
             if not path.is_file():
-                parser.error(f"trajectory file {path} does not exist")
+                parser.error(f"trajectory file {path} " + ("is not a file" if path.exists() else "does not exist"))
         split = "train" if args.split == "train" else "test"
         sequences = [SequenceSpec(i + 1, split, 1000 * args.seed + 500 + i, args.frames, str(path),
                                   keep_scale=args.keep_scale)
