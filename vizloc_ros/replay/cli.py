@@ -134,8 +134,11 @@ def _check_output(out: Path, options: ReplayOptions, weights) -> None:
     the folder that holds the bag or the weights, is a typing slip, not a wish)."""
     if not out.exists() and not out.is_symlink():
         return
+    earlier_report = out.is_dir() and (not any(out.iterdir()) or (out / "metrics.json").is_file())
     if not options.overwrite:
-        raise ReplayError(f"output folder {out} exists; pass --overwrite to replace it")
+        # --overwrite is suggested only where it would be accepted
+        raise ReplayError(f"output folder {out} exists; " + ("pass --overwrite to replace it" if earlier_report else
+                                                             "it is not a vizloc-replay report: choose another --out"))
     if not out.is_dir():
         raise ReplayError(f"--out {out} is a file, not a report folder; choose another --out")
     target = out.resolve()
@@ -146,7 +149,7 @@ def _check_output(out: Path, options: ReplayOptions, weights) -> None:
         if resolved == target or target in resolved.parents:
             raise ReplayError(f"--out {out} holds {what} ({path}): refusing to replace it; "
                               "choose another --out")
-    if any(out.iterdir()) and not (out / "metrics.json").is_file():
+    if not earlier_report:
         raise ReplayError(f"--out {out} is not a vizloc-replay report folder (no metrics.json): "
                           "refusing to replace it; choose another --out")
 
