@@ -586,6 +586,7 @@ def main(argv=None) -> int:
     overwrite = args.overwrite
     try:
         file_and_flags = _file_then_flags(args)  # a bad --params-file: said before any work
+        extrinsic = _extrinsic(args.camera_extrinsic)  # likewise
         if args.demo:
             print("vizloc-replay: preparing the demo bag (rendered once, then cached) ...", file=sys.stderr)
             bag = cached_demo_bag(progress=not args.no_progress)
@@ -597,7 +598,7 @@ def main(argv=None) -> int:
         options = ReplayOptions(
             bag=bag, out=out, ground_truth=args.ground_truth, fusion=not args.no_fusion,
             batch_size=args.batch_size, overwrite=overwrite, progress=not args.no_progress,
-            camera_extrinsic=_extrinsic(args.camera_extrinsic),
+            camera_extrinsic=extrinsic,
             prior_weights=Path(args.prior_weights) if args.prior_weights else None,
             fusion_process=not args.single_process, **file_and_flags)
         previous = signal.getsignal(signal.SIGTERM)
