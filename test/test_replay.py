@@ -108,6 +108,17 @@ def test_existing_output_is_refused_unless_overwrite(small_bag, tiny_weights, tm
                         "--no-progress", "--device", "cpu"]) == 2
 
 
+def test_a_folder_that_is_not_a_report_is_never_offered_to_overwrite(small_bag, tiny_weights, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("x")
+    with pytest.raises(replay.ReplayError, match="exists; it is not a vizloc-replay report: choose another --out"):
+        _run(small_bag, tiny_weights, notes)
+    with pytest.raises(replay.ReplayError, match=r"not a vizloc-replay report folder \(no metrics.json\)"):
+        _run(small_bag, tiny_weights, notes, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes"] and (notes / "thesis.tex").read_text() == "x"
+
+
 def test_truncated_bag_is_a_clear_error_and_writes_nothing(small_bag, tiny_weights, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(small_bag, broken)

@@ -135,6 +135,9 @@ def test_the_fusion_child_starts_deaf_to_ctrl_c_and_the_parent_keeps_its_handler
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)  # as vizloc-replay's main() does
+    # Python's own Ctrl-C handler, set here: a test run started in the background (or under
+    # nohup) begins with SIGINT ignored, which would make the child's check below vacuous
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         process = replay_fusion.FusionProcess(replay_fusion.FusionSideSpec(bag=small_bag,
                                                                            out_bag=tmp_path / "bag"))
@@ -149,6 +152,7 @@ def test_the_fusion_child_starts_deaf_to_ctrl_c_and_the_parent_keeps_its_handler
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 class _Queued(_Recording):

@@ -176,14 +176,18 @@ BAD_FILES = {
     "bad regressor value": ("vizloc_regressor:\n  ros__parameters:\n    max_rate: -1.0\n", "vizloc_regressor: parameter 'max_rate'"),
     "malformed YAML": ("vizloc_fusion:\n  ros__parameters:\n    window_size: [20\n", "is not valid YAML (line"),
     "no vizloc section": ("amcl:\n  ros__parameters:\n    max_particles: 5\n", "has no vizloc_regressor or vizloc_fusion"),
+    "empty file": ("", "has no vizloc_regressor or vizloc_fusion section (sections: none)"),
+    "not a mapping": ("- vizloc_fusion\n", "found list data at the top"),
+    "ros__parameters not a mapping": ("vizloc_fusion:\n  ros__parameters: 5\n", "must map names to values"),
     "missing file": (None, "cannot read it"),
+    "a folder": (..., "cannot read it"),
 }
 
 
 @pytest.mark.parametrize("name", BAD_FILES)
 def test_a_file_the_nodes_would_refuse_is_one_line_and_exit_2(name, small_bag, tiny_weights, tmp_path, capsys):
     text, words = BAD_FILES[name]
-    path = _file(tmp_path, text) if text is not None else tmp_path / "nowhere.yaml"
+    path = tmp_path / "nowhere.yaml" if text is None else tmp_path if text is ... else _file(tmp_path, text)
     assert _main(small_bag, tiny_weights, tmp_path / "o", "--params-file", path) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"vizloc-replay: error: --params-file {path}") and "\n" not in err, err

@@ -492,6 +492,14 @@ def test_cli_refuses_an_existing_output_and_bad_flags(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             synth.main(["--out", str(tmp_path / "new"), *bad])
         assert exit_info.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # a folder given as the recording
+        synth.main(["--out", str(tmp_path / "new"), "--trajectory", str(existing)])
+    assert exit_info.value.code == 2 and f"trajectory file {existing} is not a file" in capsys.readouterr().err
+    binary = tmp_path / "binary.tum"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    assert synth.main(["--out", str(tmp_path / "new"), "--trajectory", str(binary), "--quiet"]) == 2
+    assert f"{binary}: not a TUM text file" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
 

@@ -134,8 +134,11 @@ def _check_output(out: Path, options: ReplayOptions, weights) -> None:
     the folder that holds the bag or the weights, is a typing slip, not a wish)."""
     if not out.exists() and not out.is_symlink():
         return
+    earlier_report = out.is_dir() and (not any(out.iterdir()) or (out / "metrics.json").is_file())
     if not options.overwrite:
-        raise ReplayError(f"output folder {out} exists; pass --overwrite to replace it")
+        # --overwrite is suggested only where it would be accepted
+        raise ReplayError(f"output folder {out} exists; " + ("pass --overwrite to replace it" if earlier_report else
+                                                             "it is not a vizloc-replay report: choose another --out"))
     if not out.is_dir():
         raise ReplayError(f"--out {out} is a file, not a report folder; choose another --out")
     target = out.resolve()
@@ -146,7 +149,7 @@ def _check_output(out: Path, options: ReplayOptions, weights) -> None:
         if resolved == target or target in resolved.parents:
             raise ReplayError(f"--out {out} holds {what} ({path}): refusing to replace it; "
                               "choose another --out")
-    if any(out.iterdir()) and not (out / "metrics.json").is_file():
+    if not earlier_report:
         raise ReplayError(f"--out {out} is not a vizloc-replay report folder (no metrics.json): "
                           "refusing to replace it; choose another --out")
 
@@ -583,6 +586,7 @@ def main(argv=None) -> int:
     overwrite = args.overwrite
     try:
         file_and_flags = _file_then_flags(args)  # a bad --params-file: said before any work
+        extrinsic = _extrinsic(args.camera_extrinsic)  # likewise
         if args.demo:
             print("vizloc-replay: preparing the demo bag (rendered once, then cached) ...", file=sys.stderr)
             bag = cached_demo_bag(progress=not args.no_progress)
@@ -594,7 +598,7 @@ def main(argv=None) -> int:
         options = ReplayOptions(
             bag=bag, out=out, ground_truth=args.ground_truth, fusion=not args.no_fusion,
             batch_size=args.batch_size, overwrite=overwrite, progress=not args.no_progress,
-            camera_extrinsic=_extrinsic(args.camera_extrinsic),
+            camera_extrinsic=extrinsic,
             prior_weights=Path(args.prior_weights) if args.prior_weights else None,
             fusion_process=not args.single_process, **file_and_flags)
         previous = signal.getsignal(signal.SIGTERM)

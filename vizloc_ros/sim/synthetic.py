@@ -167,7 +167,10 @@ def simulate_sequence(spec: SequenceSpec, config: SynthConfig, scene: Scene) -> 
         raise ValueError(f"a sequence needs at least 2 frames, got {spec.frames}")
     duration = (spec.frames - 1) / config.camera_hz
     if spec.tum_file is not None:
-        stamps, t, q = read_tum(spec.tum_file)
+        try:
+            stamps, t, q = read_tum(spec.tum_file)
+        except UnicodeDecodeError as exc:  # read_tum's own errors name the file already
+            raise ValueError(f"{spec.tum_file}: not a TUM text file ({exc.reason} at byte {exc.start})") from None
         # a little extra so the smoothed spline still covers the last frame
         try:
             trajectory, placement = place_tum_trajectory(scene, stamps, t, q, duration=duration + 0.25,
@@ -587,7 +590,7 @@ def main(argv=None) -> int:
     if args.trajectory:
         for path in args.trajectory:
             if not path.is_file():
-                parser.error(f"trajectory file {path} does not exist")
+                parser.error(f"trajectory file {path} " + ("is not a file" if path.exists() else "does not exist"))
         split = "train" if args.split == "train" else "test"
         sequences = [SequenceSpec(i + 1, split, 1000 * args.seed + 500 + i, args.frames, str(path),
                                   keep_scale=args.keep_scale)
