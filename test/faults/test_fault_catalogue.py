@@ -28,7 +28,7 @@ def res(tmp_path_factory, fast_cpu):
     return F.Resources(tmp_path_factory.mktemp("faults"))
 
 
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", list(_cases()))
 def test_fault_case(case, res):
     obs = F.run_case(case, res)
     assert not obs.crashed, obs.detail
