@@ -298,7 +298,10 @@ class OnnxRunner(_ExportedRunner):
         except ImportError as exc:
             raise RuntimeError("running an .onnx file needs onnxruntime "
                                "(pip install 'vizloc_ros[export]')") from exc
-        self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+            raise RuntimeError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:
