@@ -2,8 +2,9 @@
 
 A runner takes same-size uint8 host images and returns :class:`RawPoses`; the
 :class:`~vizloc_ros.localize.estimator.PoseEstimator` turns those into estimates with
-covariances. Which runner serves a set of weights is decided by :func:`open_runner` when
-the weights are loaded, never per frame:
+covariances. Which runner serves a set of weights is decided when the weights are loaded
+(:func:`model_runner` for a checkpoint's model, :func:`exported_runner` for an exported
+network), never per frame:
 
 * :class:`RegressorRunner`: single-image pose regressors (PoseNet, MapNet, ...). The whole
   device-side computation (uint8 image -> resize / crop / normalise -> network -> decoded
