@@ -8,7 +8,7 @@ import torch
 
 from vizloc_ros import geometry
 from vizloc_ros.localize.estimator import PoseEstimator, make_psd, mean_and_covariance, resolve_device
-from vizloc_ros.localize.models import build_model, load_checkpoint, save_checkpoint
+from vizloc_ros.localize.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from vizloc_ros.localize.preprocess import InputSpec, preprocess
 from vizloc_ros.training import evaluate, export
 from test_datasets import make_sevenscenes
@@ -264,8 +264,6 @@ def test_the_adapter_is_chosen_once_by_what_the_weights_are(tmp_path):
 def test_exported_weights_that_cannot_be_used_are_one_clear_error(checkpoint, tmp_path):
     """A missing exported file, one without its JSON sidecar, and a corrupt .onnx each fail
     at construction with an error naming the file, not a runtime's own exception."""
-    from vizloc_ros.localize.models import CheckpointError
-
     with pytest.raises(CheckpointError, match="exported network not found"):
         PoseEstimator(tmp_path / "absent.onnx", device="cpu")
     lonely = tmp_path / "lonely.onnx"
