@@ -8,7 +8,7 @@ import torch
 
 from vizloc_ros import geometry
 from vizloc_ros.localize.estimator import PoseEstimator, make_psd, mean_and_covariance, resolve_device
-from vizloc_ros.localize.models import build_model, load_checkpoint, save_checkpoint
+from vizloc_ros.localize.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from vizloc_ros.localize.preprocess import InputSpec, preprocess
 from vizloc_ros.training import evaluate, export
 from test_datasets import make_sevenscenes
@@ -259,3 +259,21 @@ def test_the_adapter_is_chosen_once_by_what_the_weights_are(tmp_path):
     except ImportError:
         with pytest.raises(RuntimeError, match="tensorrt Python package is not installed"):
             runners.exported_runner(tmp_path / "x.engine", SPEC)
+
+
+def test_exported_weights_that_cannot_be_used_are_one_clear_error(checkpoint, tmp_path):
+    """A missing exported file, one without its JSON sidecar, and a corrupt .onnx each fail
+    at construction with an error naming the file, not a runtime's own exception."""
+    with pytest.raises(CheckpointError, match="exported network not found"):
+        PoseEstimator(tmp_path / "absent.onnx", device="cpu")
+    lonely = tmp_path / "lonely.onnx"
+    lonely.write_bytes(b"not a network")
+    with pytest.raises(CheckpointError, match="needs the checkpoint's JSON sidecar beside it"):
+        PoseEstimator(lonely, device="cpu")
+    pytest.importorskip("onnxruntime")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a network")
+    path, _ = checkpoint
+    corrupt.with_suffix(".json").write_text(path.with_name(path.name + ".json").read_text())
+    with pytest.raises(RuntimeError, match="corrupt.onnx: ONNX Runtime cannot load it"):
+        PoseEstimator(corrupt, device="cpu")

@@ -1,16 +1,13 @@
 """Pose regressors: registry, shapes, decoding, determinism, MC dropout, ImageNet init."""
-import ast
 import importlib
 import json
 import math
-import pathlib
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from vizloc_ros import localize
 from vizloc_ros.geometry import torch_quat_log
 from vizloc_ros.localize.models import (
     MapNet,
@@ -222,16 +219,3 @@ def test_every_builtin_model_has_a_training_recipe_under_its_name():
     assert recipe_for("mapnet").loss(build_model("mapnet", feat_dim=8), {"loss": {}}) is None
     with pytest.raises(ValueError, match="no training recipe for model 'posenet_vgg'"):
         recipe_for("posenet_vgg")
-
-
-def test_localize_imports_nothing_from_training_or_sim():
-    """Models are inference only: the runtime side never reaches into the trainer or the
-    synthetic world (the import-graph test checks the whole package; this one names the file)."""
-    offenders = []
-    for path in pathlib.Path(localize.__file__).parent.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
-                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
-            offenders += [f"{path.name}: {n}" for n in names
-                          if n.startswith(("vizloc_ros.training", "vizloc_ros.sim"))]
-    assert not offenders

@@ -8,7 +8,7 @@ One module so that every conversion exists exactly once. Conventions (DESIGN.md)
 * a pose is a pair ``(t, q)``: translation (..., 3) and unit quaternion (..., 4); a
   camera pose is camera-to-world unless a name says otherwise;
 * SE(3) tangent vectors are ordered (translation, rotation) = (rho, omega), the same
-  order as ROS covariances; GTSAM's (rot, trans) order is handled in ``fusion.py``.
+  order as ROS covariances; GTSAM's (rot, trans) order is handled in ``fusion/conventions.py``.
 
 Every numpy function works on a single element or on a batch (leading dimensions).
 The ``torch_*`` twins take batched tensors, are differentiable everywhere including at

@@ -21,6 +21,7 @@ _KIND_OF_ANNOTATION = {"int": "int", "int | None": "opt_int", "float": "float",
                        "float | None": "opt_float", "bool": "bool", "str": "str",
                        "Vec3": "vec3", "Pose": "pose"}
 
+
 @dataclass(frozen=True)
 class Bounds:
     """Numeric bounds of a parameter: ``value >= minimum``, ``value > above``, ``value < below``.
@@ -59,9 +60,10 @@ class Setting:
     """What a settings field is, besides its name, type and default.
 
     ``ros_name``: the node parameter setting this field ("" when the field is not a
-    parameter: ``not_ros`` then says why). ``required``: a string that must not be empty. ``none_as``: the ROS value that stands for
-    None (ROS parameters have no None: ``window_seconds`` None is 0.0 there); the
-    conversion in both directions is :meth:`to_ros` / :meth:`from_ros` and nowhere else.
+    parameter: ``not_ros`` then says why). ``required``: a string that must not be empty.
+    ``none_as``: the ROS value that stands for None (ROS parameters have no None:
+    ``window_seconds`` None is 0.0 there); the conversion in both directions is
+    :meth:`to_ros` / :meth:`from_ros` and nowhere else.
     """
 
     description: str

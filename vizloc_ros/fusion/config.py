@@ -4,10 +4,11 @@ Why validated here and not in the node: the node, the replay and the tests all b
 :class:`FusionConfig`, and a typo or a wrong type must fail the same way in each.
 
 Each field is defined once, with :func:`vizloc_ros.settings.setting`: its type is the
-annotation, and the field's metadata (:class:`~vizloc_ros.settings.Setting`) holds its one-line description, bounds, choices and
-how it appears as a ROS parameter. The validation below, the fusion node's parameter
-declarations, ``config/vizloc.yaml`` and the table in ``docs/ROS.md`` are all derived from
-it (``vizloc_ros.nodes.params`` and ``python -m vizloc_ros.nodes.param_files --write``).
+annotation, and the field's metadata (:class:`~vizloc_ros.settings.Setting`) holds its
+one-line description, bounds, choices and how it appears as a ROS parameter. The
+validation below, the fusion node's parameter declarations, ``config/vizloc.yaml`` and
+the table in ``docs/ROS.md`` are all derived from it (``vizloc_ros.nodes.params`` and
+``python -m vizloc_ros.nodes.param_files --write``).
 """
 from __future__ import annotations
 

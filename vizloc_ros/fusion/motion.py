@@ -53,7 +53,7 @@ class MotionModel:
             self.bias_prior_sigmas = np.array(
                 [c.accel_bias_sigma if self.preint else 1e-3] * 3
                 + [c.gyro_bias_sigma if c.use_imu else 1e-3] * 3)
-        self.imu_rot = pose3(*c.base_T_imu).rotation().matrix()
+        self.imu_rot = base_T_imu.rotation().matrix()
         self.forget()
 
     def forget(self) -> None:

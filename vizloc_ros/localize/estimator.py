@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from vizloc_ros import geometry
-from vizloc_ros.localize.models import load_checkpoint, read_checkpoint_meta
+from vizloc_ros.localize.models import CheckpointError, load_checkpoint, read_checkpoint_meta
 from vizloc_ros.localize.preprocess import InputSpec, to_rgb_array
 from vizloc_ros.localize.runners import exported_runner, is_exported, model_runner
 
@@ -203,6 +203,11 @@ class PoseEstimator:
         self.mc_dropout_samples = mc_dropout_samples
         # the adapter is chosen here, once: every frame then takes the same path
         if is_exported(path):
+            if not path.is_file():
+                raise CheckpointError(f"exported network not found: {path}")
+            if not path.with_suffix(".json").is_file():
+                raise CheckpointError(f"{path} needs the checkpoint's JSON sidecar beside it, "
+                                      f"{path.with_suffix('.json')} (vizloc-export writes it)")
             self.meta = read_checkpoint_meta(path.with_suffix(".json"))
             self.spec = InputSpec.from_meta(self.meta.get("input"))
             self._runner = exported_runner(path, self.spec)

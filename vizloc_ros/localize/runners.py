@@ -2,8 +2,9 @@
 
 A runner takes same-size uint8 host images and returns :class:`RawPoses`; the
 :class:`~vizloc_ros.localize.estimator.PoseEstimator` turns those into estimates with
-covariances. Which runner serves a set of weights is decided by :func:`open_runner` when
-the weights are loaded, never per frame:
+covariances. Which runner serves a set of weights is decided when the weights are loaded
+(:func:`model_runner` for a checkpoint's model, :func:`exported_runner` for an exported
+network), never per frame:
 
 * :class:`RegressorRunner`: single-image pose regressors (PoseNet, MapNet, ...). The whole
   device-side computation (uint8 image -> resize / crop / normalise -> network -> decoded
@@ -298,7 +299,10 @@ class OnnxRunner(_ExportedRunner):
         except ImportError as exc:
             raise RuntimeError("running an .onnx file needs onnxruntime "
                                "(pip install 'vizloc_ros[export]')") from exc
-        self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+            raise RuntimeError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:
