@@ -1031,8 +1031,23 @@ def _image_cases() -> list[Case]:
     return [_image_case(name, expected, msg) for name, (expected, msg) in _bad_images().items()]
 
 
+def _cases_from_sibling_modules() -> list[Case]:
+    """Cases kept in ``cases_<class>.py`` beside this file, one module per class of fault.
+
+    Each such module defines ``cases() -> list[Case]`` and may use this module's helpers;
+    they are imported in name order so the catalogue's order is stable.
+    """
+    import importlib  # only here: the sibling modules import this one
+
+    found = []
+    for path in sorted(Path(__file__).parent.glob("cases_*.py")):
+        found += importlib.import_module(path.stem).cases()
+    return found
+
+
 def all_cases() -> list[Case]:
-    return _image_cases() + _message_cases() + _weights_cases() + _bag_cases() + _param_cases() + _cli_cases()
+    return (_image_cases() + _message_cases() + _weights_cases() + _bag_cases() + _param_cases() + _cli_cases()
+            + _cases_from_sibling_modules())
 
 
 CASES = all_cases()
