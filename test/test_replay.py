@@ -114,7 +114,7 @@ def test_a_folder_that_is_not_a_report_is_never_offered_to_overwrite(small_bag, 
     (notes / "thesis.tex").write_text("x")
     with pytest.raises(replay.ReplayError, match="exists; it is not a vizloc-replay report: choose another --out"):
         _run(small_bag, tiny_weights, notes)
-    with pytest.raises(replay.ReplayError, match=r"not a vizloc-replay report folder \(no metrics.json\)"):
+    with pytest.raises(replay.ReplayError, match=r"not a vizloc-replay report folder \(no metrics.json and report.md\)"):
         _run(small_bag, tiny_weights, notes, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["notes"] and (notes / "thesis.tex").read_text() == "x"
 

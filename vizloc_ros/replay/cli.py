@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry
+from vizloc_ros.files import OutputError, check_not_a_link, staged
 from vizloc_ros.metrics import (nees_summary, pose_error_vectors, pose_errors, step_errors, summarize_errors,
                                 trajectory_metrics, usable_covariances)
 from vizloc_ros.pipeline.regressor import RegressorCore, load_estimator
@@ -128,13 +128,27 @@ def _check_topics(bag: Path, options: ReplayOptions) -> dict:
     return topics
 
 
+def is_replay_report(path: Path) -> bool:
+    """Whether ``path`` is a folder that ``--overwrite`` may replace: an earlier report
+    (its ``metrics.json`` and ``report.md``) or an empty folder, never a link."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return not any(path.iterdir()) or ((path / "metrics.json").is_file() and (path / "report.md").is_file())
+
+
 def _check_output(out: Path, options: ReplayOptions, weights) -> None:
     """Refuse an output folder that cannot be written, or whose replacement would destroy
     something that is not an earlier report (``--overwrite`` with ``--out .``, or with
-    the folder that holds the bag or the weights, is a typing slip, not a wish)."""
-    if not out.exists() and not out.is_symlink():
+    the folder that holds the bag or the weights, is a typing slip, not a wish). Said
+    before the run, not after it: a link, too."""
+    try:
+        check_not_a_link(out, "--out")
+    except OutputError as exc:
+        raise ReplayError(str(exc)) from None
+    if not out.exists():
         return
-    earlier_report = out.is_dir() and (not any(out.iterdir()) or (out / "metrics.json").is_file())
+    earlier_report = is_replay_report(out)
     if not options.overwrite:
         # --overwrite is suggested only where it would be accepted
         raise ReplayError(f"output folder {out} exists; " + ("pass --overwrite to replace it" if earlier_report else
@@ -150,7 +164,7 @@ def _check_output(out: Path, options: ReplayOptions, weights) -> None:
             raise ReplayError(f"--out {out} holds {what} ({path}): refusing to replace it; "
                               "choose another --out")
     if not earlier_report:
-        raise ReplayError(f"--out {out} is not a vizloc-replay report folder (no metrics.json): "
+        raise ReplayError(f"--out {out} is not a vizloc-replay report folder (no metrics.json and report.md): "
                           "refusing to replace it; choose another --out")
 
 
@@ -158,8 +172,6 @@ def _check_output(out: Path, options: ReplayOptions, weights) -> None:
 
 def run_replay(options: ReplayOptions) -> dict:
     """Replay a bag; returns metrics. Writes the output folder atomically."""
-    from tqdm import tqdm
-
     bag, out = Path(options.bag), Path(options.out)
     if not 1 <= options.batch_size <= MAX_BATCH_SIZE:
         raise ReplayError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {options.batch_size}")
@@ -190,15 +202,25 @@ def run_replay(options: ReplayOptions) -> dict:
     except GroundTruthError as exc:
         raise ReplayError(str(exc)) from None
 
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    # built under .OUT.partial-PID (locked while this run lives; a dead run's is removed
+    # here, a live one's is a concurrent writer: refused now, not after the run); moved
+    # into place at the end only if nothing else took OUT meanwhile (--overwrite: only an
+    # earlier report is replaced)
     try:
-        if staging.exists():
-            shutil.rmtree(staging)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-    except OSError as exc:
-        raise ReplayError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-    spec.out_bag = staging / "bag"
+        with staged(out, folder=True, replaceable=is_replay_report if options.overwrite else None,
+                    what="report folder") as staging:
+            spec.out_bag = staging / "bag"
+            return _run_in(staging, options, spec, bag, topics, weights)
+    except OutputError as exc:
+        raise ReplayError(str(exc)) from None
+
+
+def _run_in(staging: Path, options: ReplayOptions, spec: FusionSideSpec, bag: Path, topics: dict,
+            weights) -> dict:
+    """The run itself, writing its report into ``staging``; the fusion side has ended
+    when this returns or raises (its child process writes into ``staging``)."""
+    from tqdm import tqdm
+
     fusion_side = None
     try:
         # the fusion side starts first: it reads the odometry and ground truth while the
@@ -234,16 +256,7 @@ def run_replay(options: ReplayOptions) -> dict:
         started = time.perf_counter()
         metrics = _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm, read_messages)
         write_report(staging, metrics)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
         return metrics["metrics"]
-    except BaseException:
-        if fusion_side is not None:
-            fusion_side.close()
-            fusion_side = None
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     finally:
         if fusion_side is not None:
             fusion_side.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vizloc_ros.files import exit_with_parent
 from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
 from vizloc_ros.pipeline.outputs import (TF_TOPIC, FusionMessages, OutputTopics, absolute_pose_messages,
                                          visual_odometry_messages)
@@ -329,9 +331,19 @@ class _ChildFailure(RuntimeError):
     """An unexpected error in the fusion process (a bug): its traceback, as text."""
 
 
-def _serve(conn, spec: FusionSideSpec) -> None:
-    """The child process: Ctrl-C is the parent's to handle; it ends this process."""
+def _serve(conn, spec: FusionSideSpec, parent_end=None, parent_pid: int | None = None) -> None:
+    """The child process: Ctrl-C is the parent's to handle; it ends this process.
+
+    It must never outlive the parent (a ``kill -9`` of ``vizloc-replay`` would leave it
+    waiting forever): a forked child inherits the parent's end of the pipe, so it closes
+    that copy first (then the parent's death is an end of file on ``recv``), and asks
+    the kernel to end it with the parent (:func:`~vizloc_ros.files.exit_with_parent`).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_end is not None:
+        parent_end.close()
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     side = None
     try:
         side = FusionSide(spec)
@@ -395,10 +407,14 @@ class FusionProcess:
     def __init__(self, spec: FusionSideSpec):
         methods = multiprocessing.get_all_start_methods()
         # fork: the child starts at once and sees the parent's modules; it never touches torch
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        method = "fork" if "fork" in methods else "spawn"
+        ctx = multiprocessing.get_context(method)
         self._conn, child_conn = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child_conn, spec), name="vizloc-replay-fusion",
-                                    daemon=True)
+        # a forked child gets this process's end of the pipe too, and closes it; a spawned
+        # one inherits nothing (passing the end would hand it a copy to keep open)
+        inherited = self._conn if method == "fork" else None
+        self._process = ctx.Process(target=_serve, args=(child_conn, spec, inherited, os.getpid()),
+                                    name="vizloc-replay-fusion", daemon=True)
         with _child_signals():
             self._process.start()
         child_conn.close()
