@@ -18,10 +18,11 @@ PACKAGE = ROOT / "vizloc_ros"
 
 #: stage -> the stages it may import (besides itself). The runtime (ros_io, localize,
 #: fusion, pipeline, nodes) never imports the offline tools (replay, training, sim).
-BASE = {"geometry", "settings"}
+BASE = {"geometry", "settings", "files"}
 ALLOWED = {
     "geometry": set(),
     "settings": set(),
+    "files": set(),
     "metrics": {"geometry"},
     "ros_io": BASE,
     "localize": BASE,

@@ -249,6 +249,24 @@ def _create_locked(partial: Path, folder: bool) -> int:
     return fd
 
 
+def _open_partial(path: Path, folder: bool, what: str) -> tuple[Path, int]:
+    check_not_a_link(path, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path, what)
+    partial = partial_path(path)
+    return partial, _create_locked(partial, folder)
+
+
+def _discard(partial: Path, fd: int) -> None:
+    os.close(fd)  # the lock goes with it; a rename kept the inode, not the lock
+    if partial.exists() or partial.is_symlink():
+        _remove(partial)
+
+
+def _rule(replaceable):
+    return (lambda _p: True) if replaceable is True else (replaceable or None)
+
+
 @contextlib.contextmanager
 def staged(path, folder: bool = False, replaceable: Callable[[Path], bool] | bool | None = True,
            what: str = "output") -> Iterator[Path]:
@@ -261,21 +279,34 @@ def staged(path, folder: bool = False, replaceable: Callable[[Path], bool] | boo
     the temporary is removed; a ``kill -9`` leaves it for :func:`sweep_stale`.
     """
     path = Path(path)
-    check_not_a_link(path, what)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(path, what)
-    partial = partial_path(path)
-    fd = _create_locked(partial, folder)
+    partial, fd = _open_partial(path, folder, what)
     try:
         yield partial
         if not folder:
             _fsync(partial)
-        rule = (lambda _p: True) if replaceable is True else (replaceable or None)
-        move_into_place(partial, path, rule, what)
+        move_into_place(partial, path, _rule(replaceable), what)
     finally:
-        os.close(fd)  # the lock goes with it; the rename kept the inode, not the lock
-        if partial.exists() or partial.is_symlink():
-            _remove(partial)
+        _discard(partial, fd)
+
+
+@contextlib.contextmanager
+def staged_files(paths, what: str = "output") -> Iterator[list[Path]]:
+    """:func:`staged` for files that belong together (a checkpoint's tensors and its
+    JSON): all are written under their temporaries first, then moved into place in the
+    order given, so a failure while writing any of them replaces none."""
+    paths = [Path(p) for p in paths]
+    opened: list = []
+    try:
+        for path in paths:
+            opened.append(_open_partial(path, False, what))
+        yield [partial for partial, _ in opened]
+        for partial, _ in opened:
+            _fsync(partial)
+        for path, (partial, _) in zip(paths, opened):
+            move_into_place(partial, path, _rule(True), what)
+    finally:
+        for partial, fd in opened:
+            _discard(partial, fd)
 
 
 def _fsync(path: Path) -> None:

@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from vizloc_ros import geometry
+from vizloc_ros.files import OutputError, check_not_a_link, sweep_stale, write_bytes
 from vizloc_ros.localize.estimator import resolve_device
 from vizloc_ros.localize.models import build_model, load_checkpoint, save_checkpoint
 from vizloc_ros.localize.models.sequence import FrameStream
@@ -135,33 +136,104 @@ def load_config(path=None, overrides=(), **flags) -> dict:
     return config
 
 
+#: the scalar config keys and what each must hold: (kind, minimum, may be empty). An
+#: empty YAML value (``threads:``, ``--set out=``) reads as None: it is an error naming
+#: the key, not a traceback where the value is first used.
+SCALARS = {
+    "threads": ("int", 0, False), "seed": ("int", 0, False), "workers": ("int", 0, False),
+    "device": ("str", None, False), "scene": ("str", None, False), "out": ("str", None, False),
+    "max_steps": ("int", 1, True),
+    "model.name": ("str", None, False), "model.init_from": ("str", None, True),
+    "data.kind": ("str", None, False), "data.train_split": ("str", None, False),
+    "data.val_split": ("str", None, False), "data.val_root": ("str", None, True),
+    "data.preload": ("bool", None, False),
+    "input.resize": ("int", 1, False),
+    "augment.color_jitter": ("float", 0, False), "augment.random_crop": ("bool", None, False),
+    "tuple.steps": ("int", 1, False), "tuple.skip": ("int", 1, False), "tuple.stride": ("int", 1, False),
+    "unlabeled.kind": ("str", None, False), "unlabeled.root": ("str", None, True),
+    "unlabeled.steps": ("int", 1, False), "unlabeled.skip": ("int", 1, False),
+    "unlabeled.stride": ("int", 1, False), "unlabeled.batch_size": ("int", 1, True),
+}
+#: mapping blocks that a ``--set block=`` (or ``block:`` left empty) would replace by None
+MAPPINGS = ("loss", "unlabeled.loss", "model.args", "data.kwargs", "unlabeled.kwargs")
+_KINDS = {"int": "an integer", "float": "a finite number", "str": "a non-empty string", "bool": "true or false"}
+
+
+def _lookup(config: dict, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _store(config: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def _scalar(key: str, value, kind: str, minimum, optional: bool):
+    """``value`` of config ``key`` checked (and a number given as text converted), or a
+    :class:`ConfigError` naming the key, the value and what it must be."""
+    what = _KINDS[kind] + (f" >= {minimum}" if minimum is not None else "") + (" (or null)" if optional else "")
+    if value is None or (kind == "str" and value == ""):
+        if optional:
+            return None
+        raise ConfigError(f"{key} must be {what}, got an empty value")
+    if kind in ("int", "float") and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    good = {"int": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and float(v).is_integer(),
+            "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            "str": lambda v: isinstance(v, str),
+            "bool": lambda v: isinstance(v, bool)}[kind](value)
+    if not good or (minimum is not None and value < minimum):
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+    return int(value) if kind == "int" else float(value) if kind == "float" else value
+
+
 def _check_types(config: dict) -> None:
     optim = config["optim"]
-    for key, kind in (("lr", float), ("weight_decay", float), ("epochs", int),
-                      ("batch_size", int), ("val_every", int)):
-        value = optim[key]
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (kind is int and not float(value).is_integer()) or value < 0:
-            raise ConfigError(f"optim.{key} must be a non-negative {kind.__name__}, got {value!r}")
-        optim[key] = kind(value)
+    for key, kind in (("lr", "float"), ("weight_decay", "float"), ("epochs", "int"),
+                      ("batch_size", "int"), ("val_every", "int")):
+        # lr = inf or nan would train to NaN weights and fail far from the cause
+        optim[key] = _scalar(f"optim.{key}", optim[key], kind, 0, False)
     if optim["schedule"] not in ("cosine", "none"):
         raise ConfigError(f"optim.schedule must be cosine or none, got {optim['schedule']!r}")
-    if optim["batch_size"] < 1 or optim["epochs"] < 1:
-        raise ConfigError("optim.batch_size and optim.epochs must be >= 1")
+    if optim["batch_size"] < 1 or optim["epochs"] < 1 or optim["val_every"] < 1:
+        raise ConfigError("optim.batch_size, optim.epochs and optim.val_every must be >= 1")
+    for key in MAPPINGS:
+        value = _lookup(config, key)
+        if value is None and key in ("model.args", "data.kwargs", "unlabeled.kwargs"):
+            _store(config, key, {})
+        elif not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of options, got "
+                              f"{'an empty value' if value is None else repr(value)}")
     if not config["data"]["root"]:
         raise ConfigError("data.root is required (the dataset folder or bag)")
+    config["data"]["root"] = str(config["data"]["root"])
+    for key, (kind, minimum, optional) in SCALARS.items():
+        _store(config, key, _scalar(key, _lookup(config, key), kind, minimum, optional))
     if config["storage_dtype"] not in ("fp32", "fp16"):
         raise ConfigError("storage_dtype must be fp32 or fp16")
     if config["amp"] not in ("none", "bf16"):
         raise ConfigError(f"amp must be none or bf16 (mixed precision on the GPU), got {config['amp']!r}")
     crop = config["input"]["crop"]
-    if isinstance(crop, int):
-        config["input"]["crop"] = [crop, crop]
+    if isinstance(crop, int) and not isinstance(crop, bool):
+        crop = [crop, crop]
+    if not (isinstance(crop, (list, tuple)) and len(crop) == 2):
+        raise ConfigError(f"input.crop must be an integer or [height, width], got {crop!r}")
+    config["input"]["crop"] = [_scalar("input.crop", v, "int", 1, False) for v in crop]
+    try:
+        InputSpec.from_meta(config["input"])  # mean / std, if given
+    except ValueError:
+        raise ConfigError(f"input must hold resize, crop and optionally mean / std (3 numbers each, "
+                          f"std > 0), got {config['input']!r}") from None
 
 
 # ----------------------------------------------------------------------------- data
@@ -313,7 +385,7 @@ def validate_relative(model, dataset, spec, device) -> tuple[dict, list | None]:
 
 def save_train_state(path: Path, model, optimizer, loss_fn, epoch: int, best: float) -> None:
     """Model, loss and optimiser tensors in safetensors, scalars in JSON (no pickle)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"loss.{k}": v.detach().cpu().contiguous() for k, v in loss_fn.state_dict().items()})
@@ -324,22 +396,37 @@ def save_train_state(path: Path, model, optimizer, loss_fn, epoch: int, best: fl
                 tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
-    info = {"epoch": epoch, "best": best, "optim_scalars": scalars,
+    info = {"epoch": epoch, "best": best, "optim_scalars": scalars, "architecture": model.architecture,
             "param_groups": [{k: v for k, v in g.items() if k != "params"}
                              for g in optimizer.state_dict()["param_groups"]]}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"info": json.dumps(info)})
-    os.replace(tmp, path)
+    # serialised here and written by vizloc_ros.files: save_file's own temporary is a
+    # mode-0600 .tmpXXXX that a kill -9 leaves behind for good
+    write_bytes(path, save(tensors, metadata={"info": json.dumps(info)}), what="training state")
 
 
 def load_train_state(path: Path, model, optimizer, loss_fn) -> tuple[int, float]:
+    """Restore what :func:`save_train_state` wrote; a state of another model or loss is a
+    :class:`ConfigError` in one line (torch's own message lists every tensor)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        info = json.loads(handle.metadata()["info"])
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    loss_fn.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            info = json.loads(handle.metadata()["info"])
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for damaged files
+        raise ConfigError(f"--resume: cannot read the training state {path} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else 'damaged'})") from None
+    saved = info.get("architecture")
+    if saved is not None and saved != model.architecture:
+        raise ConfigError(f"--resume: the training state {path} is of a {saved!r} model, not "
+                          f"{model.architecture!r}; train into another --out, or resume with model.name={saved}")
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        loss_fn.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0].rstrip(":. ")
+        raise ConfigError(f"--resume: the training state {path} does not fit this {model.architecture} "
+                          f"model and loss (other model.args or loss settings?): {first}") from None
     state = optimizer.state_dict()
     new_state: dict = {}
     for key, value in tensors.items():
@@ -349,10 +436,14 @@ def load_train_state(path: Path, model, optimizer, loss_fn) -> tuple[int, float]
     for key, value in info["optim_scalars"].items():
         index, name = key.split(".", 1)
         new_state.setdefault(int(index), {})[name] = value
-    for group, saved in zip(state["param_groups"], info["param_groups"]):
-        group.update(saved)
+    for group, saved_group in zip(state["param_groups"], info["param_groups"]):
+        group.update(saved_group)
     state["state"] = new_state
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"--resume: the optimiser state in {path} does not fit this model: "
+                          f"{str(exc).splitlines()[0]}") from None
     return int(info["epoch"]), float(info["best"])
 
 
@@ -440,12 +531,37 @@ def _open_unlabeled(config: dict, model, recipe):
     return dataset, build_odometry_loss(block["loss"])
 
 
-def train(config: dict, resume: bool = False, progress: bool = True) -> dict:
-    """Run training; returns the best validation metrics. Writes ``<out>.safetensors/.json``.
+def checkpoint_outputs(out) -> list[Path]:
+    """What a training run into ``out`` writes: the checkpoint, its JSON, its resume state."""
+    out = Path(out)
+    return [out.with_name(out.name + suffix) for suffix in (".safetensors", ".json", ".state.safetensors")]
+
+
+def check_out(config: dict, resume: bool, overwrite: bool) -> None:
+    """Before any work: refuse to replace an existing checkpoint at ``out`` (the demo
+    configs point at the shipped weights) unless ``--overwrite`` or ``--resume`` says so,
+    and refuse a link or a second run writing it now."""
+    out = Path(config["out"])
+    existing = [p for p in checkpoint_outputs(out) if p.exists() or p.is_symlink()]
+    try:
+        for path in checkpoint_outputs(out):
+            check_not_a_link(path, "checkpoint file")
+            sweep_stale(path, "checkpoint file")
+    except OutputError as exc:
+        raise ConfigError(str(exc)) from None
+    if existing and not (overwrite or resume):
+        raise ConfigError(f"out {out}: {existing[0]} exists; pass --overwrite to replace it, --resume to "
+                          "continue its training, or another --out")
+
+
+def train(config: dict, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Run training; returns the best validation metrics. Writes ``<out>.safetensors/.json``
+    (refused where a checkpoint exists, unless ``overwrite`` or ``resume``).
 
     Denormals are flushed while training (fresh batch-norm statistics produce them and
     they make CPU kernels ~30x slower); the process-wide setting is restored afterwards.
     """
+    check_out(config, resume, overwrite)
     torch.set_flush_denormal(True)
     try:
         return _train(config, resume, progress)
@@ -659,6 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out", help="checkpoint stem, e.g. weights/mapnet_demo")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.state.safetensors")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing checkpoint at --out (refused otherwise)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set loss.combine=beta")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -673,9 +791,13 @@ def main(argv=None) -> int:
              "optim.lr": args.lr, "device": args.device, "seed": args.seed, "out": args.out}
     try:
         config = load_config(args.config, args.set, **flags)
-        metrics = train(config, resume=args.resume, progress=not args.no_progress)
+        metrics = train(config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"vizloc-train: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up while a checkpoint was written
+        print(f"vizloc-train: cannot write {exc.filename or 'the checkpoint'}: {exc.strerror or exc}; "
+              "the previous checkpoint (if any) is intact", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vizloc-train: interrupted; the last best checkpoint is intact", file=sys.stderr)

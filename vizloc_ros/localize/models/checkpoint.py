@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vizloc_ros.files import staged_files
 from vizloc_ros.localize.models.base import PoseRegressor
 from vizloc_ros.localize.models.registry import available_models, build_model, is_registered
 
@@ -149,11 +150,6 @@ def build_meta(model: PoseRegressor, meta: dict | None = None, dtype: str = "fp3
     return _jsonable(out)
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
 def save_checkpoint(path, model: PoseRegressor, meta: dict | None = None,
                     dtype: str = "fp32") -> Path:
     """Write ``X.safetensors`` + ``X.json`` for ``model``; returns the tensor file path.
@@ -162,7 +158,7 @@ def save_checkpoint(path, model: PoseRegressor, meta: dict | None = None,
     ``validation_errors`` (and any extra keys); see the module docstring for the schema.
     ``dtype="fp16"`` halves the file (floating tensors except the pose statistics).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
@@ -184,35 +180,24 @@ def save_checkpoint(path, model: PoseRegressor, meta: dict | None = None,
     elif st_path.suffix != _SUFFIX:
         st_path = st_path.with_name(st_path.name + _SUFFIX)
     json_path = st_path.with_suffix(".json")
-    st_path.parent.mkdir(parents=True, exist_ok=True)
-    tag = f".tmp{os.getpid()}"
-    st_tmp = st_path.with_name("." + st_path.name + tag)
-    json_tmp = json_path.with_name("." + json_path.name + tag)
     side_paths = {name: st_path.with_name(f"{st_path.name[:-len(_SUFFIX)]}.{name}{_SUFFIX}")
                   for name in side}
     if side_paths:
         document["side_files"] = {name: path.name for name, path in side_paths.items()}
     text = json.dumps(document, indent=2, allow_nan=False) + "\n"
-    side_tmps = {name: path.with_name("." + path.name + tag) for name, path in side_paths.items()}
-    try:
-        save_file(tensors, str(st_tmp), metadata={"format": FORMAT,
-                                                  "architecture": document["architecture"]})
-        _fsync(st_tmp)
-        for name, tmp in side_tmps.items():
-            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in side[name].items()},
-                      str(tmp), metadata={"format": FORMAT, "side_file": name})
-            _fsync(tmp)
-        with open(json_tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(st_tmp, st_path)
-        for name, tmp in side_tmps.items():
-            os.replace(tmp, side_paths[name])
-        os.replace(json_tmp, json_path)
-    finally:
-        for tmp in (st_tmp, json_tmp, *side_tmps.values()):
-            tmp.unlink(missing_ok=True)
+    # serialised here, written by vizloc_ros.files (locked .NAME.partial-PID temporaries,
+    # umask respected, a dead writer's swept by the next save; safetensors' own save_file
+    # leaves a mode-0600 .tmpXXXX behind when killed). All are written before any is
+    # renamed, the JSON last, so a loader never sees a JSON without its tensors.
+    blobs = [save(tensors, metadata={"format": FORMAT, "architecture": document["architecture"]})]
+    blobs += [save({k: v.detach().to("cpu").contiguous().clone() for k, v in side[name].items()},
+                   metadata={"format": FORMAT, "side_file": name}) for name in side_paths]
+    blobs.append(text.encode("utf-8"))
+    with staged_files([st_path, *side_paths.values(), json_path], what="checkpoint file") as partials:
+        for partial, blob in zip(partials, blobs):
+            with open(partial, "wb") as handle:
+                handle.write(blob)
+    return st_path
     return st_path
 
 
