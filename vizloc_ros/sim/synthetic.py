@@ -35,8 +35,8 @@ import logging
 import multiprocessing
 import os
 import re
-import shutil
 import sys
+import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from vizloc_ros.files import OutputBusy, check_not_a_link, exit_with_parent, staged
 from vizloc_ros.ros_io import messages
 from vizloc_ros.ros_io.bag_io import BagWriter
 from vizloc_ros.ros_io.tum import read_tum, write_tum
@@ -369,12 +370,10 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
         if sim.placement is not None:
             log(f"{sim.spec.name} <- {Path(sim.spec.tum_file).name}: {sim.placement.describe()}")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    # built under .OUT.partial-PID (locked while this run lives; a dead run's is swept, a
+    # live one's refused), moved into place only if nothing else took OUT meanwhile
+    with staged(out_dir, folder=True, replaceable=_is_synth_output if overwrite else None,
+                what="vizloc-synth output") as staging:
         want_bag, want_7scenes = fmt in ("bag", "both"), fmt in ("7scenes", "both")
         (staging / "trajectories").mkdir()
         if want_bag:
@@ -392,10 +391,6 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
                          [s.number for s in sequences if s.split == "test"])
         (staging / "scene.json").write_text(json.dumps(_scene_metadata(config, scene, sims, fmt), indent=2),
                                             encoding="utf-8")
-        _move_into_place(staging, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -403,7 +398,9 @@ def _render_in_processes(staging: Path, sequences, config, want_bag, want_7scene
     """One sequence per task on a spawn-started pool (no fork of a process that may hold
     threads); the progress bar advances by whole sequences; the first failure cancels the rest."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(sequences)), mp_context=context) as pool:
+    # a worker ends with this process: killed (-9), it could not stop them otherwise
+    with ProcessPoolExecutor(max_workers=min(jobs, len(sequences)), mp_context=context,
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_render_sequence_job, str(staging), spec, config, want_bag, want_7scenes)
                    for spec in sequences]
         pending = set(futures)
@@ -418,31 +415,28 @@ def _render_in_processes(staging: Path, sequences, config, want_bag, want_7scene
             raise
 
 
+def _is_synth_output(path: Path) -> bool:
+    """An earlier vizloc-synth output (its ``scene.json``) or an empty folder, never a link."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return not any(path.iterdir()) or (path / "scene.json").is_file()
+
+
 def _check_output(out_dir: Path, overwrite: bool) -> None:
     """Refuse an existing output unless ``overwrite``, and even then refuse to replace a
     folder that is not an earlier vizloc-synth output (no ``scene.json``): ``--out .``
-    with ``--overwrite`` is a typing slip, not a wish to delete the working directory."""
-    if not out_dir.exists() and not out_dir.is_symlink():
+    with ``--overwrite`` is a typing slip, not a wish to delete the working directory.
+    A link is refused before rendering, not after."""
+    check_not_a_link(out_dir, "--out")
+    if not out_dir.exists():
         return
     if not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass --overwrite (overwrite=True) to replace it")
     if not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file, not a vizloc-synth output folder; choose another --out")
-    if any(out_dir.iterdir()) and not (out_dir / "scene.json").is_file():
+    if not _is_synth_output(out_dir):
         raise FileExistsError(f"{out_dir} is not a vizloc-synth output (no scene.json): refusing to "
                               "replace it; choose another --out")
-
-
-def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} appeared while generating; not overwriting it")
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.rename(out_dir, old)
-        os.rename(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out_dir)
 
 
 def generate_demo(out_dir, split: str = "all", fmt: str = "both", frames: int = 300,
@@ -465,14 +459,17 @@ def cached_demo(split: str = "test", fmt: str = "bag", frames: int = 300,
 
     The folder name holds the generator version and the parameters, so a changed
     generator never serves a stale dataset. Safe against two processes building it at
-    once (the loser's copy is discarded).
+    once: the second waits for the first's result (and builds it itself if the first
+    died); one that finished at the same moment loses its copy.
     """
     key = f"v{GENERATOR_VERSION}-{split}-{fmt}-{int(frames)}f-{int(size[0])}x{int(size[1])}"
     root = demo_cache_dir() / key
-    if not (root / "scene.json").exists():
+    while not (root / "scene.json").exists():
         try:
             generate_demo(root, split=split, fmt=fmt, frames=frames, size=size, progress=progress,
                           overwrite=root.exists())
+        except OutputBusy:  # another process renders it now: wait for its result (or death)
+            time.sleep(0.5)
         except FileExistsError:
             if not (root / "scene.json").exists():
                 raise
@@ -605,6 +602,10 @@ def main(argv=None) -> int:
                        log=lambda line: print(f"vizloc-synth: {line}", file=sys.stderr))
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"vizloc-synth: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up while rendering
+        print(f"vizloc-synth: error: cannot write {exc.filename or args.out}: {exc.strerror or exc}; "
+              "nothing was written", file=sys.stderr)
         return 2
     print(f"vizloc-synth: wrote {len(sequences)} sequence(s) to {out}", file=sys.stderr)
     return 0

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from vizloc_ros.files import write_text
 from vizloc_ros.localize.models import checkpoint_paths
 from vizloc_ros.metrics import THRESHOLDS, evaluate_poses, threshold_key
 from vizloc_ros.pipeline.regressor import load_estimator
@@ -157,12 +157,7 @@ def _check_json_target(path: Path) -> None:
 
 
 def _write_json_atomically(path: Path, document: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(document, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, json.dumps(document, indent=2) + "\n", what="metrics file")
 
 
 def record_metrics(weights, name: str, metrics: dict) -> Path:

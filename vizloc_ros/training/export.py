@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vizloc_ros.files import staged_files, write_bytes
 from vizloc_ros.localize.models import CheckpointError, load_checkpoint
 from vizloc_ros.localize.preprocess import InputSpec
 
@@ -38,22 +38,18 @@ class PoseOutput(torch.nn.Module):
         return torch.cat([t, q], dim=-1)
 
 
-def _atomic_target(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+class _Rejected(Exception):
+    """The exported network failed validation: nothing is moved into place."""
 
 
 def export_onnx(model, spec, out_path: Path, opset: int = OPSET) -> Path:
-    """Export with a dynamic batch dimension; written to a temporary name, then renamed."""
+    """Export with a dynamic batch dimension to ``out_path`` (the caller's temporary:
+    see :func:`main`, which validates it before it takes the final name)."""
     wrapper = PoseOutput(model.eval().float().cpu())
     dummy = torch.zeros(2, 3, *spec.crop)
-    tmp = _atomic_target(out_path)
-    try:
-        torch.onnx.export(wrapper, (dummy,), str(tmp), dynamo=False, input_names=["images"],
-                          output_names=["pose"], opset_version=opset,
-                          dynamic_axes={"images": {0: "batch"}, "pose": {0: "batch"}})
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    torch.onnx.export(wrapper, (dummy,), str(out_path), dynamo=False, input_names=["images"],
+                      output_names=["pose"], opset_version=opset,
+                      dynamic_axes={"images": {0: "batch"}, "pose": {0: "batch"}})
     return out_path
 
 
@@ -90,9 +86,7 @@ def build_tensorrt_engine(onnx_path: Path, engine_path: Path, spec, max_batch: i
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("TensorRT failed to build the engine")
-    tmp = _atomic_target(engine_path)
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, engine_path)
+    write_bytes(engine_path, bytes(serialized), what="TensorRT engine")
     return engine_path
 
 
@@ -147,32 +141,27 @@ def main(argv=None) -> int:
     stem = Path(args.out) if args.out else src.with_suffix("") if src.suffix else src
     onnx_path = stem.with_name(stem.name + ".onnx")
     json_path = stem.with_name(stem.name + ".json")
-    # exported and validated under a temporary name: a network that fails validation never
-    # replaces (or appears as) a usable .onnx
-    unvalidated = stem.with_name(f".{stem.name}.unvalidated-{os.getpid()}.onnx")
+    # exported and validated under its temporary (vizloc_ros.files: locked, swept after a
+    # kill -9): a network that fails validation never replaces (or appears as) a usable
+    # .onnx, and the sidecar JSON is never half copied beside it
+    copy_json = src_json.resolve() != json_path.resolve()
     try:
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(model, spec, unvalidated)
-        diff = validate_onnx(model, spec, unvalidated)
-        if not diff <= args.tolerance:
-            reason = ("the network's outputs are not finite (NaN or inf in the weights?)"
-                      if not np.isfinite(diff) else
-                      f"ONNX output differs from PyTorch by {diff:.3g} (> tolerance {args.tolerance})")
-            print(f"vizloc-export: {reason}; nothing written", file=sys.stderr)
-            return 1
-        if src_json.resolve() != json_path.resolve():
-            tmp = _atomic_target(json_path)  # never a half-copied sidecar beside a good engine
-            try:
-                shutil.copyfile(src_json, tmp)
-                os.replace(tmp, json_path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        os.replace(unvalidated, onnx_path)
+        with staged_files([json_path, onnx_path] if copy_json else [onnx_path], what="export") as partials:
+            unvalidated = partials[-1]
+            export_onnx(model, spec, unvalidated)
+            diff = validate_onnx(model, spec, unvalidated)
+            if not diff <= args.tolerance:
+                raise _Rejected("the network's outputs are not finite (NaN or inf in the weights?)"
+                                if not np.isfinite(diff) else
+                                f"ONNX output differs from PyTorch by {diff:.3g} (> tolerance {args.tolerance})")
+            if copy_json:
+                shutil.copyfile(src_json, partials[0])
+    except _Rejected as exc:
+        print(f"vizloc-export: {exc}; nothing written", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"vizloc-export: cannot write {onnx_path}: {exc}", file=sys.stderr)
         return 2
-    finally:
-        unvalidated.unlink(missing_ok=True)
     print(f"ONNX: {onnx_path} (opset {OPSET}, dynamic batch); max abs difference vs PyTorch "
           f"{diff:.3g}")
     want_trt = args.tensorrt == "yes" or (args.tensorrt == "auto" and _tensorrt_available())
