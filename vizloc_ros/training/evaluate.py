@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from vizloc_ros.files import write_text
+from vizloc_ros.files import sweep_stale, write_text
 from vizloc_ros.localize.models import checkpoint_paths
 from vizloc_ros.metrics import THRESHOLDS, evaluate_poses, threshold_key
 from vizloc_ros.pipeline.regressor import load_estimator
@@ -150,10 +151,13 @@ def main(argv=None) -> int:
 
 
 def _check_json_target(path: Path) -> None:
+    if path.is_symlink():  # said now, not after minutes of evaluation
+        raise ValueError(f"--json {path} is a symbolic link (to {os.readlink(path)}); give the real path")
     if path.is_dir():
         raise ValueError(f"--json {path} is a folder; give a file name")
     if not path.parent.is_dir():
         raise ValueError(f"--json {path}: folder {path.parent} does not exist")
+    sweep_stale(path, "--json file")  # a killed run's temporary goes; a live writer is refused
 
 
 def _write_json_atomically(path: Path, document: dict) -> None:
