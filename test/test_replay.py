@@ -119,6 +119,37 @@ def test_a_folder_that_is_not_a_report_is_never_offered_to_overwrite(small_bag, 
     assert [p.name for p in tmp_path.iterdir()] == ["notes"] and (notes / "thesis.tex").read_text() == "x"
 
 
+def test_a_second_run_to_the_same_out_is_refused_while_the_first_writes(small_bag, tiny_weights, tmp_path):
+    """Two replays started 3 s apart to one --out both exited 0 and the first report was
+    gone; now the second sees the first's locked temporary and stops before its run."""
+    import fcntl
+    import os
+
+    from vizloc_ros.files import partial_path
+
+    first = partial_path(tmp_path / "o", pid=1)
+    first.mkdir()
+    fd = os.open(first, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(replay.ReplayError, match=r"another process \(pid 1\) is writing report folder"):
+            _run(small_bag, tiny_weights, tmp_path / "o")
+        assert first.is_dir() and not (tmp_path / "o").exists()
+    finally:
+        os.close(fd)
+        first.rmdir()
+
+
+def test_a_linked_out_is_refused_before_the_run(small_bag, tiny_weights, tmp_path):
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "metrics.json").write_text("{}")
+    (tmp_path / "earlier" / "report.md").write_text("#")
+    (tmp_path / "o").symlink_to(tmp_path / "earlier")
+    with pytest.raises(replay.ReplayError, match=r"--out .*o is a symbolic link \(to .*earlier\); give the real"):
+        _run(small_bag, tiny_weights, tmp_path / "o", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "earlier").iterdir()) == ["metrics.json", "report.md"]
+
+
 def test_truncated_bag_is_a_clear_error_and_writes_nothing(small_bag, tiny_weights, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(small_bag, broken)

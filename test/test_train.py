@@ -79,13 +79,87 @@ def test_cli_writes_checkpoint_with_validation_metrics_and_resumes(tiny_scene):
     ("optim.epochs=0", "epochs"),
     ("nonsense.key=1", "unknown config key"),
     ("amp=fp8", "amp must be none or bf16"),
+    # empty values: one line naming the key, not a TypeError where the value is used
+    ("out=", "out must be a non-empty string, got an empty value"),
+    ("loss=", "loss must be a mapping of options, got an empty value"),
+    ("threads=", "threads must be an integer >= 0, got an empty value"),
+    # not "quaternion is zero or not finite" after training to NaN weights
+    ("optim.lr=.inf", "optim.lr must be a finite number >= 0, got inf"),
+    # not "checkpoint input block is malformed"
+    ("input.resize=abc", "input.resize must be an integer >= 1, got 'abc'"),
+    ("input.crop=[32]", "input.crop must be an integer or [height, width]"),
+    ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
 ])
 def test_bad_config_values_are_clear_errors(tiny_scene, override, message, capsys):
-    code = train.main(["--data", str(tiny_scene / "scene"), "--set", override, "--out",
-                       str(tiny_scene / "o" / "m"), *TINY])
+    code = train.main(["--data", str(tiny_scene / "scene"), "--out", str(tiny_scene / "o" / "m"), *TINY,
+                       "--set", override])  # last: TINY's own --set must not win over it
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tiny_scene / "o" / "m.safetensors").exists()
+
+
+def test_an_empty_value_in_the_yaml_names_its_key(tiny_scene, capsys):
+    config = tiny_scene / "train.yaml"
+    config.write_text("threads:\n")
+    assert train.main(["--config", str(config), "--data", str(tiny_scene / "scene"), "--out",
+                       str(tiny_scene / "o" / "m"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == "vizloc-train: threads must be an integer >= 0, got an empty value"
+
+
+def test_an_existing_checkpoint_is_refused_before_any_work_unless_overwrite_or_resume(tmp_path, capsys):
+    """The demo configs point `out` at the shipped weights: a plain run must not replace them."""
+    (tmp_path / "m.safetensors").write_bytes(b"shipped")
+    (tmp_path / "m.json").write_text("{}")
+    args = ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m"), *TINY]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "m.safetensors exists; pass --overwrite to replace it, --resume to continue" in err
+    assert (tmp_path / "m.safetensors").read_bytes() == b"shipped"
+    # with --overwrite the check passes and the next problem (no dataset) is the one reported
+    assert train.main([*args, "--overwrite"]) == 2
+    assert "TrainSplit.txt" in capsys.readouterr().err
+
+
+def test_checkpoint_and_training_state_follow_the_umask_and_leave_no_temporary(tmp_path):
+    """safetensors' own writer made 0600 files through mkstemp (a node running as another
+    user could not read them) and left its .tmpXXXX behind when killed."""
+    import os
+    import stat
+
+    from vizloc_ros.localize.models import save_checkpoint
+
+    model = build_model("posenet_resnet18", feat_dim=32)
+    loss = build_loss({"relative": False})
+    optimizer = torch.optim.Adam(list(model.parameters()) + list(loss.parameters()), lr=1e-4)
+    previous = os.umask(0o022)
+    try:
+        st_path = save_checkpoint(tmp_path / "m", model, {"input": {"resize": 32, "crop": [32, 32]}})
+        train.save_train_state(tmp_path / "m.state.safetensors", model, optimizer, loss, 1, 1.0)
+    finally:
+        os.umask(previous)
+    written = sorted(tmp_path.iterdir())
+    assert [p.name for p in written] == ["m.json", "m.safetensors", "m.state.safetensors"]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o644}
+    assert load_checkpoint(st_path)[1]["architecture"] == "posenet_resnet18"
+
+
+def test_resuming_another_architecture_is_one_line_naming_both():
+    model = build_model("posenet_resnet18", feat_dim=32)
+    loss = build_loss({"relative": False})
+    optimizer = torch.optim.Adam(list(model.parameters()) + list(loss.parameters()), lr=1e-4)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        state = Path(folder) / "m.state.safetensors"
+        train.save_train_state(state, model, optimizer, loss, 1, 1.0)
+        other = build_model("mapnet", backbone="resnet18", feat_dim=32)
+        with pytest.raises(train.ConfigError, match=r"^--resume: the training state .* is of a 'posenet_resnet18' "
+                                                    r"model, not 'mapnet'[^\n]*$"):
+            train.load_train_state(state, other, torch.optim.Adam(other.parameters()), loss)
+        wider = build_model("posenet_resnet18", feat_dim=64)  # same name, other shapes
+        with pytest.raises(train.ConfigError, match=r"^--resume: .* does not fit this posenet_resnet18[^\n]*$"):
+            train.load_train_state(state, wider, torch.optim.Adam(wider.parameters()), loss)
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
