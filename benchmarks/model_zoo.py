@@ -230,7 +230,7 @@ def run_one(name: str, dataset: dict, args, work: Path) -> dict:
         out = work / dataset["name"].replace("/", "_") / name
         config = zoo_config(name, dataset, args.quick, args.steps, out, args.device)
         config = _checked(config)
-        train.train(config, progress=False)
+        train.train(config, progress=False, overwrite=True)  # its own --work folder: a rerun retrains
         weights = out.with_name(out.name + ".safetensors")
         meta = json.loads(weights.with_suffix(".json").read_text())
         steps = meta.get("training", {}).get("steps")
