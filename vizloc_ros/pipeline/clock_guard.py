@@ -33,8 +33,9 @@ SILENT_OLD_MESSAGES = 30
 
 @dataclass(frozen=True)
 class Verdict:
-    """What to do with one input: ``pass`` (fuse it), ``hold`` (drop it: off the clock)
-    or ``jump`` (restart the fusion, then fuse it); ``offset``: s from the fusion's clock
+    """What to do with one input: ``pass`` (fuse it), ``hold`` (drop it: off the clock),
+    ``jump`` (restart the fusion, then fuse it) or ``rebase`` (the first input was off the
+    second: forget what came before, then fuse it); ``offset``: s from the fusion's clock
     (positive: ahead), ``reference``: the stamp it was measured against."""
 
     action: str
@@ -75,12 +76,18 @@ class ClockGuard:
         self.clock: float | None = None    # newest stamp of any input on the fusion's timeline
         self.newest: dict = {}             # input -> its newest stamp on the fusion's timeline
         self._candidate: _Timeline | None = None
+        self._support = 0                  # inputs that agreed with the clock since it was set
 
     def check(self, stream: str, s: float) -> Verdict:
         """The verdict for an input ``stream`` (absolute, coarse, odom, imu) stamped ``s``."""
-        if self.clock is None:
+        if self.clock is None or (self._support < CONFIRM_MESSAGES and self._off_clock(stream, s, starting=True)):
+            # the first input sets the clock; while no second one agrees with it, an input
+            # off it sets it anew (the first may have been the spike: it must not hold the
+            # clock for the rest of the run), and what came before it is to be forgotten
+            verdict = Verdict("pass") if self.clock is None else Verdict("rebase", s - self.clock, self.clock)
+            self.clock, self.newest, self._support, self._candidate = s, {}, 0, None
             self._on_clock(stream, s)
-            return Verdict("pass")
+            return verdict
         candidate = self._candidate
         if not self._off_clock(stream, s):
             self._on_clock(stream, s)
@@ -111,8 +118,10 @@ class ClockGuard:
         return offset if offset > self.max_future_s or offset < -self.max_back_s else None
 
     # -- helpers ---------------------------------------------------------------------
-    def _off_clock(self, stream: str, s: float) -> bool:
-        own = self.newest.get(stream)
+    def _off_clock(self, stream: str, s: float, starting: bool = False) -> bool:
+        """Off the clock: ahead of it, or behind the input's own newest stamp (or, while
+        the clock is being set, behind the clock itself)."""
+        own = self.clock if starting else self.newest.get(stream)
         return s > self.clock + self.max_future_s or (own is not None and s < own - self.max_back_s)
 
     def _held(self, stream: str, s: float) -> Verdict:
@@ -122,6 +131,7 @@ class ClockGuard:
         return Verdict("hold", s - own, own)
 
     def _on_clock(self, stream: str, s: float) -> None:
+        self._support += 1
         self.clock = s if self.clock is None else max(self.clock, s)
         self.newest[stream] = max(self.newest.get(stream, s), s)
 
@@ -136,4 +146,5 @@ class ClockGuard:
     def _jump_to(self, candidate: _Timeline) -> None:
         self.clock = candidate.newest
         self.newest = dict(candidate.on)
+        self._support = candidate.messages
         self._candidate = None

@@ -325,7 +325,10 @@ class FusionCore(DropCounting):
                                  f"{verdict.describe(what)}: a spike, or a clock jump that the other "
                                  f"inputs have not followed yet (max_future_s={self.settings.max_future_s:g}, "
                                  f"time_jump_s={self.config.time_jump_s:g})")
-        if verdict.action == "jump":
+        if verdict.action == "rebase" and not self.fusion.initialised:
+            # the first inputs disagreed: what the fusion gathered may be a spike's
+            self.fusion.reset()
+        elif verdict.action in ("jump", "rebase"):
             self.fusion.reset()
             self.path.clear()
             self._time_jumps_seen = self.fusion.counters.get("time_jumps", 0)
