@@ -19,7 +19,10 @@ from vizloc_ros.pipeline.clock_guard import ACTIVE_S, SILENT_OLD_MESSAGES, Clock
 from vizloc_ros.pipeline.diagnostics import diagnostics_summary
 from vizloc_ros.pipeline.drops import DropReason
 from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
+from vizloc_ros.pipeline.regressor import AbsolutePose
+from vizloc_ros.replay.fusion_side import FusionSide, FusionSideSpec, ReplayError
 from vizloc_ros.ros_io import messages
+from vizloc_ros.ros_io.bag_io import read_messages
 
 T = messages.rosbags_types()
 T0 = 1_700_000_000.0
@@ -280,3 +283,44 @@ def test_growing_odometry_covariance_is_not_warned_about():
         s = T0 + k / RATE
         run.feed(k, "on_odometry", odometry(s, cov=np.eye(6) * (1e4 + k)))
     assert run.core.counters["odom_covariance_implausible"] == 0
+
+
+# --------------------------------------------------------------------------- the replay's order
+
+class _Recording(FusionSide):
+    """Records what the replay's fusion side would fuse, in order, instead of fusing it."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.seen = []
+
+    def _process(self, kind, payload):
+        self.seen.append(kind)
+
+
+def _spike_received_mid_bag(small_bag, tmp_path, order):
+    side = _Recording(FusionSideSpec(bag=small_bag, out_bag=tmp_path / order, order=order))
+    side.read_bag()
+    odometry_log = [r for r in read_messages(small_bag, ["/odom"])]
+    mid = odometry_log[len(odometry_log) // 2]
+    ns = messages.header_stamp_ns(mid.msg) + int(HOUR * 1e9)   # stamped an hour ahead
+    pose = AbsolutePose(stamp=ns * 1e-9, frame_id="map", t=np.zeros(3), q=np.array([1.0, 0, 0, 0]),
+                        cov=np.eye(6) * 0.1, latency_s=0.0, t_cam=np.zeros(3),
+                        q_cam=np.array([1.0, 0, 0, 0]), stamp_ns=ns)
+    side.add([(pose.stamp, "absolute", pose)], pose.stamp, {ns: mid.log_time_ns})
+    side._release(np.inf)
+    return side.seen, len(odometry_log)
+
+
+def test_receive_order_fuses_a_spike_when_the_node_would_get_it(small_bag, tmp_path):
+    """Stamp order fuses a pose stamped an hour ahead after everything else, which hides
+    what the node does with it; receive order fuses it among the odometry logged with it."""
+    seen, n_odometry = _spike_received_mid_bag(small_bag, tmp_path, "receive")
+    assert seen.count("odom") == n_odometry and abs(seen.index("absolute") - n_odometry // 2) <= 1
+    seen, _ = _spike_received_mid_bag(small_bag, tmp_path, "stamp")
+    assert seen[-1] == "absolute"
+
+
+def test_an_unknown_order_is_a_replay_error(small_bag, tmp_path):
+    with pytest.raises(ReplayError, match="order must be one of stamp, receive"):
+        FusionSide(FusionSideSpec(bag=small_bag, out_bag=tmp_path / "bag", order="arrival"))

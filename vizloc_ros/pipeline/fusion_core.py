@@ -339,15 +339,14 @@ class FusionCore(DropCounting):
     def _restarted(self, line: str) -> None:
         """The fusion started over because the clock jumped: counted (``/diagnostics``,
         ``metrics.json``) and said once."""
-        self.counters["clock_jumps"] += 1
-        self._notice("clock_jump", line)
+        self._notice("clock_jump", line, counter="clock_jumps")
 
-    def _notice(self, kind: str, line: str | None) -> None:
-        """Count ``kind`` and keep ``line`` for the node's log (nothing when None)."""
+    def _notice(self, kind: str, line: str | None, counter: str | None = None) -> None:
+        """Count ``counter`` (default: ``kind``) and keep ``line`` for the node's log,
+        which throttles it per ``kind``; nothing when ``line`` is None."""
         if line is None:
             return
-        if kind != "clock_jump":
-            self.counters[kind] += 1
+        self.counters[counter or kind] += 1
         self._notices.append((kind, line))
 
     def _dropped(self, reason: DropReason, detail: str) -> FusionStep:
