@@ -50,9 +50,11 @@ class FusionMachine(RuleBasedStateMachine):
     """The model: true time ``t`` (s since T0, only forward) and the clock's offset; a good
     message is stamped ``T0 + t + offset`` and carries the truth at ``t``."""
 
+    USE_ODOM = USE_IMU = True
+
     @initialize()
     def start(self):
-        self.core = FusionCore(settings=FusionSettings(use_odom=True, use_imu=True,
+        self.core = FusionCore(settings=FusionSettings(use_odom=self.USE_ODOM, use_imu=self.USE_IMU,
                                                        transform_tolerance=0.1))
         self.t = 0.0
         self.offset = 0.0
@@ -179,7 +181,16 @@ class FusionMachine(RuleBasedStateMachine):
         assert all(v >= 0 for v in self.core.counters.values())
 
 
-FusionMachine.TestCase.settings = settings(
-    derandomize=True, database=None, max_examples=20, stateful_step_count=40, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+class AbsoluteOnlyMachine(FusionMachine):
+    """The same without odometry and IMU (the node's use_odom: false): the camera poses
+    alone are the fusion's clock, so a gap in them looks like a jump of every input."""
+
+    USE_ODOM = USE_IMU = False
+
+
+SETTINGS = settings(derandomize=True, database=None, max_examples=15, stateful_step_count=40, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FusionMachine.TestCase.settings = SETTINGS
+AbsoluteOnlyMachine.TestCase.settings = SETTINGS
 TestFusionFuzz = FusionMachine.TestCase
+TestAbsoluteOnlyFusionFuzz = AbsoluteOnlyMachine.TestCase
