@@ -14,15 +14,17 @@ the guard reports a clock jump and the caller restarts the fusion cleanly.
 "Off the clock" means: more than ``max_future_s`` ahead of the newest stamp of all inputs
 (the fusion's clock), or more than ``max_back_s`` behind the newest stamp of the same
 input (each input's stamps only go forward; a late input behind the others is normal,
-e.g. a camera pose after the inference's latency). Stamps are message stamps, never the
-wall clock, so the node and the replay decide the same.
+e.g. a camera pose after the inference's latency), or, for an input's first message,
+more than :data:`ACTIVE_S` behind the clock. Stamps are message stamps, never the wall
+clock, so the node and the replay decide the same.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 #: s of stamp time without a message after which an input is no longer waited for to
-#: confirm a clock jump (it may have stopped, or be slower than this)
+#: confirm a clock jump (it may have stopped, or be slower than this); also how far
+#: behind the clock an input's first message may be (a camera pose's latency is less)
 ACTIVE_S = 2.0
 #: messages on a new timeline needed for a jump: one message alone is never a jump
 CONFIRM_MESSAGES = 2
@@ -54,6 +56,7 @@ class _Timeline:
 
     newest: float
     on: dict = field(default_factory=dict)       # input -> newest stamp it sent on this timeline
+    counts: dict = field(default_factory=dict)   # input -> messages it sent on this timeline
     messages: int = 0
     in_a_row: int = 0                            # on this timeline, none on the fusion's since
 
@@ -63,6 +66,7 @@ class _Timeline:
     def add(self, stream: str, s: float) -> None:
         self.newest = max(self.newest, s)
         self.on[stream] = max(self.on.get(stream, s), s)
+        self.counts[stream] = self.counts.get(stream, 0) + 1
         self.messages += 1
         self.in_a_row += 1
 
@@ -75,6 +79,7 @@ class ClockGuard:
         self.max_back_s = float(max_back_s)
         self.clock: float | None = None    # newest stamp of any input on the fusion's timeline
         self.newest: dict = {}             # input -> its newest stamp on the fusion's timeline
+        self.counts: dict = {}             # input -> messages it sent on the fusion's timeline
         self._candidate: _Timeline | None = None
         self._support = 0                  # inputs that agreed with the clock since it was set
 
@@ -85,7 +90,7 @@ class ClockGuard:
             # off it sets it anew (the first may have been the spike: it must not hold the
             # clock for the rest of the run), and what came before it is to be forgotten
             verdict = Verdict("pass") if self.clock is None else Verdict("rebase", s - self.clock, self.clock)
-            self.clock, self.newest, self._support, self._candidate = s, {}, 0, None
+            self.clock, self.newest, self.counts, self._support, self._candidate = s, {}, {}, 0, None
             self._on_clock(stream, s)
             return verdict
         candidate = self._candidate
@@ -93,6 +98,7 @@ class ClockGuard:
             self._on_clock(stream, s)
             if candidate is not None:   # this input is (back) on the fusion's timeline
                 candidate.on.pop(stream, None)
+                candidate.counts.pop(stream, None)
                 candidate.in_a_row = 0
                 if not candidate.on:    # no input is on the other timeline any more: a spike
                     self._candidate = None
@@ -120,9 +126,12 @@ class ClockGuard:
     # -- helpers ---------------------------------------------------------------------
     def _off_clock(self, stream: str, s: float, starting: bool = False) -> bool:
         """Off the clock: ahead of it, or behind the input's own newest stamp (or, while
-        the clock is being set, behind the clock itself)."""
+        the clock is being set, behind the clock itself; for an input's first message,
+        :data:`ACTIVE_S` behind it)."""
         own = self.clock if starting else self.newest.get(stream)
-        return s > self.clock + self.max_future_s or (own is not None and s < own - self.max_back_s)
+        if s > self.clock + self.max_future_s:
+            return True
+        return s < own - self.max_back_s if own is not None else s < self.clock - ACTIVE_S
 
     def _held(self, stream: str, s: float) -> Verdict:
         own = self.newest.get(stream)
@@ -134,9 +143,12 @@ class ClockGuard:
         self._support += 1
         self.clock = s if self.clock is None else max(self.clock, s)
         self.newest[stream] = max(self.newest.get(stream, s), s)
+        self.counts[stream] = self.counts.get(stream, 0) + 1
 
     def _active(self) -> list:
-        return [k for k, t in self.newest.items() if t >= self.clock - ACTIVE_S]
+        """The inputs a jump waits for: recent on the fusion's timeline, and more than a
+        single message there (a lone one may be the spike that set the clock)."""
+        return [k for k, t in self.newest.items() if t >= self.clock - ACTIVE_S and self.counts.get(k, 0) >= 2]
 
     def _confirmed(self, candidate: _Timeline) -> bool:
         if candidate.messages < CONFIRM_MESSAGES:
@@ -146,5 +158,6 @@ class ClockGuard:
     def _jump_to(self, candidate: _Timeline) -> None:
         self.clock = candidate.newest
         self.newest = dict(candidate.on)
+        self.counts = dict(candidate.counts)
         self._support = candidate.messages
         self._candidate = None
