@@ -232,6 +232,19 @@ def test_a_jump_is_followed_even_when_an_input_stopped_at_it():
     assert actions[:-1] == ["hold"] * (SILENT_OLD_MESSAGES - 1) and actions[-1] == "jump"
 
 
+@pytest.mark.parametrize("first", [("coarse",), ("coarse", "odom")])
+def test_spikes_as_the_very_first_inputs_do_not_hold_the_clock(first):
+    """Found by the fuzz: one or two messages stamped an hour ahead before anything else
+    set the clock there; the good inputs that follow take it back within two messages."""
+    guard = ClockGuard(max_future_s=0.5, max_back_s=1.0)
+    for stream in first:
+        guard.check(stream, T0 + HOUR)
+    actions = [guard.check(stream, T0 + 0.1 * k) for k in range(3) for stream in ("imu", "odom", "absolute")]
+    taken_back = next(i for i, v in enumerate(actions) if v.action in ("rebase", "jump"))
+    assert taken_back <= 1 and all(v.action == "hold" for v in actions[:taken_back])
+    assert all(v.action == "pass" for v in actions[taken_back + 1:]) and guard.clock == pytest.approx(T0 + 0.2)
+
+
 def test_a_stream_silent_for_a_while_is_not_waited_for():
     guard = ClockGuard(max_future_s=0.5, max_back_s=1.0)
     guard.check("coarse", T0)
