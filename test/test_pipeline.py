@@ -383,7 +383,7 @@ def test_a_bag_loop_restarts_the_path():
     first = len(core.path)
     assert first > 10
     outs = run_fusion(core, 45)  # the same stamps again: the bag looped
-    assert core.fusion.counters["time_jumps"] >= 1
+    assert core.counters["clock_jumps"] == 1  # counted once, for /diagnostics
     assert sum(o is not None and o.path_appended for _, _, o in outs) > 10
     stamps = core.path_arrays()[0]
     assert np.all(np.diff(stamps) > 0) and stamps[-1] == pytest.approx(stamp_ns(44) * 1e-9)

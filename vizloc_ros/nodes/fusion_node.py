@@ -109,6 +109,8 @@ class FusionNode(Node):
             if step.output is not None:
                 publish(self.publishers_by_topic, self.tf_broadcaster, self.outputs.of(step.output))
             report_drop(self.problems, step.drop, what)
+            for kind, line in step.notices:  # a restart (clock jump), an implausible input
+                self.problems.warn(kind, line)
         except Exception as exc:  # noqa: BLE001 - one line per problem, never a traceback per message
             self.core.record_drop(Drop(DropReason.ERROR, f"{type(exc).__name__}: {exc}"))
             self.problems.warn(f"error:{type(exc).__name__}", f"{what} dropped: {type(exc).__name__}: {exc}")

@@ -39,6 +39,12 @@ class DropReason(Enum):
     IMU_DROPPED = ("imu_dropped", "dropped")
     INITIALPOSE_REJECTED = ("initialpose_rejected", "rejected")
     INITIALPOSE_DROPPED = ("initialpose_dropped", "dropped")
+    # the fusion: a stamp far off its clock (a spike, or the first inputs of a clock jump
+    # that the other inputs have not confirmed yet), see pipeline/clock_guard.py
+    ABSOLUTE_OFF_CLOCK = ("absolute_off_clock", "dropped (stamp off the fusion's clock)")
+    COARSE_OFF_CLOCK = ("coarse_off_clock", "dropped (stamp off the fusion's clock)")
+    ODOM_OFF_CLOCK = ("odom_off_clock", "dropped (stamp off the fusion's clock)")
+    IMU_OFF_CLOCK = ("imu_off_clock", "dropped (stamp off the fusion's clock)")
 
     def __init__(self, counter: str, label: str):
         self.counter = counter
@@ -49,6 +55,12 @@ class DropReason(Enum):
         """The reason for a fusion result ``status`` (rejected | dropped) of an input
         counted as ``source`` (absolute, coarse, odom, imu, initialpose)."""
         return cls[f"{source}_{status}".upper()]
+
+    @classmethod
+    def off_clock(cls, source: str) -> "DropReason":
+        """The reason for an input of ``source`` (absolute, coarse, odom, imu) stamped far
+        off the fusion's clock."""
+        return cls[f"{source}_off_clock".upper()]
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,16 @@ messages and must publish the same result.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, fields
 
 import numpy as np
 
+from vizloc_ros.pipeline.clock_guard import ClockGuard
 from vizloc_ros.pipeline.drops import Drop, DropCounting, DropReason
+from vizloc_ros.pipeline.plausibility import ImuPlausibility, OdomCovariancePlausibility
 from vizloc_ros.ros_io import messages
 from vizloc_ros.settings import field_setting, setting
 
@@ -58,6 +61,21 @@ class FusionStep:
 
     output: FusionOutput | None = None
     drop: Drop | None = None
+    #: ``(kind, line)`` the node logs, throttled per kind: the fusion restarted (clock
+    #: jump), an implausible input, an initial pose taken as "now"
+    notices: tuple = ()
+
+
+def _with_notices(method):
+    """An input method whose step carries the notices raised while it ran."""
+    @functools.wraps(method)
+    def wrapper(self, msg):
+        step = method(self, msg)
+        if not self._notices:
+            return step
+        notices, self._notices = tuple(self._notices), []
+        return dataclasses.replace(step, notices=step.notices + notices)
+    return wrapper
 
 
 @dataclass
@@ -86,6 +104,9 @@ class FusionSettings:
     use_imu: bool = setting(False, "fuse the IMU (see imu_mode)")
     path_max_length: int = setting(10000, "poses kept in /vizloc/path", minimum=1)
     path_min_spacing: float = setting(0.0, "m between consecutive poses of /vizloc/path", minimum=0.0)
+    max_future_s: float = setting(
+        0.5, "s an input may be stamped ahead of the newest stamp of all inputs; one further ahead "
+             "is dropped, unless all inputs move there (a clock jump: the fusion restarts)", above=0.0)
 
     def __post_init__(self):
         for f in fields(self):
@@ -123,6 +144,11 @@ class FusionCore(DropCounting):
         self._exact_ns: "OrderedDict[float, int]" = OrderedDict()
         self._time_jumps_seen = 0
         self._warned_odom_frames: set = set()
+        # stamps far off the other inputs' are spikes (dropped) or a clock jump (restart)
+        self.clock = ClockGuard(self.settings.max_future_s, self.config.time_jump_s)
+        self._notices: list = []
+        self._imu_check = ImuPlausibility(self.config.gravity)
+        self._odom_cov_check = OdomCovariancePlausibility()
 
     def _remember(self, msg) -> float:
         stamp_ns = messages.header_stamp_ns(msg)
@@ -139,6 +165,7 @@ class FusionCore(DropCounting):
         return self._exact_ns.get(stamp, int(round(stamp * 1e9)))
 
     # -- inputs --------------------------------------------------------------
+    @_with_notices
     def on_absolute(self, msg) -> FusionStep:
         """A ``/vizloc/absolute_pose`` message (PoseWithCovarianceStamped of the base)."""
         self.counters["absolute_received"] += 1
@@ -146,7 +173,7 @@ class FusionCore(DropCounting):
             stamp, t, q, cov = self._map_pose(msg, "absolute pose")
         except ValueError as exc:
             return self._dropped(DropReason.ABSOLUTE_INVALID, str(exc))
-        return self.add_absolute(stamp, t, q, cov)
+        return self._off_clock("absolute", stamp, "absolute pose") or self.add_absolute(stamp, t, q, cov)
 
     def _map_pose(self, msg, what: str):
         """(stamp, t, q, cov) of a PoseWithCovarianceStamped that must be in ``map``;
@@ -164,6 +191,7 @@ class FusionCore(DropCounting):
             return self._output()
         return self._dropped(DropReason.refused("absolute", result.status), result.reason)
 
+    @_with_notices
     def on_coarse_pose(self, msg) -> FusionStep:
         """A ``/vizloc/coarse_pose`` message (PoseWithCovarianceStamped of the base, from a
         coarse relocalizer such as NetVLAD): initialisation and kidnap recovery only."""
@@ -172,7 +200,7 @@ class FusionCore(DropCounting):
             stamp, t, q, cov = self._map_pose(msg, "coarse pose")
         except ValueError as exc:
             return self._dropped(DropReason.COARSE_INVALID, str(exc))
-        return self.add_coarse_prior(stamp, t, q, cov)
+        return self._off_clock("coarse", stamp, "coarse pose") or self.add_coarse_prior(stamp, t, q, cov)
 
     def add_coarse_prior(self, stamp, t, q, cov) -> FusionStep:
         """A coarse pose (e.g. NetVLAD retrieval): initialisation and kidnap recovery only."""
@@ -186,6 +214,7 @@ class FusionCore(DropCounting):
             return FusionStep()
         return self._dropped(DropReason.refused("coarse", result.status), result.reason)
 
+    @_with_notices
     def on_odometry(self, msg) -> FusionStep:
         if not self.settings.use_odom:
             return FusionStep()
@@ -195,8 +224,14 @@ class FusionCore(DropCounting):
             t, q, cov = messages.pose_with_covariance_from_msg(msg)
         except ValueError as exc:
             return self._dropped(DropReason.ODOM_INVALID, str(exc))
+        off_clock = self._off_clock("odom", stamp, "odometry")
+        if off_clock is not None:
+            return off_clock
         self._check_odom_frames(msg)
-        return self.add_odometry(stamp, t, q, cov)
+        step = self.add_odometry(stamp, t, q, cov)
+        if step.drop is None:
+            self._notice("odom_covariance_implausible", self._odom_cov_check.check(cov))
+        return step
 
     def _check_odom_frames(self, msg) -> None:
         """Odometry in other frames than ``odom_frame -> base_frame`` still gives valid
@@ -221,6 +256,7 @@ class FusionCore(DropCounting):
         self.counters["odom_accepted"] += 1
         return self._output()
 
+    @_with_notices
     def on_imu(self, msg) -> FusionStep:
         """An IMU sample: it moves no output by itself (the next pose or odometry does)."""
         if not self.settings.use_imu:
@@ -233,12 +269,17 @@ class FusionCore(DropCounting):
             stamp, gyro, accel = messages.imu_motion_from_msg(msg)  # the fusion uses no more
         except ValueError as exc:
             return self._dropped(DropReason.IMU_INVALID, str(exc))
+        off_clock = self._off_clock("imu", stamp, "IMU sample")
+        if off_clock is not None:
+            return off_clock
         result = self.fusion.add_imu(stamp, gyro, accel)
         if result.status != "accepted":
             return self._dropped(DropReason.refused("imu", result.status), result.reason)
         self.counters["imu_accepted"] += 1
+        self._notice("imu_accel_implausible", self._imu_check.check(accel))
         return FusionStep()
 
+    @_with_notices
     def on_initial_pose(self, msg) -> FusionStep:
         """rviz "2D Pose Estimate": reset the fusion at the given pose and covariance."""
         self.counters["initialpose_received"] += 1
@@ -252,6 +293,14 @@ class FusionCore(DropCounting):
             t, q, cov = messages.pose_with_covariance_from_msg(msg)
         except ValueError as exc:
             return self._dropped(DropReason.INITIALPOSE_INVALID, str(exc))
+        offset = self.clock.off_clock(stamp) if stamp else None
+        if offset is not None:
+            # rviz on the wall clock while the nodes run on sim time (or the reverse): the
+            # pose is meant for now, and at its own stamp it would freeze the fusion there
+            self._notice("initialpose_off_clock",
+                         f"initial pose stamped {offset:+.3f} s off the newest stamp of the fusion's "
+                         "inputs (is rviz on another clock? use_sim_time): taken as 'now'")
+            stamp = 0.0
         result = self.fusion.set_initial_pose(stamp, t, q, cov)
         if result.status != "accepted":  # the fusion goes on as it was, and so does its path
             return self._dropped(DropReason.refused("initialpose", result.status), result.reason)
@@ -266,6 +315,40 @@ class FusionCore(DropCounting):
         self.counters["resets"] += 1
 
     # -- helpers -------------------------------------------------------------
+    def _off_clock(self, stream: str, stamp: float, what: str) -> FusionStep | None:
+        """A drop for an input stamped off the fusion's clock (a spike, or the start of a
+        clock jump the other inputs have not followed yet); None to fuse it, after a clean
+        restart when it confirms that the clock of every input jumped."""
+        verdict = self.clock.check(stream, stamp)
+        if verdict.action == "hold":
+            return self._dropped(DropReason.off_clock(stream),
+                                 f"{verdict.describe(what)}: a spike, or a clock jump that the other "
+                                 f"inputs have not followed yet (max_future_s={self.settings.max_future_s:g}, "
+                                 f"time_jump_s={self.config.time_jump_s:g})")
+        if verdict.action == "rebase" and not self.fusion.initialised:
+            # the first inputs disagreed: what the fusion gathered may be a spike's
+            self.fusion.reset()
+        elif verdict.action in ("jump", "rebase"):
+            self.fusion.reset()
+            self.path.clear()
+            self._time_jumps_seen = self.fusion.counters.get("time_jumps", 0)
+            self._restarted(f"the stamps of every input jumped {verdict.offset:+.3f} s (from "
+                            f"{verdict.reference:.3f} s): clock jump, the fusion restarts")
+        return None
+
+    def _restarted(self, line: str) -> None:
+        """The fusion started over because the clock jumped: counted (``/diagnostics``,
+        ``metrics.json``) and said once."""
+        self._notice("clock_jump", line, counter="clock_jumps")
+
+    def _notice(self, kind: str, line: str | None, counter: str | None = None) -> None:
+        """Count ``counter`` (default: ``kind``) and keep ``line`` for the node's log,
+        which throttles it per ``kind``; nothing when ``line`` is None."""
+        if line is None:
+            return
+        self.counters[counter or kind] += 1
+        self._notices.append((kind, line))
+
     def _dropped(self, reason: DropReason, detail: str) -> FusionStep:
         """A step without output because of ``reason``, counted under the reason's name."""
         return FusionStep(drop=self._drop(reason, detail))
@@ -287,6 +370,8 @@ class FusionCore(DropCounting):
             # again (an entry is only appended after the newest stamp).
             self._time_jumps_seen = jumps
             self.path.clear()
+            self._restarted("stamps went back more than time_jump_s (a looping bag, a restarted "
+                            "clock): the fusion restarted")
         stamp_ns = self.exact_ns(estimate.stamp)
         transform = None
         if s.publish_tf:

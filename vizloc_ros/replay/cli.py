@@ -46,7 +46,7 @@ from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError
                                           default_max_gap, interpolate_poses, previous_poses)
 from vizloc_ros.ros_io.messages import IMAGE_TYPES
 from vizloc_ros.localize.weights import shipped_weights
-from vizloc_ros.replay.fusion_side import (FusionProcess, FusionSideSpec, InProcessFusion, ReplayError,
+from vizloc_ros.replay.fusion_side import (ORDERS, FusionProcess, FusionSideSpec, InProcessFusion, ReplayError,
                                            bag_errors, fusion_settings_of)
 from vizloc_ros.replay.params_file import read_params_file
 from vizloc_ros.replay.report import format_table, write_report
@@ -91,6 +91,7 @@ class ReplayOptions:
     visual_odometry: bool = False  # the network's relative head as the fusion's odometry
     prior_weights: Path | None = None  # coarse prior (e.g. NetVLAD): initialisation / kidnap only
     fusion_process: bool = True  # fuse in a child process, beside the network (else in this one)
+    order: str = "stamp"  # feed the fusion in header-stamp order, or "receive": the bag's log order
 
 
 # --------------------------------------------------------------------------- bag reading
@@ -187,7 +188,8 @@ def run_replay(options: ReplayOptions) -> dict:
         use_odom=use_odom, use_imu=use_imu, visual_odometry=options.visual_odometry,
         coarse_prior=bool(options.prior_weights is not None and options.fusion),
         map_frame=options.map_frame, odom_frame=options.odom_frame, base_frame=options.base_frame,
-        fusion_params=dict(options.fusion_params), fusion_settings=dict(options.fusion_settings))
+        fusion_params=dict(options.fusion_params), fusion_settings=dict(options.fusion_settings),
+        order=options.order)
     if options.fusion:  # bad fusion parameters: say so before anything runs
         # here, not at the top: vizloc_ros.fusion loads gtsam, which --no-fusion does without
         from vizloc_ros.fusion import FusionConfig
@@ -278,6 +280,7 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
     vo_track: list = []        # (stamp, t, q) of the network's visual odometry
     pending: list = []
     latest_image = -np.inf
+    received_ns: dict = {}     # --order receive: image stamp (ns) -> its log time (ns)
     n_images = None
     try:
         n_images = topic_message_counts(bag).get(options.image_topic)
@@ -322,7 +325,8 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
                 absolute.append(pose)
         network_done = time.perf_counter()
         phase["network"] += network_done - flush_start
-        fusion_side.add(events, latest_image)
+        fusion_side.add(events, latest_image, dict(received_ns) if options.order == "receive" else None)
+        received_ns.clear()
         phase["fusion_wait"] += time.perf_counter() - network_done
         bar.update(len(pending))
         bar.set_postfix(fps=f"{bar.n / max(time.perf_counter() - started, 1e-9):.1f}")
@@ -334,6 +338,7 @@ def _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm,
             for record in read_messages(bag, wanted):
                 if record.topic == options.image_topic:
                     pending.append(record.msg)
+                    received_ns[record.stamp_ns] = record.log_time_ns
                     try:
                         stamp = messages.header_stamp_sec(record.msg)
                         image_stamps.append(stamp)
@@ -586,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--single-process", action="store_true",
                         help="fuse in this process instead of a second one beside the network "
                              "(slower; for debugging)")
+    parser.add_argument("--order", choices=ORDERS, default="stamp",
+                        help="feed the fusion in header-stamp order (default) or in the bag's receive "
+                             "order, as the nodes get the messages (shows what a stamp off the others does)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -613,7 +621,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size, overwrite=overwrite, progress=not args.no_progress,
             camera_extrinsic=extrinsic,
             prior_weights=Path(args.prior_weights) if args.prior_weights else None,
-            fusion_process=not args.single_process, **file_and_flags)
+            fusion_process=not args.single_process, order=args.order, **file_and_flags)
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:

@@ -17,6 +17,12 @@ first). Events with equal stamps go odometry / IMU first, then the regressor's o
 in the order it made them. A pose or a message whose stamp is older than something
 already fused (a clock jumping back) is fused on arrival, as the node would, and
 counted as ``late_absolute`` / ``late_own``.
+
+Receive order (``vizloc-replay --order receive``, :data:`ORDERS`): everything is fused in
+the bag's log-time order instead, the regressor's outputs at the log time of their image
+(no inference latency), as the nodes receive them. Stamp order hides what a stamp off
+the others does on the robot (a message stamped an hour ahead is simply fused last);
+receive order shows it, as the fusion node would publish it.
 """
 from __future__ import annotations
 
@@ -48,6 +54,9 @@ IMAGE_REORDER_S = 1.0
 #: fused when it is read, as the node would on arrival, and counted as ``late_own``
 OWN_REORDER_S = 1.0
 TF_TYPE = "tf2_msgs/msg/TFMessage"
+#: the orders the fusion side can feed the fusion in: header stamps (the default, what
+#: the node sees when nothing is late) or the bag's receive (log) order
+ORDERS = ("stamp", "receive")
 #: the result bag's topics: what the nodes publish
 TOPICS = OutputTopics()
 
@@ -101,6 +110,8 @@ class FusionSideSpec:
     #: the other FusionSettings fields (publish_tf, transform_tolerance, path_*), e.g. from
     #: ``--params-file``; the frames and inputs are the fields above
     fusion_settings: dict = field(default_factory=dict)
+    #: one of :data:`ORDERS`
+    order: str = "stamp"
 
 
 @dataclass
@@ -139,6 +150,10 @@ class FusionSide:
         self._own_stream = None  # the bag's odometry / IMU, in log order, until read to the end
         self._own_front: dict = {}  # topic -> newest stamp read (inf: no messages left)
         self._own_left: dict = {}   # topic -> messages not read yet
+        self._own_received = -np.inf  # receive order: log time (s) of the last one read
+        if spec.order not in ORDERS:
+            raise ReplayError(f"order must be one of {', '.join(ORDERS)}, got {spec.order!r}")
+        self._by_receive = spec.order == "receive"
         self._heap: list = []    # (stamp, 1, seq, kind, payload) from the regressor side
         self._seq = 0
         self._last_stamp = -np.inf
@@ -193,7 +208,7 @@ class FusionSide:
         fuse_odom = spec.fusion and spec.use_odom and not spec.visual_odometry
         target = limit + OWN_REORDER_S
         with bag_errors(spec.bag):
-            while min(front.values()) < target:
+            while (self._own_received < limit) if self._by_receive else (min(front.values()) < target):
                 record = next(stream, None)
                 if record is None:  # read to the end: nothing more can come
                     self._own_stream = None
@@ -205,6 +220,8 @@ class FusionSide:
                     stamp = messages.header_stamp_sec(msg)
                 except ValueError:
                     stamp = None
+                self._own_received = record.log_time_ns * 1e-9
+                key = self._own_received if self._by_receive else stamp if stamp is not None else -1.0
                 left[topic] -= 1
                 if left[topic] <= 0:
                     front[topic] = np.inf
@@ -218,9 +235,9 @@ class FusionSide:
                     except (ValueError, TypeError):  # counted by the fusion when it reads it
                         pass
                     if fuse_odom:
-                        self._add_own(stamp if stamp is not None else -1.0, "odom", msg)
+                        self._add_own(key, "odom", msg)
                 elif spec.use_imu and topic == spec.imu_topic:
-                    self._add_own(stamp if stamp is not None else -1.0, "imu", msg)
+                    self._add_own(key, "imu", msg)
 
     def _add_own(self, stamp: float, kind: str, msg) -> None:
         heapq.heappush(self._own, (stamp, 0, self._seq, kind, msg))
@@ -243,15 +260,25 @@ class FusionSide:
         if self.spec.coarse_prior:
             writer.add_topic(TOPICS.coarse_pose, "geometry_msgs/msg/PoseWithCovarianceStamped")
 
-    def add(self, events, image_stamp: float) -> None:
+    def add(self, events, image_stamp: float, received_ns: dict | None = None) -> None:
         """Events of one image batch, ``(stamp, kind, payload)`` in the order the regressor
         made them (kind: absolute, prior or visual_odometry); ``image_stamp`` is the latest
-        image stamp read so far. Fuses everything that can no longer be preceded."""
+        image stamp read so far. Fuses everything that can no longer be preceded.
+
+        Receive order: ``received_ns`` maps the batch's image stamps (ns) to their log
+        times; an event is fused at its image's log time, and everything logged before the
+        batch's last image is fused now."""
+        if self._by_receive:
+            received_ns = received_ns or {}
+            latest = max(received_ns.values(), default=None)
+            limit = latest * 1e-9 if latest is not None else self._own_received
         for stamp, kind, payload in events:
+            if self._by_receive:
+                stamp = received_ns.get(getattr(payload, "stamp_ns", None), latest or 0) * 1e-9
             heapq.heappush(self._heap, (stamp, 1, self._seq, kind, payload))
             self._seq += 1
         start = time.perf_counter()
-        self._release(image_stamp - IMAGE_REORDER_S)
+        self._release(limit if self._by_receive else image_stamp - IMAGE_REORDER_S)
         self._busy += time.perf_counter() - start
 
     def finish(self) -> FusionSideResult:
@@ -353,7 +380,7 @@ def _serve(conn, spec: FusionSideSpec, parent_end=None, parent_pid: int | None =
         while True:
             request = conn.recv()
             if request[0] == "add":
-                side.add(request[1], request[2])
+                side.add(*request[1:])
             elif request[0] == "finish":
                 conn.send(("result", side.finish()))
                 return
@@ -440,10 +467,10 @@ class FusionProcess:
             self._receive("ready")
             self._ready = True
 
-    def add(self, events, image_stamp: float) -> None:
+    def add(self, events, image_stamp: float, received_ns: dict | None = None) -> None:
         self.wait_ready()
         try:
-            self._conn.send(("add", events, image_stamp))
+            self._conn.send(("add", events, image_stamp, received_ns))
         except (BrokenPipeError, OSError):
             self._receive("error")  # raises the child's error, or says it stopped
 
@@ -478,8 +505,8 @@ class InProcessFusion:
     def wait_ready(self) -> None:
         pass
 
-    def add(self, events, image_stamp: float) -> None:
-        self._side.add(events, image_stamp)
+    def add(self, events, image_stamp: float, received_ns: dict | None = None) -> None:
+        self._side.add(events, image_stamp, received_ns)
 
     def finish(self) -> FusionSideResult:
         return self._side.finish()
