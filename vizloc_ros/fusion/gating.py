@@ -28,6 +28,9 @@ class Gate:
         self.config = config
         self.motion = motion
         self.threshold = chi2_quantile(config.gate_probability, 6)
+        #: a rejected pose this far off is a kidnap candidate; one between the two
+        #: thresholds is only rejected (a correlated network error, not a moved robot)
+        self.kidnap_threshold = max(self.threshold, chi2_quantile(config.kidnap_probability, 6))
         self.too_old_streak = 0
         self.clear()
 

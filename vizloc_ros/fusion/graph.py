@@ -16,7 +16,7 @@ import gtsam
 import numpy as np
 
 from vizloc_ros.fusion.config import FusionConfig
-from vizloc_ros.fusion.measurements import DUPLICATE_S, Measurement
+from vizloc_ros.fusion.measurements import DUPLICATE_S, Measurement, correlation_inflation
 from vizloc_ros.fusion.motion import MotionModel
 from vizloc_ros.fusion.smoother import Smoother
 
@@ -218,7 +218,10 @@ class WindowGraph:
         values = gtsam.Values()
         stamps = {X(key.idx): meas.stamp}
         values.insert(X(key.idx), pred)
-        graph.add(gtsam.PriorFactorPose3(X(key.idx), meas.pose, self.abs_noise(meas.cov)))
+        gap = min(meas.stamp - prev.stamp if prev is not None else math.inf,
+                  nxt.stamp - meas.stamp if nxt is not None else math.inf)
+        inflation = correlation_inflation(gap, self.config.abs_correlation_time)
+        graph.add(gtsam.PriorFactorPose3(X(key.idx), meas.pose, self.abs_noise(meas.cov * inflation)))
         new_bias = None
         if self.motion.nav:
             ref = prev if prev is not None else nxt
