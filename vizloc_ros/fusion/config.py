@@ -73,7 +73,7 @@ class FusionConfig:
         5, "consecutive gated poses that agree with each other: re-initialise there (kidnapped robot)",
         minimum=1)
     kidnap_probability: float = setting(
-        0.999999, "a gated pose counts towards kidnap_consecutive only beyond this chi-square "
+        0.999999999, "a gated pose counts towards kidnap_consecutive only beyond this chi-square "
         "quantile (6 dof): a network error correlated over seconds must not restart the window",
         above=0.0, below=1.0)
     init_consistent: int = setting(3, "mutually consistent absolute poses needed to initialise", minimum=1)
