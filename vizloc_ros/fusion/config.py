@@ -73,9 +73,9 @@ class FusionConfig:
         5, "consecutive gated poses that agree with each other: re-initialise there (kidnapped robot)",
         minimum=1)
     kidnap_probability: float = setting(
-        0.999999999, "a gated pose counts towards kidnap_consecutive only beyond this chi-square "
-        "quantile (6 dof): a network error correlated over seconds must not restart the window",
-        above=0.0, below=1.0)
+        0.999999999, "chi-square quantile (6 dof): gated poses beyond it restart the window after "
+        "kidnap_consecutive of them; nearer ones only once the gate has rejected every pose for "
+        "abs_correlation_time (a correlated network error passes sooner)", above=0.0, below=1.0)
     init_consistent: int = setting(3, "mutually consistent absolute poses needed to initialise", minimum=1)
     base_T_camera: Pose = setting(
         _IDENTITY_POSE, "pose of the camera in the base frame",

@@ -38,6 +38,8 @@ class Gate:
         """Forget the candidates (the window they were gathered against is gone)."""
         self.init_buf: list[Measurement] = []
         self.streak: list[Measurement] = []
+        #: stamp of the first pose rejected since the last accepted one (None: none since)
+        self.rejected_since: float | None = None
 
     def offer_initial(self, meas: Measurement, horizon: float) -> list[Measurement] | None:
         """Add a measurement while uninitialised; the ``init_consistent`` (or more) mutually

@@ -319,6 +319,7 @@ class SlidingWindowFusion:
             return self._drop(s, f"optimiser failure, rebuilt from the last estimate: {exc}")
         self.counters["accepted"] += 1
         gate.streak.clear()
+        gate.rejected_since = None
         return MeasurementResult("accepted", "fused", s, d2)
 
     def _candidate_horizon(self, meas: Measurement) -> float:
@@ -342,10 +343,18 @@ class SlidingWindowFusion:
     def _kidnap_check(self, meas: Measurement, d2: float) -> MeasurementResult | None:
         """Kidnapped robot: consecutive rejected measurements that agree with each other
         mean the estimate, not the network, is wrong; restart from them."""
-        if d2 <= self._gate.kidnap_threshold:
-            return None
-        subset = self._gate.offer_rejected(meas, self._candidate_horizon(meas))
+        gate = self._gate
+        if gate.rejected_since is None:
+            gate.rejected_since = meas.stamp
+        subset = gate.offer_rejected(meas, self._candidate_horizon(meas))
         if subset is None:
+            return None
+        # A network error correlated over seconds also gives consistent rejected poses, but
+        # not for long and rarely far: restart at once only far beyond the gate, otherwise
+        # once the gate has rejected every pose for longer than such an error lasts.
+        far = d2 > gate.kidnap_threshold
+        lasting = meas.stamp - gate.rejected_since >= self.config.abs_correlation_time
+        if not (far or lasting):
             return None
         self.counters["rejected"] -= 1        # this one is used after all
         self._start_from(subset, keep_bias=True)
