@@ -48,8 +48,9 @@ def test_calibration_writes_a_parameter_file_the_nodes_accept(walk_bag, tiny_wei
     base = tmp_path / "robot.yaml"
     base.write_text("vizloc_fusion:\n  ros__parameters:\n    window_size: 30\n    publish_tf: false\n")
     out = tmp_path / "calibrated.yaml"
+    report = tmp_path / "replay"
     rc, stdout, err = _run(capsys, walk_bag, "--out", out, "--weights", tiny_weights, "--device", "cpu",
-                           "--params-file", base, "--imu-topic", "/imu/data")
+                           "--params-file", base, "--imu-topic", "/imu/data", "--keep-report", report)
     assert rc == 0, err
     written = yaml.safe_load(out.read_text())["vizloc_fusion"]["ros__parameters"]
     # the robot's own values are kept, the measured ones added
@@ -62,9 +63,16 @@ def test_calibration_writes_a_parameter_file_the_nodes_accept(walk_bag, tiny_wei
     options = read_params_file(out).options   # the nodes' own checks, as vizloc-replay --params-file
     assert options["fusion_params"]["abs_cov_scale"] == written["abs_cov_scale"]
     assert "before" in stdout and "after" in stdout and "NEES/dof" in stdout
-    # again: refused without --overwrite, accepted with it
+    # again: refused without --overwrite; with it, from the kept report, the same figures
     rc, _, err = _run(capsys, walk_bag, "--out", out, "--weights", tiny_weights)
     assert rc == 2 and "--overwrite" in err
+    rc, _, err = _run(capsys, walk_bag, "--out", out, "--overwrite", "--params-file", base,
+                      "--imu-topic", "/imu/data", "--from-report", report)
+    assert rc == 0, err
+    assert yaml.safe_load(out.read_text())["vizloc_fusion"]["ros__parameters"] == written
+    # a report of another bag is refused in one line
+    rc, _, err = _run(capsys, tmp_path / "other_bag", "--out", tmp_path / "x.yaml", "--from-report", report)
+    assert rc == 2 and err.count("\n") == 1 and "not of" in err, err
 
 
 def test_correlation_time_of_an_exponentially_correlated_error_is_its_time_constant():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -365,8 +366,11 @@ def write_params_file(out: Path, values: dict, base_file: Path | None) -> None:
 
 # --------------------------------------------------------------------------- the command
 
-def calibrate(options: ReplayOptions, out: Path, base_file: Path | None, keep_report: Path | None) -> dict:
-    """Replay, measure, write ``out``; what was measured, with the NEES before and after."""
+def calibrate(options: ReplayOptions, out: Path, base_file: Path | None, keep_report: Path | None,
+              from_report: Path | None = None) -> dict:
+    """Replay (or take ``from_report``, an earlier vizloc-replay report of the same bag with
+    the same parameters), measure, write ``out``; what was measured, with the NEES before
+    and after."""
     # here, not at the top: vizloc_ros.fusion loads gtsam
     from vizloc_ros.fusion import FusionConfig
 
@@ -374,9 +378,18 @@ def calibrate(options: ReplayOptions, out: Path, base_file: Path | None, keep_re
         raise ReplayError("vizloc-calibrate needs the bag's odometry (--odom-topic)")
     work = Path(tempfile.mkdtemp(prefix="vizloc_calibrate_"))
     try:
-        report = keep_report if keep_report is not None else work / "replay"
-        options = dataclasses.replace(options, out=report)
-        metrics = run_replay(options)
+        if from_report is not None:
+            report = from_report
+            try:
+                metrics = json.loads((report / "metrics.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise ReplayError(f"--from-report {report}: not a vizloc-replay report ({exc})") from None
+            if Path(metrics.get("bag", "")).resolve() != Path(options.bag).resolve():
+                raise ReplayError(f"--from-report {report} is a replay of {metrics.get('bag')}, not of {options.bag}")
+        else:
+            report = keep_report if keep_report is not None else work / "replay"
+            options = dataclasses.replace(options, out=report)
+            metrics = run_replay(options)
         poses = read_network_poses(report)
         if len(poses.stamps) < MIN_FRAMES:
             raise ReplayError(f"only {len(poses.stamps)} network poses of {options.bag} have ground truth; "
@@ -431,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--imu-topic", help="sensor_msgs/Imu topic: also measure the IMU noise")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--keep-report", metavar="DIR", help="keep the replay's report in DIR")
+    parser.add_argument("--from-report", metavar="DIR",
+                        help="measure on an earlier vizloc-replay report of BAG (run with the same "
+                             "--params-file) instead of replaying it again")
     return parser
 
 
@@ -460,7 +476,8 @@ def main(argv=None) -> int:
         keep = Path(args.keep_report) if args.keep_report else None
         options = ReplayOptions(bag=Path(args.bag), out=keep or Path("unused"), ground_truth=args.ground_truth,
                                 progress=False, overwrite=keep is not None, **values)
-        result = calibrate(options, out, Path(args.params_file) if args.params_file else None, keep)
+        result = calibrate(options, out, Path(args.params_file) if args.params_file else None, keep,
+                           Path(args.from_report) if args.from_report else None)
     except ReplayError as exc:
         # one line: the replay's listing of the bag's topics is left out
         print(f"vizloc-calibrate: error: {str(exc).splitlines()[0].removesuffix(' The bag has:')}",
