@@ -38,9 +38,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import gtsam
 import numpy as np
 
 from vizloc_ros import geometry
+from vizloc_ros.fusion.buffers import SensorBuffers
+from vizloc_ros.fusion.config import FusionConfig
+from vizloc_ros.fusion.conventions import pose3
+from vizloc_ros.fusion.motion import MotionModel
 from vizloc_ros.metrics import POSE_DOF, nees, nees_summary, pose_error_vectors, pose_errors
 from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
 from vizloc_ros.ros_io import messages
@@ -168,13 +173,6 @@ def odometry_figures(odometry: list, stamps, truth_t, truth_q, config) -> dict:
     fusion's own relative covariance (MotionModel.odom_between) gives the odometry's
     motions between consecutive camera stamps a NEES of 1 per dof, translation and rotation
     apart, with the NEES per dof before and after; ``figures`` None with too few steps."""
-    # here, not at the top: vizloc_ros.fusion loads gtsam, which only this step needs
-    import gtsam
-
-    from vizloc_ros.fusion.buffers import SensorBuffers
-    from vizloc_ros.fusion.conventions import pose3
-    from vizloc_ros.fusion.motion import MotionModel
-
     sensors = SensorBuffers()
     for s, t, q, cov in odometry:
         sensors.add_odometry(s, pose3(t, q), cov)
@@ -371,9 +369,6 @@ def calibrate(options: ReplayOptions, out: Path, base_file: Path | None, keep_re
     """Replay (or take ``from_report``, an earlier vizloc-replay report of the same bag with
     the same parameters), measure, write ``out``; what was measured, with the NEES before
     and after."""
-    # here, not at the top: vizloc_ros.fusion loads gtsam
-    from vizloc_ros.fusion import FusionConfig
-
     if not options.fusion or not options.odom_topic:
         raise ReplayError("vizloc-calibrate needs the bag's odometry (--odom-topic)")
     work = Path(tempfile.mkdtemp(prefix="vizloc_calibrate_"))
