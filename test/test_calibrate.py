@@ -55,7 +55,8 @@ def test_calibration_writes_a_parameter_file_the_nodes_accept(walk_bag, tiny_wei
     written = yaml.safe_load(out.read_text())["vizloc_fusion"]["ros__parameters"]
     # the robot's own values are kept, the measured ones added
     assert written["window_size"] == 30 and written["publish_tf"] is False
-    for name in ("abs_cov_scale", "abs_correlation_time", "odom_floor_trans_per_m", "odom_floor_rot_per_rad",
+    for name in ("abs_cov_scale", "abs_correlation_time", "abs_bias_share", "odom_floor_trans_per_m",
+                 "odom_floor_rot_per_rad",
                  "gyro_noise_density", "accel_noise_density"):
         assert np.isfinite(written[name]) and written[name] >= 0.0, name
     # an untrained network is far worse than its covariance says: a large scale

@@ -14,6 +14,8 @@ measured from that replay is:
 * ``abs_correlation_time``: how long the network's errors stay alike, the integral of
   the autocorrelation of its normalised errors up to its first zero (for an exponential
   correlation exp(-dt / T) that integral is T);
+* ``abs_bias_share``: the share of its error that is common to the whole recording (the
+  squared mean of the normalised errors over their mean square);
 * ``odom_floor_trans_per_m`` / ``odom_floor_rot_per_rad``: the odometry noise per metre
   travelled and per radian turned, chosen so that the relative motions between
   consecutive camera stamps, with the covariance the fusion gives them
@@ -142,7 +144,21 @@ def network_figures(poses: NetworkPoses) -> dict:
     values = nees(errors, poses.cov)
     scored = values[np.isfinite(values)]
     scale = float(np.mean(scored) / POSE_DOF) if scored.size else 1.0
-    return {"nees_per_dof": scale, "correlation_time": correlation_time(poses.stamps, errors, poses.cov)}
+    return {"nees_per_dof": scale, "correlation_time": correlation_time(poses.stamps, errors, poses.cov),
+            "bias_share": bias_share(errors, poses.cov)}
+
+
+def bias_share(errors, covariances) -> float:
+    """Share of the network's error that is common to the whole recording: the squared
+    mean of the normalised errors (each axis by its sigma) over their mean square, summed
+    over the axes. What no amount of fusing removes (``abs_bias_share``)."""
+    sigma = np.sqrt(np.maximum(np.einsum("nii->ni", np.asarray(covariances, float)), 1e-18))
+    z = errors / sigma
+    z = z[np.all(np.isfinite(z), axis=1)]
+    if not len(z):
+        return 0.0
+    energy = float(np.sum(np.mean(z * z, axis=0)))
+    return float(np.sum(np.mean(z, axis=0) ** 2) / energy) if energy > 0 else 0.0
 
 
 def correlation_time(stamps, errors, covariances) -> float:
@@ -394,7 +410,8 @@ def calibrate(options: ReplayOptions, out: Path, base_file: Path | None, keep_re
         odometry = odometry_figures(read_odometry(options.bag, options.odom_topic), poses.stamps,
                                     poses.truth_t, poses.truth_q, config)
         values = {"abs_cov_scale": round(max(config.abs_cov_scale * network["nees_per_dof"], 1e-6), 4),
-                  "abs_correlation_time": round(network["correlation_time"], 3)}
+                  "abs_correlation_time": round(network["correlation_time"], 3),
+                  "abs_bias_share": round(network["bias_share"], 3)}
         if odometry["figures"] is not None:
             values.update({name: float(f"{value:.4g}") for name, value in odometry["figures"].items()})
         imu = None
@@ -497,7 +514,8 @@ def format_result(result: dict, out: Path) -> str:
     lines = [f"vizloc-calibrate: wrote {out}"]
     lines += [f"  {name}: {value}" for name, value in result["values"].items()]
     lines.append(f"network: NEES/dof {_f(net['nees_per_dof'])} (after the scale: 1.00), "
-                 f"errors correlated over {net['correlation_time']:.2f} s")
+                 f"errors correlated over {net['correlation_time']:.2f} s, "
+                 f"{net['bias_share']:.0%} of them common to the whole recording")
     if odo["figures"] is None:
         lines.append(f"odometry: only {odo['steps']} steps between camera stamps; its figures were left as they were")
     else:
