@@ -109,12 +109,6 @@ class SlidingWindowFusion:
         self.counters["resets"] += 1
 
     @property
-    def network_cov_scale(self) -> float:
-        """The scale the gate's innovations currently put on the network covariance (on
-        top of ``abs_cov_scale``; 1 while they agree with it), see :mod:`.adaptive`."""
-        return self._noise_scale.value
-
-    @property
     def initialised(self) -> bool:
         return self._graph.latest is not None
 
