@@ -248,7 +248,7 @@ def _bisect(nees_of, lo: float, hi: float, log: bool = False) -> float:
     return hi
 
 
-def imu_figures(imu, gt, base_R_imu) -> dict | None:
+def imu_figures(imu, gt, base_R_imu, gravity) -> dict | None:
     """Gyro and accelerometer noise densities (and the biases taken out) from the IMU's
     residuals against the ground truth's rotation rate and specific force, at the IMU
     samples inside the truth; None with fewer than 100 such samples."""
@@ -268,8 +268,7 @@ def imu_figures(imu, gt, base_R_imu) -> dict | None:
     R0, Rm, Rp = (geometry.quat_to_matrix(q[ok]) for q in (q0, qm, qp))
     omega_base = geometry.so3_log(np.swapaxes(Rm, -1, -2) @ Rp) / (2 * h)
     acc_map = (tp[ok] - 2 * t0[ok] + tm[ok]) / (h * h)
-    gravity = np.array([0.0, 0.0, -9.81])
-    force_base = np.einsum("nji,nj->ni", R0, acc_map - gravity)
+    force_base = np.einsum("nji,nj->ni", R0, acc_map - np.asarray(gravity, dtype=float))
     # the IMU's readings in base axes
     gyro_base = gyro[inside][ok] @ base_R_imu.T
     accel_base = accel[inside][ok] @ base_R_imu.T
@@ -418,7 +417,7 @@ def calibrate(options: ReplayOptions, out: Path, base_file: Path | None, keep_re
         if options.imu_topic:
             base_R_imu = geometry.quat_to_matrix(np.asarray(config.base_T_imu[1]))
             gs, gt, gq = read_tum(report / "ground_truth.tum")
-            imu = imu_figures(read_imu(options.bag, options.imu_topic), (gs, gt, gq), base_R_imu)
+            imu = imu_figures(read_imu(options.bag, options.imu_topic), (gs, gt, gq), base_R_imu, config.gravity)
             if imu is not None:
                 values["gyro_noise_density"] = float(f"{imu['gyro_noise_density']:.3g}")
                 values["accel_noise_density"] = float(f"{imu['accel_noise_density']:.3g}")
