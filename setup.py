@@ -62,6 +62,7 @@ setup(
             "vizloc-train = vizloc_ros.training.train:main",
             "vizloc-eval = vizloc_ros.training.evaluate:main",
             "vizloc-replay = vizloc_ros.replay.cli:main",
+            "vizloc-calibrate = vizloc_ros.replay.calibrate:main",
             "vizloc-synth = vizloc_ros.sim.synthetic:main",
             "vizloc-export = vizloc_ros.training.export:main",
             "vizloc_regressor = vizloc_ros.nodes.regressor_node:main",

@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 from vizloc_ros import geometry  # noqa: E402
 from vizloc_ros.localize.estimator import PoseEstimator  # noqa: E402
 from vizloc_ros.localize.models import available_models  # noqa: E402
-from vizloc_ros.metrics import evaluate_poses  # noqa: E402
+from vizloc_ros.metrics import evaluate_poses, pose_error_vectors  # noqa: E402
+from vizloc_ros.metrics import nees as metrics_nees  # noqa: E402
 from vizloc_ros.training import train  # noqa: E402
 from vizloc_ros.training.datasets import open_dataset  # noqa: E402
 
@@ -181,10 +182,8 @@ def evaluate(weights: Path, dataset, device: str, z_up: bool = True) -> dict:
     t_gt, q_gt = dataset.poses()
     metrics = evaluate_poses(t_est, q_est, t_gt, q_gt)
     # NEES of the reported covariances (6 when they are right; larger: over-confident)
-    dr = geometry.so3_log(geometry.quat_to_matrix(q_gt) @ np.swapaxes(geometry.quat_to_matrix(q_est), -1, -2))
-    err = np.concatenate([t_gt - t_est, dr], axis=1)
-    nees = [float(e @ np.linalg.solve(c, e)) for e, c in zip(err, covs)]
-    metrics["median_nees"] = float(np.median(nees))
+    nees = metrics_nees(pose_error_vectors(t_est, q_est, t_gt, q_gt), np.asarray(covs))
+    metrics["median_nees"] = float(np.nanmedian(nees))
     if z_up:  # planar errors need a vertical z (the synthetic world; not KITTI's camera frame)
         xy, yaw = planar_errors(t_est, q_est, t_gt, q_gt)
         metrics["median_xy_m"] = float(np.median(xy))

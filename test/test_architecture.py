@@ -31,7 +31,7 @@ ALLOWED = {
     "nodes": BASE | {"ros_io", "localize", "fusion", "pipeline"},
     "replay": BASE | {"metrics", "ros_io", "localize", "fusion", "pipeline"},
     "training": BASE | {"metrics", "ros_io", "localize", "pipeline"},
-    "sim": BASE | {"ros_io"},
+    "sim": BASE | {"metrics", "ros_io"},
 }
 #: single modules that one offline tool may use beyond its stage's row, and why
 EXCEPTIONS = {

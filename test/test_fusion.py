@@ -19,6 +19,12 @@ MODES = FUSION_MODES
 
 def make_fusion(**kw) -> SlidingWindowFusion:
     kw.setdefault("base_T_camera", DEFAULT_BASE_T_CAMERA)
+    # the simulated network errors are independent, unbiased and their covariance exact:
+    # the model that matches them (the online scale would also absorb the constant-velocity
+    # model's error without odometry, and widen the gate for the outliers)
+    kw.setdefault("abs_correlation_time", 0.0)
+    kw.setdefault("abs_cov_adaptive_window", 0)
+    kw.setdefault("abs_bias_share", 0.0)
     return SlidingWindowFusion(FusionConfig(**kw))
 
 

@@ -90,19 +90,27 @@ class SensorBuffers:
     def imu_holds(self, sa: float, sb: float, max_gap: float):
         """(sample index, seconds) of each IMU sample's hold within [sa, sb], in time order,
         empty holds left out; None unless the samples cover [sa, sb] without a gap longer
-        than ``max_gap``. Integrating these is integrating the zero-order-held signal."""
+        than ``max_gap``. Integrating these is integrating the zero-order-held signal.
+
+        The newest sample is held up to ``sb`` when ``sb`` is less than ``max_gap`` after it:
+        the sample after it can only end that hold later than ``sb``, so the holds are the
+        same as they will be once it has come. Without this an edge to a camera stamp
+        between two IMU samples (nearly every one) was built without the IMU and rebuilt
+        with it one sample later: twice the work, and the gate judged the measurement
+        against the weaker prediction."""
         ts = self.imu_t
-        if not ts or ts[0] > sa or ts[-1] < sb or sb <= sa:
+        if not ts or ts[0] > sa or sb <= sa or sb - ts[-1] > max_gap:
             return None
         i0 = bisect.bisect_right(ts, sa) - 1
         i1 = bisect.bisect_left(ts, sb)
-        for k in range(i0, i1):
+        last = len(ts) - 1
+        for k in range(i0, min(i1, last)):
             if ts[k + 1] - ts[k] > max_gap:
                 return None
         holds = []
         t = sa
         for k in range(i0, i1):
-            end = min(ts[k + 1], sb)
+            end = min(ts[k + 1], sb) if k < last else sb
             dt = end - t
             if dt > 0.0:
                 holds.append((k, dt))

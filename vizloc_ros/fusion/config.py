@@ -72,6 +72,10 @@ class FusionConfig:
     kidnap_consecutive: int = setting(
         5, "consecutive gated poses that agree with each other: re-initialise there (kidnapped robot)",
         minimum=1)
+    kidnap_probability: float = setting(
+        0.999999999, "chi-square quantile (6 dof): gated poses beyond it restart the window after "
+        "kidnap_consecutive of them; nearer ones only once the gate has rejected every pose for "
+        "abs_correlation_time (a correlated network error passes sooner)", above=0.0, below=1.0)
     init_consistent: int = setting(3, "mutually consistent absolute poses needed to initialise", minimum=1)
     base_T_camera: Pose = setting(
         _IDENTITY_POSE, "pose of the camera in the base frame",
@@ -91,6 +95,31 @@ class FusionConfig:
     imu_max_gap: float = setting(
         0.1, "s between two IMU samples before the gap is bridged by the motion model", above=0.0)
     gravity: Vec3 = setting((0.0, 0.0, -9.81), "gravity in map_frame, m/s^2")
+    # The network's covariance as the fusion models it. Its errors are correlated over
+    # about a second (the shipped MapNet on the demo's held-out walk: correlation 0.92
+    # between consecutive frames at 15 Hz, 0.47 at 0.67 s, 0.30 at 1 s, about 0 at 2 s: an
+    # exponential with 0.8 s; 0.5-3 s on walks of the same room driven by other recordings),
+    # so consecutive poses are not independent: each is weighted as (1 - r) / (1 + r) of
+    # an independent one, r = exp(-dt / abs_correlation_time) with dt the time to its
+    # neighbour in the window. 1 s was the best default over the walks of
+    # benchmarks/fusion_walks.py.
+    abs_cov_scale: float = setting(
+        1.0, "multiplies the network's covariance before it is fused (vizloc-calibrate measures it)",
+        above=0.0)
+    abs_cov_adaptive_window: int = setting(
+        50, "recent gate innovations whose median sets an extra scale (>= 1) on the network's "
+        "covariance where its errors are larger than it says; 0: off", minimum=0)
+    abs_correlation_time: float = setting(
+        1.0, "s; correlation time of the network's errors; 0: independent poses", minimum=0.0)
+    # Part of a network's error does not average out at all over a walk: on walks of the
+    # demo room driven by other recordings the MapNet's height and pitch were off by about
+    # its own sigma for the whole walk (a view unlike its training views). Neither the
+    # odometry nor the innovations can see such a bias, so the fusion cannot remove it;
+    # it can say it: this share of the network's covariance is added to the fused
+    # covariance and to the prediction the gate compares with.
+    abs_bias_share: float = setting(
+        0.5, "share of the network's covariance that is a bias common to all its poses of a "
+        "walk (never averaged out): added to the fused covariance", minimum=0.0)
     min_abs_sigma_trans: float = setting(1e-3, "floor added to the network's translation sigma, m", above=0.0)
     min_abs_sigma_rot: float = setting(1e-4, "floor added to the network's rotation sigma, rad", above=0.0)
     time_jump_s: float = setting(

@@ -128,6 +128,8 @@ class EstimateAssembler:
         t, q = pose_tq(pose)
         cam_t, cam_q = pose_tq(pose.compose(self.base_T_cam))
         cov_ros = gtsam_cov_to_ros(cov, rotation=pose.rotation().matrix())
+        if self.graph.bias_cov_ros is not None:   # the network's common bias (abs_bias_share)
+            cov_ros = cov_ros + self.graph.bias_cov_ros
         if not (np.all(np.isfinite(t)) and np.all(np.isfinite(q)) and np.all(np.isfinite(cov_ros))):
             raise ValueError("non-finite estimate")
         if map_T_odom is not None and not (np.all(np.isfinite(map_T_odom[0]))

@@ -28,6 +28,9 @@ class Gate:
         self.config = config
         self.motion = motion
         self.threshold = chi2_quantile(config.gate_probability, 6)
+        #: a rejected pose this far off is a kidnap candidate; one between the two
+        #: thresholds is only rejected (a correlated network error, not a moved robot)
+        self.kidnap_threshold = max(self.threshold, chi2_quantile(config.kidnap_probability, 6))
         self.too_old_streak = 0
         self.clear()
 
@@ -35,6 +38,8 @@ class Gate:
         """Forget the candidates (the window they were gathered against is gone)."""
         self.init_buf: list[Measurement] = []
         self.streak: list[Measurement] = []
+        #: stamp of the first pose rejected since the last accepted one (None: none since)
+        self.rejected_since: float | None = None
 
     def offer_initial(self, meas: Measurement, horizon: float) -> list[Measurement] | None:
         """Add a measurement while uninitialised; the ``init_consistent`` (or more) mutually

@@ -16,7 +16,8 @@ import gtsam
 import numpy as np
 
 from vizloc_ros.fusion.config import FusionConfig
-from vizloc_ros.fusion.measurements import DUPLICATE_S, Measurement
+from vizloc_ros.fusion.conventions import gtsam_cov_to_ros
+from vizloc_ros.fusion.measurements import DUPLICATE_S, Measurement, correlation_inflation
 from vizloc_ros.fusion.motion import MotionModel
 from vizloc_ros.fusion.smoother import Smoother
 
@@ -111,6 +112,9 @@ class WindowGraph:
         self.edges: dict[int, GraphEdge] = {}     # earlier key idx -> edge to the next key
         self.next_idx = 0
         self.latest: NewestPose | None = None     # cache for the newest key, see refresh
+        # abs_bias_share of the newest network covariance, ROS order and map axes: the
+        # network's common bias, added to what is handed out (FusionConfig.abs_bias_share)
+        self.bias_cov_ros: np.ndarray | None = None
 
     # ------------------------------------------------------------------ window extent
 
@@ -197,8 +201,15 @@ class WindowGraph:
             stamps[B(key.idx)] = meas.stamp
         self.keys = [key]
         self.key_stamps = [meas.stamp]
+        self.bias_cov_ros = self._bias_cov(meas) if robust else None   # not for /initialpose
         self._update(graph, values, stamps, [])
         self._refresh()
+
+    def _bias_cov(self, meas: Measurement) -> np.ndarray | None:
+        share = self.config.abs_bias_share
+        if share <= 0.0:
+            return None
+        return share * gtsam_cov_to_ros(meas.cov, rotation=meas.pose.rotation().matrix())
 
     def abs_noise(self, cov: np.ndarray, robust: bool = True):
         noise = gtsam.noiseModel.Gaussian.Covariance(cov)
@@ -218,7 +229,10 @@ class WindowGraph:
         values = gtsam.Values()
         stamps = {X(key.idx): meas.stamp}
         values.insert(X(key.idx), pred)
-        graph.add(gtsam.PriorFactorPose3(X(key.idx), meas.pose, self.abs_noise(meas.cov)))
+        gap = min(meas.stamp - prev.stamp if prev is not None else math.inf,
+                  nxt.stamp - meas.stamp if nxt is not None else math.inf)
+        inflation = correlation_inflation(gap, self.config.abs_correlation_time)
+        graph.add(gtsam.PriorFactorPose3(X(key.idx), meas.pose, self.abs_noise(meas.cov * inflation)))
         new_bias = None
         if self.motion.nav:
             ref = prev if prev is not None else nxt
@@ -239,6 +253,7 @@ class WindowGraph:
             new_edges.append(self._edge(key, nxt, graph, bias_a=new_bias))
         self.keys.insert(pos, key)
         self.key_stamps.insert(pos, meas.stamp)
+        self.bias_cov_ros = self._bias_cov(meas)
         indices = self._update(graph, values, stamps, remove)
         self._assign_indices(new_edges, indices, first=1)
         self._prune_marginalised()

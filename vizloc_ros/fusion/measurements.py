@@ -29,6 +29,20 @@ class Measurement:
     cov: np.ndarray
 
 
+def correlation_inflation(dt: float, correlation_time: float) -> float:
+    """Factor on the covariance of an absolute pose whose error is correlated with its
+    neighbour's, ``dt`` seconds away, as exp(-dt / correlation_time) (a first-order
+    Gauss-Markov error): (1 + r) / (1 - r), the inverse share of an independent pose's
+    information that each pose of such a sequence carries. Without it, N poses taken
+    within one correlation time would be fused as N independent looks at the truth and the
+    fused covariance would shrink N times while the error did not. 1 for independent poses
+    (``correlation_time`` 0) or neighbours far apart; at most 1e4 (a duplicate stamp)."""
+    if correlation_time <= 0.0 or not math.isfinite(dt):
+        return 1.0
+    r = math.exp(-max(dt, 0.0) / correlation_time)
+    return min((1.0 + r) / max(1.0 - r, 1e-12), 1e4)
+
+
 def finite(a: np.ndarray) -> bool:
     """All entries finite (a NaN or inf anywhere makes the sum non-finite)."""
     return math.isfinite(float(np.sum(a)))

@@ -13,7 +13,7 @@ import bisect
 import gtsam
 import numpy as np
 
-from vizloc_ros.fusion.conventions import transport
+from vizloc_ros.fusion.conventions import ros_cov_to_gtsam, transport
 from vizloc_ros.fusion.graph import V, GraphKey, WindowGraph
 from vizloc_ros.fusion.motion import MotionModel
 
@@ -26,7 +26,15 @@ class Predictor:
         self.motion = motion
 
     def predict(self, s: float):
-        """Pose and covariance (GTSAM order, body axes) at stamp ``s`` from the graph."""
+        """Pose and covariance (GTSAM order, body axes) at stamp ``s`` from the graph, with
+        the network's common bias (``abs_bias_share``) that the graph cannot see."""
+        pose, cov = self._predict(s)
+        bias = self.graph.bias_cov_ros
+        if bias is not None:
+            cov = cov + ros_cov_to_gtsam(bias, rotation=pose.rotation().matrix())
+        return pose, cov
+
+    def _predict(self, s: float):
         graph = self.graph
         pos = bisect.bisect_right(graph.key_stamps, s)
         if pos > 0:

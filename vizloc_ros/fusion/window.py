@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import math
 
+import gtsam
 import numpy as np
 
+from vizloc_ros.fusion.adaptive import NoiseScale
 from vizloc_ros.fusion.buffers import SensorBuffers
 from vizloc_ros.fusion.config import FusionConfig
 from vizloc_ros.fusion.conventions import pose3
@@ -86,6 +88,7 @@ class SlidingWindowFusion:
         self._predictor = Predictor(self._graph, self._motion)
         self._gate = Gate(c, self._motion)
         self._output = EstimateAssembler(c, base_T_cam, self._graph, self._motion, self._predictor)
+        self._noise_scale = NoiseScale(c.abs_cov_adaptive_window)
         self.initialised_from: list[float] = []   # stamps used by the last (re)initialisation
 
     # ------------------------------------------------------------------ state handling
@@ -102,6 +105,7 @@ class SlidingWindowFusion:
         self._motion.forget()
         self._clear_window()
         self._gate.too_old_streak = 0
+        self._noise_scale.clear()
         self.counters["resets"] += 1
 
     @property
@@ -176,7 +180,8 @@ class SlidingWindowFusion:
         (ValueError naming the bad field); its stamp now counts as seen."""
         m_cam, cov_cam = pose_measurement(t_cam, q_cam_wxyz, cov_ros, what)
         A = self._ad_base_cam
-        meas = Measurement(s, m_cam.compose(self._cam_T_base), A @ cov_cam @ A.T + self._floor_abs)
+        meas = Measurement(s, m_cam.compose(self._cam_T_base),
+                           self.config.abs_cov_scale * (A @ cov_cam @ A.T) + self._floor_abs)
         self._sensors.newest = max(self._sensors.newest, s)
         return meas
 
@@ -189,7 +194,9 @@ class SlidingWindowFusion:
                 meas = self._base_measurement(s, t_cam, q_cam_wxyz, cov_ros, "")
             except ValueError as exc:
                 return self._drop(s, str(exc))
-            return self._process(meas)
+            network_cov = meas.cov
+            meas.cov = self._noise_scale.apply(network_cov)
+            return self._process(meas, network_cov)
         except Exception as exc:  # noqa: BLE001
             return self._internal_error(stamp, exc, "dropped")
 
@@ -270,8 +277,9 @@ class SlidingWindowFusion:
             s = math.nan
         return MeasurementResult("dropped", f"internal error: {type(exc).__name__}: {exc}", s)
 
-    def _process(self, meas: Measurement) -> MeasurementResult:
-        """An absolute measurement while running: drop, gate, then insert (or restart)."""
+    def _process(self, meas: Measurement, network_cov: np.ndarray) -> MeasurementResult:
+        """An absolute measurement while running: drop, gate, then insert (or restart).
+        ``network_cov``: its covariance before the online scale, for that scale's update."""
         s = meas.stamp
         if not self.initialised:
             return self._initialise_step(meas)
@@ -290,6 +298,8 @@ class SlidingWindowFusion:
             return self._drop(s, "duplicate stamp (a pose already exists at this time)")
         pred, cov_pred = self._predictor.predict(s)
         d2 = gate.mahalanobis2(pred, cov_pred, meas)
+        if d2 <= gate.kidnap_threshold:  # outliers and kidnaps say nothing of the network's noise
+            self._noise_scale.observe(gtsam.Pose3.Logmap(pred.between(meas.pose)), cov_pred, network_cov)
         if d2 > gate.threshold:
             self.counters["rejected"] += 1
             result = self._kidnap_check(meas, d2)
@@ -303,6 +313,7 @@ class SlidingWindowFusion:
             return self._drop(s, f"optimiser failure, rebuilt from the last estimate: {exc}")
         self.counters["accepted"] += 1
         gate.streak.clear()
+        gate.rejected_since = None
         return MeasurementResult("accepted", "fused", s, d2)
 
     def _candidate_horizon(self, meas: Measurement) -> float:
@@ -326,8 +337,18 @@ class SlidingWindowFusion:
     def _kidnap_check(self, meas: Measurement, d2: float) -> MeasurementResult | None:
         """Kidnapped robot: consecutive rejected measurements that agree with each other
         mean the estimate, not the network, is wrong; restart from them."""
-        subset = self._gate.offer_rejected(meas, self._candidate_horizon(meas))
+        gate = self._gate
+        if gate.rejected_since is None:
+            gate.rejected_since = meas.stamp
+        subset = gate.offer_rejected(meas, self._candidate_horizon(meas))
         if subset is None:
+            return None
+        # A network error correlated over seconds also gives consistent rejected poses, but
+        # not for long and rarely far: restart at once only far beyond the gate, otherwise
+        # once the gate has rejected every pose for longer than such an error lasts.
+        far = d2 > gate.kidnap_threshold
+        lasting = meas.stamp - gate.rejected_since >= self.config.abs_correlation_time
+        if not (far or lasting):
             return None
         self.counters["rejected"] -= 1        # this one is used after all
         self._start_from(subset, keep_bias=True)
