@@ -341,6 +341,50 @@ def test_corrupt_and_empty_compressed_images_raise():
         m.compressed_image_to_numpy(depth)
 
 
+def forged_png(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header says ``width`` x ``height`` (a decompression bomb's
+    header: what a lazy decoder sees before it allocates)."""
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    PILImage.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_a_compressed_image_above_max_pixels_is_refused_from_its_header(fmt):
+    msg = m.make_compressed_image(TYPES, 0.0, "cam", np.zeros((120, 100, 3), np.uint8), fmt)
+    with pytest.raises(m.ImageTooLarge, match=r"100x120 = 12000 pixels exceeds max_image_pixels = 11999"):
+        m.image_to_rgb(msg, max_pixels=11_999)
+    assert m.image_to_rgb(msg, max_pixels=12_000).shape == (120, 100, 3)
+
+
+@pytest.mark.parametrize("side", [20_000, 9_000])  # above / below Pillow's own bomb limit
+def test_a_decompression_bomb_is_refused_before_decoding(side):
+    bomb = TYPES.CompressedImage(header=m.make_header(TYPES, 0.0, "cam"), format="png",
+                                 data=np.frombuffer(forged_png(side, side), np.uint8))
+    with pytest.raises(m.ImageTooLarge, match="pixels"):
+        m.image_to_rgb(bomb)
+    assert isinstance(m.ImageTooLarge("x"), ValueError)  # every caller that drops bad images drops it
+
+
+def test_a_raw_image_with_an_absurd_size_is_refused_before_its_data_is_read():
+    huge = raw_image("rgb8", b"\0" * 12, 100_000, 100_000, 300_000)
+    with pytest.raises(m.ImageTooLarge, match="100000x100000"):
+        m.image_to_rgb(huge)
+    with pytest.raises(m.ImageTooLarge):
+        m.image_to_rgb(raw_image("bayer_rggb8", b"\0" * 16, 4, 4, 4), max_pixels=15)
+    with pytest.raises(m.ImageTooLarge):
+        m.depth_image_to_numpy(raw_image("16UC1", b"\0" * 32, 4, 4, 8), max_pixels=15)
+    # a step of 2**40 bytes per row is an error about the data, never an allocation
+    with pytest.raises(ValueError, match="truncated image data"):
+        m.image_to_rgb(raw_image("rgb8", b"\0" * 12, 2, 2, 2 ** 40))
+
+
 def test_make_image_checks_the_layout():
     with pytest.raises(ValueError, match="needs 3 channel"):
         m.make_image(TYPES, 0.0, "cam", np.zeros((4, 4), np.uint8), "rgb8")

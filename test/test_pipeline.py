@@ -183,6 +183,23 @@ def test_regressor_drops_bad_images_and_counts_them():
     assert est.calls == [[(24, 32, 3)]]  # bad images never reach the network
 
 
+def test_an_image_above_max_image_pixels_is_a_counted_drop_of_its_own_kind():
+    est = FakeEstimator()
+    core = RegressorCore(est, max_image_pixels=24 * 32)
+    large = image_msg(EPOCH_NS + 1, shape=(25, 32))
+    compressed = messages.make_compressed_image(T, messages.time_from_ns(T, EPOCH_NS + 2), "cam",
+                                                np.zeros((48, 64, 3), np.uint8), "png")
+    out = core.process_batch([large, compressed, image_msg(EPOCH_NS + 3)])
+    assert [r.drop.reason for r in out[:2]] == [DropReason.IMAGE_TOO_LARGE] * 2
+    assert "32x25 = 800 pixels exceeds max_image_pixels = 768" in out[0].drop.detail
+    assert out[2].pose is not None and est.calls == [[(24, 32, 3)]]  # the next frame runs
+    assert core.counters["dropped_image_too_large"] == 2 and core.counters["dropped_invalid_image"] == 0
+    assert RegressorCore(FakeEstimator()).max_image_pixels == messages.DEFAULT_MAX_IMAGE_PIXELS
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="max_image_pixels"):
+            RegressorCore(FakeEstimator(), max_image_pixels=bad)
+
+
 def test_regressor_decodes_compressed_images():
     rgb = np.full((24, 32, 3), 128, np.uint8)
     msg = messages.make_compressed_image(T, messages.time_from_ns(T, EPOCH_NS + ODD_NS), "cam", rgb, "png")
