@@ -40,7 +40,7 @@ from vizloc_ros.metrics import (nees_summary, pose_error_vectors, pose_errors, s
                                 trajectory_metrics, usable_covariances)
 from vizloc_ros.pipeline.regressor import RegressorCore, load_estimator
 from vizloc_ros.ros_io import messages
-from vizloc_ros.ros_io.bag_io import list_topics, read_messages, topic_message_counts
+from vizloc_ros.ros_io.bag_io import list_topics, read_messages, require_messages, topic_message_counts
 from vizloc_ros.ros_io.camera_mount import FROM_FIXED_TF, CameraMountResolver, resolve_in_bag
 from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
                                           default_max_gap, interpolate_poses, previous_poses)
@@ -122,6 +122,12 @@ def _check_topics(bag: Path, options: ReplayOptions) -> dict:
         need(options.ground_truth, GT_TYPES, "ground-truth",
              (f" (pose topics there: {', '.join(poses)}; " if poses else " (")
              + "or --ground-truth tf:PARENT->CHILD for a TF chain)")
+    try:  # a topic without messages: said now (an image topic: with those that have images)
+        gt_topic = {} if options.ground_truth.startswith("tf:") else {options.ground_truth: "ground-truth"}
+        require_messages(bag, {options.image_topic: "image", **gt_topic}, {options.image_topic: candidates},
+                         hint=" (pass one with --image-topic)")
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
     if options.fusion and options.odom_topic and not options.visual_odometry:
         need(options.odom_topic, ("nav_msgs/msg/Odometry",), "odometry", " (--odom-topic none to fuse without it)")
     if options.fusion and options.imu_topic:

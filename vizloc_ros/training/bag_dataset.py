@@ -61,7 +61,7 @@ class BagDataset(PoseDataset):
                     camera_mount.feed(record.msg, static=True)
                 if record.topic == gt_source:
                     reader.add(record.topic, record.msg)
-            gt_stamps, gt_t, gt_q = reader.finish(camera_mount.static_edges())
+            gt_stamps, gt_t, gt_q = reader.finish(camera_mount.static_edges(), camera_mount.static_skipped())
         except (ValueError, GroundTruthError) as exc:
             raise DatasetError(f"{bag}: {exc}") from None
         sampler.warn(LOG)

@@ -175,6 +175,7 @@ def open_split(config: dict, split_key: str):
         raise ConfigError(f"dataset {root} ({data[split_key]}) has no frames")
     if data["preload"]:
         dataset.preload()
+    dataset.check_image_sizes()  # batches stack images: one odd size is named now, not mid-epoch
     return dataset
 
 
