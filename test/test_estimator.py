@@ -361,3 +361,15 @@ def test_validation_covariance_of_fewer_frames_than_dimensions_is_floored(caplog
     assert np.linalg.eigvalsh(corr).min() > 0.1  # definite, not merely floored at rounding
     assert evaluate.validation_covariance(t_gt[:0], q_gt[:0], t_gt[:0], q_gt[:0]) is None
     assert evaluate.validation_covariance(t_gt[:2], q_gt[:2], t_gt[:2], q_gt[:2]) is None  # no error: unmeasured
+
+
+def test_the_eval_table_shows_how_many_frames_were_scored_and_warns_when_few():
+    scored = {"frames": 1, "median_translation_m": 0.5, "median_rotation_deg": 3.0,
+              **{evaluate.threshold_key(m, d): 0.0 for m, d in evaluate.THRESHOLDS},
+              "frames_left_out": {"without ground truth": 29}}
+    table = evaluate.format_table(scored, "w on bag (test)").splitlines()
+    assert table[1].split() == ["frames", "scored", "1", "of", "30", "(29", "without", "ground", "truth)"]
+    assert table[-1].startswith("WARNING: only 1 of 30 frames could be scored (29 without ground truth)")
+    full = dict(scored, frames=300, frames_left_out={})
+    assert evaluate.format_table(full).splitlines()[0].split() == ["frames", "scored", "300"]
+    assert "WARNING" not in evaluate.format_table(full)

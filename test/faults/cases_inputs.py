@@ -17,7 +17,9 @@ Each class of fault below, with the defect that found it:
 * empty topics: an image topic without messages ended a replay with "no image ... ({};
   last error: None)"; now said up front with the image topics that have messages;
 * mixed image sizes: a 7-Scenes folder with one odd frame ended training with numpy's
-  "all input arrays must have the same shape"; now the odd file is named.
+  "all input arrays must have the same shape"; now the odd file is named;
+* sparse ground truth: one ground-truth message scored 1 frame of 24 in a table that did
+  not say so; now the tables show the scored frames and warn.
 """
 from __future__ import annotations
 
@@ -360,10 +362,12 @@ def _tf_cases() -> list[F.Case]:
     for name, quaternion, words in (("a NaN quaternion", (float("nan"), 0.0, 0.0, 1.0), "NaN"),
                                     ("a quaternion of norm 2", (-1.0, 1.0, -1.0, 1.0), "norm 2 is not 1")):
         bad = _tf_static_rotation(*quaternion)
-        cases.append(F.in_workdir(
-            "bags", f"/tf_static camera mount with {name} (vizloc-replay)", "ok",
-            _requiring(F.replay_case(prepare=bad), "base_link -> camera_optical_frame (", words),
-            "runs on the fallback mount; the warning names the transform and its quaternion, not just 'no TF path'"))
+        if "NaN" in name:  # a whole run (the resolver's own tests cover the other quaternions)
+            cases.append(F.in_workdir(
+                "bags", f"/tf_static camera mount with {name} (vizloc-replay)", "ok",
+                _requiring(F.replay_case(prepare=bad), "base_link -> camera_optical_frame (", words),
+                "runs on the fallback mount; the warning names the transform and its quaternion, "
+                "not just 'no TF path'"))
         chain = "tf:odom->camera_optical_frame"
         cases.append(F.in_workdir(
             "bags", f"ground truth through a /tf_static edge with {name} (vizloc-replay)", "error",
@@ -429,6 +433,44 @@ def _dataset_cases() -> list[F.Case]:
     ]
 
 
+def _ground_truth_of_one_message(res, folder):
+    dst = _rewrite(res.bag, folder / "gt1", edit=lambda topic, msg, i: None
+                   if topic == "/ground_truth/pose" and i != 10 else msg)
+    return {"bag": dst, "data": dst}
+
+
+def _table_says(main_of, argv_of, *words):
+    """A command line that must exit 0 and print ``words`` in its table (stdout)."""
+    def run(res, folder):
+        params = _ground_truth_of_one_message(res, folder)
+        code, stdout, stderr, crashed = F.call_cli(main_of(), argv_of(res, folder, params))
+        obs = F.Observation("ok" if code == 0 else "error", exit_code=code, crashed=crashed,
+                            detail=F._error_line(stderr) or F._error_line(stdout))
+        obs.half_written = F.leftovers(folder)
+        missing = [w for w in words if w not in stdout]
+        if obs.behaviour == "ok" and missing:
+            obs.behaviour = f"ok without {missing} in its table"
+        return obs
+    return run
+
+
+def _scored_frame_cases() -> list[F.Case]:
+    warning = "WARNING: only 1 of 24 frames could be scored"
+    replay_argv = lambda res, folder, p: [p["bag"], "--weights", res.weights, "--out", folder / "report",  # noqa: E731
+                                          "--device", "cpu", "--no-progress"]
+    eval_argv = lambda res, folder, p: [res.weights, p["data"], "--kind", "bag", "--device", "cpu",  # noqa: E731
+                                        "--no-progress"]
+    return [
+        F.in_workdir("bags", "ground truth of one message (vizloc-replay)", "ok",
+                     _table_says(F._replay_main, replay_argv, "frames scored", "1 with ground truth", warning),
+                     "the table shows 1 frame scored per source and warns"),
+        F.in_workdir("bags", "ground truth of one message (vizloc-eval)", "ok",
+                     _table_says(F._eval_main, eval_argv, "frames scored          1 of 24 (23 without ground truth)",
+                                 warning),
+                     "the table shows 1 of 24 frames scored and warns"),
+    ]
+
+
 def _param_cases() -> list[F.Case]:
     return [F._param_case("max_image_pixels of 0", "vizloc_regressor", "max_image_pixels: 0", "'max_image_pixels'"),
             F._param_case("max_image_pixels as a float", "vizloc_regressor", "max_image_pixels: 100000000.0",
@@ -437,4 +479,4 @@ def _param_cases() -> list[F.Case]:
 
 def cases() -> list[F.Case]:
     return (_image_cases() + _bag_image_cases() + _weights_cases() + _tf_cases() + _empty_topic_cases()
-            + _dataset_cases() + _param_cases())
+            + _dataset_cases() + _scored_frame_cases() + _param_cases())

@@ -91,6 +91,7 @@ class BagDataset(PoseDataset):
                                f"(images {stamps.min():.3f}..{stamps.max():.3f} s, ground truth "
                                f"{gt_stamps.min():.3f}..{gt_stamps.max():.3f} s)")
         self._cache = dict(enumerate(self._images))
+        self.left_out = {"without ground truth": len(images) - len(self.items), "not decodable": sampler.bad}
 
     def preload(self) -> "BagDataset":
         return self  # already in memory

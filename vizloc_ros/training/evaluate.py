@@ -19,7 +19,7 @@ import numpy as np
 from vizloc_ros import geometry
 from vizloc_ros.localize.models import checkpoint_paths
 from vizloc_ros.localize.models.checkpoint import floor_singular_covariance, is_singular
-from vizloc_ros.metrics import THRESHOLDS, evaluate_poses, threshold_key
+from vizloc_ros.metrics import THRESHOLDS, evaluate_poses, scored_frames_warning, threshold_key
 from vizloc_ros.pipeline.regressor import load_estimator
 from vizloc_ros.training.datasets import KittiOdometry, open_dataset
 
@@ -56,6 +56,7 @@ def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int 
     t_gt, q_gt = dataset.poses()
     metrics = evaluate_poses(np.array(t_est), np.array(q_est), t_gt, q_gt)
     metrics["frames_per_second"] = len(dataset) / elapsed if elapsed > 0 else None
+    metrics["frames_left_out"] = {why: int(n) for why, n in getattr(dataset, "left_out", {}).items() if n}
     metrics["device"] = str(estimator.device)
     return metrics
 
@@ -91,7 +92,14 @@ def validation_covariance(t_est, q_est, t_gt, q_gt) -> list | None:
 
 
 def format_table(metrics: dict, title: str = "") -> str:
-    rows = [("frames", f"{metrics['frames']}"),
+    """The table vizloc-eval prints: how many frames were scored (of how many, and why
+    not the others), the median errors and threshold shares, the speed; a warning line
+    when few frames could be scored."""
+    left_out = metrics.get("frames_left_out") or {}
+    total = metrics["frames"] + sum(left_out.values())
+    why_not = ", ".join(f"{n} {why}" for why, n in left_out.items())
+    scored = f"{metrics['frames']}" + (f" of {total} ({why_not})" if left_out else "")
+    rows = [("frames scored", scored),
             ("median translation", f"{metrics['median_translation_m']:.3f} m"),
             ("median rotation", f"{metrics['median_rotation_deg']:.2f} deg")]
     for metres, degrees in THRESHOLDS:
@@ -102,7 +110,8 @@ def format_table(metrics: dict, title: str = "") -> str:
     width = max(len(r[0]) for r in rows)
     lines = [title] if title else []
     lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
-    return "\n".join(lines)
+    warning = scored_frames_warning(metrics["frames"], total, why_not)
+    return "\n".join(lines + ([warning] if warning else []))
 
 
 def build_parser() -> argparse.ArgumentParser:

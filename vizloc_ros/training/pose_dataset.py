@@ -60,6 +60,10 @@ class PoseDataset:
     def __init__(self):
         self.items: list[tuple[Path, np.ndarray, np.ndarray, float]] = []
         self._cache: dict[int, np.ndarray] | None = None
+        #: frames of the source that did not become samples, by reason (a bag's images
+        #: without ground truth near their stamp, or undecodable): vizloc-eval says how
+        #: many of the frames it scored
+        self.left_out: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.items)
