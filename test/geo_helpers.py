@@ -3,6 +3,7 @@ rendered as a 7-Scenes folder (colour, depth, poses, scene.json) and as bags."""
 from pathlib import Path
 
 import torch
+from torch_determinism import deterministic_torch
 
 from vizloc_ros.sim.synthetic import SequenceSpec, SynthConfig, generate
 from vizloc_ros.training import train
@@ -38,14 +39,16 @@ def train_tiny(scene: Path, model: str, out: Path, settings: dict) -> Path:
 
 
 def adam_losses(model, loss_of, steps: int, lr: float = 3e-3) -> list[float]:
-    """``steps`` Adam steps on ``loss_of()`` (model in train mode); the loss before each."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = loss_of()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    """``steps`` Adam steps on ``loss_of()`` (model in train mode); the loss before each.
+    Deterministic (:func:`deterministic_torch`): the same losses under any load."""
+    with deterministic_torch():
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        model.train()
+        losses = []
+        for _ in range(steps):
+            loss = loss_of()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
     return losses

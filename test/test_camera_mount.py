@@ -137,11 +137,24 @@ def test_images_in_the_base_frame_need_no_tf():
     _assert_pose(mount.pose, (np.zeros(3), np.array([1.0, 0.0, 0.0, 0.0])))
 
 
-def test_a_malformed_tf_static_message_is_skipped_whole():
-    resolver = CameraMountResolver()
-    bad = _tf("mast", "camera", [0, 0, 0], [0.0, 0.0, 0.0, 0.0])  # zero quaternion
+def test_an_unusable_tf_static_transform_is_left_out_alone_and_named_when_the_mount_is_missing():
+    resolver = CameraMountResolver(hint="pass --camera-extrinsic")
+    bad = _tf("mast", "camera", [0, 0, 0], [float("nan"), 0.0, 0.0, 1.0])  # a NaN from a broken driver
     resolver.feed(_msg(_tf("base_link", "mast", *BASE_T_MAST), bad), static=True)
-    assert resolver.static_edges() == {}
+    assert list(resolver.static_edges()) == [("base_link", "mast")]  # the good one of the message counts
+    mount = resolver.resolve("base_link", "camera")
+    assert not mount.found
+    assert mount.reason.startswith("no TF path base_link -> camera (the images' frame) on /tf_static or fixed "
+                                   "on /tf; transforms on /tf_static that could not be used: mast -> camera (")
+    assert "NaN" in mount.reason and mount.reason.endswith(": pass --camera-extrinsic")
+    # the same edge republished right: the mount resolves, and the problem is forgotten
+    resolver.feed(_msg(_tf("mast", "camera", *MAST_T_CAMERA)), static=True)
+    _assert_pose(resolver.resolve("base_link", "camera").pose, BASE_T_CAMERA)
+    assert resolver.static_skipped() == {}
+    # a later bad copy of a known edge leaves the good value in place
+    resolver.feed(_msg(_tf("mast", "camera", [0, 0, 0], [2.0, 0.0, 0.0, 0.0])), static=True)
+    _assert_pose(resolver.resolve("base_link", "camera").pose, BASE_T_CAMERA)
+    assert "norm 2 is not 1" in resolver.static_skipped()[("mast", "camera")]
     with pytest.raises(ValueError, match="time_ns"):
         resolver.feed(_msg(), static=False)
 
@@ -151,13 +164,14 @@ def test_resolve_waits_for_a_mount_that_arrives_from_another_thread():
     resolver = CameraMountResolver()
     feeder = threading.Timer(0.1, lambda: resolver.feed(_msg(_tf("base_link", "camera", *BASE_T_CAMERA)),
                                                          static=True))
-    started = time.monotonic()
     feeder.start()
     try:
-        mount = resolver.resolve("base_link", "camera", timeout_s=10.0)
+        mount = resolver.resolve("base_link", "camera", timeout_s=60.0)
     finally:
         feeder.join()
-    assert mount.source == FROM_TF_STATIC and time.monotonic() - started < 5.0
+    # found, so it returned on the feed (a timeout returns no mount): no wall-clock bound,
+    # which a loaded machine could miss
+    assert mount.source == FROM_TF_STATIC
     started = time.monotonic()
     assert not resolver.resolve("base_link", "elsewhere", timeout_s=0.05).found
     assert time.monotonic() - started >= 0.05

@@ -271,3 +271,69 @@ def test_sidecar_values_of_the_wrong_type_are_named(tmp_path):
         assert "validation_errors (must be an object, got str)" in str(exc)
     else:
         raise AssertionError("a wrong-typed sidecar value was accepted")
+
+
+# --------------------------------------------------------------------------- stored uncertainty
+
+def _with_validation_errors(path, **block):
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["validation_errors"].update(block)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def _diag(*values):
+    import numpy as np
+
+    return np.diag(values).tolist()
+
+
+_NON_PSD = _diag(0.09, 0.09, 0.09, 0.01, 0.01, 0.01)
+_NON_PSD[0][1] = _NON_PSD[1][0] = 0.2  # a correlation of 2.2
+_ASYMMETRIC = _diag(0.09, 0.09, 0.09, 0.01, 0.01, 0.01)
+_ASYMMETRIC[0][1] = 0.05
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("cov_ros", _diag(*[-1.0] * 6), "negative variances"),  # -I once loaded as a fully confident network
+    ("cov_ros", _diag(*[0.0] * 6), "zero variances"),
+    ("cov_ros", _diag(0.09, 0.09, 0.0, 0.01, 0.01, 0.01), "zero variances (z 0)"),
+    ("cov_ros", _ASYMMETRIC, "not symmetric"),
+    ("cov_ros", _NON_PSD, "not positive semi-definite"),
+    ("cov_ros", [[None] * 6] * 6, "NaN, inf or null"),
+    ("cov_ros", [1.0, 2.0, 3.0], "6x6 matrix (36 numbers)"),
+    ("cov_ros", "diag(0.1)", "6x6 matrix of numbers"),
+    ("relative_cov_ros", _diag(*[-1.0] * 6), "negative variances"),
+    ("model_cov_scale", -1.0, "finite number > 0"),
+    ("mc_dropout_scale", "big", "finite number > 0"),
+    ("mc_dropout_scale", 0, "finite number > 0"),
+])
+def test_a_stored_covariance_that_is_not_one_is_refused_naming_file_and_key(saved, key, value, words):
+    _with_validation_errors(saved, **{key: value})
+    for load in (load_checkpoint, read_checkpoint_meta):  # exported networks read only the sidecar
+        with pytest.raises(CheckpointError) as raised:
+            load(saved)
+        message = str(raised.value)
+        assert words in message and f"validation_errors.{key}" in message, message
+        assert str(saved.with_suffix(".json")) in message and "\n" not in message
+
+
+def test_a_repairable_stored_covariance_loads_and_says_what_was_repaired():
+    import numpy as np
+
+    from vizloc_ros.localize.models.checkpoint import check_stored_covariance
+
+    good = np.diag([0.09] * 3 + [1e-6] * 3)  # metres and radians: a precise rotation is not singular
+    cov, repairs = check_stored_covariance(good.tolist(), "w.json: validation_errors.cov_ros")
+    assert repairs == [] and np.array_equal(cov, good)
+    rounding = good.copy()
+    rounding[0, 1] = 1e-7
+    cov, repairs = check_stored_covariance(rounding.tolist(), "w.json: validation_errors.cov_ros")
+    assert np.array_equal(cov, cov.T) and cov[0, 1] == pytest.approx(5e-8)
+    assert len(repairs) == 1 and "symmetrised" in repairs[0] and "w.json" in repairs[0]
+    error = np.random.default_rng(0).normal(size=(1, 6)) * np.array([0.3] * 3 + [0.1] * 3)
+    one_frame = error.T @ error  # a 1-frame validation split, as an older trainer saved it
+    cov, repairs = check_stored_covariance(one_frame.tolist(), "w.json: validation_errors.cov_ros")
+    assert len(repairs) == 1 and "singular (rank 1 of 6" in repairs[0]
+    assert np.linalg.eigvalsh(cov).min() > 0
+    np.testing.assert_allclose(np.diag(cov)[:3] - np.diag(one_frame)[:3], np.trace(one_frame[:3, :3]) / 3)

@@ -119,3 +119,29 @@ def test_nan_pose_and_wrong_columns_are_clear_errors(tmp_path):
 def test_missing_split_file_names_it(tmp_path):
     with pytest.raises(DatasetError, match="TrainSplit.txt"):
         SevenScenes(tmp_path, "train")
+
+
+def test_a_split_of_mixed_image_sizes_names_the_odd_file_before_training(tmp_path):
+    make_sevenscenes(tmp_path, n=4)
+    train = SevenScenes(tmp_path, "train")
+    assert train.check_image_sizes() == (8, 6)
+    odd = tmp_path / "seq-01" / "frame-000002.color.png"
+    Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(odd)
+    for dataset in (train, SevenScenes(tmp_path, "train").preload()):  # from the headers, or from memory
+        with pytest.raises(DatasetError) as raised:
+            dataset.check_image_sizes()
+        message = str(raised.value)
+        assert message.startswith(f"{odd}: image is 7x5, but 3 of the split's 4 images are 8x6")
+        assert "training batches need one size" in message
+
+
+def test_a_decompression_bomb_in_a_folder_is_a_clear_error(tmp_path, monkeypatch):
+    make_sevenscenes(tmp_path, n=2)
+    bomb = tmp_path / "seq-02" / "frame-000001.color.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses above twice this
+    test = SevenScenes(tmp_path, "test")
+    for read in (lambda: test[1], test.check_image_sizes):
+        with pytest.raises(DatasetError, match=f"image file is unreadable: {bomb}"):
+            read()
+

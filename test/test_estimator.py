@@ -277,3 +277,99 @@ def test_exported_weights_that_cannot_be_used_are_one_clear_error(checkpoint, tm
     corrupt.with_suffix(".json").write_text(path.with_name(path.name + ".json").read_text())
     with pytest.raises(RuntimeError, match="corrupt.onnx: ONNX Runtime cannot load it"):
         PoseEstimator(corrupt, device="cpu")
+
+
+# --------------------------------------------------------------------------- stored and sampled uncertainty
+
+def _copy_with_cov(checkpoint, folder, cov):
+    import json
+    import shutil
+
+    st = folder / "copy.safetensors"
+    shutil.copy(Path(checkpoint[0]).with_suffix(".safetensors"), st)
+    meta = json.loads(Path(checkpoint[0]).with_suffix(".json").read_text())
+    meta["validation_errors"]["cov_ros"] = cov
+    st.with_suffix(".json").write_text(json.dumps(meta))
+    return st
+
+
+def test_a_singular_stored_covariance_is_floored_with_a_warning(checkpoint, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("vizloc_ros.localize.estimator"), "propagate", True)
+    error = np.array([[0.2, -0.1, 0.05, 0.01, 0.02, -0.03]])
+    st = _copy_with_cov(checkpoint, tmp_path, (error.T @ error).tolist())  # one validation frame
+    with caplog.at_level(logging.WARNING):
+        estimator = PoseEstimator(st, device="cpu", warmup=False)
+    assert [r.message for r in caplog.records if "singular (rank 1 of 6" in r.message and str(st) in r.message]
+    eigenvalues = np.linalg.eigvalsh(estimator._validation_cov)
+    # each block's mean variance added: far above the 1 cm / 0.2 deg floor of make_psd alone
+    assert eigenvalues.min() >= np.sum(error[0, 3:] ** 2) / 3 * 0.999
+
+
+def test_a_negative_stored_covariance_is_refused_not_floored(checkpoint, tmp_path):
+    from vizloc_ros.pipeline.regressor import load_estimator
+
+    st = _copy_with_cov(checkpoint, tmp_path, (-np.eye(6)).tolist())
+    with pytest.raises(ValueError, match=r"validation_errors.cov_ros has negative variances") as raised:
+        load_estimator(st, device="cpu", warmup=False)
+    assert str(st.with_suffix(".json")) in str(raised.value)
+
+
+def test_mc_dropout_samples_above_the_limit_name_the_setting_not_the_weights(checkpoint):
+    from vizloc_ros.localize.estimator import MAX_MC_DROPOUT_SAMPLES
+    from vizloc_ros.pipeline.regressor import load_estimator
+
+    for samples, words in ((100_000, f"mc_dropout_samples = 100000 is more than {MAX_MC_DROPOUT_SAMPLES}"),
+                           (-1, "mc_dropout_samples must be an integer >= 0"),
+                           (2.5, "mc_dropout_samples must be an integer >= 0")):
+        with pytest.raises(ValueError) as raised:
+            load_estimator(checkpoint[0], device="cpu", mc_dropout_samples=samples)
+        assert words in str(raised.value) and "cannot load weights" not in str(raised.value)
+
+
+def test_mc_dropout_samples_with_a_silenced_rotation_head_are_left_out():
+    rng = np.random.default_rng(3)
+    q = geometry.quat_hemisphere(geometry.quat_exp(0.5 * rng.normal(scale=0.02, size=(200, 3))))
+    t = rng.normal(scale=0.1, size=(200, 3))
+    q_bad = q.copy()
+    q_bad[[5, 70]] = 0.0  # what a dropout mask that silences the head gives (2 in 100000 for a tiny head)
+    t_all, q_all, cov_all = mean_and_covariance(t, q)
+    keep = np.ones(200, bool)
+    keep[[5, 70]] = False
+    t_kept, q_kept, cov_kept = mean_and_covariance(t[keep], q[keep])
+    t_m, q_m, cov_m = mean_and_covariance(t, q_bad)
+    np.testing.assert_allclose(t_m, t_kept) and np.testing.assert_allclose(cov_m, cov_kept)
+    np.testing.assert_allclose(q_m, q_kept)
+    q_bad[:150] = 0.0
+    with pytest.raises(ValueError, match="only 50 of 200 samples gave a rotation"):
+        mean_and_covariance(t, q_bad)
+
+
+def test_validation_covariance_of_fewer_frames_than_dimensions_is_floored(caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("vizloc_ros.training.evaluate"), "propagate", True)
+    rng = np.random.default_rng(4)
+    t_gt = rng.normal(size=(12, 3))
+    q_gt = geometry.quat_hemisphere(geometry.quat_exp(0.5 * rng.normal(scale=0.3, size=(12, 3))))
+    t_est = t_gt + rng.normal(scale=0.1, size=(12, 3))
+    q_est = geometry.quat_hemisphere(geometry.quat_multiply(
+        geometry.quat_exp(0.5 * rng.normal(scale=0.02, size=(12, 3))), q_gt))
+    full = np.array(evaluate.validation_covariance(t_est, q_est, t_gt, q_gt))
+    assert np.linalg.eigvalsh(full).min() > 0
+    with caplog.at_level(logging.WARNING):
+        one = np.array(evaluate.validation_covariance(t_est[:1], q_est[:1], t_gt[:1], q_gt[:1]))
+    assert any("singular" in r.message and "1 frame" in r.message for r in caplog.records)
+    corr = one / np.sqrt(np.outer(np.diag(one), np.diag(one)))
+    assert np.linalg.eigvalsh(corr).min() > 0.1  # definite, not merely floored at rounding
+    assert evaluate.validation_covariance(t_gt[:0], q_gt[:0], t_gt[:0], q_gt[:0]) is None
+    assert evaluate.validation_covariance(t_gt[:2], q_gt[:2], t_gt[:2], q_gt[:2]) is None  # no error: unmeasured
+
+
+def test_the_eval_table_shows_how_many_frames_were_scored_and_warns_when_few():
+    scored = {"frames": 1, "median_translation_m": 0.5, "median_rotation_deg": 3.0,
+              **{evaluate.threshold_key(m, d): 0.0 for m, d in evaluate.THRESHOLDS},
+              "frames_left_out": {"without ground truth": 29}}
+    table = evaluate.format_table(scored, "w on bag (test)").splitlines()
+    assert table[1].split() == ["frames", "scored", "1", "of", "30", "(29", "without", "ground", "truth)"]
+    assert table[-1].startswith("WARNING: only 1 of 30 frames could be scored (29 without ground truth)")
+    full = dict(scored, frames=300, frames_left_out={})
+    assert evaluate.format_table(full).splitlines()[0].split() == ["frames", "scored", "300"]
+    assert "WARNING" not in evaluate.format_table(full)

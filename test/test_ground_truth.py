@@ -114,3 +114,42 @@ def test_slow_ground_truth_is_interpolated_between_samples_but_not_across_dropou
     assert np.isnan(out_t[2, 0])
     # an explicit bound still wins
     assert np.isnan(interpolate_poses(slow, t, q, np.array([2.5]), max_gap=0.25)[0][0, 0])
+
+
+def test_an_unusable_static_transform_is_named_where_the_chain_breaks():
+    good = _tf(0.0, "map", "world", [5.0, -1.0, 0.0], _yaw(0.5))
+    broken = _tf(0.0, "body", "base_link", [0.1, 0.0, -0.2], [float("nan"), 0.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match=r"transform body -> base_link: .*NaN"):
+        tf_edges([good, broken])  # without a place to keep it, the problem is an error
+    skipped = {}
+    static = tf_edges([good, broken], skipped)
+    assert list(static) == [("map", "world")] and "NaN" in skipped[("body", "base_link")]
+    reader = GroundTruthReader("tf:map->base_link", "base_link")
+    for s, t, q in _mocap(np.arange(0.0, 1.0, 0.1)):
+        reader.add("/tf", NS(transforms=[_tf(s, "world", "body", t, q)]))
+    with pytest.raises(GroundTruthError) as raised:
+        reader.finish(static, skipped)
+    message = str(raised.value)
+    assert message.startswith("no TF path map -> base_link")
+    assert "transforms on /tf_static that could not be used: body -> base_link (" in message and "NaN" in message
+
+
+def test_an_unusable_tf_transform_leaves_the_rest_of_its_message_and_is_named():
+    reader = GroundTruthReader("tf:world->base_link", "base_link")
+    for s, t, q in _mocap(np.arange(0.0, 1.0, 0.1)):
+        reader.add("/tf", NS(transforms=[_tf(s, "odom", "wheel", [0, 0, 0], [2.0, 0.0, 0.0, 0.0]),
+                                         _tf(s, "world", "body", t, q)]))
+    with pytest.raises(GroundTruthError, match=r"transforms on /tf that could not be used: odom -> wheel \(.*norm 2"):
+        reader.finish({})
+    stamps, _, _ = reader.finish({("body", "base_link"): (np.zeros(3), _yaw(0.0))})
+    assert len(stamps) == 10  # the good transform of every message counted
+
+
+def test_a_pose_topic_of_unreadable_messages_says_why():
+    reader = GroundTruthReader("/gt", "base_link")
+    pose = NS(header=NS(stamp=NS(sec=1, nanosec=0)), pose=NS(position=NS(x=0.0, y=0.0, z=0.0),
+                                                             orientation=NS(x=0.0, y=0.0, z=0.0, w=0.0)))
+    reader.add("/gt", pose)
+    with pytest.raises(GroundTruthError, match=r"no valid ground truth on /gt \(1 message\(s\) could not be read, "
+                                               r"e.g. .*zero quaternion"):
+        reader.finish({})

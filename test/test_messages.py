@@ -341,6 +341,39 @@ def test_corrupt_and_empty_compressed_images_raise():
         m.compressed_image_to_numpy(depth)
 
 
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_a_compressed_image_above_max_pixels_is_refused_from_its_header(fmt):
+    msg = m.make_compressed_image(TYPES, 0.0, "cam", np.zeros((120, 100, 3), np.uint8), fmt)
+    with pytest.raises(m.ImageTooLarge, match=r"100x120 = 12000 pixels exceeds max_image_pixels = 11999"):
+        m.image_to_rgb(msg, max_pixels=11_999)
+    assert m.image_to_rgb(msg, max_pixels=12_000).shape == (120, 100, 3)
+
+
+def test_pillows_own_decompression_bomb_limit_is_an_image_too_large(monkeypatch):
+    """Pillow refuses an image above twice ``MAX_IMAGE_PIXELS`` when it opens it (a 1 MB PNG
+    can announce 20000x20000; the fault catalogue has that file): the same drop."""
+    from PIL import Image as PILImage
+
+    msg = m.make_compressed_image(TYPES, 0.0, "cam", np.zeros((100, 100, 3), np.uint8), "png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1_000)
+    with pytest.raises(m.ImageTooLarge, match="refused by Pillow"):
+        m.image_to_rgb(msg)
+    assert issubclass(m.ImageTooLarge, ValueError)  # every caller that drops bad images drops it
+
+
+def test_a_raw_image_with_an_absurd_size_is_refused_before_its_data_is_read():
+    huge = raw_image("rgb8", b"\0" * 12, 100_000, 100_000, 300_000)
+    with pytest.raises(m.ImageTooLarge, match="100000x100000"):
+        m.image_to_rgb(huge)
+    with pytest.raises(m.ImageTooLarge):
+        m.image_to_rgb(raw_image("bayer_rggb8", b"\0" * 16, 4, 4, 4), max_pixels=15)
+    with pytest.raises(m.ImageTooLarge):
+        m.depth_image_to_numpy(raw_image("16UC1", b"\0" * 32, 4, 4, 8), max_pixels=15)
+    # a step of 2**40 bytes per row is an error about the data, never an allocation
+    with pytest.raises(ValueError, match="truncated image data"):
+        m.image_to_rgb(raw_image("rgb8", b"\0" * 12, 2, 2, 2 ** 40))
+
+
 def test_make_image_checks_the_layout():
     with pytest.raises(ValueError, match="needs 3 channel"):
         m.make_image(TYPES, 0.0, "cam", np.zeros((4, 4), np.uint8), "rgb8")

@@ -161,3 +161,14 @@ def test_pose_error_vectors_of_missing_poses_are_nan_rows():
     t = np.array([[0.0, 0.0, 0.0], [np.nan] * 3])
     e = metrics.pose_error_vectors(t, q, np.zeros((2, 3)), np.tile([1.0, 0, 0, 0], (2, 1)))
     assert np.all(e[0] == 0.0) and np.all(np.isnan(e[1]))
+
+
+def test_few_scored_frames_are_warned_about_in_one_line():
+    assert metrics.scored_frames_warning(300, 300) == ""
+    assert metrics.scored_frames_warning(12, 20) == ""  # most of them, and enough
+    one = metrics.scored_frames_warning(1, 30, "the others have no ground truth near their stamp")
+    assert one == ("WARNING: only 1 of 30 frames could be scored (the others have no ground truth near their "
+                   "stamp): the figures above describe 1 frame")
+    assert metrics.scored_frames_warning(9, 9).endswith("describe 9 frames")  # all, but too few for medians
+    assert metrics.scored_frames_warning(40, 100) != ""  # enough, but under half
+    assert metrics.scored_frames_warning(0, 0) == ""

@@ -30,6 +30,26 @@ NEES_BOUND_95 = 12.591587243743977
 _SINGULAR_RATIO = 1e-12
 
 
+#: below this many scored frames, or this share of the frames that could have been scored,
+#: the printed tables warn: medians and threshold shares of a handful of frames say little
+FEW_SCORED_FRAMES = 10
+FEW_SCORED_SHARE = 0.5
+
+
+def scored_frames_warning(scored: int, total: int, why: str = "") -> str:
+    """A one-line warning when few of ``total`` frames could be scored, else "".
+
+    Why in the tables: a ground truth of one message scores 1 frame of 30, and a table of
+    medians that does not say so reads as a result; ``why`` says what limited it (e.g.
+    "the ground truth covers too little of the bag").
+    """
+    if total <= 0 or (scored >= FEW_SCORED_FRAMES and scored >= FEW_SCORED_SHARE * total):
+        return ""
+    reason = f" ({why})" if why else ""
+    return (f"WARNING: only {scored} of {total} frames could be scored{reason}: the figures "
+            f"above describe {scored} frame{'s' if scored != 1 else ''}")
+
+
 def threshold_key(metres: float, degrees: float) -> str:
     return f"within_{int(round(metres * 100))}cm_{degrees:g}deg"
 

@@ -33,9 +33,11 @@ def test_ten_times_more_images_than_the_network_serves(res):
     # every frame is either processed, replaced by a newer one (counted), or the last one
     assert run["sent"] - run["dropped_not_latest"] - run["processed"] in (0, 1)
     assert run["dropped_not_latest"] > run["processed"]
-    # a frame waits at most for the frame in progress: latency is bounded by about two
-    # service times, whatever the input rate (generous for a shared CI machine)
-    assert run["latency_ms"]["median"] < 1000 * (3 * service + 0.2)
+    # the newest frame is taken as soon as the worker is free: it was put at most one input
+    # period (a tenth of a service time) before, so its wait is a small part of its latency
+    # (wait + its own service); a queue would make the wait most of it. Judged against the
+    # same run's own times, not a wall-clock bound that a loaded machine could miss.
+    assert run["age_at_take_ms"]["median"] < 0.75 * run["latency_ms"]["median"]
 
 
 def test_odometry_at_1khz_and_imu_at_2khz_keep_the_fusion_bounded_and_finite():
@@ -64,11 +66,10 @@ def test_frame_worker_survives_a_failing_frame_and_stops_when_asked():
     worker = FrameWorker(slot, handle, on_error=lambda exc: errors.append(str(exc)) or True, poll_s=0.05).start()
     for msg in ("bad", "good"):
         slot.put(msg)
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + 60.0  # taken by the worker; a loaded machine is only slower
         while slot._item is not None and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(0.05)
-    worker.stop()
+    worker.stop(timeout=60.0)  # the frame being processed finishes first
     assert seen == ["good"] and errors == ["broken frame"] and worker.errors == 1
     assert not worker.is_alive()
 
@@ -78,8 +79,8 @@ def test_frame_worker_ends_when_on_error_says_so():
     done = threading.Event()
     worker = FrameWorker(slot, lambda msg: 1 / 0, on_error=lambda exc: done.set() or False, poll_s=0.05).start()
     slot.put(object())
-    assert done.wait(5.0)
-    worker._thread.join(5.0)
+    assert done.wait(60.0)  # a hang fails; a loaded machine only makes it slower
+    worker._thread.join(60.0)
     assert not worker.is_alive()
     slot.put(object())  # nothing takes it any more: the slot just holds the newest
     assert slot.received == 2

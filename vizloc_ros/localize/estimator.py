@@ -42,6 +42,7 @@ import torch
 
 from vizloc_ros import geometry
 from vizloc_ros.localize.models import CheckpointError, load_checkpoint, read_checkpoint_meta
+from vizloc_ros.localize.models.checkpoint import check_stored_covariance
 from vizloc_ros.localize.preprocess import InputSpec, to_rgb_array
 from vizloc_ros.localize.runners import exported_runner, is_exported, model_runner
 
@@ -129,29 +130,42 @@ DEFAULT_REL_SIGMA_T = 0.05
 DEFAULT_REL_SIGMA_R = np.deg2rad(2.0)
 
 
-def relative_covariance_from_meta(meta: dict) -> np.ndarray:
-    """Per-step covariance of a relative head (``validation_errors.relative_cov_ros``)."""
-    cov = ((meta or {}).get("validation_errors") or {}).get("relative_cov_ros")
-    try:
-        return make_psd(np.asarray(cov, dtype=float).reshape(6, 6), floor_t=1e-3 ** 2,
-                        floor_r=np.deg2rad(0.05) ** 2)
-    except (TypeError, ValueError):
-        return np.diag([DEFAULT_REL_SIGMA_T ** 2] * 3 + [DEFAULT_REL_SIGMA_R ** 2] * 3)
-
-
-def covariance_from_meta(meta: dict) -> np.ndarray:
-    """Covariance from the checkpoint's validation errors (``validation_errors.cov_ros``)."""
-    block = (meta or {}).get("validation_errors") or {}
-    cov = block.get("cov_ros")
+def relative_covariance_from_meta(meta: dict, source: str = "checkpoint") -> np.ndarray:
+    """Per-step covariance of a relative head (``validation_errors.relative_cov_ros``);
+    the default when the checkpoint has none, ``CheckpointError`` when it is not a
+    covariance (see :func:`stored_covariance`)."""
+    cov = stored_covariance(meta, "relative_cov_ros", source)
     if cov is None:
-        LOG.warning("checkpoint has no validation covariance: using a pessimistic default "
-                    "(%.2f m, %.0f deg)", DEFAULT_SIGMA_T, np.rad2deg(DEFAULT_SIGMA_R))
+        return np.diag([DEFAULT_REL_SIGMA_T ** 2] * 3 + [DEFAULT_REL_SIGMA_R ** 2] * 3)
+    return make_psd(cov, floor_t=1e-3 ** 2, floor_r=np.deg2rad(0.05) ** 2)
+
+
+def covariance_from_meta(meta: dict, source: str = "checkpoint") -> np.ndarray:
+    """Covariance from the checkpoint's validation errors (``validation_errors.cov_ros``);
+    a pessimistic default, with a warning, when the checkpoint has none."""
+    cov = stored_covariance(meta, "cov_ros", source)
+    if cov is None:
+        LOG.warning("%s has no validation covariance: using a pessimistic default "
+                    "(%.2f m, %.0f deg)", source, DEFAULT_SIGMA_T, np.rad2deg(DEFAULT_SIGMA_R))
         return default_covariance()
-    try:
-        return make_psd(np.asarray(cov, dtype=float).reshape(6, 6))
-    except ValueError:
-        LOG.warning("checkpoint validation covariance is malformed: using the default")
-        return default_covariance()
+    return make_psd(cov)
+
+
+def stored_covariance(meta: dict, key: str, source: str) -> np.ndarray | None:
+    """``validation_errors[key]`` checked as a covariance, None when absent.
+
+    Why not :func:`make_psd` alone: it turns anything into a matrix, and a sidecar of -I
+    came out as the floor, a fully confident network. What is not a covariance is a
+    ``CheckpointError`` naming ``source``; a repairable one (rounding asymmetry, singular
+    from too few validation frames) is repaired with one warning each.
+    """
+    value = ((meta or {}).get("validation_errors") or {}).get(key)
+    if value is None:
+        return None
+    cov, repairs = check_stored_covariance(value, f"{source}: validation_errors.{key}")
+    for repair in repairs:
+        LOG.warning(repair)
+    return cov
 
 
 def mean_and_covariance(t_samples: np.ndarray, q_samples: np.ndarray):
@@ -160,15 +174,47 @@ def mean_and_covariance(t_samples: np.ndarray, q_samples: np.ndarray):
     The mean rotation is the normalised sign-aligned quaternion average (exact enough for
     the few-degree spread of dropout samples); rotation deviations are left rotation
     vectors log(R_i * R_mean^T), matching the module's covariance convention.
+
+    A sample whose quaternion is zero (a dropout mask that silenced the rotation head:
+    about 2 in 100000 for a small head) says nothing about the rotation and is left out;
+    ``ValueError`` when fewer than half the samples remain, or when they spread over all
+    rotations so that they have no mean.
     """
+    usable = np.linalg.norm(q_samples, axis=-1) > _MIN_SAMPLE_QUATERNION_NORM
+    if usable.sum() < max(2, len(q_samples) / 2):
+        raise ValueError(f"MC dropout: only {int(usable.sum())} of {len(q_samples)} samples gave a "
+                         "rotation (the others a zero quaternion)")
+    t_samples, q_samples = t_samples[usable], q_samples[usable]
     t_mean = t_samples.mean(axis=0)
     q = q_samples * np.sign(np.sum(q_samples * q_samples[:1], axis=1, keepdims=True) + 1e-12)
-    q_mean = geometry.quat_hemisphere(geometry.quat_normalize(q.mean(axis=0)))
+    q_sum = q.mean(axis=0)
+    if np.linalg.norm(q_sum) < _MIN_SAMPLE_QUATERNION_NORM * np.linalg.norm(q, axis=-1).mean():
+        raise ValueError(f"MC dropout: the {len(q)} samples spread over all rotations: no mean rotation")
+    q_mean = geometry.quat_hemisphere(geometry.quat_normalize(q_sum))
     rot_dev = geometry.so3_log(geometry.quat_to_matrix(q_samples)
                                @ geometry.quat_to_matrix(q_mean).T)
     dev = np.concatenate([t_samples - t_mean, rot_dev], axis=1)
     cov = dev.T @ dev / max(len(dev) - 1, 1)
     return t_mean, q_mean, cov
+
+
+#: a sample quaternion shorter than this is a silenced head, not a rotation
+_MIN_SAMPLE_QUATERNION_NORM = 1e-6
+
+#: the most MC-dropout samples per image: each runs the network once more on every image
+#: of a batch (memory and time grow with it; 30 to 100 give a usable spread)
+MAX_MC_DROPOUT_SAMPLES = 1000
+
+
+def check_mc_dropout_samples(samples) -> int:
+    """``mc_dropout_samples`` checked (an integer in 0 ... :data:`MAX_MC_DROPOUT_SAMPLES`);
+    ``ValueError`` naming the setting, before any weights are read."""
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 0:
+        raise ValueError(f"mc_dropout_samples must be an integer >= 0, got {samples!r}")
+    if samples > MAX_MC_DROPOUT_SAMPLES:
+        raise ValueError(f"mc_dropout_samples = {samples} is more than {MAX_MC_DROPOUT_SAMPLES}: each "
+                         "sample runs the network once more for every image (30 to 100 give a usable spread)")
+    return int(samples)
 
 
 class PoseEstimator:
@@ -193,8 +239,7 @@ class PoseEstimator:
                  cpu_threads: int | None = None, warmup: bool = True):
         if precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
-        if not isinstance(mc_dropout_samples, int) or mc_dropout_samples < 0:
-            raise ValueError(f"mc_dropout_samples must be an integer >= 0, got {mc_dropout_samples!r}")
+        mc_dropout_samples = check_mc_dropout_samples(mc_dropout_samples)
         self.device = resolve_device(device, require=require_device)
         if self.device.type == "cpu":
             threads = cpu_threads or max(1, (os.cpu_count() or 2) - 1)
@@ -221,8 +266,8 @@ class PoseEstimator:
             self._runner = model_runner(model, self.spec, self.device, precision,
                                         use_graphs=cuda_graphs, compile_model=compile_model)
         self.map_frame = self.meta.get("map_frame", "map")
-        self._validation_cov = covariance_from_meta(self.meta)
-        self._relative_cov = relative_covariance_from_meta(self.meta) if self.has_relative_head else None
+        self._validation_cov = covariance_from_meta(self.meta, str(path))
+        self._relative_cov = relative_covariance_from_meta(self.meta, str(path)) if self.has_relative_head else None
         self._mc_scale = float((self.meta.get("validation_errors") or {}).get("mc_dropout_scale", 1.0))
         # calibration of a model's own covariances (DSAC, NetVLAD, ...) on the validation split
         self._model_cov_scale = float((self.meta.get("validation_errors") or {}).get("model_cov_scale", 1.0))

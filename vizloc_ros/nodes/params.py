@@ -36,7 +36,7 @@ from vizloc_ros.geometry import wxyz_to_ros
 from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.pipeline.fusion_core import FusionSettings
 from vizloc_ros.pipeline.outputs import OutputTopics
-from vizloc_ros.ros_io.messages import extrinsic_from_ros
+from vizloc_ros.ros_io.messages import DEFAULT_MAX_IMAGE_PIXELS, extrinsic_from_ros
 from vizloc_ros.settings import NO_BOUNDS, Bounds, field_kind, field_setting
 
 REGRESSOR_NODE = "vizloc_regressor"
@@ -160,6 +160,9 @@ REGRESSOR_PARAMS: tuple[Param, ...] = (
     Param("max_rate", 0.0, "process at most this many frames per second of message time; "
           "0: as fast as the network goes (only the newest frame is ever processed)",
           bounds=Bounds(minimum=0.0)),
+    Param("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, "an image whose header announces more "
+          "pixels (width x height) is dropped before decoding (a corrupt header or a "
+          "decompression bomb would take the node's memory)", bounds=Bounds(minimum=1)),
     Param("map_frame", "map", "frame of the published poses (the frame the network was trained in)",
           required=True),
     Param("base_frame", "base_link", "robot base frame: the pose published is this frame's",
@@ -278,6 +281,7 @@ class RegressorSettings:
     image_topic: str
     compressed: bool
     max_rate: float
+    max_image_pixels: int
     map_frame: str
     base_frame: str
     camera_frame: str
@@ -312,7 +316,8 @@ def regressor_settings(values: dict, default_weights=None) -> RegressorSettings:
     return RegressorSettings(
         weights=path, device=device, precision=v["precision"],
         mc_dropout_samples=v["mc_dropout_samples"], image_topic=v["image_topic"],
-        compressed=v["compressed"], max_rate=v["max_rate"], map_frame=v["map_frame"],
+        compressed=v["compressed"], max_rate=v["max_rate"], max_image_pixels=v["max_image_pixels"],
+        map_frame=v["map_frame"],
         base_frame=v["base_frame"], camera_frame=v["camera_frame"].strip(),
         camera_extrinsic=extrinsic_from_ros(v["camera_extrinsic"], "parameter 'camera_extrinsic'"),
         visual_odometry=v["visual_odometry"], visual_odometry_topic=v["visual_odometry_topic"],

@@ -52,6 +52,7 @@ class RegressorNode(Node):
         try:
             self.core = RegressorCore(self.estimator, base_T_camera=s.camera_extrinsic,
                                       map_frame=s.map_frame, max_rate=s.max_rate,
+                                      max_image_pixels=s.max_image_pixels,
                                       visual_odometry=s.visual_odometry, odom_frame=s.odom_frame,
                                       base_frame=s.base_frame)
         except ValueError as exc:

@@ -17,6 +17,7 @@ class DropReason(Enum):
 
     # the regressor: an image message that gave no pose
     INVALID_IMAGE = ("dropped_invalid_image", "dropped (invalid image)")
+    IMAGE_TOO_LARGE = ("dropped_image_too_large", "dropped (image too large)")
     ESTIMATOR = ("dropped_estimator", "dropped (estimator)")
     NON_FINITE = ("dropped_non_finite", "dropped (non finite)")
     # either node: the input raised (one line per kind of exception, not per message)

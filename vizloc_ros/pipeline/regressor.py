@@ -27,12 +27,14 @@ def load_estimator(weights, **kwargs):
     ``vizloc-eval`` alike: a missing, truncated or pickled file, a sidecar with missing
     keys or values of the wrong type, tensors of another network, or weights that give a
     non-finite pose (NaN/inf in them, a diverged training; the estimator's warm-up frame
-    shows it).
+    shows it). A setting that is wrong whatever the file (``mc_dropout_samples``) is a
+    ``ValueError`` naming the setting, not the weights.
     """
     # torch is loaded with the first weights, not with this module: vizloc-replay forks its
     # fusion process before any torch thread exists, and the fusion node never loads it
-    from vizloc_ros.localize.estimator import PoseEstimator
+    from vizloc_ros.localize.estimator import PoseEstimator, check_mc_dropout_samples
 
+    check_mc_dropout_samples(kwargs.get("mc_dropout_samples", 0))
     try:
         return PoseEstimator(weights, **kwargs)
     except FloatingPointError as exc:
@@ -196,14 +198,21 @@ class RegressorCore(DropCounting):
         visual_odometry: also integrate the network's relative head (VLocNet) into
             :class:`VisualOdometry` (``odom_frame`` -> ``base_frame``); the estimator must
             have one (``estimator.has_relative_head``).
+        max_image_pixels: an image whose header announces more pixels (width x height)
+            is dropped before it is decoded (``dropped_image_too_large``).
     """
 
     def __init__(self, estimator, base_T_camera=None, map_frame: str = "map",
                  max_rate: float = 0.0, visual_odometry: bool = False, odom_frame: str = "odom",
-                 base_frame: str = "base_link"):
+                 base_frame: str = "base_link",
+                 max_image_pixels: int = messages.DEFAULT_MAX_IMAGE_PIXELS):
         self.estimator = estimator
         self.map_frame = map_frame
         self.limiter = StampRateLimiter(max_rate)
+        if isinstance(max_image_pixels, bool) or int(max_image_pixels) != max_image_pixels \
+                or max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be a whole number >= 1, got {max_image_pixels!r}")
+        self.max_image_pixels = int(max_image_pixels)
         # sequence models (VidLoc, VLocNet) read earlier frames: feed them in stamp order
         self.sequential = bool(getattr(estimator, "sequential", False))
         self.visual_odometry = None
@@ -232,7 +241,7 @@ class RegressorCore(DropCounting):
         stamp_ns = messages.header_stamp_ns(msg)
         if stamp_ns <= 0:
             raise ValueError(f"image stamp {stamp_ns} ns is zero or invalid")
-        return stamp_ns, messages.image_to_rgb(msg)
+        return stamp_ns, messages.image_to_rgb(msg, self.max_image_pixels)
 
     def _dropped(self, reason: DropReason, detail: str) -> FrameResult:
         return FrameResult(drop=self._drop(reason, detail))
@@ -254,6 +263,9 @@ class RegressorCore(DropCounting):
             self.counters["received"] += 1
             try:
                 stamp_ns, image = self.decode(msg)
+            except messages.ImageTooLarge as exc:
+                out[i] = self._dropped(DropReason.IMAGE_TOO_LARGE, str(exc))
+                continue
             except (ValueError, AttributeError) as exc:
                 out[i] = self._dropped(DropReason.INVALID_IMAGE, str(exc))
                 continue

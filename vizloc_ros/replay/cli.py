@@ -40,11 +40,11 @@ from vizloc_ros.metrics import (nees_summary, pose_error_vectors, pose_errors, s
                                 trajectory_metrics, usable_covariances)
 from vizloc_ros.pipeline.regressor import RegressorCore, load_estimator
 from vizloc_ros.ros_io import messages
-from vizloc_ros.ros_io.bag_io import list_topics, read_messages, topic_message_counts
+from vizloc_ros.ros_io.bag_io import list_topics, read_messages, require_messages, topic_message_counts
 from vizloc_ros.ros_io.camera_mount import FROM_FIXED_TF, CameraMountResolver, resolve_in_bag
 from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
                                           default_max_gap, interpolate_poses, previous_poses)
-from vizloc_ros.ros_io.messages import IMAGE_TYPES
+from vizloc_ros.ros_io.messages import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TYPES
 from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.replay.fusion_side import (ORDERS, FusionProcess, FusionSideSpec, InProcessFusion, ReplayError,
                                            bag_errors, fusion_settings_of)
@@ -85,6 +85,7 @@ class ReplayOptions:
     camera_extrinsic_fallback: tuple | None = None
     camera_frame: str = ""  # the camera's frame in TF; empty: the images' frame_id
     max_rate: float = 0.0  # frames per second of message time the network runs; 0: every frame
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are dropped undecoded
     fusion_params: dict = field(default_factory=dict)  # FusionConfig fields
     fusion_settings: dict = field(default_factory=dict)  # FusionSettings fields but frames and inputs
     mc_dropout_samples: int = 0
@@ -122,6 +123,12 @@ def _check_topics(bag: Path, options: ReplayOptions) -> dict:
         need(options.ground_truth, GT_TYPES, "ground-truth",
              (f" (pose topics there: {', '.join(poses)}; " if poses else " (")
              + "or --ground-truth tf:PARENT->CHILD for a TF chain)")
+    try:  # a topic without messages: said now (an image topic: with those that have images)
+        gt_topic = {} if options.ground_truth.startswith("tf:") else {options.ground_truth: "ground-truth"}
+        require_messages(bag, {options.image_topic: "image", **gt_topic}, {options.image_topic: candidates},
+                         hint=" (pass one with --image-topic)")
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
     if options.fusion and options.odom_topic and not options.visual_odometry:
         need(options.odom_topic, ("nav_msgs/msg/Odometry",), "odometry", " (--odom-topic none to fuse without it)")
     if options.fusion and options.imu_topic:
@@ -240,7 +247,7 @@ def _run_in(staging: Path, options: ReplayOptions, spec: FusionSideSpec, bag: Pa
                                       options.camera_extrinsic_fallback,
                                       map_frame=options.map_frame, visual_odometry=options.visual_odometry,
                                       odom_frame=options.odom_frame, base_frame=options.base_frame,
-                                      max_rate=options.max_rate)
+                                      max_rate=options.max_rate, max_image_pixels=options.max_image_pixels)
         except ValueError as exc:
             what = ("--visual-odom" if options.visual_odometry and "visual" in str(exc) else
                     "max_rate" if "max_rate" in str(exc) else "camera extrinsic")

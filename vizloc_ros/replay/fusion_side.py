@@ -174,11 +174,12 @@ class FusionSide:
         if spec.read_tf_static:
             wanted.append("/tf_static")
         static_edges: dict = {}
+        static_skipped: dict = {}  # unusable /tf_static transforms: named if the chain is missing
         with bag_errors(spec.bag):
             for record in read_messages(spec.bag, list(dict.fromkeys(wanted))):
                 if record.topic == "/tf_static":
                     try:
-                        static_edges.update(tf_edges(record.msg.transforms))
+                        static_edges.update(tf_edges(record.msg.transforms, static_skipped))
                     except ValueError:
                         pass
                 if record.topic == spec.ground_truth or (record.topic == "/tf" and self.gt.tf_parent):
@@ -193,7 +194,7 @@ class FusionSide:
                 self._own_front = {topic: -np.inf if self._own_left[topic] else np.inf for topic in own}
                 self._own_stream = read_messages(spec.bag, own)
         try:
-            self.ground_truth = self.gt.finish(static_edges)
+            self.ground_truth = self.gt.finish(static_edges, static_skipped)
         except GroundTruthError as exc:
             raise ReplayError(str(exc)) from None
 

@@ -10,7 +10,7 @@ parameter), and a value the node accepts reaches the same settings objects.
 What the replay honours: every fusion parameter (``FusionConfig``, ``FusionSettings``,
 ``odom_topic`` / ``use_odom``, ``imu_topic`` / ``use_imu``) and the regressor's
 ``weights``, ``device``, ``precision``, ``mc_dropout_samples``, ``image_topic`` (+
-``compressed``), ``max_rate``, the frames, ``camera_frame`` and ``camera_extrinsic`` (the
+``compressed``), ``max_rate``, ``max_image_pixels``, the frames, ``camera_frame`` and ``camera_extrinsic`` (the
 fallback used while the bag gives no camera mount, as on the robot). A value the replay
 cannot reproduce (it differs from what the replay does) is named in
 :attr:`ParamsFileOptions.not_honoured`, which the command line prints once as a warning.
@@ -115,7 +115,8 @@ def _regressor_options(s, given: dict, fusion, read: ParamsFileOptions) -> None:
     if str(given.get("weights", "")).strip():
         read.options["weights"] = s.weights
     read.options.update(device=s.device, precision=s.precision, mc_dropout_samples=s.mc_dropout_samples,
-                        image_topic=s.subscribed_topic, max_rate=s.max_rate, camera_frame=s.camera_frame)
+                        image_topic=s.subscribed_topic, max_rate=s.max_rate,
+                        max_image_pixels=s.max_image_pixels, camera_frame=s.camera_frame)
     t, q = s.camera_extrinsic
     if np.any(t) or q[0] != 1.0:
         # identity (the node's own test) is "no fallback": the camera pose is published as the base's

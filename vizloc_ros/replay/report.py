@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vizloc_ros.metrics import scored_frames_warning
 from vizloc_ros.ros_io.tum import write_tum
 
 #: the sources a replay scores, in the order of the table
@@ -111,7 +112,8 @@ def _phases(metrics: dict) -> str:
 def format_table(metrics: dict) -> str:
     """The metrics table that vizloc-replay prints and report.md shows."""
     names = [n for n in SOURCE_NAMES if n in metrics["sources"]]
-    rows = [("median translation (m)", "median_translation_m", "{:.3f}"),
+    rows = [("frames scored", "frames", "{:d}"),
+            ("median translation (m)", "median_translation_m", "{:.3f}"),
             ("median rotation (deg)", "median_rotation_deg", "{:.2f}"),
             ("final median transl. (m)", "final_median_translation_m", "{:.3f}"),
             ("within 25 cm, 2 deg", "within_25cm_2deg", "{:.1%}"),
@@ -133,12 +135,16 @@ def format_table(metrics: dict) -> str:
         lines.append(label.ljust(width) + "".join(cells))
     counts = metrics["counts"]
     lines.append("")
-    lines.append(f"images: {metrics['frames']['images']} read, {metrics['frames']['estimated']} estimated; "
+    frames = metrics["frames"]
+    lines.append(f"images: {frames['images']} read, {frames['estimated']} estimated, {frames['evaluated']} "
+                 f"with ground truth; "
                  f"absolute measurements accepted {counts.get('absolute_accepted', 0)}, "
                  f"rejected {counts.get('absolute_rejected', 0)}, dropped {counts.get('absolute_dropped', 0)}; "
                  f"{metrics['timing']['frames_per_second']:.1f} frames/s end to end on "
                  f"{metrics['timing']['device']}")
-    return "\n".join(lines)
+    warning = scored_frames_warning(frames["evaluated"], frames["estimated"],
+                                    "the others have no ground truth near their stamp")
+    return "\n".join(lines + ([warning] if warning else []))
 
 
 def _skipped_covariances(metrics: dict) -> str:

@@ -182,6 +182,25 @@ def topic_message_counts(path) -> dict[str, int]:
         reader.close()
 
 
+def require_messages(path, topics: dict[str, str], alternatives: dict[str, list[str]] | None = None,
+                     hint: str = "") -> None:
+    """``ValueError`` when a topic of ``topics`` ({topic: what it is, e.g. "image"}) is in
+    the bag without a single message, naming the bag and the topics of the same kind that
+    do have messages (``alternatives``: {topic: candidates}), then ``hint`` (how to pick one).
+
+    Why up front: an empty topic otherwise surfaces at the end of a run, as "nothing
+    could be processed" with empty counters, although the bag names the cause at once
+    (a recording that subscribed to the wrong camera beside two good ones).
+    """
+    counts = topic_message_counts(path)
+    for topic, what in topics.items():
+        if counts.get(topic, 0) == 0:
+            others = [f"{name} ({counts[name]})" for name in (alternatives or {}).get(topic, [])
+                      if name != topic and counts.get(name, 0) > 0]
+            listing = f"; {what} topics with messages: {', '.join(others)}{hint}" if others else ""
+            raise ValueError(f"{what} topic {topic!r} has no messages in {path}{listing}")
+
+
 def read_messages(path, topics: Iterable[str] | None = None, expected_types: dict[str, str] | None = None,
                   start_ns: int | None = None, stop_ns: int | None = None, order: str = "log",
                   reorder_window_ns: int = 1_000_000_000) -> Iterator[BagMessage]:

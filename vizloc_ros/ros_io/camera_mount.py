@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from vizloc_ros.ros_io.bag_io import read_messages
-from vizloc_ros.ros_io.ground_truth import add_tf_samples, fixed_edges, normalise_frame, static_chain, tf_edges
+from vizloc_ros.ros_io.ground_truth import (add_tf_samples, describe_skipped, fixed_edges, normalise_frame,
+                                          static_chain, tf_edges)
 
 LOG = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class CameraMountResolver:
         self.hint = hint
         self.window_s = float(window_s)
         self._static: dict = {}        # (parent, child) -> (t, q) from /tf_static
+        self._static_skipped: dict = {}  # (parent, child) -> why a /tf_static transform was unusable
         self._tf_samples: dict = {}    # (parent, child) -> samples of the /tf window
         self._tf_first_ns: int | None = None
         self._tf_window_closed = False
@@ -81,19 +83,28 @@ class CameraMountResolver:
     def feed(self, msg, static: bool, time_ns: int | None = None) -> bool:
         """Take one TFMessage (tf2_msgs or ROS 1's tf/tfMessage).
 
-        ``static``: it came from /tf_static (a malformed message is skipped whole, as
-        its edges would replace good ones). Otherwise it came from /tf at ``time_ns``
+        ``static``: it came from /tf_static; a transform that cannot be read (NaN, a
+        quaternion of norm 2) is left out, warned about once, and named when the mount
+        is missing (an earlier good value of its edge stays). Otherwise it came from /tf at ``time_ns``
         (receive or log time): only the first :attr:`window_s` are kept, and a message
         past the window closes it. Returns whether the resolver still wants /tf messages,
         so that a reader can stop reading (or unsubscribe from) /tf.
         """
         with self._changed:
             if static:
+                skipped: dict = {}
                 try:
-                    self._static.update(tf_edges(msg.transforms))
+                    edges = tf_edges(msg.transforms, skipped)
                 except (ValueError, TypeError, AttributeError):
                     LOG.debug("malformed /tf_static message skipped", exc_info=True)
                     return not self._tf_window_closed
+                for key, why in skipped.items():
+                    if self._static_skipped.get(key) != why:
+                        LOG.warning("/tf_static transform %s -> %s left out: %s", *key, why)
+                self._static_skipped.update(skipped)
+                for key in edges:
+                    self._static_skipped.pop(key, None)
+                self._static.update(edges)
             else:
                 if self._tf_window_closed:
                     return False
@@ -128,6 +139,11 @@ class CameraMountResolver:
         with self._changed:
             return dict(self._static)
 
+    def static_skipped(self) -> dict:
+        """{(parent, child): why} of the /tf_static transforms that could not be used."""
+        with self._changed:
+            return dict(self._static_skipped)
+
     # -- resolving -------------------------------------------------------------
     def resolve(self, base_frame: str, camera_frame: str, timeout_s: float = 0.0) -> CameraMount:
         """base_T_camera: the override, else /tf_static, else (once the /tf window has
@@ -157,7 +173,8 @@ class CameraMountResolver:
             if chain is not None:
                 return CameraMount(chain, FROM_FIXED_TF)
         reason = (f"no TF path {normalise_frame(base_frame)} -> {normalise_frame(camera_frame)} "
-                  "(the images' frame) on /tf_static or fixed on /tf")
+                  "(the images' frame) on /tf_static or fixed on /tf"
+                  f"{describe_skipped(self._static_skipped, '/tf_static')}")
         return CameraMount(None, reason=f"{reason}: {self.hint}" if self.hint else reason)
 
 

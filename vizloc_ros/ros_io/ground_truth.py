@@ -35,13 +35,36 @@ def normalise_frame(frame) -> str:
     return str(frame).strip().lstrip("/")
 
 
-def tf_edges(transforms):
-    """{(parent, child): (t, q)} from static transforms."""
+def tf_edges(transforms, skipped: dict | None = None):
+    """{(parent, child): (t, q)} from static transforms.
+
+    A transform that cannot be read (NaN, a quaternion of norm 2) raises ``ValueError``;
+    with ``skipped`` (a dict) it is left out instead and its problem kept there under its
+    edge, so the good transforms of the message still count and a missing chain can say
+    which transform broke it (not just "no TF path").
+    """
     edges = {}
     for tf in transforms:
-        t, q = messages.pose_from_msg(tf)
-        edges[(normalise_frame(tf.header.frame_id), normalise_frame(tf.child_frame_id))] = (t, q)
+        try:
+            key = (normalise_frame(tf.header.frame_id), normalise_frame(tf.child_frame_id))
+        except AttributeError as exc:
+            raise ValueError(f"not a TransformStamped: {exc}") from None
+        try:
+            edges[key] = messages.pose_from_msg(tf)
+        except (ValueError, TypeError) as exc:
+            if skipped is None:
+                raise ValueError(f"transform {key[0]} -> {key[1]}: {exc}") from None
+            skipped[key] = str(exc)
     return edges
+
+
+def describe_skipped(skipped: dict, where: str) -> str:
+    """``"; transforms on /tf_static that could not be used: a -> b (why), ..."`` or ""."""
+    if not skipped:
+        return ""
+    listing = ", ".join(f"{a} -> {b} ({why})" for (a, b), why in sorted(skipped.items())[:5])
+    more = f", ... ({len(skipped)} in all)" if len(skipped) > 5 else ""
+    return f"; transforms on {where} that could not be used: {listing}{more}"
 
 
 def _frame_path(edges, parent: str, child: str):
@@ -91,15 +114,23 @@ def _is_constant(t, q) -> bool:
                 and np.min(np.abs(np.sum(q * q[0], axis=1))) > 1.0 - 1e-12)
 
 
-def add_tf_samples(dynamic: dict, transforms) -> None:
+def add_tf_samples(dynamic: dict, transforms, skipped: dict | None = None) -> None:
     """Append the transforms of one /tf message to ``dynamic``: (parent, child) -> flat
     ``array('d')`` of rows (stamp, x, y, z, qw, qx, qy, qz); 64 bytes a sample, where
     tuples of numpy arrays took about 350 (an hour of a busy /tf is millions of them).
-    Raises ``ValueError`` for a malformed transform (those before it are kept)."""
+    Raises ``ValueError`` for a malformed transform (those before it are kept); with
+    ``skipped`` (a dict) it is left out, its problem kept under its edge, and the rest of
+    the message is read."""
     for tf in transforms:
         key = (normalise_frame(tf.header.frame_id), normalise_frame(tf.child_frame_id))
-        t, q = messages.pose_from_msg(tf)
-        stamp = messages.header_stamp_sec(tf)
+        try:
+            t, q = messages.pose_from_msg(tf)
+            stamp = messages.header_stamp_sec(tf)
+        except ValueError as exc:
+            if skipped is None:
+                raise
+            skipped[key] = str(exc)
+            continue
         dynamic.setdefault(key, array("d")).extend((stamp, t[0], t[1], t[2], q[0], q[1], q[2], q[3]))
 
 
@@ -126,8 +157,11 @@ def fixed_edges(dynamic: dict) -> dict:
     return fixed
 
 
-def tf_chain_poses(dynamic: dict, static_edges: dict, parent: str, child: str):
+def tf_chain_poses(dynamic: dict, static_edges: dict, parent: str, child: str, skipped: str = ""):
     """parent_T_child over time from TF edges: (stamps, t, q), sorted by stamp.
+
+    ``skipped``: what :func:`describe_skipped` said of the transforms left out, appended
+    to the error when no path is found (the path may exist through one of them).
 
     ``dynamic`` maps (parent, child) to the samples from /tf (:func:`add_tf_samples`; a
     list of (stamp, t, q) works too), ``static_edges`` is
@@ -152,7 +186,7 @@ def tf_chain_poses(dynamic: dict, static_edges: dict, parent: str, child: str):
         names = [f"{a}->{b}" for a, b in sorted(edges)]
         listing = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
         raise GroundTruthError(f"no TF path {parent} -> {child} in the bag's /tf and /tf_static "
-                               f"(edges: {listing or 'none'})")
+                               f"(edges: {listing or 'none'}){skipped}")
     timed = [key for key, _ in path if edges[key][0] is not None]
     if not timed:
         raise GroundTruthError(f"TF {parent} -> {child} is only on /tf_static: it is not a trajectory")
@@ -196,7 +230,9 @@ class GroundTruthReader:
             if self.tf_parent == self.tf_child:
                 raise GroundTruthError(f"--ground-truth {spec!r}: PARENT and CHILD are the same frame")
         self.dynamic: dict = {}
+        self.skipped_tf: dict = {}  # (parent, child) -> why a /tf transform was left out
         self.bad = 0
+        self.last_problem = ""
 
     def add(self, topic: str, msg) -> None:
         try:
@@ -205,18 +241,24 @@ class GroundTruthReader:
                 t, q = messages.pose_from_msg(msg)
                 self._rows.extend((stamp, t[0], t[1], t[2], q[0], q[1], q[2], q[3]))
             else:
-                add_tf_samples(self.dynamic, msg.transforms)
-        except ValueError:
+                add_tf_samples(self.dynamic, msg.transforms, self.skipped_tf)
+        except (ValueError, TypeError, AttributeError) as exc:
             self.bad += 1
+            self.last_problem = str(exc)
 
-    def finish(self, static_edges: dict):
-        """Sorted (stamps, t, q); a TF chain is resolved through /tf and /tf_static."""
+    def finish(self, static_edges: dict, static_skipped: dict | None = None):
+        """Sorted (stamps, t, q); a TF chain is resolved through /tf and /tf_static.
+        ``static_skipped``: the /tf_static transforms left out (:func:`tf_edges`), named
+        in the error when the chain is missing."""
         if self.tf_parent is not None:
-            stamps, t, q = tf_chain_poses(self.dynamic, static_edges, self.tf_parent, self.tf_child)
+            skipped = (describe_skipped(static_skipped or {}, "/tf_static")
+                       + describe_skipped(self.skipped_tf, "/tf"))
+            stamps, t, q = tf_chain_poses(self.dynamic, static_edges, self.tf_parent, self.tf_child, skipped)
         else:
             stamps, t, q = _edge_series(self._rows)
         if not len(stamps):
-            raise GroundTruthError(f"no valid ground truth on {self.spec}")
+            unread = f" ({self.bad} message(s) could not be read, e.g. {self.last_problem})" if self.bad else ""
+            raise GroundTruthError(f"no valid ground truth on {self.spec}{unread}")
         order = np.argsort(stamps, kind="stable")
         return stamps[order], t[order], q[order]
 

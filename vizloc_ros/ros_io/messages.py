@@ -20,7 +20,8 @@ Conventions (DESIGN.md):
 Images: :func:`image_to_numpy` returns RGB (colour encodings are reordered, alpha is
 dropped) or a 2-D array for mono; depth encodings go through
 :func:`depth_image_to_numpy`. Every malformed message raises ``ValueError`` naming
-what is wrong.
+what is wrong; an image larger than ``max_pixels`` raises :class:`ImageTooLarge` (a
+``ValueError``) before any pixel is decoded.
 """
 from __future__ import annotations
 
@@ -460,6 +461,25 @@ def imu_motion_from_msg(msg) -> tuple[float, np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- reading images
 
+#: the most pixels (width x height) an image may have by default: above any camera a robot
+#: carries (an 8K frame is 33 MP), far below what a corrupt header or a decompression bomb
+#: (a 1 MB PNG of 20000x20000 is 400 MP, 1.2 GB decoded) would make the node allocate.
+#: The regressor node's ``max_image_pixels`` parameter is defined with this default.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+
+
+class ImageTooLarge(ValueError):
+    """An image message whose header announces more pixels than allowed: refused before
+    decoding, so its memory is never allocated (a separate class so that the regressor
+    counts it apart from malformed images)."""
+
+
+def _check_pixel_count(width: int, height: int, max_pixels: int, what: str) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{what} of {width}x{height} = {width * height} pixels exceeds "
+                            f"max_image_pixels = {max_pixels}; dropped before decoding")
+
+
 # encoding -> (channels, bytes per channel, channel order); order None = not an RGB image
 _COLOR_ENCODINGS = {
     "rgb8": (3, 1, (0, 1, 2)),
@@ -494,12 +514,18 @@ def _bytes_of(data) -> np.ndarray:
         return np.asarray(data, dtype=np.uint8).reshape(-1)
 
 
-def _image_rows(msg, channels: int, bytes_per_channel: int) -> np.ndarray:
-    """Validate the geometry of an Image and return its pixel bytes as (H, W*bpp)."""
+def _image_rows(msg, channels: int, bytes_per_channel: int, max_pixels: int) -> np.ndarray:
+    """Validate the geometry of an Image and return its pixel bytes as (H, W*bpp).
+
+    The header is checked before the data is touched: a width x height above
+    ``max_pixels`` is :class:`ImageTooLarge`, and a step or size that disagrees with the
+    data is a ``ValueError`` (Python integers: an absurd width x step cannot overflow).
+    """
     encoding = str(msg.encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
         raise ValueError(f"empty image: height={height}, width={width} (encoding {encoding!r})")
+    _check_pixel_count(width, height, max_pixels, f"image ({encoding})")
     row_bytes = width * channels * bytes_per_channel
     if step < row_bytes:
         raise ValueError(f"wrong step: {step} bytes per row is less than width {width} x "
@@ -521,7 +547,7 @@ def _unknown_encoding(encoding: str, supported: Iterable[str], hint: str = "") -
                       f"{', '.join(supported)}{hint}")
 
 
-def image_to_numpy(msg) -> np.ndarray:
+def image_to_numpy(msg, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """sensor_msgs/Image -> uint8 RGB (H, W, 3) or mono (H, W).
 
     rgb8/bgr8/rgba8/bgra8 come back as RGB (channels reordered, alpha dropped); mono8 /
@@ -529,17 +555,18 @@ def image_to_numpy(msg) -> np.ndarray:
     bayer_* encodings (8 and 16 bit) demosaiced to RGB. Depth
     encodings (16UC1, 32FC1) are refused here: they are distances, not appearance; use
     :func:`depth_image_to_numpy`. Raises ``ValueError`` for an unknown encoding, an empty
-    image, a step smaller than a row, or data whose length is not step x height.
+    image, a step smaller than a row, or data whose length is not step x height;
+    :class:`ImageTooLarge` for more than ``max_pixels`` pixels.
     """
     encoding = str(msg.encoding)
     if encoding in _BAYER_ENCODINGS:
-        return _demosaic(msg, *_BAYER_ENCODINGS[encoding])
+        return _demosaic(msg, *_BAYER_ENCODINGS[encoding], max_pixels)
     if encoding not in _COLOR_ENCODINGS:
         hint = ("; depth encodings go through depth_image_to_numpy()"
                 if encoding in _DEPTH_ENCODINGS else "")
         raise _unknown_encoding(encoding, SUPPORTED_IMAGE_ENCODINGS, hint)
     channels, nbytes, order = _COLOR_ENCODINGS[encoding]
-    rows = _image_rows(msg, channels, nbytes)
+    rows = _image_rows(msg, channels, nbytes, max_pixels)
     height, width = int(msg.height), int(msg.width)
     if nbytes == 2:  # mono16
         big = bool(msg.is_bigendian)
@@ -554,12 +581,12 @@ def image_to_numpy(msg) -> np.ndarray:
     return np.ascontiguousarray(pixels[:, :, 2::-1] if order == (2, 1, 0) else pixels[:, :, :3])
 
 
-def _demosaic(msg, nbytes: int, code: str) -> np.ndarray:
+def _demosaic(msg, nbytes: int, code: str, max_pixels: int) -> np.ndarray:
     """Bayer image -> RGB (H, W, 3) uint8 with OpenCV's bilinear demosaicing; 16-bit
     mosaics keep their high byte first, like mono16."""
     import cv2  # only for raw camera images: the nodes need not load it otherwise
 
-    rows = _image_rows(msg, 1, nbytes)
+    rows = _image_rows(msg, 1, nbytes, max_pixels)
     height, width = int(msg.height), int(msg.width)
     if height < 2 or width < 2:
         raise ValueError(f"a {msg.encoding} image needs at least 2x2 pixels, got {width}x{height}")
@@ -571,18 +598,21 @@ def _demosaic(msg, nbytes: int, code: str) -> np.ndarray:
     return cv2.cvtColor(mosaic, getattr(cv2, f"COLOR_{code}2RGB"))
 
 
-def image_to_rgb(msg) -> np.ndarray:
-    """Image or CompressedImage -> uint8 RGB (H, W, 3); mono is replicated to 3 channels."""
+def image_to_rgb(msg, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Image or CompressedImage -> uint8 RGB (H, W, 3); mono is replicated to 3 channels.
+
+    :class:`ImageTooLarge` for more than ``max_pixels`` pixels, ``ValueError`` for any
+    other malformed message."""
     if hasattr(msg, "format") and not hasattr(msg, "encoding"):
-        array_ = compressed_image_to_numpy(msg)
+        array_ = compressed_image_to_numpy(msg, max_pixels)
     else:
-        array_ = image_to_numpy(msg)
+        array_ = image_to_numpy(msg, max_pixels)
     if array_.ndim == 2:
         array_ = np.repeat(array_[:, :, None], 3, axis=2)
     return array_
 
 
-def depth_image_to_numpy(msg) -> np.ndarray:
+def depth_image_to_numpy(msg, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Depth Image -> float32 metres (H, W); invalid pixels are NaN.
 
     REP-118: 16UC1 (and mono16 used as depth) hold millimetres with 0 = invalid;
@@ -592,7 +622,7 @@ def depth_image_to_numpy(msg) -> np.ndarray:
     if encoding not in _DEPTH_ENCODINGS:
         raise _unknown_encoding(encoding, SUPPORTED_DEPTH_ENCODINGS)
     channels, nbytes = _DEPTH_ENCODINGS[encoding]
-    rows = _image_rows(msg, channels, nbytes)
+    rows = _image_rows(msg, channels, nbytes, max_pixels)
     height, width = int(msg.height), int(msg.width)
     big = bool(msg.is_bigendian)
     if nbytes == 2:
@@ -605,11 +635,15 @@ def depth_image_to_numpy(msg) -> np.ndarray:
     return metres
 
 
-def compressed_image_to_numpy(msg) -> np.ndarray:
+def compressed_image_to_numpy(msg, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """sensor_msgs/CompressedImage (jpeg/png) -> uint8 RGB (H, W, 3) or mono (H, W).
 
     Decoded with Pillow. compressedDepth (image_transport's depth plugin) is refused.
-    Raises ``ValueError`` for empty or corrupt data.
+    Raises ``ValueError`` for empty or corrupt data, :class:`ImageTooLarge` for more than
+    ``max_pixels`` pixels: Pillow opens lazily, so the size in the file's header is
+    checked before a pixel is decoded (a 1 MB PNG can announce 400 MP). Pillow's own
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, twice it is an error) is
+    also reported as :class:`ImageTooLarge`; Pillow warns once between the two.
     """
     from PIL import Image as PILImage, UnidentifiedImageError
 
@@ -621,6 +655,7 @@ def compressed_image_to_numpy(msg) -> np.ndarray:
         raise ValueError(f"empty CompressedImage (format {fmt!r})")
     try:
         with PILImage.open(io.BytesIO(data.tobytes())) as pil:
+            _check_pixel_count(*pil.size, max_pixels, f"CompressedImage ({pil.format})")
             pil.load()
             if pil.format not in ("JPEG", "PNG"):
                 raise ValueError(f"CompressedImage holds {pil.format}, expected jpeg or png")
@@ -629,6 +664,9 @@ def compressed_image_to_numpy(msg) -> np.ndarray:
                     raise ValueError(f"CompressedImage: {pil.mode} (16-bit) images are not supported")
                 return np.asarray(pil, dtype=np.uint8).copy()
             return np.asarray(pil.convert("RGB"), dtype=np.uint8).copy()
+    except PILImage.DecompressionBombError as exc:
+        raise ImageTooLarge(f"CompressedImage (format {fmt!r}, {data.size} bytes) refused by Pillow: "
+                            f"{exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"corrupt CompressedImage (format {fmt!r}, {data.size} bytes): {exc}") from None
 

@@ -61,7 +61,7 @@ class BagDataset(PoseDataset):
                     camera_mount.feed(record.msg, static=True)
                 if record.topic == gt_source:
                     reader.add(record.topic, record.msg)
-            gt_stamps, gt_t, gt_q = reader.finish(camera_mount.static_edges())
+            gt_stamps, gt_t, gt_q = reader.finish(camera_mount.static_edges(), camera_mount.static_skipped())
         except (ValueError, GroundTruthError) as exc:
             raise DatasetError(f"{bag}: {exc}") from None
         sampler.warn(LOG)
@@ -91,6 +91,7 @@ class BagDataset(PoseDataset):
                                f"(images {stamps.min():.3f}..{stamps.max():.3f} s, ground truth "
                                f"{gt_stamps.min():.3f}..{gt_stamps.max():.3f} s)")
         self._cache = dict(enumerate(self._images))
+        self.left_out = {"without ground truth": len(images) - len(self.items), "not decodable": sampler.bad}
 
     def preload(self) -> "BagDataset":
         return self  # already in memory

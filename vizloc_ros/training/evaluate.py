@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -15,11 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from vizloc_ros import geometry
 from vizloc_ros.files import sweep_stale, write_text
 from vizloc_ros.localize.models import checkpoint_paths
-from vizloc_ros.metrics import THRESHOLDS, evaluate_poses, threshold_key
+from vizloc_ros.localize.models.checkpoint import floor_singular_covariance, is_singular
+from vizloc_ros.metrics import THRESHOLDS, evaluate_poses, scored_frames_warning, threshold_key
 from vizloc_ros.pipeline.regressor import load_estimator
 from vizloc_ros.training.datasets import KittiOdometry, open_dataset
+
+LOG = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int = 16,
@@ -52,12 +57,50 @@ def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int 
     t_gt, q_gt = dataset.poses()
     metrics = evaluate_poses(np.array(t_est), np.array(q_est), t_gt, q_gt)
     metrics["frames_per_second"] = len(dataset) / elapsed if elapsed > 0 else None
+    metrics["frames_left_out"] = {why: int(n) for why, n in getattr(dataset, "left_out", {}).items() if n}
     metrics["device"] = str(estimator.device)
     return metrics
 
 
+def validation_covariance(t_est, q_est, t_gt, q_gt) -> list | None:
+    """6x6 ROS-order covariance of validation errors (translation in map, left rotation
+    vector), the estimator's uncertainty when MC dropout is off; None when it cannot be
+    measured (no frame, or no error at all), so the checkpoint gets none and the
+    estimator its pessimistic default.
+
+    With fewer frames than dimensions (6), or errors that span fewer, the sample
+    covariance is singular: the network would be trusted exactly along the directions
+    the frames missed. It is then floored
+    (:func:`~vizloc_ros.localize.models.checkpoint.floor_singular_covariance`) and a
+    warning says so.
+    """
+    dt = np.asarray(t_gt, float) - np.asarray(t_est, float)
+    if len(dt) == 0:
+        return None
+    dr = geometry.so3_log(geometry.quat_to_matrix(q_gt) @ np.swapaxes(geometry.quat_to_matrix(q_est), -1, -2))
+    err = np.concatenate([dt, dr], axis=1)
+    cov = err.T @ err / len(err)
+    if not np.all(np.isfinite(cov)) or not np.any(np.diag(cov) > 0):
+        return None
+    if is_singular(cov):
+        LOG.warning("the validation errors of %d frame(s) give a singular covariance (fewer frames than "
+                    "its 6 dimensions?): each block floored with its mean variance; validate on more frames",
+                    len(err))
+        cov = floor_singular_covariance(cov)
+        if is_singular(cov):  # no translation or no rotation error at all: nothing measured there
+            return None
+    return cov.tolist()
+
+
 def format_table(metrics: dict, title: str = "") -> str:
-    rows = [("frames", f"{metrics['frames']}"),
+    """The table vizloc-eval prints: how many frames were scored (of how many, and why
+    not the others), the median errors and threshold shares, the speed; a warning line
+    when few frames could be scored."""
+    left_out = metrics.get("frames_left_out") or {}
+    total = metrics["frames"] + sum(left_out.values())
+    why_not = ", ".join(f"{n} {why}" for why, n in left_out.items())
+    scored = f"{metrics['frames']}" + (f" of {total} ({why_not})" if left_out else "")
+    rows = [("frames scored", scored),
             ("median translation", f"{metrics['median_translation_m']:.3f} m"),
             ("median rotation", f"{metrics['median_rotation_deg']:.2f} deg")]
     for metres, degrees in THRESHOLDS:
@@ -68,7 +111,8 @@ def format_table(metrics: dict, title: str = "") -> str:
     width = max(len(r[0]) for r in rows)
     lines = [title] if title else []
     lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
-    return "\n".join(lines)
+    warning = scored_frames_warning(metrics["frames"], total, why_not)
+    return "\n".join(lines + ([warning] if warning else []))
 
 
 def build_parser() -> argparse.ArgumentParser:

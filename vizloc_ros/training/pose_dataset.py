@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from vizloc_ros.ros_io import messages
-from vizloc_ros.ros_io.bag_io import list_topics
+from vizloc_ros.ros_io.bag_io import list_topics, require_messages
 
 #: what fixes a missing camera mount, in the bag loaders' options
 #: (:class:`~vizloc_ros.training.bag_dataset.BagDataset`, :mod:`~vizloc_ros.training.unlabeled`)
@@ -33,7 +33,18 @@ def load_image(path: Path) -> np.ndarray:
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise DatasetError(f"image file is missing: {path}") from None
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombError) as exc:  # a header of 20000x20000 px, say
+        raise DatasetError(f"image file is unreadable: {path} ({exc})") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding it."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise DatasetError(f"image file is missing: {path}") from None
+    except (OSError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"image file is unreadable: {path} ({exc})") from None
 
 
@@ -49,6 +60,10 @@ class PoseDataset:
     def __init__(self):
         self.items: list[tuple[Path, np.ndarray, np.ndarray, float]] = []
         self._cache: dict[int, np.ndarray] | None = None
+        #: frames of the source that did not become samples, by reason (a bag's images
+        #: without ground truth near their stamp, or undecodable): vizloc-eval says how
+        #: many of the frames it scored
+        self.left_out: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -83,6 +98,32 @@ class PoseDataset:
 
     def stamps(self) -> np.ndarray:
         return np.asarray([it[3] for it in self.items], dtype=float)
+
+    def check_image_sizes(self) -> tuple[int, int]:
+        """The one (width, height) of the split's images; ``DatasetError`` naming an image of
+        another size, and the size of the others.
+
+        Why before training: batches stack images, and one odd frame in a 7-Scenes folder
+        otherwise ends an epoch in with numpy's "all input arrays must have the same
+        shape", naming nothing. Reads only the files' headers (Pillow opens lazily) or the
+        images already in memory.
+        """
+        sizes: dict[tuple[int, int], list[int]] = {}
+        for index, item in enumerate(self.items):
+            if self._cache is not None and index in self._cache:
+                height, width = self._cache[index].shape[:2]
+            else:
+                height, width = image_size(item[0])[::-1]
+            sizes.setdefault((width, height), []).append(index)
+        if len(sizes) <= 1:
+            return next(iter(sizes), (0, 0))
+        common = max(sizes, key=lambda size: len(sizes[size]))
+        odd = min((size for size in sizes if size != common), key=lambda size: sizes[size][0])
+        first_odd, first_common = self.items[sizes[odd][0]][0], self.items[sizes[common][0]][0]
+        raise DatasetError(
+            f"{first_odd}: image is {odd[0]}x{odd[1]}, but {len(sizes[common])} of the split's "
+            f"{len(self.items)} images are {common[0]}x{common[1]} (e.g. {first_common}); training "
+            f"batches need one size: resize the {len(self.items) - len(sizes[common])} other(s)")
 
     def check_images(self, limit: int | None = None) -> None:
         """Open (part of) the images now so a broken file fails early."""
@@ -121,7 +162,8 @@ class ImageSampler:
 
 def bag_topics(bag: Path, required: dict[str, str]) -> dict[str, str]:
     """``{topic: type}`` of a bag; ``DatasetError`` when it cannot be read, or when a
-    ``required`` topic (``{topic: what it is}``) is missing, naming the topics it has."""
+    ``required`` topic (``{topic: what it is}``) is missing, naming the topics it has, or
+    has no messages, naming the topics of its type that have some."""
     try:
         topics = list_topics(bag)
     except (FileNotFoundError, ValueError) as exc:
@@ -130,5 +172,10 @@ def bag_topics(bag: Path, required: dict[str, str]) -> dict[str, str]:
     for topic, what in required.items():
         if topic not in topics:
             raise DatasetError(f"{what} topic {topic!r} is not in {bag}; it has: {listing}")
+    same_kind = {topic: sorted(name for name, kind in topics.items() if kind == topics[topic]) for topic in required}
+    try:
+        require_messages(bag, required, same_kind)
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
     return topics
 

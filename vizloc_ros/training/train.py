@@ -41,6 +41,7 @@ from vizloc_ros.localize.models.sequence import FrameStream
 from vizloc_ros.localize.preprocess import InputSpec, preprocess
 from vizloc_ros.metrics import evaluate_poses
 from vizloc_ros.training.datasets import TupleDataset, open_dataset, translation_stats
+from vizloc_ros.training.evaluate import validation_covariance
 from vizloc_ros.training.losses import build_loss, build_odometry_loss
 from vizloc_ros.training.recipes import recipe_for
 from vizloc_ros.training.unlabeled import open_unlabeled
@@ -246,6 +247,7 @@ def open_split(config: dict, split_key: str):
         raise ConfigError(f"dataset {root} ({data[split_key]}) has no frames")
     if data["preload"]:
         dataset.preload()
+    dataset.check_image_sizes()  # batches stack images: one odd size is named now, not mid-epoch
     return dataset
 
 
@@ -328,15 +330,6 @@ def predict_dataset(model, dataset, spec: InputSpec, device, batch_size: int = 3
     if relative:
         return np.concatenate(ts), np.concatenate(qs), np.concatenate(rel_ts), np.concatenate(rel_qs)
     return np.concatenate(ts), np.concatenate(qs)
-
-
-def validation_covariance(t_est, q_est, t_gt, q_gt) -> np.ndarray:
-    """6x6 ROS-order covariance of validation errors (translation in map, left rotation
-    vector), the estimator's uncertainty when MC dropout is off."""
-    dt = t_gt - t_est
-    dr = geometry.so3_log(geometry.quat_to_matrix(q_gt) @ np.swapaxes(geometry.quat_to_matrix(q_est), -1, -2))
-    err = np.concatenate([dt, dr], axis=1)
-    return (err.T @ err / max(len(err), 1)).tolist()
 
 
 def validate(model, dataset, spec, device) -> tuple[dict, list]:

@@ -39,6 +39,11 @@ extra: ``model_config`` holds their clip length.
 Required on load: ``format``, ``architecture``, ``model_config``, ``rotation_format``,
 ``input`` (with ``resize``, ``crop``, ``mean``, ``std``) and ``pose_stats`` (with
 ``t_mean``, ``t_std``). Others get the defaults above. Extra keys are kept verbatim.
+The stored uncertainty is checked on load (:func:`check_stored_covariance`): a
+covariance that is not one (negative or zero variances, clearly asymmetric, not positive
+semi-definite) or a scale that is not a positive number is refused, because the fusion
+would trust the network without limit; rounding-level asymmetry and a singular matrix
+(from fewer validation frames than dimensions) are repaired, and the repair is said.
 The tensors are authoritative for the pose statistics (they are buffers of the model);
 the JSON copy is there for readers that do not load the network.
 
@@ -79,6 +84,129 @@ _SUFFIX = ".safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be loaded; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------- stored uncertainty
+
+#: the 6x6 covariances of ``validation_errors`` (ROS order)
+STORED_COVARIANCES = ("cov_ros", "relative_cov_ros")
+#: the factors of ``validation_errors`` that scale a covariance (positive numbers)
+STORED_COVARIANCE_SCALES = ("mc_dropout_scale", "model_cov_scale")
+#: asymmetry (max |C - C^T| over the largest entry) above which a stored covariance is
+#: refused: rounding leaves ~1e-16, a hand edit or a transposed block far more
+MAX_REPAIRABLE_ASYMMETRY = 1e-3
+#: a correlation-matrix eigenvalue at most this is zero: the matrix is singular (the
+#: network would be trusted exactly along that direction); one below minus this is not rounding
+SINGULAR_EIGENVALUE = 1e-9
+_AXES = ("x", "y", "z", "rot_x", "rot_y", "rot_z")
+
+
+def floor_singular_covariance(cov) -> np.ndarray:
+    """A singular ROS-order covariance made definite: each 3x3 block (translation,
+    rotation) gets its mean variance added on its diagonal.
+
+    Why this floor: a covariance measured on fewer validation frames than it has
+    dimensions has no spread at all along the directions those frames missed; the
+    block's mean variance is the only honest guess there, and adding it (rather than a
+    fixed centimetre) keeps the scale of the errors that were seen. Used by the trainer
+    (too few validation frames) and on load (an older checkpoint saved without it).
+    """
+    cov = np.asarray(cov, dtype=float).reshape(6, 6)
+    cov = 0.5 * (cov + cov.T)
+    floor = np.repeat([np.trace(cov[:3, :3]) / 3.0, np.trace(cov[3:, 3:]) / 3.0], 3)
+    return cov + np.diag(np.maximum(floor, 0.0))
+
+
+def correlation_eigenvalues(cov) -> np.ndarray:
+    """Eigenvalues of the correlation matrix of the symmetric ``cov`` (zeros when a
+    variance is not positive). Why the correlations: metres and radians differ by orders
+    of magnitude, so the eigenvalues of the covariance itself cannot tell a singular
+    matrix from a precise rotation; those of D^-1/2 C D^-1/2 can (1 each for independent
+    axes, 0 for a direction without spread, below 0 for a correlation above 1)."""
+    cov = np.asarray(cov, dtype=float)
+    variances = np.diag(cov)
+    if variances.min() <= 0.0:
+        return np.zeros(len(variances))
+    scale = 1.0 / np.sqrt(variances)
+    return np.linalg.eigvalsh(cov * scale[:, None] * scale[None, :])
+
+
+def is_singular(cov) -> bool:
+    """True when the symmetric ``cov`` has no spread along some direction (a correlation
+    eigenvalue of numerically zero or less, or a variance that is not positive)."""
+    return bool(correlation_eigenvalues(cov).min() <= SINGULAR_EIGENVALUE)
+
+
+def check_stored_covariance(value, where: str) -> tuple[np.ndarray, list[str]]:
+    """A covariance read from a sidecar -> ``(usable 6x6 matrix, repairs made)``.
+
+    ``CheckpointError`` (naming ``where``: the file and key) for what is not a covariance:
+    not 6x6 finite numbers, a negative or zero variance (a sidecar ``cov_ros`` of -I once
+    loaded as a fully confident network), an asymmetry above
+    :data:`MAX_REPAIRABLE_ASYMMETRY`, a clearly negative eigenvalue (a correlation above
+    1). Repaired, each with a line in ``repairs`` for the caller's warning: rounding-level
+    asymmetry (symmetrised), a singular matrix (:func:`floor_singular_covariance`).
+    """
+    try:
+        cov = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{where} must be a 6x6 matrix of numbers, got {_short(value)}") from None
+    if cov.size != 36:
+        raise CheckpointError(f"{where} must be a 6x6 matrix (36 numbers), got shape {cov.shape}")
+    cov = cov.reshape(6, 6)
+    if not np.all(np.isfinite(cov)):
+        raise CheckpointError(f"{where} holds NaN, inf or null: not a covariance (a diverged validation?)")
+    diagonal = np.diag(cov)
+    if diagonal.min() <= 0.0:
+        bad = [f"{axis} {v:g}" for axis, v in zip(_AXES, diagonal) if v <= 0.0]
+        kind = "negative" if diagonal.min() < 0.0 else "zero"
+        raise CheckpointError(f"{where} has {kind} variances ({', '.join(bad)}): not a covariance; "
+                              "it would make the network fully trusted")
+    repairs = []
+    scale = float(np.abs(cov).max())
+    asymmetry = float(np.abs(cov - cov.T).max()) / scale
+    if asymmetry > MAX_REPAIRABLE_ASYMMETRY:
+        raise CheckpointError(f"{where} is not symmetric (max |C - C^T| is {asymmetry:.3g} of its "
+                              "largest entry): not a covariance")
+    if asymmetry > 0.0:
+        repairs.append(f"{where} is slightly asymmetric ({asymmetry:.2g} of its largest entry): symmetrised")
+    cov = 0.5 * (cov + cov.T)
+    eigenvalues = correlation_eigenvalues(cov)
+    if eigenvalues.min() < -SINGULAR_EIGENVALUE:
+        raise CheckpointError(f"{where} is not positive semi-definite (its correlation matrix has the "
+                              f"eigenvalue {eigenvalues.min():.3g}: a correlation above 1): not a covariance")
+    if is_singular(cov):
+        rank = int(np.sum(eigenvalues > SINGULAR_EIGENVALUE))
+        cov = floor_singular_covariance(cov)
+        repairs.append(f"{where} is singular (rank {rank} of 6: measured on fewer validation frames "
+                       "than dimensions?): each block floored with its mean variance")
+    return cov, repairs
+
+
+def check_stored_scale(value, where: str) -> float:
+    """A covariance factor read from a sidecar: a finite number > 0, else ``CheckpointError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise CheckpointError(f"{where} must be a finite number > 0 (it scales the covariance), "
+                              f"got {_short(value)}")
+    return float(value)
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, np.ndarray) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_stored_uncertainty(meta: dict, json_path: Path) -> None:
+    """Refuse a sidecar whose ``validation_errors`` hold a covariance or a scale that is
+    not one (see :func:`check_stored_covariance`); ``null`` is "not measured"."""
+    block = meta["validation_errors"]
+    for key in STORED_COVARIANCES:
+        if block.get(key) is not None:
+            check_stored_covariance(block[key], f"JSON sidecar {json_path}: validation_errors.{key}")
+    for key in STORED_COVARIANCE_SCALES:
+        if block.get(key) is not None:
+            check_stored_scale(block[key], f"JSON sidecar {json_path}: validation_errors.{key}")
 
 
 # --------------------------------------------------------------------------- paths
@@ -279,6 +407,7 @@ def _read_json(json_path: Path, st_path: Path) -> dict:
              for key, value in defaults.items() if not isinstance(meta[key], type(value))]
     if wrong:
         raise CheckpointError(f"JSON sidecar {json_path} has keys of the wrong type: {', '.join(wrong)}")
+    _check_stored_uncertainty(meta, json_path)
     return meta
 
 
