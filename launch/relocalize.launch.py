@@ -131,8 +131,10 @@ def _player_exited(event, context):
     """A looping player only stops on shutdown; anything else ends the demo with a reason."""
     if context.is_shutdown:  # the launch is stopping it
         return None
-    raise ProcessEnded(f"demo: 'ros2 bag play' {how_it_ended(event.returncode)}; is rosbag2 installed "
-                       f"(apt install ros-$ROS_DISTRO-rosbag2 ros-$ROS_DISTRO-rosbag2-storage-mcap)?")
+    failed = 0 < event.returncode < 128  # an error of its own, not a signal: say what may be missing
+    hint = ("; is rosbag2 installed (apt install ros-$ROS_DISTRO-rosbag2 "
+            "ros-$ROS_DISTRO-rosbag2-storage-mcap)?" if failed else "")
+    raise ProcessEnded(f"demo: 'ros2 bag play' {how_it_ended(event.returncode)}{hint}")
 
 
 def _node_exited(event, context):

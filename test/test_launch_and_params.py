@@ -173,8 +173,11 @@ def test_nodes_stopped_by_the_launchs_own_shutdown_are_not_reported(returncode):
 
 def test_the_demo_player_ending_while_the_launch_runs_stops_it():
     helpers = _launch_helpers()
-    with pytest.raises(helpers["ProcessEnded"], match="ros2 bag play' exited with code 1"):
+    with pytest.raises(helpers["ProcessEnded"], match="ros2 bag play' exited with code 1; is rosbag2 installed"):
         helpers["_player_exited"](_Exited(1), _Context(is_shutdown=False))
+    with pytest.raises(helpers["ProcessEnded"]) as raised:
+        helpers["_player_exited"](_Exited(-9), _Context(is_shutdown=False))
+    assert str(raised.value) == "demo: 'ros2 bag play' was killed by SIGKILL"
 
 
 def test_the_launch_file_knows_the_nodes_exit_codes():
