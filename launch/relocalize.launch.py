@@ -143,8 +143,16 @@ def _node_exited(event, context):
     which node and how, rather than leaving its partner running without it."""
     if context.is_shutdown:  # Ctrl-C, or the launch stopping the others after one ended
         return None
-    name = event.action.node_name.lstrip("/")
-    raise ProcessEnded(f"{name} {how_it_ended(event.returncode)}: stopping the launch")
+    raise ProcessEnded(f"{_node_label(event.action.node_name)} {how_it_ended(event.returncode)}: "
+                       "stopping the launch")
+
+
+def _node_label(node_name: str) -> str:
+    """'vizloc_fusion' for '<node_namespace_unspecified>/vizloc_fusion' (launch_ros's name
+    of a node launched without a namespace) or '/vizloc_fusion'; '/ns/vizloc_fusion' kept."""
+    if node_name.startswith("<"):
+        node_name = node_name[node_name.find(">/") + 2:]
+    return node_name if node_name.count("/") > 1 else node_name.lstrip("/")
 
 
 def _setup(context):

@@ -40,7 +40,7 @@ HEIGHT, WIDTH = 8, 10
 BAYER_PATTERNS = ("rggb", "bggr", "gbrg", "grbg")
 #: cv_bridge's Python side byte-swaps big-endian data with ndarray.newbyteorder(), which
 #: numpy 2 removed: there it is given the little-endian twin of the same pixel values
-BRIDGE_READS_BIG_ENDIAN = not hasattr(np.ndarray, "newbyteorder")
+BRIDGE_READS_BIG_ENDIAN = hasattr(np.ndarray, "newbyteorder")
 
 
 def _pixels(encoding: str, seed: int) -> np.ndarray:
@@ -71,8 +71,11 @@ def _bridge(encoding: str, pixels: np.ndarray, padding_pixels: int, big: bool) -
         big = False  # the same pixel values, which cv_bridge reads on numpy 2 too
     msg = _image(encoding, pixels, padding_pixels, big)
     if encoding.startswith("bayer_") and encoding.endswith("16"):
-        rgb16 = BRIDGE.imgmsg_to_cv2(msg, "rgb16")
-        return BRIDGE.imgmsg_to_cv2(BRIDGE.cv2_to_imgmsg(rgb16, "rgb16"), "rgb8")
+        # cvtColor2 is the conversion imgmsg_to_cv2 runs (cv2_to_imgmsg would need the cv2
+        # module's type numbers to match cv_bridge's OpenCV, which a pip OpenCV 5 does not)
+        from cv_bridge.boost.cv_bridge_boost import cvtColor2
+
+        return cvtColor2(BRIDGE.imgmsg_to_cv2(msg, "rgb16"), "rgb16", "rgb8")
     if encoding in ("mono8", "mono16"):
         return BRIDGE.imgmsg_to_cv2(msg, "mono8")
     return BRIDGE.imgmsg_to_cv2(msg, "rgb8")

@@ -121,7 +121,7 @@ def _launch_helpers():
                 and node.targets[0].id.startswith("NODE_"))
             or (isinstance(node, ast.ClassDef) and node.name == "ProcessEnded")
             or (isinstance(node, ast.FunctionDef)
-                and node.name in ("how_it_ended", "_node_exited", "_player_exited"))]
+                and node.name in ("how_it_ended", "_node_exited", "_player_exited", "_node_label"))]
     namespace = {}
     exec(compile(ast.Module(body=keep, type_ignores=[]), str(LAUNCH), "exec"), namespace)  # noqa: S102
     return namespace
@@ -130,7 +130,7 @@ def _launch_helpers():
 class _Exited:
     """launch's ProcessExited event as the handlers read it."""
 
-    def __init__(self, returncode, node_name="/vizloc_fusion"):
+    def __init__(self, returncode, node_name="<node_namespace_unspecified>/vizloc_fusion"):
         self.returncode = returncode
         self.action = type("NodeAction", (), {"node_name": node_name, "name": "demo_bag"})()
 
@@ -157,11 +157,20 @@ def test_a_node_ending_while_the_launch_runs_stops_it_with_one_line_saying_how(r
     with pytest.raises(helpers["ProcessEnded"]) as raised:
         helpers["_node_exited"](_Exited(returncode), _Context(is_shutdown=False))
     line = str(raised.value)
-    assert "\n" not in line and line.endswith("stopping the launch")
+    assert "\n" not in line and line.startswith("vizloc_fusion ") and line.endswith("stopping the launch")
     for word in words:
         assert word in line
     for word in not_words:
         assert word not in line
+
+
+@pytest.mark.parametrize("node_name, label", [("<node_namespace_unspecified>/vizloc_fusion", "vizloc_fusion"),
+                                               ("/vizloc_fusion", "vizloc_fusion"),
+                                               ("/robot1/vizloc_fusion", "/robot1/vizloc_fusion")])
+def test_the_stop_line_names_the_node_as_ros_does(node_name, label):
+    helpers = _launch_helpers()
+    with pytest.raises(helpers["ProcessEnded"], match=f"^{label} was killed by SIGKILL"):
+        helpers["_node_exited"](_Exited(-9, node_name), _Context(is_shutdown=False))
 
 
 @pytest.mark.parametrize("returncode", [0, 130, -2, -15, 143])
