@@ -222,32 +222,43 @@ def run(node_class, args=None) -> int:
     the node cleanly with :data:`TERMINATED` (not 0: the launch file must be able to tell
     a node stopped on its own from one it stopped); SIGINT and the end of the context 0.
 
-    Ctrl-C under ``ros2 launch`` reaches a node twice: the terminal signals the whole
-    process group, then launch forwards its own SIGINT. The second one must not break the
-    shutdown with a KeyboardInterrupt traceback (and exit code -2): only the first signal
-    interrupts, and once the node stops spinning SIGINT is ignored; SIGTERM (launch's
-    escalation) still ends it.
+    Signals: rclpy's own handler shuts the context down on SIGINT and SIGTERM, which ends
+    ``rclpy.spin`` (ExternalShutdownException), then calls ours. Ours only records the
+    signal once the node spins: an exception raised from a signal handler lands in
+    whatever Python runs at that moment, and inside an rclpy call pybind11 turns it into
+    a RuntimeError traceback (seen on Jazzy: "Unable to convert call argument '0'"). While
+    the node is being built (loading weights) the first signal interrupts with
+    KeyboardInterrupt, and whatever error the interrupted build raises counts as that
+    stop, not as a crash. Ctrl-C under ``ros2 launch`` reaches a node twice (the terminal
+    signals the process group, then launch forwards its own): the second does nothing.
     """
     stopped_by = []
+    spinning = []
 
-    def on_signal(signum, frame):  # rclpy's own handler shuts the context down, then calls this
-        if not stopped_by:
-            stopped_by.append(signum)
+    def on_signal(signum, frame):
+        if stopped_by:
+            return
+        stopped_by.append(signum)
+        if not spinning:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    rclpy.init(args=args)
     node = None
     code = 0
     try:
+        rclpy.init(args=args)
         node = node_class()
+        spinning.append(True)
         rclpy.spin(node)
     except StartupError as exc:
         rclpy.logging.get_logger(getattr(node_class, "NODE_NAME", "vizloc")).fatal(str(exc))
         code = STARTUP_FAILED
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:  # noqa: BLE001 - an rclpy call cut short by the stop signal is that stop
+        if not stopped_by:
+            raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
