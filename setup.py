@@ -24,6 +24,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
+    # pytest: with ROS 2 Jazzy sourced, every pytest run loads launch_testing's plugin, whose
+    # pytest_pycollect_makemodule(path, parent) hook pytest 9 refuses, so a ROS machine needs
+    # pytest < 9. It cannot be pinned here: gtsam 4.3.0, the only gtsam wheel for Python 3.12
+    # (Jazzy), declares pytest>=9.0.1, and `pip install .[test]` would find no solution. The
+    # README's ROS install installs pytest < 9 afterwards (gtsam never imports pytest).
     "test": ["pytest>=7", "hypothesis>=6.80", "jsonschema>=4"],
     "export": ["onnx>=1.14", "onnxruntime>=1.16"],
 }

@@ -17,11 +17,11 @@ the fusion uses only to initialise and to recover after a kidnapping.
 """
 import os
 import shutil
+import signal
 import subprocess
 
 from launch import LaunchDescription
-from launch.actions import (DeclareLaunchArgument, ExecuteProcess, LogInfo, OpaqueFunction,
-                            RegisterEventHandler, Shutdown)
+from launch.actions import DeclareLaunchArgument, ExecuteProcess, LogInfo, OpaqueFunction, RegisterEventHandler
 from launch.event_handlers import OnProcessExit
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
@@ -33,6 +33,9 @@ PACKAGE = "vizloc_ros"
 VISUAL_ODOMETRY_TOPIC = "/vizloc/visual_odometry"
 ABSOLUTE_POSE_TOPIC = "/vizloc/absolute_pose"
 COARSE_POSE_TOPIC = "/vizloc/coarse_pose"
+#: the nodes' exit codes (vizloc_ros.nodes.common.STARTUP_FAILED and TERMINATED)
+NODE_STARTUP_FAILED = os.EX_CONFIG
+NODE_TERMINATED = 128 + signal.SIGTERM
 
 
 def _share() -> str:
@@ -95,23 +98,61 @@ def _synth_executable():
     return shutil.which("vizloc-synth")
 
 
+class ProcessEnded(RuntimeError):
+    """A process of the launch ended while the launch was running.
+
+    Raised from the exit handlers rather than returning a Shutdown action: launch logs
+    an exception as one ERROR line, shuts everything down and makes ``ros2 launch`` exit
+    1, whereas a Shutdown action alone ends the launch with exit code 0, so scripts and
+    CI could not tell a failed start from a clean Ctrl-C.
+    """
+
+
+def how_it_ended(returncode: int) -> str:
+    """A process's exit code in words: a FATAL start, a signal, or the code itself."""
+    def signal_name(number):
+        try:
+            return signal.Signals(number).name
+        except ValueError:
+            return f"signal {number}"
+
+    if returncode < 0:  # asyncio's code for a process killed by a signal
+        return f"was killed by {signal_name(-returncode)}"
+    if returncode == NODE_STARTUP_FAILED:
+        return f"stopped at startup (exit code {returncode}): see its FATAL line above"
+    if 128 < returncode < 128 + 65:  # a shell's code for a signal (the nodes' own for SIGTERM)
+        return f"was stopped by {signal_name(returncode - 128)} (exit code {returncode})"
+    if returncode == 0:
+        return "exited (code 0) while the launch was running"
+    return f"exited with code {returncode}"
+
+
 def _player_exited(event, context):
     """A looping player only stops on shutdown; anything else ends the demo with a reason."""
-    if event.returncode in (0, -2, -15, 130, 143):  # clean exit, SIGINT, SIGTERM
+    if context.is_shutdown:  # the launch is stopping it
         return None
-    reason = (f"demo: 'ros2 bag play' exited with code {event.returncode}; is rosbag2 installed "
-              f"(apt install ros-$ROS_DISTRO-rosbag2 ros-$ROS_DISTRO-rosbag2-storage-mcap)?")
-    return [LogInfo(msg=reason), Shutdown(reason=reason)]
+    failed = 0 < event.returncode < 128  # an error of its own, not a signal: say what may be missing
+    hint = ("; is rosbag2 installed (apt install ros-$ROS_DISTRO-rosbag2 "
+            "ros-$ROS_DISTRO-rosbag2-storage-mcap)?" if failed else "")
+    raise ProcessEnded(f"demo: 'ros2 bag play' {how_it_ended(event.returncode)}{hint}")
 
 
 def _node_exited(event, context):
-    """A vizloc node that stops on its own (a FATAL line at startup: bad weights, a bad
-    parameter) ends the launch, rather than leaving its partner running without it."""
-    if event.returncode in (0, -2, -15, 130, 143):  # clean exit, SIGINT, SIGTERM
+    """A vizloc node that stops for any reason while the launch runs (a FATAL line at
+    startup, a crash, a signal sent to it alone) ends the launch with one line saying
+    which node and how, rather than leaving its partner running without it."""
+    if context.is_shutdown:  # Ctrl-C, or the launch stopping the others after one ended
         return None
-    reason = (f"{event.action.name} exited with code {event.returncode} (see its FATAL line above): "
-              "stopping the launch")
-    return [LogInfo(msg=reason), Shutdown(reason=reason)]
+    raise ProcessEnded(f"{_node_label(event.action.node_name)} {how_it_ended(event.returncode)}: "
+                       "stopping the launch")
+
+
+def _node_label(node_name: str) -> str:
+    """'vizloc_fusion' for '<node_namespace_unspecified>/vizloc_fusion' (launch_ros's name
+    of a node launched without a namespace) or '/vizloc_fusion'; '/ns/vizloc_fusion' kept."""
+    if node_name.startswith("<"):
+        node_name = node_name[node_name.find(">/") + 2:]
+    return node_name if node_name.count("/") > 1 else node_name.lstrip("/")
 
 
 def _setup(context):

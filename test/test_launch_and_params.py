@@ -6,6 +6,7 @@ vizloc_ros/nodes/."""
 from __future__ import annotations
 
 import ast
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -108,6 +109,96 @@ def test_launch_visual_odom_points_the_fusion_at_the_regressors_visual_odometry(
     for line in ('regressor["visual_odometry"] = True', 'fusion["odom_topic"] = VISUAL_ODOMETRY_TOPIC',
                  'fusion["use_odom"] = True'):
         assert line in source
+
+
+def _launch_helpers():
+    """The launch file's exit handlers and what they need, without launch installed: its
+    stdlib imports, constants, the ProcessEnded class and the functions, compiled alone."""
+    tree = ast.parse(LAUNCH.read_text(), filename=str(LAUNCH))
+    keep = [node for node in tree.body
+            if (isinstance(node, ast.Import) and all(a.name in ("os", "signal") for a in node.names))
+            or (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id.startswith("NODE_"))
+            or (isinstance(node, ast.ClassDef) and node.name == "ProcessEnded")
+            or (isinstance(node, ast.FunctionDef)
+                and node.name in ("how_it_ended", "_node_exited", "_player_exited", "_node_label"))]
+    namespace = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), str(LAUNCH), "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+class _Exited:
+    """launch's ProcessExited event as the handlers read it."""
+
+    def __init__(self, returncode, node_name="<node_namespace_unspecified>/vizloc_fusion"):
+        self.returncode = returncode
+        self.action = type("NodeAction", (), {"node_name": node_name, "name": "demo_bag"})()
+
+
+class _Context:
+    def __init__(self, is_shutdown):
+        self.is_shutdown = is_shutdown
+
+
+@pytest.mark.parametrize("returncode, words, not_words", [
+    (78, ["vizloc_fusion", "stopped at startup", "FATAL"], []),
+    (-9, ["vizloc_fusion", "killed by SIGKILL"], ["FATAL"]),
+    (-15, ["killed by SIGTERM"], ["FATAL"]),
+    (143, ["stopped by SIGTERM", "143"], ["FATAL"]),
+    (-11, ["killed by SIGSEGV"], ["FATAL"]),
+    (0, ["vizloc_fusion", "code 0"], ["FATAL"]),
+    (1, ["exited with code 1"], ["FATAL"]),
+])
+def test_a_node_ending_while_the_launch_runs_stops_it_with_one_line_saying_how(returncode, words, not_words):
+    """Any end of a node, SIGTERM's clean exit included, stops the launch through an
+    exception: launch logs it as one ERROR line and `ros2 launch` exits 1 (a Shutdown
+    action alone would exit 0). Only a FATAL start refers to a FATAL line."""
+    helpers = _launch_helpers()
+    with pytest.raises(helpers["ProcessEnded"]) as raised:
+        helpers["_node_exited"](_Exited(returncode), _Context(is_shutdown=False))
+    line = str(raised.value)
+    assert "\n" not in line and line.startswith("vizloc_fusion ") and line.endswith("stopping the launch")
+    for word in words:
+        assert word in line
+    for word in not_words:
+        assert word not in line
+
+
+@pytest.mark.parametrize("node_name, label", [("<node_namespace_unspecified>/vizloc_fusion", "vizloc_fusion"),
+                                               ("/vizloc_fusion", "vizloc_fusion"),
+                                               ("/robot1/vizloc_fusion", "/robot1/vizloc_fusion")])
+def test_the_stop_line_names_the_node_as_ros_does(node_name, label):
+    helpers = _launch_helpers()
+    with pytest.raises(helpers["ProcessEnded"], match=f"^{label} was killed by SIGKILL"):
+        helpers["_node_exited"](_Exited(-9, node_name), _Context(is_shutdown=False))
+
+
+@pytest.mark.parametrize("returncode", [0, 130, -2, -15, 143])
+def test_nodes_stopped_by_the_launchs_own_shutdown_are_not_reported(returncode):
+    helpers = _launch_helpers()
+    assert helpers["_node_exited"](_Exited(returncode), _Context(is_shutdown=True)) is None
+    assert helpers["_player_exited"](_Exited(returncode), _Context(is_shutdown=True)) is None
+
+
+def test_the_demo_player_ending_while_the_launch_runs_stops_it():
+    helpers = _launch_helpers()
+    with pytest.raises(helpers["ProcessEnded"], match="ros2 bag play' exited with code 1; is rosbag2 installed"):
+        helpers["_player_exited"](_Exited(1), _Context(is_shutdown=False))
+    with pytest.raises(helpers["ProcessEnded"]) as raised:
+        helpers["_player_exited"](_Exited(-9), _Context(is_shutdown=False))
+    assert str(raised.value) == "demo: 'ros2 bag play' was killed by SIGKILL"
+
+
+def test_the_launch_file_knows_the_nodes_exit_codes():
+    """common.py (rclpy: not importable here) and the launch file name the same codes."""
+    helpers = _launch_helpers()
+    tree = ast.parse((NODES / "common.py").read_text())
+    codes = {node.targets[0].id: ast.unparse(node.value) for node in tree.body
+             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    assert codes["STARTUP_FAILED"] == "os.EX_CONFIG" and helpers["NODE_STARTUP_FAILED"] == os.EX_CONFIG
+    assert codes["TERMINATED"] == "128 + signal.SIGTERM" and helpers["NODE_TERMINATED"] == 143
+    source = (NODES / "common.py").read_text()
+    assert "code = STARTUP_FAILED" in source and "return TERMINATED" in source
 
 
 def test_launch_file_paths_exist():
@@ -342,6 +433,39 @@ def test_bad_regressor_values_name_the_parameter(values, match):
 def test_bad_fusion_values_name_the_parameter(values, match):
     with pytest.raises(ValueError, match=match):
         P.fusion_settings(values)
+
+
+@pytest.mark.parametrize("given, table, words", [
+    (["windw_size"], P.FUSION_PARAMS, "unknown parameter(s): windw_size (did you mean window_size?)"),
+    (["devise"], P.REGRESSOR_PARAMS, "devise (did you mean device?)"),
+    (["Window_Size"], P.FUSION_PARAMS, "(did you mean window_size?)"),
+    (["zzz_not_close"], P.FUSION_PARAMS, "unknown parameter(s): zzz_not_close"),
+    (["windw_size", "devise", "window_size"], P.REGRESSOR_PARAMS + P.FUSION_PARAMS,
+     "devise (did you mean device?), windw_size (did you mean window_size?)"),
+])
+def test_unknown_parameters_are_named_with_the_closest_known_one(given, table, words):
+    line = P.unknown_parameters(given, table)
+    assert line is not None and words in line and "\n" not in line
+
+
+def test_known_and_library_parameters_are_not_unknown():
+    names = [p.name for p in P.FUSION_PARAMS]
+    assert P.unknown_parameters(names, P.FUSION_PARAMS) is None
+    assert P.unknown_parameters([], P.FUSION_PARAMS) is None
+    assert P.unknown_parameters(["use_sim_time", "diagnostic_updater.period"], P.FUSION_PARAMS,
+                                also_known=["use_sim_time"], known_prefixes=("diagnostic_updater.",)) is None
+    assert "use_sim_time" in P.unknown_parameters(["use_sim_time"], P.FUSION_PARAMS)
+
+
+def test_the_nodes_check_their_overrides_before_declaring_anything():
+    """common.declare_parameters compares the node's overrides (params files, -p) with the
+    table first: a misspelt name stops the node instead of leaving the default running."""
+    tree = ast.parse((NODES / "common.py").read_text())
+    declare = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "declare_parameters")
+    calls = [c.func.id if isinstance(c.func, ast.Name) else c.func.attr for c in ast.walk(declare)
+             if isinstance(c, ast.Call)]
+    assert calls.index("unknown_parameters") < calls.index("declare_parameter")
+    assert "parameter_overrides" in calls
 
 
 def test_fusion_settings_map_onto_fusion_config():

@@ -251,10 +251,11 @@ def test_mono8_and_padded_rows():
                                   np.repeat(mono[:, :, None], 3, 2))
 
 
-def test_mono16_keeps_the_high_byte_and_depth_encodings_convert():
-    values = np.array([[0, 256, 65535]], dtype=np.uint16)
+def test_mono16_scales_to_8_bit_like_cv_bridge_and_depth_encodings_convert():
+    values = np.array([[0, 128, 129, 256, 32896, 65535]], dtype=np.uint16)
     mono16 = m.make_image(TYPES, 0.0, "cam", values, "mono16")
-    np.testing.assert_array_equal(m.image_to_numpy(mono16), [[0, 1, 255]])
+    # round(v * 255 / 65535), as cv_bridge's mono16 -> mono8 (test_cv_bridge_parity.py)
+    np.testing.assert_array_equal(m.image_to_numpy(mono16), [[0, 0, 1, 1, 128, 255]])
     depth16 = cdr_round_trip(m.make_image(TYPES, 0.0, "cam", np.array([[0, 1500]], np.uint16)))
     assert depth16.encoding == "16UC1"
     out = m.depth_image_to_numpy(depth16)

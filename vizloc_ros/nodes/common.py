@@ -6,6 +6,7 @@ modules read like the ros2/examples nodes.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -15,6 +16,7 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rcl_interfaces.msg import ParameterDescriptor
 
+from vizloc_ros.nodes.params import PARAMS_BY_NODE, unknown_parameters
 from vizloc_ros.pipeline.diagnostics import RateMeter, diagnostics_summary
 from vizloc_ros.pipeline.drops import Drop
 from vizloc_ros.pipeline.outputs import TF_TOPIC
@@ -22,7 +24,16 @@ from vizloc_ros.ros_io import messages
 
 
 class StartupError(Exception):
-    """A configuration problem found at startup: logged as one fatal line, exit code 1."""
+    """A configuration problem found at startup: logged as one fatal line, exit code
+    :data:`STARTUP_FAILED`."""
+
+
+#: exit code of a node stopped by a :class:`StartupError` (sysexits' EX_CONFIG, 78): the
+#: launch file tells it from a crash (1) and says "see its FATAL line" only for this one
+STARTUP_FAILED = os.EX_CONFIG
+#: exit code of a node stopped by SIGTERM (128 + 15, as a shell reports it): rclpy turns
+#: SIGTERM into a clean shutdown, which would otherwise exit 0 and look like a normal end
+TERMINATED = 128 + signal.SIGTERM
 
 
 # --------------------------------------------------------------------------- QoS
@@ -69,6 +80,12 @@ def ros_message_types() -> messages.MessageTypes:
 
 # --------------------------------------------------------------------------- parameters
 
+#: parameters that libraries the nodes use declare later (diagnostic_updater.period, .use_fqn)
+LIBRARY_PARAMETER_PREFIXES = ("diagnostic_updater.",)
+#: every parameter of every vizloc node
+VIZLOC_PARAMETER_NAMES = frozenset(p.name for table in PARAMS_BY_NODE.values() for p in table)
+
+
 def declare_parameters(node, table) -> dict:
     """Declare every parameter of a :mod:`vizloc_ros.nodes.params` table; their values.
 
@@ -76,6 +93,14 @@ def declare_parameters(node, table) -> dict:
     instead of silently doing nothing. A value of the wrong type in the YAML becomes a
     :class:`StartupError` naming the parameter.
     """
+    # known besides the table: what rclpy declared itself (use_sim_time, ...), and the
+    # other vizloc node's names, which a shared ``/**:`` section gives both nodes
+    also_known = set(node.list_parameters([], 0).names) | VIZLOC_PARAMETER_NAMES
+    problem = unknown_parameters(parameter_overrides(node), table, also_known=also_known,
+                                 known_prefixes=LIBRARY_PARAMETER_PREFIXES)
+    if problem:  # before the declarations: a misspelt name must not leave a default running
+        raise StartupError(f"{problem}: check the params file and the -p / launch parameters "
+                           f"given to {node.get_name()}")
     values = {}
     for param in table:
         descriptor = ParameterDescriptor(description=param.description, additional_constraints=param.allowed,
@@ -89,6 +114,23 @@ def declare_parameters(node, table) -> dict:
             raise StartupError(f"parameter {param.name!r} must be a {param.type_name}{hint}; "
                                f"rclpy says: {exc}") from None
     return values
+
+
+def parameter_overrides(node) -> list[str]:
+    """The names of the parameters given to ``node`` (params files, ``-p``, a launch
+    file's ``parameters=``), whether or not the node declares them.
+
+    rclpy (Jazzy) merges them into ``Node._parameter_overrides`` when the node is built
+    and has no public accessor for the names it was given but nobody declared; without
+    them a misspelt name is silently ignored. Should a later rclpy drop the attribute,
+    the node says once that it cannot check, rather than failing to start.
+    """
+    overrides = getattr(node, "_parameter_overrides", None)
+    if not isinstance(overrides, dict):
+        node.get_logger().warning("this rclpy does not expose the parameters given to the node: "
+                                  "misspelt parameter names cannot be detected")
+        return []
+    return list(overrides)
 
 
 # --------------------------------------------------------------------------- logging
@@ -174,38 +216,56 @@ class Diagnostics:
 # --------------------------------------------------------------------------- main
 
 def run(node_class, args=None) -> int:
-    """Init, build the node, spin, shut down; a :class:`StartupError` is one fatal line.
+    """Init, build the node, spin, shut down; the exit code says how it ended.
 
-    Ctrl-C under ``ros2 launch`` reaches a node twice: the terminal signals the whole
-    process group, then launch forwards its own SIGINT. The second one must not break the
-    shutdown with a KeyboardInterrupt traceback (and exit code -2): only the first SIGINT
-    interrupts, and once the node stops spinning SIGINT is ignored; SIGTERM (launch's
-    escalation) still ends it.
+    A :class:`StartupError` is one fatal line and :data:`STARTUP_FAILED`; SIGTERM ends
+    the node cleanly with :data:`TERMINATED` (not 0: the launch file must be able to tell
+    a node stopped on its own from one it stopped); SIGINT and the end of the context 0.
+
+    Signals: rclpy's own handler shuts the context down on SIGINT and SIGTERM, which ends
+    ``rclpy.spin`` (ExternalShutdownException), then calls ours. Ours only records the
+    signal once the node spins: an exception raised from a signal handler lands in
+    whatever Python runs at that moment, and inside an rclpy call pybind11 turns it into
+    a RuntimeError traceback (seen on Jazzy: "Unable to convert call argument '0'"). While
+    the node is being built (loading weights) the first signal interrupts with
+    KeyboardInterrupt, and whatever error the interrupted build raises counts as that
+    stop, not as a crash. Ctrl-C under ``ros2 launch`` reaches a node twice (the terminal
+    signals the process group, then launch forwards its own): the second does nothing.
     """
-    interrupted = []
+    stopped_by = []
+    spinning = []
 
-    def on_sigint(signum, frame):  # rclpy's own handler shuts the context down, then calls this
-        if not interrupted:
-            interrupted.append(signum)
+    def on_signal(signum, frame):
+        if stopped_by:
+            return
+        stopped_by.append(signum)
+        if not spinning:
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_sigint)
-    rclpy.init(args=args)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     node = None
     code = 0
     try:
+        rclpy.init(args=args)
         node = node_class()
+        spinning.append(True)
         rclpy.spin(node)
     except StartupError as exc:
         rclpy.logging.get_logger(getattr(node_class, "NODE_NAME", "vizloc")).fatal(str(exc))
-        code = 1
+        code = STARTUP_FAILED
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:  # noqa: BLE001 - an rclpy call cut short by the stop signal is that stop
+        if not stopped_by:
+            raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if node is not None:
             node.close()
             node.destroy_node()
         rclpy.try_shutdown()
+    if code == 0 and stopped_by == [signal.SIGTERM]:
+        return TERMINATED
     return code
-

@@ -25,6 +25,7 @@ Parameter types follow the default value, as rclpy infers them: bool, int, float
 """
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -259,11 +260,35 @@ def _checked_type(param: Param, value):
 
 def check_values(table, values: dict) -> dict:
     """Every parameter of ``table`` checked; missing ones take their default."""
-    known = {p.name: p for p in table}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown parameter(s): {', '.join(unknown)}")
+    problem = unknown_parameters(values, table)
+    if problem:
+        raise ValueError(problem)
     return {p.name: check_value(p, values.get(p.name, p.default)) for p in table}
+
+
+def unknown_parameters(given, table, also_known=(), known_prefixes=()) -> str | None:
+    """One line naming each of the ``given`` names that ``table`` does not declare, with
+    the closest declared name; None when every name is known.
+
+    Why: rclpy keeps a parameter file's entries that no node declares as silent
+    overrides, so a misspelt ``windw_size:`` would leave the default running without a
+    word. The nodes compare their overrides with their table here (and the replay its
+    YAML), so both refuse the same names with the same line. ``also_known`` and
+    ``known_prefixes``: names the node gets besides the table (the ones rclpy declares,
+    diagnostic_updater's ``diagnostic_updater.*``).
+    """
+    names = [p.name for p in table]
+    known = set(names) | set(also_known)
+    unknown = sorted(str(name) for name in given
+                     if name not in known and not str(name).startswith(tuple(known_prefixes)))
+    if not unknown:
+        return None
+
+    def with_hint(name: str) -> str:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        return f"{name} (did you mean {close[0]}?)" if close else name
+
+    return f"unknown parameter(s): {', '.join(with_hint(name) for name in unknown)}"
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

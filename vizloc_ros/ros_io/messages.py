@@ -488,7 +488,7 @@ _COLOR_ENCODINGS = {
     "bgra8": (4, 1, (2, 1, 0)),
     "mono8": (1, 1, None),
     "8UC1": (1, 1, None),
-    # mono16 is a 16-bit intensity image: converted to 8 bits by keeping the high byte.
+    # mono16 is a 16-bit intensity image: scaled to 8 bits as cv_bridge does (see _to_8_bit).
     "mono16": (1, 2, None),
 }
 # Raw colour-filter-array images, as camera drivers publish them by default: encoding ->
@@ -551,7 +551,7 @@ def image_to_numpy(msg, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarra
     """sensor_msgs/Image -> uint8 RGB (H, W, 3) or mono (H, W).
 
     rgb8/bgr8/rgba8/bgra8 come back as RGB (channels reordered, alpha dropped); mono8 /
-    8UC1 as (H, W); mono16 as (H, W) uint8 keeping the high byte (``value >> 8``); the
+    8UC1 as (H, W); mono16 as (H, W) uint8 scaled as cv_bridge scales it; the
     bayer_* encodings (8 and 16 bit) demosaiced to RGB. Depth
     encodings (16UC1, 32FC1) are refused here: they are distances, not appearance; use
     :func:`depth_image_to_numpy`. Raises ``ValueError`` for an unknown encoding, an empty
@@ -570,8 +570,7 @@ def image_to_numpy(msg, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarra
     height, width = int(msg.height), int(msg.width)
     if nbytes == 2:  # mono16
         big = bool(msg.is_bigendian)
-        values = rows.copy().view(">u2" if big else "<u2").reshape(height, width)
-        return (values >> 8).astype(np.uint8)
+        return _to_8_bit(rows.copy().view(">u2" if big else "<u2").reshape(height, width))
     pixels = rows.reshape(height, width, channels)
     if order is None:
         return pixels[:, :, 0].copy()
@@ -581,9 +580,18 @@ def image_to_numpy(msg, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarra
     return np.ascontiguousarray(pixels[:, :, 2::-1] if order == (2, 1, 0) else pixels[:, :, :3])
 
 
+def _to_8_bit(values: np.ndarray) -> np.ndarray:
+    """16-bit intensities -> uint8 as cv_bridge converts them (``convertTo`` with scale
+    255 / 65535, rounded to nearest): ``round(v / 257)``, in integers. The same numbers
+    as cv_bridge, so a node or a replay sees what a cv_bridge-based tool shows
+    (test/test_cv_bridge_parity.py)."""
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
 def _demosaic(msg, nbytes: int, code: str, max_pixels: int) -> np.ndarray:
     """Bayer image -> RGB (H, W, 3) uint8 with OpenCV's bilinear demosaicing; 16-bit
-    mosaics keep their high byte first, like mono16."""
+    mosaics are demosaiced at 16 bit, then scaled like mono16 (cv_bridge's bayer -> rgb16
+    -> rgb8)."""
     import cv2  # only for raw camera images: the nodes need not load it otherwise
 
     rows = _image_rows(msg, 1, nbytes, max_pixels)
@@ -591,10 +599,9 @@ def _demosaic(msg, nbytes: int, code: str, max_pixels: int) -> np.ndarray:
     if height < 2 or width < 2:
         raise ValueError(f"a {msg.encoding} image needs at least 2x2 pixels, got {width}x{height}")
     if nbytes == 2:
-        mosaic = (rows.copy().view(">u2" if bool(msg.is_bigendian) else "<u2").reshape(height, width)
-                  >> 8).astype(np.uint8)
-    else:
-        mosaic = np.ascontiguousarray(rows.reshape(height, width))
+        mosaic = rows.copy().view(">u2" if bool(msg.is_bigendian) else "<u2").reshape(height, width)
+        return _to_8_bit(cv2.cvtColor(mosaic.astype(np.uint16), getattr(cv2, f"COLOR_{code}2RGB")))
+    mosaic = np.ascontiguousarray(rows.reshape(height, width))
     return cv2.cvtColor(mosaic, getattr(cv2, f"COLOR_{code}2RGB"))
 
 
