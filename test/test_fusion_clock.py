@@ -343,6 +343,10 @@ def test_the_guard_tells_a_gap_from_a_spike_and_a_jump():
     assert gap.action == "gap" and gap.offset == pytest.approx(5.1 - 1.9)
     assert guard.check("absolute", T0 + 5.05).action == "pass"        # the other input goes on too
     guard = warmed()
+    assert guard.check("odom", T0 + 5.0).action == "hold"
+    assert guard.check("odom", T0 + 5.0).action == "hold"             # the spike twice: time did not go on
+    assert guard.check("absolute", T0 + 2.0).action == "pass"
+    guard = warmed()
     assert guard.check("odom", T0 + 15.0).action == "hold"
     assert guard.check("odom", T0 + 15.1).action == "hold"            # waits for the camera
     assert guard.check("absolute", T0 + 15.05).action == "jump"

@@ -4,8 +4,8 @@ Hypothesis interleaves the fusion node's inputs (absolute poses, odometry, IMU, 
 poses, /initialpose, ~/reset) with what clocks do to them: jumps of every input's clock
 back and forward, single messages stamped far off (future and past), duplicates,
 bursts, and gaps (one input or all of them silent for 0.6-5 s, then on where the time
-went on: no clock jump, so no restart). The robot moves at 0.5 m/s along x; each input says where it truly is, only the
-stamps go wrong. After every rule:
+went on: no clock jump, so no restart). The robot moves at 0.5 m/s along x; each input
+says where it truly is, only the stamps go wrong. After every rule:
 
 * nothing raised, and no output (pose, covariance, TF) holds a NaN or inf;
 * no output is stamped past the newest accepted good input (since the fusion last

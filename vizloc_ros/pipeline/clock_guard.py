@@ -237,7 +237,8 @@ class ClockGuard:
             return None
         offset = candidate.newest - self.clock
         if 0.0 < offset <= self.max_gap_s and min(candidate.on.values()) > self.clock - self.max_back_s:
-            if candidate.in_a_row < CONFIRM_MESSAGES:
+            went_on = len(candidate.on) > 1 or any(candidate.intervals.values())
+            if candidate.in_a_row < CONFIRM_MESSAGES or not went_on:   # not a spike sent twice
                 return None
             verdict = Verdict("gap", offset, self.clock)
             self._gap_to(candidate)
