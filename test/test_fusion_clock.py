@@ -450,3 +450,8 @@ def test_receive_order_fuses_a_spike_when_the_node_would_get_it(small_bag, tmp_p
 def test_an_unknown_order_is_a_replay_error(small_bag, tmp_path):
     with pytest.raises(ReplayError, match="order must be one of stamp, receive"):
         FusionSide(FusionSideSpec(bag=small_bag, out_bag=tmp_path / "bag", order="arrival"))
+
+
+def test_a_gap_shorter_than_what_is_never_ahead_is_refused():
+    with pytest.raises(ValueError, match=r"max_gap_s must be >= max_future_s \(2\), got 1"):
+        FusionSettings(max_future_s=2.0, max_gap_s=1.0)

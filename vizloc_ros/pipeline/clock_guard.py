@@ -109,7 +109,7 @@ class ClockGuard:
     def __init__(self, max_future_s: float, max_back_s: float, max_gap_s: float):
         self.max_future_s = float(max_future_s)
         self.max_back_s = float(max_back_s)
-        self.max_gap_s = max(float(max_gap_s), self.max_future_s)
+        self.max_gap_s = float(max_gap_s)      # >= max_future_s (FusionSettings checks it)
         self.clock: float | None = None    # newest stamp of any input on the fusion's timeline
         self.newest: dict = {}             # input -> its newest stamp on the fusion's timeline
         self.counts: dict = {}             # input -> messages it sent on the fusion's timeline

@@ -124,6 +124,8 @@ class FusionSettings:
             problem = meta.bounds.violated(value) if isinstance(value, (int, float)) else None
             if problem or (isinstance(value, float) and not np.isfinite(value)):
                 raise ValueError(f"{f.name} {problem or 'must be finite'}, got {value}")
+        if self.max_gap_s < self.max_future_s:  # a gap is at least what is never "ahead"
+            raise ValueError(f"max_gap_s must be >= max_future_s ({self.max_future_s:g}), got {self.max_gap_s:g}")
 
 
 class FusionCore(DropCounting):
@@ -152,7 +154,8 @@ class FusionCore(DropCounting):
         self._exact_ns: "OrderedDict[float, int]" = OrderedDict()
         self._time_jumps_seen = 0
         self._warned_odom_frames: set = set()
-        # stamps far off the other inputs' are spikes (dropped) or a clock jump (restart)
+        # stamps far off the other inputs' are spikes (dropped), a gap in the inputs (the
+        # fusion goes on) or a clock jump (restart)
         self.clock = ClockGuard(self.settings.max_future_s, self.config.time_jump_s,
                                 self.settings.max_gap_s)
         self._notices: list = []
@@ -331,8 +334,8 @@ class FusionCore(DropCounting):
         verdict = self.clock.check(stream, stamp)
         if verdict.action == "hold":
             return self._dropped(DropReason.off_clock(stream),
-                                 f"{verdict.describe(what)}: a spike, or a clock jump that the other "
-                                 f"inputs have not followed yet (max_future_s={self.settings.max_future_s:g}, "
+                                 f"{verdict.describe(what)}: a spike, unless the next messages go on from "
+                                 f"it (a gap in the inputs, or a clock jump) (max_future_s={self.settings.max_future_s:g}, "
                                  f"max_gap_s={self.settings.max_gap_s:g}, "
                                  f"time_jump_s={self.config.time_jump_s:g})")
         if verdict.action == "gap":
