@@ -341,8 +341,8 @@ class FusionCore(DropCounting):
         if verdict.action == "gap":
             # the inputs went on after a silence (a stalled executor, a sensor dropout):
             # no clock jump, the fusion continues (its motion model bridges the gap)
-            self._notice("input_gap", f"{verdict.describe(what)} after a silence of the fusion's inputs: "
-                                      f"a gap (less than max_gap_s={self.settings.max_gap_s:g}), the fusion "
+            self._notice("input_gap", f"{verdict.describe(what)} after a silence: "
+                                      f"a gap (within max_gap_s={self.settings.max_gap_s:g}), the fusion "
                                       "continues", counter="input_gaps")
         elif verdict.action == "rebase" and not self.fusion.initialised:
             # the first inputs disagreed: what the fusion gathered may be a spike's
