@@ -367,6 +367,11 @@ def test_a_slow_input_alone_is_judged_by_its_cadence_and_a_spike_by_the_fast_one
     assert guard.check("odom", T0 + 4.0).action == "pass"
 
 
+def test_a_gap_shorter_than_what_is_never_ahead_is_refused():
+    with pytest.raises(ValueError, match=r"max_gap_s must be >= max_future_s \(2\), got 1"):
+        FusionSettings(max_future_s=2.0, max_gap_s=1.0)
+
+
 # --------------------------------------------------------------------------- item 9: plausibility
 
 @pytest.mark.parametrize("scale, warned", [(1.0, False), (1 / 9.81, True)])
@@ -451,7 +456,3 @@ def test_an_unknown_order_is_a_replay_error(small_bag, tmp_path):
     with pytest.raises(ReplayError, match="order must be one of stamp, receive"):
         FusionSide(FusionSideSpec(bag=small_bag, out_bag=tmp_path / "bag", order="arrival"))
 
-
-def test_a_gap_shorter_than_what_is_never_ahead_is_refused():
-    with pytest.raises(ValueError, match=r"max_gap_s must be >= max_future_s \(2\), got 1"):
-        FusionSettings(max_future_s=2.0, max_gap_s=1.0)
