@@ -455,4 +455,3 @@ def test_receive_order_fuses_a_spike_when_the_node_would_get_it(small_bag, tmp_p
 def test_an_unknown_order_is_a_replay_error(small_bag, tmp_path):
     with pytest.raises(ReplayError, match="order must be one of stamp, receive"):
         FusionSide(FusionSideSpec(bag=small_bag, out_bag=tmp_path / "bag", order="arrival"))
-
