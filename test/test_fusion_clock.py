@@ -208,7 +208,7 @@ def test_an_input_that_stays_on_another_clock_is_dropped_not_followed():
 
 
 def test_the_guard_waits_for_every_active_input_then_jumps():
-    guard = ClockGuard(max_future_s=0.5, max_back_s=1.0)
+    guard = ClockGuard(max_future_s=0.5, max_back_s=1.0, max_gap_s=10.0)
     for k in range(20):
         for stream in ("odom", "absolute"):
             assert guard.check(stream, T0 + 0.1 * k).action == "pass"
@@ -224,7 +224,7 @@ def test_the_guard_waits_for_every_active_input_then_jumps():
 def test_a_jump_is_followed_even_when_an_input_stopped_at_it():
     """An input that was active but never arrives on the new timeline (its driver died at
     the jump) cannot hold the others back forever."""
-    guard = ClockGuard(max_future_s=0.5, max_back_s=1.0)
+    guard = ClockGuard(max_future_s=0.5, max_back_s=1.0, max_gap_s=10.0)
     for k in range(20):
         guard.check("odom", T0 + 0.1 * k)
         guard.check("absolute", T0 + 0.1 * k)
@@ -236,7 +236,7 @@ def test_a_jump_is_followed_even_when_an_input_stopped_at_it():
 def test_spikes_as_the_very_first_inputs_do_not_hold_the_clock(first):
     """Found by the fuzz: one or two messages stamped an hour ahead before anything else
     set the clock there; the good inputs that follow take it back within two messages."""
-    guard = ClockGuard(max_future_s=0.5, max_back_s=1.0)
+    guard = ClockGuard(max_future_s=0.5, max_back_s=1.0, max_gap_s=10.0)
     for stream in first:
         guard.check(stream, T0 + HOUR)
     actions = [guard.check(stream, T0 + 0.1 * k) for k in range(3) for stream in ("imu", "odom", "absolute")]
@@ -246,12 +246,130 @@ def test_spikes_as_the_very_first_inputs_do_not_hold_the_clock(first):
 
 
 def test_a_stream_silent_for_a_while_is_not_waited_for():
-    guard = ClockGuard(max_future_s=0.5, max_back_s=1.0)
+    guard = ClockGuard(max_future_s=0.5, max_back_s=1.0, max_gap_s=10.0)
     guard.check("coarse", T0)
     for k in range(int(10 * (ACTIVE_S + 1))):
         guard.check("absolute", T0 + 0.1 * k)
     assert guard.check("absolute", T0 + HOUR).action == "hold"
     assert guard.check("absolute", T0 + HOUR + 0.1).action == "jump"
+
+
+# --------------------------------------------------------------------------- slow inputs and gaps
+
+def _feed_timeline(core, events):
+    """Feed ``(stamp, kind)`` in stamp order (odometry before a pose of the same stamp);
+    the outputs' stamps with the newest stamp fed before each, and the drops."""
+    outputs, drops, newest = [], [], -np.inf
+    for s, kind in sorted(events, key=lambda e: (e[0], e[1] == "absolute")):
+        newest = max(newest, s)
+        step = core.on_absolute(absolute(s)) if kind == "absolute" else core.on_odometry(odometry(s))
+        if step.output is not None:
+            outputs.append((step.output.stamp, newest))
+        if step.drop is not None:
+            drops.append(step.drop)
+    return outputs, drops
+
+
+def _stamps(rate, duration=60.0, silent=None):
+    """Stamps of an input at ``rate`` Hz for ``duration`` s, none in ``silent`` = (from, to)."""
+    stamps = T0 + np.arange(int(round(duration * rate))) / rate
+    if silent is not None:
+        stamps = stamps[(stamps < T0 + silent[0]) | (stamps >= T0 + silent[1])]
+    return list(stamps)
+
+
+def _assert_followed_the_truth(core, outputs, last_stamp):
+    assert outputs, "no output at all: a frozen estimate"
+    assert all(stamp <= newest + 1e-6 for stamp, newest in outputs), "an output stamped ahead of its inputs"
+    assert outputs[-1][0] == pytest.approx(last_stamp, abs=1e-6)
+    np.testing.assert_allclose(core.fusion.estimate().t, truth(last_stamp), atol=0.1)
+    assert core.counters["clock_jumps"] == 0 and core.fusion.counters.get("resets", 0) == 0
+    assert core.fusion.counters.get("time_jumps", 0) == 0
+
+
+@pytest.mark.parametrize("use_odom", [False, True])
+@pytest.mark.parametrize("rate", [1.0, 1.7, 0.5])
+def test_a_slow_pose_stream_moves_the_clock_at_its_own_cadence(rate, use_odom):
+    """Absolute poses at 1 Hz (a Jetson at 1.7 Hz, 0.5 Hz under load), with and without
+    odometry at 50 Hz: each pose is more than max_future_s after the previous one. The
+    guard used to hold every one of them (a frozen estimate, no output at all without
+    odometry); now nothing is dropped and nothing restarts, but for the second pose of a
+    stream slower than max_future_s, held while its cadence is unknown."""
+    core = FusionCore(settings=FusionSettings(use_odom=use_odom))
+    poses = _stamps(rate)
+    events = [(s, "absolute") for s in poses] + [(s, "odom") for s in (_stamps(50.0) if use_odom else [])]
+    outputs, drops = _feed_timeline(core, events)
+    _assert_followed_the_truth(core, outputs, max(s for s, _ in events))
+    slower = 1.0 / rate > core.settings.max_future_s and not use_odom
+    assert [d.reason for d in drops] == [DropReason.ABSOLUTE_OFF_CLOCK] * slower
+    assert core.counters["absolute_accepted"] + core.counters["absolute_initialising"] == len(poses) - slower
+
+
+@pytest.mark.parametrize("silent_inputs, silence", [("odom", 1.0), ("odom", 3.0), ("all", 3.0), ("all", 0.6),
+                                                    ("all", 8.0)])
+def test_a_dropout_is_a_gap_not_a_clock_jump(silent_inputs, silence):
+    """Odometry at 50 Hz and poses at 10 Hz; odometry (or every input) silent for a while
+    mid-run, then on where the time went on: a stalled executor or a sensor dropout, no
+    clock jump. It used to restart the fusion once every input was back; now it goes on,
+    with at most the first message after the silence held and dropped."""
+    core = FusionCore()
+    gap = (10.0, 10.0 + silence)
+    odom = _stamps(50.0, 20.0, gap)
+    poses = _stamps(10.0, 20.0, gap if silent_inputs == "all" else None)
+    outputs, drops = _feed_timeline(core, [(s, "odom") for s in odom] + [(s, "absolute") for s in poses])
+    _assert_followed_the_truth(core, outputs, T0 + 20.0 - 0.02)
+    assert len(drops) <= 1 and all(d.reason.counter.endswith("_off_clock") for d in drops), drops
+    assert core.counters["input_gaps"] == len(drops)   # a silence of every input is said once
+    assert core.counters["absolute_accepted"] + core.counters["absolute_initialising"] == len(poses)
+
+
+def test_the_guard_tells_a_gap_from_a_spike_and_a_jump():
+    """After a silence the next message is ahead of everything: held; the one after it
+    decides. Back on the old timeline: a spike. On from it, less than max_gap_s ahead: a
+    gap (no restart). More: a clock jump."""
+    def warmed():
+        guard = ClockGuard(max_future_s=1.0, max_back_s=1.0, max_gap_s=10.0)
+        for k in range(20):
+            for stream in ("odom", "absolute"):
+                assert guard.check(stream, T0 + 0.1 * k).action == "pass"
+        return guard
+    guard = warmed()
+    assert guard.check("odom", T0 + 5.0).action == "hold"
+    assert guard.check("absolute", T0 + 2.0).action == "pass"          # the old timeline: a spike
+    assert guard.check("odom", T0 + 2.0).action == "pass"
+    guard = warmed()
+    assert guard.check("odom", T0 + 5.0).action == "hold"
+    gap = guard.check("odom", T0 + 5.1)
+    assert gap.action == "gap" and gap.offset == pytest.approx(5.1 - 1.9)
+    assert guard.check("absolute", T0 + 5.05).action == "pass"        # the other input goes on too
+    guard = warmed()
+    assert guard.check("odom", T0 + 5.0).action == "hold"
+    assert guard.check("odom", T0 + 5.0).action == "hold"             # the spike twice: time did not go on
+    assert guard.check("absolute", T0 + 2.0).action == "pass"
+    guard = warmed()
+    assert guard.check("odom", T0 + 15.0).action == "hold"
+    assert guard.check("odom", T0 + 15.1).action == "hold"            # waits for the camera
+    assert guard.check("absolute", T0 + 15.05).action == "jump"
+
+
+def test_a_slow_input_alone_is_judged_by_its_cadence_and_a_spike_by_the_fast_ones():
+    """A camera at 1 Hz alone: each pose passes. Beside odometry at 50 Hz a camera pose
+    2 s ahead of the odometry is a spike all the same, although within 3 camera periods."""
+    guard = ClockGuard(max_future_s=1.0, max_back_s=1.0, max_gap_s=10.0)
+    assert [guard.check("absolute", T0 + 0.9 * k).action for k in range(5)] == ["pass"] * 5
+    assert guard.check("absolute", T0 + 3.6 + 2.5).action == "pass"     # skipped two frames
+    guard = ClockGuard(max_future_s=1.0, max_back_s=1.0, max_gap_s=10.0)
+    for k in range(200):
+        guard.check("odom", T0 + 0.02 * k)
+        if k % 45 == 0:
+            guard.check("absolute", T0 + 0.02 * k)
+    assert guard.check("absolute", T0 + 3.98 + 2.0).action == "hold"
+    assert guard.check("odom", T0 + 4.0).action == "pass"
+
+
+def test_a_gap_shorter_than_what_is_never_ahead_is_refused():
+    with pytest.raises(ValueError, match=r"max_gap_s must be >= max_future_s \(2\), got 1"):
+        FusionSettings(max_future_s=2.0, max_gap_s=1.0)
 
 
 # --------------------------------------------------------------------------- item 9: plausibility

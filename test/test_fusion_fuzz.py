@@ -2,9 +2,10 @@
 
 Hypothesis interleaves the fusion node's inputs (absolute poses, odometry, IMU, coarse
 poses, /initialpose, ~/reset) with what clocks do to them: jumps of every input's clock
-back and forward, single messages stamped far off (future and past), duplicates and
-bursts. The robot moves at 0.5 m/s along x; each input says where it truly is, only the
-stamps go wrong. After every rule:
+back and forward, single messages stamped far off (future and past), duplicates,
+bursts, and gaps (one input or all of them silent for 0.6-5 s, then on where the time
+went on: no clock jump, so no restart). The robot moves at 0.5 m/s along x; each input
+says where it truly is, only the stamps go wrong. After every rule:
 
 * nothing raised, and no output (pose, covariance, TF) holds a NaN or inf;
 * no output is stamped past the newest accepted good input (since the fusion last
@@ -36,8 +37,9 @@ AHEAD_TOLERANCE_S = 1e-6
 #: undisturbed steps after which every step must give an output at its own stamp: a
 #: restart needs 2 messages to confirm a jump and init_consistent (3) poses
 SETTLED_STEPS = 8
-#: offsets of single spikes and of clock jumps: all beyond max_future_s (0.5 s) ahead and
-#: time_jump_s (1 s) behind, so each is off the clock
+#: offsets of single spikes and of clock jumps: all beyond max_future_s (1 s) ahead and
+#: time_jump_s (1 s) behind, so each is off the clock (forward by less than max_gap_s,
+#: 10 s, a jump of every input is a gap: no restart)
 OFFSETS = st.sampled_from([3600.0, 30.0, 1.5, -2.0, -30.0, -3600.0])
 STREAMS = st.sampled_from(["absolute", "odom", "imu", "coarse"])
 
@@ -63,6 +65,7 @@ class FusionMachine(RuleBasedStateMachine):
         self.undisturbed = 0
         self.last = {}                  # stream -> the last good message (for duplicates)
         self.outputs = []               # (stamp, x) of the outputs of the last step
+        self.restarts_before_gap = None  # restarts before a gap, while no rule may restart
 
     # -- messages ----------------------------------------------------------------------
     def _stamp(self, t=None, off=0.0):
@@ -93,6 +96,8 @@ class FusionMachine(RuleBasedStateMachine):
     def _restarted(self):
         """After a restart (clock jump, ~/reset) the outputs come from later inputs only."""
         restarts = self.core.counters["clock_jumps"] + self.core.counters["resets"]
+        assert self.restarts_before_gap is None or restarts == self.restarts_before_gap, \
+            "a gap in the inputs restarted the fusion"
         if restarts != self.restarts:
             self.restarts = restarts
             self.newest_good = -np.inf
@@ -140,6 +145,28 @@ class FusionMachine(RuleBasedStateMachine):
         """Every input's clock jumps (a bag restarted or looping, sim time, NTP)."""
         self.offset += off
         self.undisturbed = 0
+        self.restarts_before_gap = None
+
+    @rule(silent=st.sampled_from(["all", "odom", "absolute", "imu"]), seconds=st.sampled_from([0.6, 1.3, 5.0]))
+    def gap(self, silent, seconds):
+        """One input, or every input, silent for a while (a stalled executor, a sensor
+        dropout), then on where the time went on: a gap, never a restart (checked on
+        until a rule that may restart: a clock jump, a reset, an initial pose)."""
+        guard = self.core.clock.clock
+        if guard is not None and abs(guard - self._stamp()) <= STEP:   # no clock jump pending
+            self.restarts_before_gap = self.restarts
+        for _ in range(int(round(seconds / STEP))):
+            t0 = self.t
+            self.t += STEP
+            if silent == "all":
+                continue
+            for stream in ("imu", "odom", "absolute"):
+                if stream == silent:
+                    continue
+                for t in ([t0 + STEP * j / IMU_PER_STEP for j in range(1, IMU_PER_STEP + 1)]
+                          if stream == "imu" else [self.t]):
+                    self._feed(stream, self._stamp(t), t)
+        self.undisturbed = 0   # the first message after the silence may be held
 
     @rule(stream=STREAMS)
     def duplicate(self, stream):
@@ -167,11 +194,13 @@ class FusionMachine(RuleBasedStateMachine):
         right stamp, with none (``ros2 topic pub``), or stamped by a clock an hour off."""
         off = {"now": 0.0, "ahead": 3600.0, "behind": -3600.0}.get(kind)
         stamp = 0.0 if off is None else self._stamp(off=off)
+        self.restarts_before_gap = None
         self._feed("initialpose", stamp, self.t, good=kind == "now")
         self.undisturbed = 0
 
     @rule()
     def reset(self):
+        self.restarts_before_gap = None
         self.core.reset()
         self._restarted()
         self.undisturbed = 0

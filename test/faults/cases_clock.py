@@ -6,8 +6,10 @@ catalogue's usual (no crash, no NaN, localized again): no output stamped ahead o
 newest good input (a spike taken in freezes the output there), and outputs that follow
 the good inputs (not frozen). The classes: single-message spikes into the future and the
 past for each input (absolute, coarse, odometry, IMU, initial pose), duplicates, bursts,
-jumps of every input's clock back and forward (a clean restart), and the same spikes
-through ``vizloc-replay --order receive``, which feeds a bag as the node receives it.
+jumps of every input's clock back and forward (a clean restart), slow inputs and gaps
+(an input, or every input, silent for a while, then on: no restart, at most the first
+message after the silence held and dropped), and the same spikes through
+``vizloc-replay --order receive``, which feeds a bag as the node receives it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import fault_cases as F
+from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
 
 HOUR = 3600.0
 #: how far an output may be stamped past the newest good input: the TF's tolerance aside,
@@ -28,8 +31,10 @@ class _ClockRun(F._FusionRun):
     """A fusion run that also records how far ahead of the newest good input any output
     was stamped, and the stamps of the outputs."""
 
-    def __init__(self, use_imu=False):
+    def __init__(self, use_imu=False, use_odom=True):
         super().__init__(use_imu)
+        if not use_odom:   # the camera poses alone (odometry fed to it is ignored)
+            self.core = FusionCore(settings=FusionSettings(use_imu=use_imu, use_odom=False))
         self.newest_good = -np.inf
         self.worst_ahead = 0.0
         self.output_stamps: list = []
@@ -53,11 +58,12 @@ class _ClockRun(F._FusionRun):
 
 
 def _clock_case(name, expected, inject, why, use_imu=False, resume=None, follow=None,
-                genuine=False) -> F.Case:
+                genuine=False, held=0) -> F.Case:
     """``inject(run)`` after 3 s of good inputs; then ``follow(run, start)`` (default: 12
     good steps from ``resume = (start, odometry origin)``), which must localize again.
     ``genuine``: the injected stamps are true ones (duplicates, bursts): outputs may be
-    stamped like them."""
+    stamped like them. ``held``: drops that still make the case "ok" (the first message
+    after a silence, held until the next shows the inputs went on)."""
     def run(res) -> F.Observation:
         fr = _ClockRun(use_imu)
         fr.good(F.T0, F.HISTORY)
@@ -70,19 +76,25 @@ def _clock_case(name, expected, inject, why, use_imu=False, resume=None, follow=
         n_before = len(fr.output_stamps)
         (follow or (lambda r, s: r.good(s, 12, origin)))(fr, start)
         drops, resets = fr.counts()
-        obs = F.Observation("reset" if resets > resets0 else "drop" if drops > drops0 else "ok", detail=detail)
-        after = fr.output_stamps[n_before:]
-        last = start + F.STEP * 11
-        if fr.worst_ahead > AHEAD_TOLERANCE_S:
-            obs.behaviour = f"output stamped {fr.worst_ahead:.3f} s ahead of the newest input"
-        elif not after or abs(after[-1] - last) > F.STEP:  # the output must follow the inputs
-            obs.behaviour = f"frozen output (the last one stamped {after[-1] - last if after else None} s off)"
-        estimate = fr.core.fusion.estimate()
-        obs.recovered = (estimate is not None and F._finite(estimate.t, estimate.cov_ros)
-                         and float(np.linalg.norm(estimate.t - F._truth(last))) < 0.3)
-        obs.nan_outputs = fr.nan
-        return obs
+        obs = F.Observation("reset" if resets > resets0 else "drop" if drops > drops0 + held else "ok",
+                            detail=detail)
+        return _judged(obs, fr, fr.output_stamps[n_before:], start + F.STEP * 11, F.STEP)
     return F.Case(name, "clock", tuple(expected) if not isinstance(expected, str) else (expected,), run, why)
+
+
+def _judged(obs, fr, after, last, tolerance) -> F.Observation:
+    """``obs`` with what the catalogue checks beyond its usual: no output stamped ahead of
+    the newest good input, outputs ``after`` the fault that follow the inputs (the last
+    within ``tolerance`` of the ``last`` input's stamp: not frozen), the estimate there."""
+    if fr.worst_ahead > AHEAD_TOLERANCE_S:
+        obs.behaviour = f"output stamped {fr.worst_ahead:.3f} s ahead of the newest input"
+    elif not after or abs(after[-1] - last) > tolerance:
+        obs.behaviour = f"frozen output (the last one stamped {after[-1] - last if after else None} s off)"
+    estimate = fr.core.fusion.estimate()
+    obs.recovered = (estimate is not None and F._finite(estimate.t, estimate.cov_ros)
+                     and float(np.linalg.norm(estimate.t - F._truth(last))) < 0.3)
+    obs.nan_outputs = fr.nan
+    return obs
 
 
 def _pose_now(stamp):
@@ -143,6 +155,64 @@ def _only_odometry_jumps(offset):
             fr.feed("on_absolute", F._abs(s))
         fr._good = False
     return follow
+
+
+def _silent(streams, seconds):
+    """``inject``: ``streams`` (``"all"``, or a tuple of "odom", "absolute") silent for
+    ``seconds`` from the fault on, the others going on; the robot moves on all the time."""
+    def inject(fr):
+        if streams == "all":
+            return
+        for k in range(int(round(seconds / F.STEP))):
+            s = F.FAULT_AT + F.STEP * k
+            if "odom" not in streams:
+                fr.feed("on_odometry", F._odom(s))
+            if "absolute" not in streams:
+                fr.feed("on_absolute", F._abs(s))
+    return inject
+
+
+def _after_silence(seconds):
+    return (F.FAULT_AT + seconds, F.T0)
+
+
+def _slow_case(name, rate, use_odom) -> F.Case:
+    """Absolute poses at ``rate`` Hz for 60 s (with odometry at 10 Hz, or alone): each more
+    than max_future_s after the previous one at 1 Hz or slower. The outputs must follow the
+    poses; at most the second pose of a stream slower than max_future_s is held."""
+    def run(res) -> F.Observation:
+        fr = _ClockRun(use_odom=use_odom)
+        fr._good = True
+        poses = F.T0 + np.arange(int(60 * rate)) / rate
+        odometry = F.T0 + F.STEP * np.arange(600) if use_odom else np.zeros(0)
+        events = sorted([(s, 1) for s in poses] + [(s, 0) for s in odometry])
+        for s, is_pose in events:
+            fr.feed("on_absolute", F._abs(s)) if is_pose else fr.feed("on_odometry", F._odom(s))
+        drops, resets = fr.counts()
+        obs = F.Observation("reset" if resets else "drop" if drops > 1 else "ok",
+                            detail=fr.last_drop.detail if fr.last_drop is not None else "")
+        return _judged(obs, fr, fr.output_stamps, events[-1][0], AHEAD_TOLERANCE_S)
+    return F.Case(name, "clock", ("ok",), run,
+                  "the clock moves at the input's own cadence: every pose fused, no restart")
+
+
+def _gap_cases() -> list[F.Case]:
+    gap = ("a gap, not a clock jump: the fusion goes on without a restart, at most the first "
+           "message after the silence held and dropped")
+    cases = []
+    for seconds in (1.0, 3.0):
+        cases.append(_clock_case(f"odometry silent {seconds:g} s, then on (poses go on)", "ok",
+                                 _silent(("odom",), seconds), gap, resume=_after_silence(seconds), held=1,
+                                 genuine=True))
+    for seconds in (0.6, 3.0, 8.0):
+        cases.append(_clock_case(f"every input silent {seconds:g} s, then on", "ok", _silent("all", seconds), gap,
+                                 resume=_after_silence(seconds), held=1))
+    cases.append(_clock_case("every input, IMU included, silent 3 s, then on", "ok", _silent("all", 3.0), gap,
+                             use_imu=True, resume=_after_silence(3.0), held=1))
+    for rate, use_odom in ((1.0, False), (1.7, False), (0.5, False), (1.0, True)):
+        alone = "alone" if not use_odom else "with odometry"
+        cases.append(_slow_case(f"absolute poses at {rate:g} Hz {alone} for 60 s", rate, use_odom))
+    return cases
 
 
 def _message_cases() -> list[F.Case]:
@@ -260,4 +330,4 @@ def _replay_cases() -> list[F.Case]:
 
 
 def cases() -> list[F.Case]:
-    return _message_cases() + _replay_cases()
+    return _message_cases() + _gap_cases() + _replay_cases()

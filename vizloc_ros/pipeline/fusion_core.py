@@ -104,9 +104,17 @@ class FusionSettings:
     use_imu: bool = setting(False, "fuse the IMU (see imu_mode)")
     path_max_length: int = setting(10000, "poses kept in /vizloc/path", minimum=1)
     path_min_spacing: float = setting(0.0, "m between consecutive poses of /vizloc/path", minimum=0.0)
+    # 1 s is far beyond any input's latency or jitter; slower inputs get their own cadence
+    # on top (3 x their typical interval), so a pose stream at 1 Hz is never "ahead"
     max_future_s: float = setting(
-        0.5, "s an input may be stamped ahead of the newest stamp of all inputs; one further ahead "
-             "is dropped, unless all inputs move there (a clock jump: the fusion restarts)", above=0.0)
+        1.0, "s an input may be stamped ahead of the newest stamp of all inputs (and, if slower, "
+             "3 x its own typical interval ahead of its previous one); one further ahead is held "
+             "and dropped, unless the next messages go on from it (a gap or a clock jump)", above=0.0)
+    # 10 s: a stalled executor or a sensor dropout is seconds; a bag restarted, sim time
+    # switched on or a clock set by NTP moves by more
+    max_gap_s: float = setting(
+        10.0, "s the inputs may go on ahead after a silence and the fusion continues (a gap); a "
+              "move of every input further ahead is a clock jump: the fusion restarts", above=0.0)
 
     def __post_init__(self):
         for f in fields(self):
@@ -116,6 +124,8 @@ class FusionSettings:
             problem = meta.bounds.violated(value) if isinstance(value, (int, float)) else None
             if problem or (isinstance(value, float) and not np.isfinite(value)):
                 raise ValueError(f"{f.name} {problem or 'must be finite'}, got {value}")
+        if self.max_gap_s < self.max_future_s:  # a gap is at least what is never "ahead"
+            raise ValueError(f"max_gap_s must be >= max_future_s ({self.max_future_s:g}), got {self.max_gap_s:g}")
 
 
 class FusionCore(DropCounting):
@@ -144,8 +154,10 @@ class FusionCore(DropCounting):
         self._exact_ns: "OrderedDict[float, int]" = OrderedDict()
         self._time_jumps_seen = 0
         self._warned_odom_frames: set = set()
-        # stamps far off the other inputs' are spikes (dropped) or a clock jump (restart)
-        self.clock = ClockGuard(self.settings.max_future_s, self.config.time_jump_s)
+        # stamps far off the other inputs' are spikes (dropped), a gap in the inputs (the
+        # fusion goes on) or a clock jump (restart)
+        self.clock = ClockGuard(self.settings.max_future_s, self.config.time_jump_s,
+                                self.settings.max_gap_s)
         self._notices: list = []
         self._imu_check = ImuPlausibility(self.config.gravity)
         self._odom_cov_check = OdomCovariancePlausibility()
@@ -322,10 +334,17 @@ class FusionCore(DropCounting):
         verdict = self.clock.check(stream, stamp)
         if verdict.action == "hold":
             return self._dropped(DropReason.off_clock(stream),
-                                 f"{verdict.describe(what)}: a spike, or a clock jump that the other "
-                                 f"inputs have not followed yet (max_future_s={self.settings.max_future_s:g}, "
+                                 f"{verdict.describe(what)}: a spike, unless the next messages go on from "
+                                 f"it (a gap in the inputs, or a clock jump) (max_future_s={self.settings.max_future_s:g}, "
+                                 f"max_gap_s={self.settings.max_gap_s:g}, "
                                  f"time_jump_s={self.config.time_jump_s:g})")
-        if verdict.action == "rebase" and not self.fusion.initialised:
+        if verdict.action == "gap":
+            # the inputs went on after a silence (a stalled executor, a sensor dropout):
+            # no clock jump, the fusion continues (its motion model bridges the gap)
+            self._notice("input_gap", f"{verdict.describe(what)} after a silence: "
+                                      f"a gap (within max_gap_s={self.settings.max_gap_s:g}), the fusion "
+                                      "continues", counter="input_gaps")
+        elif verdict.action == "rebase" and not self.fusion.initialised:
             # the first inputs disagreed: what the fusion gathered may be a spike's
             self.fusion.reset()
         elif verdict.action in ("jump", "rebase"):
