@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import rclpy
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rcl_interfaces.msg import ParameterDescriptor
 
@@ -215,6 +216,29 @@ class Diagnostics:
 
 # --------------------------------------------------------------------------- main
 
+def _quiet_half_built_rclpy_objects(stopped_by: list):
+    """An ``sys.unraisablehook`` that drops one known, harmless message after a stop signal.
+
+    rclpy's signal handler shuts the context down at once, from whichever thread the
+    signal lands on (DDS threads included, so masking it in the main thread does not
+    help); a stop that lands while rclpy builds its executor leaves a half-built
+    executor and guard condition whose ``__del__`` print "Exception ignored ...
+    AttributeError" tracebacks at exit (seen on Jazzy with SIGTERM sent as the node
+    reports it is ready). Only those are dropped: an AttributeError from an rclpy
+    object's ``__del__`` once a stop signal was received; everything else goes on to
+    the previous hook.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        where = getattr(unraisable.object, "__module__", "") or ""
+        if stopped_by and isinstance(unraisable.exc_value, AttributeError) and where.startswith("rclpy"):
+            return
+        previous(unraisable)
+
+    return hook
+
+
 def run(node_class, args=None) -> int:
     """Init, build the node, spin, shut down; the exit code says how it ended.
 
@@ -223,7 +247,7 @@ def run(node_class, args=None) -> int:
     a node stopped on its own from one it stopped); SIGINT and the end of the context 0.
 
     Signals: rclpy's own handler shuts the context down on SIGINT and SIGTERM, which ends
-    ``rclpy.spin`` (ExternalShutdownException), then calls ours. Ours only records the
+    the executor's spin (ExternalShutdownException), then calls ours. Ours only records the
     signal once the node spins: an exception raised from a signal handler lands in
     whatever Python runs at that moment, and inside an rclpy call pybind11 turns it into
     a RuntimeError traceback (seen on Jazzy: "Unable to convert call argument '0'"). While
@@ -244,24 +268,32 @@ def run(node_class, args=None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    node = None
+    sys.unraisablehook = _quiet_half_built_rclpy_objects(stopped_by)
+    node = executor = None
     code = 0
     try:
         rclpy.init(args=args)
         node = node_class()
         spinning.append(True)
-        rclpy.spin(node)
+        if rclpy.ok():  # a stop signal may already have ended the context
+            executor = SingleThreadedExecutor()
+            executor.add_node(node)
+            executor.spin()
     except StartupError as exc:
         rclpy.logging.get_logger(getattr(node_class, "NODE_NAME", "vizloc")).fatal(str(exc))
         code = STARTUP_FAILED
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception:  # noqa: BLE001 - an rclpy call cut short by the stop signal is that stop
-        if not stopped_by:
+        # rclpy's C handler shuts the context down before ours runs, so an RCLError from a
+        # wait set built on the dead context can come first: the context's end says it
+        if not stopped_by and rclpy.ok():
             raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if executor is not None:
+            executor.remove_node(node)
         if node is not None:
             node.close()
             node.destroy_node()
