@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     width, height = (int(v) for v in args.size.lower().split("x"))
 
     from vizloc_ros.sim.render import PinholeCamera, Renderer
-    from vizloc_ros.sim.scene import get_scene
+    from vizloc_ros.sim.catalog import get_scene
     from vizloc_ros.sim.trajectories import camera_poses, random_walk
 
     start = time.perf_counter()

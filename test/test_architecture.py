@@ -32,6 +32,7 @@ ALLOWED = {
     "replay": BASE | {"metrics", "ros_io", "localize", "fusion", "pipeline"},
     "training": BASE | {"metrics", "ros_io", "localize", "pipeline"},
     "sim": BASE | {"metrics", "ros_io"},
+    "mapping": BASE | {"metrics", "ros_io", "localize", "pipeline", "training", "sim"},
 }
 #: single modules that one offline tool may use beyond its stage's row, and why
 EXCEPTIONS = {
@@ -40,7 +41,7 @@ EXCEPTIONS = {
                                            "(vizloc-replay --params-file; params imports no rclpy)",
 }
 RUNTIME = ("ros_io", "localize", "fusion", "pipeline", "nodes")
-OFFLINE = ("replay", "training", "sim")
+OFFLINE = ("replay", "training", "sim", "mapping")
 
 
 def module_name(path: Path) -> str:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from vizloc_ros.sim.render import PinholeCamera, Renderer, depth_to_millimetres
-from vizloc_ros.sim.scene import DEMO_SPEC, build_scene, get_scene
+from vizloc_ros.sim.catalog import get_scene
+from vizloc_ros.sim.scene import DEMO_SPEC, build_scene
 from vizloc_ros.sim.trajectories import OPTICAL_IN_BASE_R, euler_zyx_to_matrix
 from vizloc_ros.geometry import matrix_to_quat, pose_inverse, quat_rotate, quat_to_matrix
 

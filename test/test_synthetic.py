@@ -18,7 +18,7 @@ from vizloc_ros.ros_io.bag_io import BagWriter, list_topics, read_messages, topi
 from vizloc_ros.ros_io.tum import read_tum, write_tum
 from vizloc_ros.sim import synthetic as synth
 from vizloc_ros.sim.fusion_sim import SimConfig, simulate, synthetic_trajectory
-from vizloc_ros.sim.scene import get_scene
+from vizloc_ros.sim.catalog import get_scene
 from vizloc_ros.sim.sensors import (GRAVITY, ImuNoise, VoNoise, simulate_imu, simulate_visual_odometry,
                                     specific_force)
 from vizloc_ros.sim.sevenscenes_writer import read_pose

@@ -67,6 +67,24 @@ class PinholeCamera:
                          np.ones(self.width * self.height)]).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Lighting:
+    """How a walk is lit: one point light plus ambient, the camera's exposure and white
+    balance. ``None`` fields keep the scene's own light position. The defaults are the
+    renderer's fixed lighting, so ``Lighting()`` renders exactly what no lighting does."""
+
+    position: tuple[float, float, float] | None = None
+    ambient: float = 0.5
+    diffuse: float = 0.75
+    falloff: float = 0.04
+    exposure: float = 1.0
+    #: per-channel gain of the colour temperature (R, G, B), 1 = neutral
+    white_balance: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def is_default(self) -> bool:
+        return self == Lighting()
+
+
 @dataclass
 class RenderResult:
     rgb: np.ndarray  # (H, W, 3) uint8
@@ -82,16 +100,19 @@ class Renderer:
     DIFFUSE = 0.75
     FALLOFF = 0.04
 
-    def __init__(self, scene: Scene, camera: PinholeCamera, shading: bool = True):
+    def __init__(self, scene: Scene, camera: PinholeCamera, shading: bool = True,
+                 lighting: Lighting | None = None):
         self.scene = scene
         self.camera = camera
         self.shading = shading
+        self.lighting = None if lighting is None or lighting.is_default() else lighting
         self._rays_cam = camera.rays()
         self._room_lo = scene.room_lo.astype(np.float32)
         self._room_hi = scene.room_hi.astype(np.float32)
         self._box_lo = scene.box_lo.astype(np.float32)
         self._box_hi = scene.box_hi.astype(np.float32)
-        self._light = scene.light.astype(np.float32)
+        light = scene.light if self.lighting is None or self.lighting.position is None else self.lighting.position
+        self._light = np.asarray(light, dtype=np.float32)
 
     def render(self, t_wc, q_wc, return_face_ids: bool = False) -> RenderResult:
         """Render the view of the camera whose pose in the world is (t_wc, q_wc (w,x,y,z))."""
@@ -176,8 +197,15 @@ class Renderer:
             np.copyto(toward, to_light[1], where=axis_of == 1)
             np.copyto(toward, to_light[2], where=axis_of == 2)
             lambert = np.maximum(toward * np.take(scene.face_sign, face), 0) / np.sqrt(dist2)
-            shade = self.AMBIENT + self.DIFFUSE * lambert / (1.0 + self.FALLOFF * dist2)
-            colour = np.minimum(colour * shade[:, :, None], 255.0).astype(np.uint8)
+            lit = self.lighting
+            if lit is None:
+                shade = self.AMBIENT + self.DIFFUSE * lambert / (1.0 + self.FALLOFF * dist2)
+                colour = np.minimum(colour * shade[:, :, None], 255.0).astype(np.uint8)
+            else:
+                shade = np.float32(lit.exposure) * (np.float32(lit.ambient) + np.float32(lit.diffuse) * lambert
+                                                    / (1.0 + np.float32(lit.falloff) * dist2))
+                gain = np.asarray(lit.white_balance, np.float32)
+                colour = np.minimum(colour * (shade[:, :, None] * gain), 255.0).astype(np.uint8)
         else:
             colour = np.ascontiguousarray(colour)
         return RenderResult(rgb=colour, depth=depth, face_ids=face if return_face_ids else None)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import colorsys
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 
@@ -52,6 +51,11 @@ class SceneSpec:
     texture_seed: int
     texel: float = DEFAULT_TEXEL
     light: tuple[float, float, float] = (0.4, -0.2, 2.7)
+    #: hue family of wall_-x, wall_+x, wall_-y, wall_+y (None: the demo room's)
+    wall_hues: tuple[float, float, float, float] | None = None
+    #: walls with a door / a window, by face name (None: the demo room's)
+    doors: tuple[str, ...] | None = None
+    windows: tuple[str, ...] | None = None
 
 
 #: The demo room: 6 x 5 x 3 m with a cabinet, table, crate, pillar, shelf and sofa.
@@ -418,11 +422,17 @@ def _box_texture(width, height, texel, hue, rng, top: bool) -> np.ndarray:
 _ROOM_FACE_NAMES = {(0, 0): "wall_-x", (0, 1): "wall_+x", (1, 0): "wall_-y", (1, 1): "wall_+y",
                     (2, 0): "floor", (2, 1): "ceiling"}
 _WALL_HUES = {"wall_+x": 0.02, "wall_-x": 0.6, "wall_+y": 0.33, "wall_-y": 0.13}
+_DEMO_DOORS = ("wall_-x", "wall_+y")
+_DEMO_WINDOWS = ("wall_+x", "wall_-y")
 
 
 def build_scene(spec: SceneSpec) -> Scene:
     """Build the geometry and paint every texture from ``spec.texture_seed``."""
     lo, hi = np.asarray(spec.room_lo, float), np.asarray(spec.room_hi, float)
+    hues = dict(_WALL_HUES) if spec.wall_hues is None else dict(
+        zip(("wall_-x", "wall_+x", "wall_-y", "wall_+y"), spec.wall_hues))
+    doors = _DEMO_DOORS if spec.doors is None else tuple(spec.doors)
+    windows = _DEMO_WINDOWS if spec.windows is None else tuple(spec.windows)
     faces: list[Face] = []
     for axis in range(3):
         for side in range(2):
@@ -433,8 +443,8 @@ def build_scene(spec: SceneSpec) -> Scene:
             if axis == 2:
                 texture = (_floor_texture if side == 0 else _ceiling_texture)(width, height, spec.texel, face_rng)
             else:
-                texture = _wall_texture(width, height, spec.texel, _WALL_HUES[name], face_rng,
-                                        door=(axis, side) in ((0, 0), (1, 1)), window=(axis, side) in ((0, 1), (1, 0)))
+                texture = _wall_texture(width, height, spec.texel, hues[name], face_rng,
+                                        door=name in doors, window=name in windows)
             normal = np.zeros(3)
             normal[axis] = 1.0 if side == 0 else -1.0  # room faces look inwards
             faces.append(Face(name, axis, side, normal, (ua, va), (lo[ua], lo[va]), texture))
@@ -452,14 +462,3 @@ def build_scene(spec: SceneSpec) -> Scene:
                 faces.append(Face(f"{box.name}_{sign}{'xyz'[axis]}", axis, side, normal, (ua, va),
                                   (blo[ua], blo[va]), texture))
     return Scene(spec=spec, faces=faces)
-
-
-@lru_cache(maxsize=4)
-def get_scene(name: str = "demo", texel: float | None = None) -> Scene:
-    """A named scene (built once per process; textures take a fraction of a second)."""
-    if name not in SCENES:
-        raise KeyError(f"unknown scene {name!r}; known scenes: {', '.join(sorted(SCENES))}")
-    spec = SCENES[name]
-    if texel is not None:
-        spec = SceneSpec(**{**spec.__dict__, "texel": float(texel)})
-    return build_scene(spec)

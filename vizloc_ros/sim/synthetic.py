@@ -49,7 +49,8 @@ from vizloc_ros.ros_io import messages
 from vizloc_ros.ros_io.bag_io import BagWriter
 from vizloc_ros.ros_io.tum import read_tum, write_tum
 from vizloc_ros.sim.render import PinholeCamera, Renderer
-from vizloc_ros.sim.scene import SCENES, Scene, get_scene
+from vizloc_ros.sim.catalog import get_scene
+from vizloc_ros.sim.scene import SCENES, Scene
 from vizloc_ros.sim.sensors import (ImuNoise, ImuSamples, OdometrySamples, VoNoise, simulate_imu,
                                     simulate_visual_odometry)
 from vizloc_ros.sim.sevenscenes_writer import sequence_dir_name, write_frame, write_splits

@@ -1,4 +1,4 @@
-"""Pose regressors (PoseNet, MapNet, MapNet+, LSTM-PoseNet, VidLoc, VLocNet), their registry
+"""Pose regressors (PoseNet, MapNet, MapNet+, LSTM-PoseNet, VidLoc, VLocNet, DSAC++, ACE), their registry
 and checkpoint I/O.
 
 Importing this package registers every built-in architecture::
@@ -15,6 +15,7 @@ from vizloc_ros.localize.models import lstm_posenet as _lstm_posenet  # noqa: F4
 from vizloc_ros.localize.models import vidloc as _vidloc  # noqa: F401  (registers vidloc)
 from vizloc_ros.localize.models import vlocnet as _vlocnet  # noqa: F401  (registers vlocnet)
 from vizloc_ros.localize.models import dsac as _dsac  # noqa: F401  (registers dsac)
+from vizloc_ros.localize.models import ace as _ace  # noqa: F401  (registers ace)
 from vizloc_ros.localize.models import netvlad as _netvlad  # noqa: F401  (registers netvlad)
 from vizloc_ros.localize.models import allocentric as _allocentric  # noqa: F401  (registers allocentric)
 from vizloc_ros.localize.models.posenet import PoseNet
