@@ -1,0 +1,239 @@
+"""Make a map: frames with poses -> a scene-coordinate checkpoint (``ace``) that every
+entry point runs.
+
+The steps, each timed for the summary: load the frozen encoder; split the frames into
+mapping and validation (contiguous blocks of ``validation_block`` frames, every
+``1 / validation_share``-th block held out, so validation frames are not the direct
+neighbours of mapping frames); encode the mapping frames once into the buffer; train the
+head; localize the validation frames (encoder + head + PnP-RANSAC, as at run time) and
+calibrate the covariance on their errors; write the checkpoint atomically (safetensors +
+JSON with the intrinsics, the encoder's name and sha256, the training summary, the
+validation metrics and the covariance scale).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vizloc_ros import geometry
+from vizloc_ros.localize.camera import cell_centres, check_camera, crop_geometry, input_camera, intrinsic_matrix
+from vizloc_ros.localize.models.ace import AceLocalizer, SceneEncoder
+from vizloc_ros.localize.models.checkpoint import save_checkpoint
+from vizloc_ros.localize.pnp import FAILED_COVARIANCE, PnpSettings, localize_from_coordinates
+from vizloc_ros.localize.preprocess import InputSpec, preprocess
+from vizloc_ros.localize.weights import shipped_weights
+from vizloc_ros.mapping.buffer import BYTES_PER_SAMPLE, BufferBuilder
+from vizloc_ros.mapping.head_training import HeadTrainingConfig, coordinate_frame, train_head
+from vizloc_ros.metrics import nees, pose_error_vectors, pose_errors
+
+LOG = logging.getLogger("vizloc_ros.mapping")
+
+ENCODER_NAME = "scene_encoder.safetensors"
+#: default buffer bound: 8 M samples (~2.3 GB), a 24 GB machine keeps most of its memory
+DEFAULT_MAX_SAMPLES = 8_000_000
+
+
+class MappingError(ValueError):
+    """The frames cannot make a map (too few, no poses, bad intrinsics, ...)."""
+
+
+@dataclass
+class MapFrame:
+    """One mapping frame: RGB uint8 (H, W, 3), camera pose in map (t, q w x y z), and
+    optionally depth (H, W) metres (NaN invalid)."""
+
+    image: np.ndarray
+    t: np.ndarray
+    q: np.ndarray
+    depth: np.ndarray | None = None
+    stamp: float = 0.0
+
+
+@dataclass
+class MapOptions:
+    minutes: float = 4.0  # head training budget (wall clock)
+    steps: int | None = None  # a fixed number of head steps instead (reproducible)
+    input_height: int = 240
+    max_samples: int = DEFAULT_MAX_SAMPLES
+    validation_share: float = 0.1
+    validation_block: int = 20
+    init_depth: float | None = None  # None: from the cameras' spread (3 m indoors, up to 10 m)
+    encoder: Path | None = None
+    threads: int = 2
+    seed: int = 0
+    head: HeadTrainingConfig = field(default_factory=HeadTrainingConfig)
+    pnp: PnpSettings = field(default_factory=PnpSettings)
+    scene: str = ""
+
+
+def load_encoder(path: Path | None = None) -> tuple[SceneEncoder, dict]:
+    """The frozen generic encoder and its reference (file name, sha256, how it was made)."""
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else shipped_weights(ENCODER_NAME)
+    if not path.is_file():
+        raise MappingError(f"encoder {path} not found")
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    encoder = SceneEncoder(int(meta.get("feature_dim", 128)))
+    try:
+        tensors = load_file(str(path))
+        encoder.load_state_dict({k: v.float() for k, v in tensors.items()})
+    except Exception as exc:  # noqa: BLE001 - any unreadable / mismatching file is the same error
+        raise MappingError(f"encoder {path} cannot be loaded: {exc}") from None
+    encoder.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    reference = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                 "made_by": meta.get("made_by")}
+    return encoder, reference
+
+
+def input_spec_for(camera: dict, height: int, stride: int = 8) -> InputSpec:
+    """Resize the shorter side to ``height`` and centre-crop the width to a multiple of the
+    stride (the whole image, less a few columns)."""
+    camera = check_camera(camera)
+    w, h = camera["width"], camera["height"]
+    short = min(w, h)
+    new_w, new_h = round(w * height / short), round(h * height / short)
+    crop = (new_h // stride * stride, new_w // stride * stride)
+    return InputSpec(resize=int(height), crop=crop)
+
+
+def split_frames(count: int, share: float, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of mapping and validation frames: contiguous blocks, every k-th held out."""
+    if share <= 0 or count < 2 * block:
+        return np.arange(count), np.arange(0)
+    every = max(2, round(1.0 / share))
+    blocks = np.arange(count) // block
+    held = (blocks % every) == (every // 2)
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def _cell_targets(frame: MapFrame, camera: dict, spec: InputSpec, out_hw) -> np.ndarray | None:
+    if frame.depth is None:
+        return None
+    sx, sy, left, top = crop_geometry(camera["width"], camera["height"], spec)
+    centres = cell_centres(out_hw[0], out_hw[1], 8)
+    u = np.clip(np.rint((centres[..., 0] + left + 0.5) / sx - 0.5), 0, camera["width"] - 1).astype(int)
+    v = np.clip(np.rint((centres[..., 1] + top + 0.5) / sy - 0.5), 0, camera["height"] - 1).astype(int)
+    d = np.asarray(frame.depth, dtype=np.float64)[v, u]
+    cam = np.stack([(u - camera["cx"]) / camera["fx"] * d, (v - camera["cy"]) / camera["fy"] * d, d], -1)
+    world = cam @ geometry.quat_to_matrix(frame.q).T + frame.t
+    world[~(np.isfinite(d) & (d > 0))] = np.nan
+    return world.astype(np.float32)
+
+
+def covariance_scale(errors: np.ndarray, covariances: np.ndarray, trim: float = 0.02) -> tuple[float, dict]:
+    """Factor on the PnP covariances that makes their average NEES 6 on the validation
+    frames, the top ``trim`` share of NEES left out (gross failures that their own
+    covariance already flags are not what the scale should chase)."""
+    values = nees(errors, covariances)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return 1.0, {"frames": 0}
+    kept = np.sort(values)[:max(1, int(math.ceil(len(values) * (1.0 - trim))))]
+    scale = float(np.clip(kept.mean() / 6.0, 1e-3, 1e6))
+    return scale, {"frames": int(len(values)), "nees_mean_before": float(values.mean()),
+                   "nees_median_before": float(np.median(values)), "trimmed_share": trim}
+
+
+def make_map(frames, camera: dict, out, options: MapOptions = MapOptions(), progress=None) -> dict:
+    """Map ``frames`` (a sequence of :class:`MapFrame`, indexable, with ``len``) seen by
+    ``camera`` (fx, fy, cx, cy, width, height) into the checkpoint ``out``. ``progress``
+    (optional) is called as ``progress(stage, done, total, info)``."""
+    camera = check_camera(camera)
+    count = len(frames)
+    if count < 10:
+        raise MappingError(f"{count} frames with poses: a map needs at least 10")
+    report = progress or (lambda *a, **k: None)
+    timings = {}
+    started = time.monotonic()
+    torch.set_num_threads(max(1, options.threads))
+    encoder, encoder_ref = load_encoder(options.encoder)
+    spec = input_spec_for(camera, options.input_height, encoder.stride)
+    fx, fy, cx, cy = input_camera(camera, spec)
+    K = intrinsic_matrix(fx, fy, cx, cy)
+    out_hw = (math.ceil(spec.crop[0] / encoder.stride), math.ceil(spec.crop[1] / encoder.stride))
+    mapping_idx, validation_idx = split_frames(count, options.validation_share, options.validation_block)
+
+    builder = BufferBuilder(encoder, spec, K, len(mapping_idx), options.max_samples, options.seed)
+    for done, i in enumerate(mapping_idx):
+        frame = frames[int(i)]
+        builder.add(frame.image, frame.t, frame.q, _cell_targets(frame, camera, spec, out_hw))
+        report("encode", done + 1, len(mapping_idx), None)
+    buffer = builder.finish()
+    timings["encode_s"] = round(time.monotonic() - started, 1)
+
+    centres = buffer.camera_centres()
+    spread = float(np.ptp(centres, axis=0).max()) if len(centres) > 1 else 0.0
+    init_depth = options.init_depth if options.init_depth is not None else float(np.clip(spread / 3.0, 2.0, 10.0))
+    head_config = HeadTrainingConfig(**{**asdict(options.head), "init_depth": init_depth,
+                                        "threads": options.threads, "seed": options.seed})
+    centre, scale = coordinate_frame(buffer, init_depth)
+    model = AceLocalizer(input_camera=[fx, fy, cx, cy], camera=camera, feature_dim=encoder.feature_dim,
+                         encoder=encoder_ref, inlier_threshold=options.pnp.inlier_threshold,
+                         ransac_iterations=options.pnp.iterations, min_inliers=options.pnp.min_inliers,
+                         refine_iterations=options.pnp.refine_iterations, confidence=options.pnp.confidence,
+                         seed=options.pnp.seed)
+    model.encoder.load_state_dict(encoder.state_dict())
+    model.set_coordinate_frame(centre, scale)
+    head_started = time.monotonic()
+    result = train_head(model.head, buffer, torch.as_tensor(centre), scale,
+                        steps=options.steps, seconds=None if options.steps else options.minutes * 60.0,
+                        config=head_config, on_step=lambda s, total, info: report("head", s, total, info))
+    timings["head_s"] = round(time.monotonic() - head_started, 1)
+    model.eval()
+    t_all = np.stack([frames[int(i)].t for i in mapping_idx])
+    model.set_pose_stats(t_all.mean(axis=0), np.maximum(t_all.std(axis=0), 1e-3))
+
+    # validation: the run-time path (encoder + head + PnP-RANSAC) on held-out frames
+    val_started = time.monotonic()
+    t_est, q_est, covs, t_gt, q_gt, failed = [], [], [], [], [], 0
+    for done, i in enumerate(validation_idx):
+        frame = frames[int(i)]
+        x = preprocess(torch.from_numpy(np.ascontiguousarray(frame.image))[None], spec)
+        t, q, cov = model.localize(x)
+        t_est.append(t[0].double().numpy())
+        q_est.append(q[0].double().numpy())
+        covs.append(cov[0].numpy())
+        failed += int(np.allclose(cov[0].numpy(), FAILED_COVARIANCE))
+        t_gt.append(frame.t)
+        q_gt.append(frame.q)
+        report("validate", done + 1, len(validation_idx), None)
+    timings["validate_s"] = round(time.monotonic() - val_started, 1)
+    metrics, validation_errors = {"mapping_frames": int(len(mapping_idx)), "validation_frames": int(len(validation_idx))}, {}
+    if len(validation_idx):
+        t_est, q_est, t_gt, q_gt = map(np.stack, (t_est, q_est, t_gt, q_gt))
+        trans, rot = pose_errors(t_est, q_est, t_gt, q_gt)
+        ok = np.array([not np.allclose(c, FAILED_COVARIANCE) for c in covs])
+        scale_factor, calib = covariance_scale(pose_error_vectors(t_est[ok], q_est[ok], t_gt[ok], q_gt[ok]),
+                                               np.stack(covs)[ok]) if ok.any() else (1.0, {"frames": 0})
+        metrics["validation"] = {
+            "median_translation_m": float(np.median(trans)), "median_rotation_deg": float(np.median(rot)),
+            "within_5cm_5deg": float(np.mean((trans < 0.05) & (rot < 5.0))), "failed_frames": int(failed)}
+        validation_errors["model_cov_scale"] = scale_factor
+        validation_errors["calibration"] = calib
+    timings["total_s"] = round(time.monotonic() - started, 1)
+    meta = {
+        "input": spec.to_meta(), "scene": options.scene, "map_frame": "map",
+        "training": {"method": "ace mapping (vizloc-map)", "frames": count, "buffer_samples": len(buffer),
+                     "buffer_bytes": int(len(buffer) * BYTES_PER_SAMPLE), "depth_supervised": buffer.has_depth,
+                     "head_steps": result.steps, "head_config": result.config, "init_depth_m": init_depth,
+                     "coordinate_centre": [float(v) for v in centre], "coordinate_scale": scale,
+                     "history": result.history[-20:], "timings": timings, "encoder": encoder_ref},
+        "metrics": metrics, "validation_errors": validation_errors,
+    }
+    path = save_checkpoint(out, model, meta, dtype="fp16")
+    return {"checkpoint": str(path), **meta}
+
+
+__all__ = ["MapFrame", "MapOptions", "MappingError", "load_encoder", "make_map"]
