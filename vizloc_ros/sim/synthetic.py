@@ -59,6 +59,7 @@ from vizloc_ros.ros_io.tum import read_tum, write_tum
 from vizloc_ros.sim.render import PinholeCamera, Renderer
 from vizloc_ros.sim.catalog import canonical_scene_name, describe_scene, get_scene, scene_names_help
 from vizloc_ros.sim.lighting import check_lighting_seed, lighting_metadata, lighting_variant
+from vizloc_ros.sim.rooms import SEED_USES
 from vizloc_ros.sim.scene import Scene
 from vizloc_ros.sim.sensors import (ImuNoise, ImuSamples, OdometrySamples, VoNoise, simulate_imu,
                                     simulate_visual_odometry)
@@ -106,8 +107,6 @@ class SynthConfig:
     """Everything but the sequences: scene, lighting, camera, sensor rates and noise."""
 
     scene: str = "demo"  # "demo" or "room:SEED" (vizloc_ros.sim.catalog)
-    #: every walk lit by lighting_variant(lighting_seed, scene); None: the scene's own light
-    lighting_seed: int | None = None
     width: int = 320
     height: int = 240
     focal: float | None = None  # pixels; None: 60 degree horizontal field of view
@@ -118,6 +117,8 @@ class SynthConfig:
     epoch_ns: int = EPOCH_NS
     vo_noise: VoNoise = field(default_factory=VoNoise)
     imu_noise: ImuNoise = field(default_factory=ImuNoise)
+    #: every walk lit by lighting_variant(lighting_seed, scene); None: the scene's own light
+    lighting_seed: int | None = None
 
     def camera(self) -> PinholeCamera:
         return PinholeCamera.from_fov(self.width, self.height, focal=self.focal)
@@ -373,7 +374,8 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
 
     ``log`` gets one line per TUM-driven sequence saying how the recording was fitted
     into the room (scale, rotation, offset; also written into ``scene.json``), so that
-    nobody evaluates a shrunk walk unknowingly.
+    nobody evaluates a shrunk walk unknowingly, and one line when the room is a
+    pretraining or validation room, so that nobody evaluates on a room a network has seen.
 
     ``jobs > 1`` renders that many sequences at once in worker processes (the output is
     the same bytes as with one job: every sequence has its own seeds). Raises
@@ -394,6 +396,11 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
     out_dir = Path(out_dir)
     _check_output(out_dir, overwrite)
     scene = get_scene(config.scene)
+    use = describe_scene(scene)["seed_use"]
+    if use in ("pretrain", "validation"):  # evaluating there would measure on rooms a network has seen
+        evaluation = SEED_USES["evaluation"]
+        log(f"{scene.spec.name} is reserved for the generic encoder's {use} (docs/SYNTHETIC.md); "
+            f"evaluate on the evaluation rooms room:{evaluation.start}-{evaluation.stop - 1}")
     sims = [simulate_sequence(spec, config, scene) for spec in sequences]  # fail early, before rendering
     for sim in sims:
         if sim.placement is not None:
@@ -647,7 +654,7 @@ def main(argv=None) -> int:
         print(f"vizloc-synth: error: cannot write {exc.filename or args.out}: {exc.strerror or exc}; "
               "nothing was written", file=sys.stderr)
         return 2
-    print(f"vizloc-synth: wrote {len(sequences)} sequence(s) to {out}", file=sys.stderr)
+    print(f"vizloc-synth: wrote {len(sequences)} sequence(s) of {scene_name} to {out}", file=sys.stderr)
     return 0
 
 
