@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         renderer.render(t_cam[i], q_cam[i])
     elapsed = time.perf_counter() - start
     fps = len(times) / elapsed
-    print(f"scene {name}: build {build_s * 1000:.0f} ms ({scene.atlas.shape[0]} texels), first frame: {first_s * 1000:.1f} ms")
+    print(f"scene {name}: build {build_s * 1000:.0f} ms ({scene.atlas.shape[0]} texels), "
+          f"first frame: {first_s * 1000:.1f} ms")
     print(f"rendered {len(times)} frames at {width}x{height} (RGB + depth) in {elapsed:.2f} s: "
           f"{fps:.1f} frames/s, {1000 / fps:.1f} ms/frame  [cpus: {os.cpu_count()}]")
     return 0

@@ -260,8 +260,9 @@ def test_rendering_a_reserved_training_room_says_so(tmp_path, name, use, warned)
     """Evaluating on a room the encoder was trained or validated on would flatter it: the
     log says so, while evaluation rooms and the demo room render without that line."""
     lines = []
-    synth.generate(tmp_path / "out", synth.demo_sequences("test", 2), synth.SynthConfig(scene=name, width=32, height=24),
-                   fmt="bag", progress=False, log=lines.append)
+    config = synth.SynthConfig(scene=name, width=32, height=24)
+    synth.generate(tmp_path / "out", synth.demo_sequences("test", 2), config, fmt="bag", progress=False,
+                   log=lines.append)
     reserved = [line for line in lines if "reserved" in line]
     if warned:
         assert len(reserved) == 1 and f"{name} is reserved for the generic encoder's {use}" in reserved[0]
