@@ -142,6 +142,21 @@ class Scene:
     def light(self) -> np.ndarray:
         return np.asarray(self.spec.light, dtype=float)
 
+    @property
+    def wall_hues(self) -> dict[str, float]:
+        """Hue family of each wall by face name, as painted (the demo room's unless the spec says)."""
+        return wall_hues_of(self.spec)
+
+    @property
+    def doors(self) -> tuple[str, ...]:
+        """Walls with a door, by face name, as painted."""
+        return doors_of(self.spec)
+
+    @property
+    def windows(self) -> tuple[str, ...]:
+        """Walls with a window, by face name, as painted."""
+        return windows_of(self.spec)
+
     def face_index(self, name: str) -> int:
         """Index of a face by name, e.g. ``"wall_+x"``, ``"floor"``, ``"table_+z"``."""
         for index, face in enumerate(self.faces):
@@ -426,13 +441,27 @@ _DEMO_DOORS = ("wall_-x", "wall_+y")
 _DEMO_WINDOWS = ("wall_+x", "wall_-y")
 
 
+def wall_hues_of(spec: SceneSpec) -> dict[str, float]:
+    """The hue family of each wall: the spec's, or the demo room's when it leaves them out."""
+    if spec.wall_hues is None:
+        return dict(_WALL_HUES)
+    return dict(zip(("wall_-x", "wall_+x", "wall_-y", "wall_+y"), spec.wall_hues))
+
+
+def doors_of(spec: SceneSpec) -> tuple[str, ...]:
+    """The walls with a door: the spec's, or the demo room's when it leaves them out."""
+    return _DEMO_DOORS if spec.doors is None else tuple(spec.doors)
+
+
+def windows_of(spec: SceneSpec) -> tuple[str, ...]:
+    """The walls with a window: the spec's, or the demo room's when it leaves them out."""
+    return _DEMO_WINDOWS if spec.windows is None else tuple(spec.windows)
+
+
 def build_scene(spec: SceneSpec) -> Scene:
     """Build the geometry and paint every texture from ``spec.texture_seed``."""
     lo, hi = np.asarray(spec.room_lo, float), np.asarray(spec.room_hi, float)
-    hues = dict(_WALL_HUES) if spec.wall_hues is None else dict(
-        zip(("wall_-x", "wall_+x", "wall_-y", "wall_+y"), spec.wall_hues))
-    doors = _DEMO_DOORS if spec.doors is None else tuple(spec.doors)
-    windows = _DEMO_WINDOWS if spec.windows is None else tuple(spec.windows)
+    hues, doors, windows = wall_hues_of(spec), doors_of(spec), windows_of(spec)
     faces: list[Face] = []
     for axis in range(3):
         for side in range(2):

@@ -9,8 +9,10 @@ module only orchestrates: the room and its textures (``scene.py``), ray casting
 Output of :func:`generate` under ``out_dir`` (written under a hidden temporary name and
 renamed when complete, so there is never a half-written output)::
 
-    scene.json                       room, camera, frames, extrinsic, rates, sequences (a TUM-driven
-                                     one with ``tum_placement``: how it was fitted into the room)
+    scene.json                       scene (name, room seed and its use, room, furniture, doors,
+                                     windows, light), lighting, camera, frames, extrinsic, rates,
+                                     sequences (a TUM-driven one with ``tum_placement``: how it
+                                     was fitted into the room)
     trajectories/seq-NN_ground_truth.tum   base_link in map (TUM: x y z qx qy qz qw)
     bags/seq-NN/                     rosbag2, MCAP   (format bag or both)
     seq-NN/, TrainSplit.txt, TestSplit.txt    7-Scenes (format 7scenes or both)
@@ -22,10 +24,16 @@ covariance), /tf (the same odom -> base_link), /imu/data (Imu in ``base_link``, 
 orientation), /ground_truth/pose (PoseStamped of base_link in ``map``), /tf_static
 (base_link -> camera_optical_frame, transient local).
 
-The ``demo`` scene: sequences 1-4 are the training walks, 5 is the held-out test walk
-(different seeds, so different paths); :func:`cached_demo_bag` builds the test bag once
-under ``$XDG_CACHE_HOME/vizloc_ros/demo`` (default ``~/.cache``) for the replay's
-``--demo`` mode and the launch file.
+Scenes (``--scene``): ``demo``, the hand-made room, or ``room:SEED``, a procedural room
+(:mod:`vizloc_ros.sim.rooms`; which seeds serve pretraining, validation and evaluation is
+in ``docs/SYNTHETIC.md``). Every scene gets the same seeded walks: sequences 1-4 are the
+training walks, 5 is the held-out test walk (different seeds, so different paths).
+``--lighting SEED`` renders every walk of the output under
+:func:`vizloc_ros.sim.lighting.lighting_variant` (default: the scene's own light), so a map
+and its queries can be rendered into two outputs under two lightings.
+:func:`cached_demo_bag` builds the demo's test bag once under
+``$XDG_CACHE_HOME/vizloc_ros/demo`` (default ``~/.cache``) for the replay's ``--demo`` mode
+and the launch file.
 """
 from __future__ import annotations
 
@@ -49,8 +57,10 @@ from vizloc_ros.ros_io import messages
 from vizloc_ros.ros_io.bag_io import BagWriter
 from vizloc_ros.ros_io.tum import read_tum, write_tum
 from vizloc_ros.sim.render import PinholeCamera, Renderer
-from vizloc_ros.sim.catalog import get_scene
-from vizloc_ros.sim.scene import SCENES, Scene
+from vizloc_ros.sim.catalog import canonical_scene_name, describe_scene, get_scene, scene_names_help
+from vizloc_ros.sim.lighting import check_lighting_seed, lighting_metadata, lighting_variant
+from vizloc_ros.sim.rooms import SEED_USES
+from vizloc_ros.sim.scene import Scene
 from vizloc_ros.sim.sensors import (ImuNoise, ImuSamples, OdometrySamples, VoNoise, simulate_imu,
                                     simulate_visual_odometry)
 from vizloc_ros.sim.sevenscenes_writer import sequence_dir_name, write_frame, write_splits
@@ -94,9 +104,9 @@ SPLITS = ("train", "test", "all")
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Everything but the sequences: scene, camera, sensor rates and noise."""
+    """Everything but the sequences: scene, lighting, camera, sensor rates and noise."""
 
-    scene: str = "demo"
+    scene: str = "demo"  # "demo" or "room:SEED" (vizloc_ros.sim.catalog)
     width: int = 320
     height: int = 240
     focal: float | None = None  # pixels; None: 60 degree horizontal field of view
@@ -107,9 +117,16 @@ class SynthConfig:
     epoch_ns: int = EPOCH_NS
     vo_noise: VoNoise = field(default_factory=VoNoise)
     imu_noise: ImuNoise = field(default_factory=ImuNoise)
+    #: every walk lit by lighting_variant(lighting_seed, scene); None: the scene's own light
+    lighting_seed: int | None = None
 
     def camera(self) -> PinholeCamera:
         return PinholeCamera.from_fov(self.width, self.height, focal=self.focal)
+
+    def renderer(self, scene: Scene) -> Renderer:
+        """The renderer of every frame of this output: this camera, this lighting."""
+        lighting = None if self.lighting_seed is None else lighting_variant(self.lighting_seed, scene)
+        return Renderer(scene, self.camera(), lighting=lighting)
 
 
 @dataclass(frozen=True)
@@ -132,9 +149,11 @@ class SequenceSpec:
 
 def demo_sequences(split: str = "all", frames: int = 300, seed: int = 0,
                    train_walks: int = 4) -> list[SequenceSpec]:
-    """The demo scene's recordings: ``train_walks`` training walks (seq-01..04, then
-    seq-06 onwards) and 1 test walk (seq-05). More walks cover more of the room; the
-    first four and the test walk do not change with ``train_walks``."""
+    """The seeded walks of any scene (the demo's and a procedural room's alike):
+    ``train_walks`` training walks (seq-01..04, then seq-06 onwards) and 1 test walk
+    (seq-05). More walks cover more of the room; the first four and the test walk do not
+    change with ``train_walks``. The walk seeds do not depend on the scene: the room
+    shapes each path."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     if train_walks < 1:
@@ -268,13 +287,19 @@ class _BagSink:
 
 def _scene_metadata(config: SynthConfig, scene: Scene, sims: list[SimulatedSequence], fmt: str) -> dict:
     cam = config.camera()
+    description = describe_scene(scene)
     return {
         "generator": "vizloc_ros.sim.synthetic",
         "generator_version": GENERATOR_VERSION,
-        "scene": config.scene,
+        "scene": scene.spec.name,
+        "scene_seed": description["seed"],
+        "seed_use": description["seed_use"],
         "format": fmt,
-        "room": {"lo": list(scene.spec.room_lo), "hi": list(scene.spec.room_hi)},
-        "boxes": [{"name": b.name, "lo": list(b.lo), "hi": list(b.hi)} for b in scene.spec.boxes],
+        "room": description["room"],
+        "boxes": description["boxes"],
+        "scene_details": {key: description[key] for key in ("doors", "windows", "wall_hues", "light",
+                                                             "texture_seed", "texel_m")},
+        "lighting": lighting_metadata(config.lighting_seed, scene),
         "camera": {"width": cam.width, "height": cam.height, "fx": cam.fx, "fy": cam.fy,
                    "cx": cam.cx, "cy": cam.cy, "rate_hz": config.camera_hz,
                    "model": "pinhole, no distortion, REP-103 optical frame (z forward, x right, y down)"},
@@ -338,7 +363,7 @@ def _render_sequence_job(staging: str, spec: SequenceSpec, config: SynthConfig,
     cheap, so nothing large crosses the process boundary) and renders it."""
     scene = get_scene(config.scene)
     sim = simulate_sequence(spec, config, scene)
-    _render_sequence(Path(staging), sim, config, Renderer(scene, config.camera()), want_bag, want_7scenes)
+    _render_sequence(Path(staging), sim, config, config.renderer(scene), want_bag, want_7scenes)
     return spec.frames
 
 
@@ -349,11 +374,13 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
 
     ``log`` gets one line per TUM-driven sequence saying how the recording was fitted
     into the room (scale, rotation, offset; also written into ``scene.json``), so that
-    nobody evaluates a shrunk walk unknowingly.
+    nobody evaluates a shrunk walk unknowingly, and one line when the room is a
+    pretraining or validation room, so that nobody evaluates on a room a network has seen.
 
     ``jobs > 1`` renders that many sequences at once in worker processes (the output is
     the same bytes as with one job: every sequence has its own seeds). Raises
-    ``FileExistsError`` if ``out_dir`` exists and ``overwrite`` is false.
+    ``FileExistsError`` if ``out_dir`` exists and ``overwrite`` is false, ``ValueError``
+    for an unknown scene name or a bad lighting seed.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
@@ -363,9 +390,17 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
         raise ValueError("sequence numbers must be unique")
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, not {jobs}")
+    canonical_scene_name(config.scene)  # a clear ValueError before anything is built
+    if config.lighting_seed is not None:
+        check_lighting_seed(config.lighting_seed)
     out_dir = Path(out_dir)
     _check_output(out_dir, overwrite)
     scene = get_scene(config.scene)
+    use = describe_scene(scene)["seed_use"]
+    if use in ("pretrain", "validation"):  # evaluating there would measure on rooms a network has seen
+        evaluation = SEED_USES["evaluation"]
+        log(f"{scene.spec.name} is reserved for the generic encoder's {use} (docs/SYNTHETIC.md); "
+            f"evaluate on the evaluation rooms room:{evaluation.start}-{evaluation.stop - 1}")
     sims = [simulate_sequence(spec, config, scene) for spec in sequences]  # fail early, before rendering
     for sim in sims:
         if sim.placement is not None:
@@ -381,7 +416,7 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
             (staging / "bags").mkdir()
         with _progress(sum(s.frames for s in sequences), progress, "vizloc-synth") as bar:
             if int(jobs) == 1 or len(sequences) == 1:
-                renderer = Renderer(scene, config.camera())
+                renderer = config.renderer(scene)
                 for sim in sims:
                     _render_sequence(staging, sim, config, renderer, want_bag, want_7scenes,
                                      on_frame=lambda: bar.update(1))
@@ -535,7 +570,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vizloc-synth",
         description="Render the synthetic indoor world into rosbag2 (MCAP) bags and/or a "
                     "7-Scenes-style folder, with ground truth, drifting visual odometry and IMU.")
-    parser.add_argument("--scene", default="demo", choices=sorted(SCENES), help="named scene (default demo)")
+    parser.add_argument("--scene", default="demo", metavar="demo|room:SEED",
+                        help=f"scene: {scene_names_help()}, SEED a non-negative integer; "
+                             "docs/SYNTHETIC.md says which seeds are reserved for what (default demo)")
+    parser.add_argument("--lighting", type=_int_at_least(0), default=None, metavar="SEED",
+                        help="render every walk of this output under the seeded lighting SEED (light "
+                             "position and strength, ambient, exposure, colour temperature; written "
+                             "into scene.json); default: the scene's own light")
     parser.add_argument("--out", type=Path, help="output folder (must not exist unless --overwrite); required "
                                                  "unless --demo-bag")
     parser.add_argument("--demo-bag", action="store_true",
@@ -544,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "$XDG_CACHE_HOME/vizloc_ros/demo on first use; ignores the other options")
     parser.add_argument("--format", default="both", choices=FORMATS, help="bag, 7scenes or both (default)")
     parser.add_argument("--split", default="all", choices=SPLITS,
-                        help="demo sequences: train (seq-01..04), test (seq-05) or all (default)")
+                        help="walks: train (seq-01..04), test (seq-05) or all (default)")
     parser.add_argument("--frames", type=_positive_int, default=300, help="frames per sequence (default 300)")
     parser.add_argument("--train-walks", type=_int_at_least(1), default=4,
                         help="number of training walks (default 4: seq-01..04; more go to seq-06 on)")
@@ -553,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="focal length in pixels (default: 60 degree horizontal field of view)")
     parser.add_argument("--camera-hz", type=_positive_float, default=15.0, help="camera rate (default 15)")
     parser.add_argument("--trajectory", type=Path, action="append", default=None, metavar="FILE.tum",
-                        help="drive a sequence with a real TUM trajectory instead of the demo walks "
+                        help="drive a sequence with a real TUM trajectory instead of the random walks "
                              "(repeatable; sequences go to the test split unless --split train); "
                              "shrunk to fit the room if needed, the scale, rotation and offset logged "
                              "and written into scene.json")
@@ -581,6 +622,11 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         parser.error("the following arguments are required: --out (or --demo-bag)")
+    try:
+        scene_name = canonical_scene_name(args.scene)
+    except ValueError as exc:
+        print(f"vizloc-synth: error: --scene: {exc}", file=sys.stderr)
+        return 2
     if args.out.exists() and not args.overwrite:
         parser.error(f"output {args.out} exists; pass --overwrite to replace it")
     if args.keep_scale and not args.trajectory:
@@ -595,8 +641,8 @@ def main(argv=None) -> int:
                      for i, path in enumerate(args.trajectory)]
     else:
         sequences = demo_sequences(args.split, args.frames, args.seed, args.train_walks)
-    config = SynthConfig(scene=args.scene, width=args.size[0], height=args.size[1], focal=args.focal,
-                         camera_hz=args.camera_hz)
+    config = SynthConfig(scene=scene_name, lighting_seed=args.lighting, width=args.size[0], height=args.size[1],
+                         focal=args.focal, camera_hz=args.camera_hz)
     try:
         out = generate(args.out, sequences, config, fmt=args.format, overwrite=args.overwrite,
                        progress=not args.quiet, jobs=args.jobs,
@@ -608,7 +654,7 @@ def main(argv=None) -> int:
         print(f"vizloc-synth: error: cannot write {exc.filename or args.out}: {exc.strerror or exc}; "
               "nothing was written", file=sys.stderr)
         return 2
-    print(f"vizloc-synth: wrote {len(sequences)} sequence(s) to {out}", file=sys.stderr)
+    print(f"vizloc-synth: wrote {len(sequences)} sequence(s) of {scene_name} to {out}", file=sys.stderr)
     return 0
 
 
