@@ -122,6 +122,20 @@ def test_the_camera_info_topic_is_found_beside_the_image_topic():
     assert camera_info_topic_for("image") == "/camera_info"
 
 
+def test_camera_info_of_a_ros1_bag_reads_its_upper_case_k():
+    from rosbags.typesys import Stores, get_typestore
+
+    T = get_typestore(Stores.ROS1_NOETIC).types
+    header = T["std_msgs/msg/Header"](seq=0, stamp=T["builtin_interfaces/msg/Time"](sec=0, nanosec=0), frame_id="cam")
+    roi = T["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
+    info = T["sensor_msgs/msg/CameraInfo"](
+        header=header, height=480, width=640, distortion_model="plumb_bob", D=np.zeros(5),
+        K=np.array([517.3, 0, 318.6, 0, 516.5, 255.3, 0, 0, 1.0]), R=np.eye(3).ravel(), P=np.zeros(12),
+        binning_x=0, binning_y=0, roi=roi)
+    assert messages.camera_info_to_intrinsics(info) == {"width": 640, "height": 480, "fx": 517.3, "fy": 516.5,
+                                                        "cx": 318.6, "cy": 255.3}
+
+
 # --------------------------------------------------------------------------- bad input
 
 def test_a_bag_without_camera_info_says_which_topic_was_looked_for(room, encoder, tmp_path, capsys):

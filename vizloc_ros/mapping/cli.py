@@ -146,9 +146,9 @@ class Progress:
         if stage != self.stage or self.bar is None or done < self.bar.n:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=total, desc=self.LABELS.get(stage, stage), unit=info.get("unit", "step"
-                            if stage in ("head", "refine") else "frame"), file=sys.stderr, dynamic_ncols=True,
-                            leave=True, smoothing=0.0)  # ETA from the stage's average speed
+            unit = "step" if stage in ("head", "refine") else "frame"
+            self.bar = tqdm(total=total, desc=self.LABELS.get(stage, stage), unit=unit, file=sys.stderr,
+                            dynamic_ncols=True, leave=True, smoothing=0.0)  # ETA from the stage's average speed
             self.bar.start_t = self.stage_started
         self.bar.total = total
         self.bar.update(done - self.bar.n)
@@ -164,7 +164,7 @@ class Progress:
             self.bar.close()
             self.bar = None
             self.stage = None
-        self.stage_started = time.time()
+            self.stage_started = time.time()
 
 
 # --------------------------------------------------------------------------- the run

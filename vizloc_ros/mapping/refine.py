@@ -80,7 +80,8 @@ def validate(model: AceLocalizer, frames, indices, spec: InputSpec, progress=Non
 def refine_head(model: AceLocalizer, frames, indices, spec: InputSpec, options: RefineOptions,
                 progress=None) -> dict:
     """Train ``model.head`` on DSAC's expected pose loss over ``frames[indices]``; returns
-    the history. ``progress(stage, done, total, info)``: frames (fixed steps) or seconds."""
+    the history. ``progress(stage, done, total, info)`` per step (a time budget's total is
+    estimated from the speed so far)."""
     if options.steps is None and not (options.minutes > 0):
         raise MappingError(f"--refine-minutes must be > 0, got {options.minutes}")
     if not len(indices):
@@ -130,11 +131,12 @@ def refine_head(model: AceLocalizer, frames, indices, spec: InputSpec, options: 
             if step % 10 == 0:
                 history.append({"step": step, "expected_loss": round(float(np.mean(losses[-10:])), 3),
                                 "elapsed_s": round(time.monotonic() - started, 1)})
-            if options.steps is not None:
-                report("refine", step, options.steps, {"loss": losses[-1]})
-            else:
-                report("refine", min(int(time.monotonic() - started), int(budget)), int(budget),
-                       {"loss": losses[-1], "unit": "s"})
+            # a time budget's step total follows from the speed so far (as the head training's)
+            total = options.steps if options.steps is not None else max(
+                step + 1, round(step * budget / max(time.monotonic() - started, 1e-9)))
+            report("refine", step, total, {"loss": losses[-1]})
+        if options.steps is None:
+            report("refine", step, step, {"loss": losses[-1] if losses else float("nan")})
     finally:
         head.eval()
         torch.set_num_threads(previous_threads)
