@@ -13,11 +13,13 @@ end-to-end stage refines it (:mod:`vizloc_ros.mapping.refine`), and ``MAP.safete
 run as it is.
 
 Why the output is written here and not by :func:`~vizloc_ros.mapping.mapper.make_map`:
-the map is made (and refined) in a private scratch folder, then both files are copied to
-``MAP`` through :mod:`vizloc_ros.files` (locked temporaries, JSON last) with Ctrl-C and
-SIGTERM held back for those few milliseconds. So an interrupt at any stage leaves the
-previous ``MAP`` (or none) untouched and no temporary behind, and a run that was stopped
-exits 130 (SIGINT) or 143 (SIGTERM) with one line.
+the map is made (and refined) in a private scratch folder beside ``MAP``
+(:func:`vizloc_ros.files.scratch_folder`: removed when the run ends, however it ends;
+after a ``kill -9``, by the next run), then both files are copied to ``MAP`` through
+:mod:`vizloc_ros.files` (locked temporaries, JSON last) with Ctrl-C and SIGTERM held back
+for those few milliseconds. So an interrupt at any stage leaves the previous ``MAP`` (or
+none) untouched and no temporary behind, and a run that was stopped exits 130 (SIGINT)
+or 143 (SIGTERM) with one line.
 """
 from __future__ import annotations
 
@@ -27,13 +29,12 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from vizloc_ros.files import OutputError, check_not_a_link, staged
+from vizloc_ros.files import OutputError, check_not_a_link, scratch_folder, staged
 from vizloc_ros.localize.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.mapping.buffer import BYTES_PER_SAMPLE
@@ -219,8 +220,8 @@ def run(args) -> dict:
                          seed=args.seed, scene=Path(args.source).resolve().name)
     progress = Progress(enabled=not (args.quiet or args.no_progress))
     try:
-        with tempfile.TemporaryDirectory(prefix="vizloc-map-") as scratch:
-            scratch_map = Path(scratch) / "map.safetensors"
+        with scratch_folder(tensors.with_name(tensors.name + ".work"), what="map") as scratch:
+            scratch_map = scratch / "map.safetensors"
             meta = make_map(source.frames, source.camera, scratch_map, options, progress)
             if args.refine_minutes is not None:
                 model, loaded = load_checkpoint(scratch_map)
@@ -363,8 +364,14 @@ def main(argv=None) -> int:
         return 2
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(Terminated()))
     started = time.monotonic()
+    result = None
     try:
         result = run(args)
+        if not args.quiet:
+            print(summary(result))
+            print(f"{time.monotonic() - started:.0f} s in all; run it with vizloc-replay BAG --weights "
+                  f"{result['tensors']}, vizloc-eval {result['tensors']} DATA, or the nodes' "
+                  f"weights:={result['tensors']}")
     except (MappingError, SourceError, CheckpointError, OutputError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -373,15 +380,12 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
-        what = "the map is complete" if getattr(exc, "written", False) else "no map was written"
+        written = result is not None or getattr(exc, "written", False)
+        what = "the map is complete" if written else "no map was written"
         print(f"{PROG}: {'terminated' if terminated else 'interrupted'}; {what}", file=sys.stderr)
         return 143 if terminated else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if not args.quiet:
-        print(summary(result))
-        print(f"{time.monotonic() - started:.0f} s in all; run it with vizloc-replay BAG --weights {result['tensors']}, "
-              f"vizloc-eval {result['tensors']} DATA, or the nodes' weights:={result['tensors']}")
     return 0
 
 
