@@ -275,3 +275,37 @@ def test_a_signal_while_the_map_is_published_waits_for_it(tmp_path):
     assert out.read_bytes() == b"tensors" and out.with_suffix(".json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.json", "map.safetensors", "scratch.json",
                                                          "scratch.safetensors"]
+
+
+def test_refinement_moves_a_shifted_map_back_towards_the_true_poses(room):
+    """The e2e stage on a head whose points are exact but shifted 10 cm: DSAC's expected
+    pose loss has a gradient into the head, and following it takes the shift back."""
+    from torch import nn
+
+    from vizloc_ros.localize.camera import input_camera
+    from vizloc_ros.mapping.mapper import input_spec_for
+    from vizloc_ros.mapping.refine import RefineOptions, refine_head
+    from vizloc_ros.mapping.sources import DatasetFrames
+    from vizloc_ros.training.datasets import SevenScenes
+    from vizloc_ros.training.scene_geometry import dataset_camera, grid_scene_coordinates
+
+    dataset = SevenScenes(room)
+    frames, camera = DatasetFrames(dataset), dataset_camera(dataset)
+    spec = input_spec_for(camera, 48)
+    model = AceLocalizer(input_camera=input_camera(camera, spec), camera=camera)
+    frame = frames[0]
+    truth = grid_scene_coordinates(frame.depth, camera, spec, frame.t, frame.q, (6, 8), 8)
+
+    class ShiftedTruth(nn.Module):  # the true points of frame 0, moved by a learnable offset
+        def __init__(self):
+            super().__init__()
+            self.offset = nn.Parameter(torch.tensor([0.1, 0.0, 0.0]))
+
+        def forward(self, features):
+            return torch.from_numpy(truth).permute(2, 0, 1)[None] + self.offset[None, :, None, None]
+
+    model.head = ShiftedTruth()
+    history = refine_head(model, frames, [0], spec, RefineOptions(steps=40, lr=5e-3, threads=1), progress=None)
+    assert history["steps"] == 40
+    assert history["mean_expected_loss_last"] < 0.6 * history["mean_expected_loss_first"]
+    assert float(model.head.offset.detach().norm()) < 0.06
