@@ -38,12 +38,12 @@ from vizloc_ros.files import OutputError, check_not_a_link, scratch_folder, stag
 from vizloc_ros.localize.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.mapping.buffer import BYTES_PER_SAMPLE
-from vizloc_ros.mapping.mapper import DEFAULT_MAX_SAMPLES, ENCODER_NAME, MapOptions, MappingError, load_encoder, make_map
+from vizloc_ros.mapping.mapper import (DEFAULT_MAX_SAMPLES, ENCODER_NAME, MapOptions, MappingError, load_encoder,
+                                      make_map)
 from vizloc_ros.mapping.refine import RefineOptions, refine_map
 from vizloc_ros.mapping.sources import BagOptions, SourceError, open_source, parse_intrinsics
 from vizloc_ros.ros_io import messages
 
-LOG = logging.getLogger("vizloc-map")
 PROG = "vizloc-map"
 _SUFFIX = ".safetensors"
 
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a fixed number of head steps instead of --minutes (reproducible)")
     timing.add_argument("--refine-minutes", type=_positive(float), metavar="M",
                         help="afterwards, refine the head for M minutes with DSAC++'s end-to-end loss "
-                             "(differentiable hypothesis selection); kept only if validation improves")
+                             "(differentiable hypothesis selection); kept only if validation does not get worse")
     timing.add_argument("--every", type=_positive(int), default=1, metavar="N",
                         help="map every N-th frame (default 1: all)")
     timing.add_argument("--max-samples", type=_positive(int), default=DEFAULT_MAX_SAMPLES,

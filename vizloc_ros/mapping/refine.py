@@ -17,7 +17,10 @@ in memory), the head predicts every cell's point and only the head steps (Adam, 
 learning rate over the budget). Afterwards the validation frames are localized again as at
 run time, and the covariance scale recalibrated; the refined head is kept only if its
 validation median translation error is not worse than before (a short refinement on a
-small map can overfit), and the checkpoint says which was kept and both figures.
+small map can overfit; a map without validation frames keeps it unchecked), and the
+checkpoint says which was kept and both figures. The stage needs a map that already
+localizes: DSAC++'s loss is capped (``cap``) per hypothesis, so where every hypothesis is
+far off it has no gradient and the head stays as it was.
 """
 from __future__ import annotations
 

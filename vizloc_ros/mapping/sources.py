@@ -14,7 +14,6 @@ names the file, topic or frame at fault and what fixes it.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +28,6 @@ from vizloc_ros.training.bag_dataset import BagDataset
 from vizloc_ros.training.datasets import Cambridge, KittiOdometry, SevenScenes
 from vizloc_ros.training.pose_dataset import CAMERA_MOUNT_HINT, DatasetError, bag_topics
 from vizloc_ros.training.scene_geometry import dataset_camera, dataset_root, depth_path, load_depth
-
-LOG = logging.getLogger("vizloc_ros.mapping")
 
 #: what ``vizloc-map`` accepts as SOURCE, for the error that refuses anything else
 ACCEPTED_SOURCES = ("a rosbag2 folder (with metadata.yaml), a ROS 1 .bag file, a 7-Scenes folder "
