@@ -185,6 +185,15 @@ def test_frames_of_mixed_sizes_name_an_odd_frame(room, encoder, tmp_path, capsys
     assert "frame-000007.color.png: image is 80x60" in err and "64x48" in err
 
 
+def test_a_broken_image_found_while_mapping_is_one_line(room, encoder, tmp_path, capsys):
+    folder = tmp_path / "broken"
+    shutil.copytree(room, folder, ignore=shutil.ignore_patterns("bags"))
+    broken = folder / "seq-03" / "frame-000004.color.png"
+    broken.write_bytes(broken.read_bytes()[:100])  # the header is whole: the size check passes
+    assert _map(folder, tmp_path / "m", encoder) == 2
+    assert "image file is unreadable" in _one_line_error(capsys) and not (tmp_path / "m.safetensors").exists()
+
+
 def test_an_existing_map_is_kept_unless_overwrite(room, encoder, tmp_path, capsys):
     out = tmp_path / "old.safetensors"
     out.write_bytes(b"an earlier map")

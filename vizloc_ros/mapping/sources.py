@@ -59,8 +59,11 @@ class DatasetFrames:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> MapFrame:
-        sample = self.dataset[index]
-        depth = load_depth(depth_path(self.dataset.items[index][0])) if self.use_depth else None
+        try:  # read when the mapping gets to it: a broken file is said then, as this source's error
+            sample = self.dataset[index]
+            depth = load_depth(depth_path(self.dataset.items[index][0])) if self.use_depth else None
+        except (DatasetError, FileNotFoundError) as exc:
+            raise SourceError(str(exc)) from None
         image = np.asarray(sample["image"])
         if not image.flags.writeable:  # Pillow's arrays are read-only; torch.from_numpy warns on them
             image = image.copy()
