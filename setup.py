@@ -70,6 +70,7 @@ setup(
             "vizloc-calibrate = vizloc_ros.replay.calibrate:main",
             "vizloc-synth = vizloc_ros.sim.synthetic:main",
             "vizloc-export = vizloc_ros.training.export:main",
+            "vizloc-map = vizloc_ros.mapping.cli:main",
             "vizloc_regressor = vizloc_ros.nodes.regressor_node:main",
             "vizloc_fusion = vizloc_ros.nodes.fusion_node:main",
         ],

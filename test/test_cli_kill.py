@@ -223,3 +223,28 @@ def test_eval_json_killed_mid_write_leaves_no_json(small_bag, tiny_weights, tmp_
     assert evaluate.main([str(a) for a in args]) == 0
     json.loads(target.read_text())
     assert _partials(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- vizloc-map
+
+def test_map_killed_mid_file_leaves_the_old_map_and_the_next_run_sweeps(small_bag, tmp_path):
+    """kill -9 while a map file is half on disk (the scratch map or the published one): the
+    previous map is intact; the next run removes the killed one's scratch folder and
+    temporaries and writes."""
+    import torch
+
+    from vizloc_ros.localize.models.ace import SceneEncoder
+    from vizloc_ros.mapping import cli as mapping_cli
+    from vizloc_ros.mapping.pretrain import write_encoder
+
+    torch.manual_seed(0)
+    encoder = write_encoder(tmp_path / "encoder", SceneEncoder(), {"made_by": "test: random"})
+    (tmp_path / "m.safetensors").write_bytes(b"an earlier map")
+    args = [small_bag, "--out", tmp_path / "m.safetensors", "--encoder", encoder, "--steps", "3",
+            "--threads", "1", "--quiet", "--overwrite"]
+    assert _killed("vizloc_ros.mapping.cli", args, tmp_path, die_at="mid-file") == -signal.SIGKILL
+    assert (tmp_path / "m.safetensors").read_bytes() == b"an earlier map"
+    assert _partials(tmp_path), "the hook should have left the killed writer's temporaries"
+    assert mapping_cli.main([str(a) for a in args]) == 0
+    assert load_checkpoint(tmp_path / "m.safetensors")[1]["architecture"] == "ace"
+    assert _partials(tmp_path) == []

@@ -309,6 +309,21 @@ def staged_files(paths, what: str = "output") -> Iterator[list[Path]]:
             _discard(partial, fd)
 
 
+@contextlib.contextmanager
+def scratch_folder(path, what: str = "output") -> Iterator[Path]:
+    """A private folder for work that is not an output itself (a map made, then refined,
+    before it is published): ``path``'s locked temporary, ``.NAME.partial-PID``, removed on
+    leaving the block whatever happens. One left by a ``kill -9`` is swept by the next run
+    that asks for the same ``path``; one of a live run is :class:`OutputBusy`. Give a
+    ``path`` that no output takes (e.g. ``MAP.safetensors.work``): the temporary of an
+    output of the same name would be refused as busy."""
+    partial, fd = _open_partial(Path(path), True, what)
+    try:
+        yield partial
+    finally:
+        _discard(partial, fd)
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())

@@ -856,8 +856,9 @@ def make_camera_info(types: MessageTypes, stamp, frame_id: str, width: int, heig
 
 
 def camera_info_to_intrinsics(msg) -> dict:
-    """CameraInfo -> dict(width, height, fx, fy, cx, cy) from K."""
-    k = np.asarray(msg.k, dtype=float).reshape(-1)
+    """CameraInfo -> dict(width, height, fx, fy, cx, cy) from K (``k`` in ROS 2, ``K`` in
+    ROS 1 bags)."""
+    k = np.asarray(msg.k if hasattr(msg, "k") else msg.K, dtype=float).reshape(-1)
     if k.size != 9 or not np.all(np.isfinite(k)) or k[0] <= 0 or k[4] <= 0:
         raise ValueError(f"CameraInfo has an invalid K: {k}")
     return dict(width=int(msg.width), height=int(msg.height), fx=float(k[0]), fy=float(k[4]),

@@ -36,7 +36,10 @@ class BagDataset(PoseDataset):
     def __init__(self, bag, image_topic: str = "/camera/image_raw",
                  gt_topic: str = "/ground_truth/pose", tolerance: float = 0.05,
                  base_frame: str = "base_link", camera_extrinsic=None, split: str | None = None,
-                 every: int = 1):
+                 every: int = 1, require_camera_mount: bool = False):
+        """``require_camera_mount``: refuse a bag whose camera mount cannot be found, instead
+        of warning and taking the ground truth (the base) as the camera pose; a scene-coordinate
+        map made from base poses would be rotated and shifted against the images."""
         super().__init__()
         bag = Path(bag)
         gt_source = "/tf" if gt_topic.startswith("tf:") else gt_topic
@@ -69,6 +72,8 @@ class BagDataset(PoseDataset):
             raise DatasetError(f"{bag}: no decodable image on {image_topic}")
         mount = resolve_in_bag(camera_mount, bag, topics, base_frame, images[0][2])
         camera_extrinsic = mount.pose
+        if not mount.found and require_camera_mount:
+            raise DatasetError(f"{bag}: the camera's pose on the robot is unknown: {mount.reason}")
         if not mount.found:
             LOG.warning("%s: %s; using the ground truth as the camera pose", bag, mount.reason)
         stamps = np.array([ns * 1e-9 for ns, _, _ in images])
@@ -87,8 +92,9 @@ class BagDataset(PoseDataset):
             self.items.append((Path(f"{bag}#{ns}"), t, geometry.quat_hemisphere(q), ns * 1e-9))
             self._images.append(image)
         if not self.items:
-            raise DatasetError(f"{bag}: no image has ground truth within {tolerance} s "
-                               f"(images {stamps.min():.3f}..{stamps.max():.3f} s, ground truth "
+            raise DatasetError(f"{bag}: none of the {len(images)} images on {image_topic} has ground truth "
+                               f"within {tolerance} s ({len(gt_stamps)} poses on {gt_topic}; images "
+                               f"{stamps.min():.3f}..{stamps.max():.3f} s, ground truth "
                                f"{gt_stamps.min():.3f}..{gt_stamps.max():.3f} s)")
         self._cache = dict(enumerate(self._images))
         self.left_out = {"without ground truth": len(images) - len(self.items), "not decodable": sampler.bad}
