@@ -33,6 +33,7 @@ from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.mapping.buffer import BYTES_PER_SAMPLE, BufferBuilder
 from vizloc_ros.mapping.head_training import HeadTrainingConfig, coordinate_frame, train_head
 from vizloc_ros.metrics import nees, pose_error_vectors, pose_errors
+from vizloc_ros.training.evaluate import validation_covariance
 
 LOG = logging.getLogger("vizloc_ros.mapping")
 
@@ -103,6 +104,7 @@ def input_spec_for(camera: dict, height: int, stride: int = 8) -> InputSpec:
     camera = check_camera(camera)
     w, h = camera["width"], camera["height"]
     short = min(w, h)
+    height = min(int(height), short)  # never upsample: the estimator refuses images smaller than its input
     new_w, new_h = round(w * height / short), round(h * height / short)
     crop = (new_h // stride * stride, new_w // stride * stride)
     return InputSpec(resize=int(height), crop=crop)
@@ -221,6 +223,9 @@ def make_map(frames, camera: dict, out, options: MapOptions = MapOptions(), prog
             "median_translation_m": float(np.median(trans)), "median_rotation_deg": float(np.median(rot)),
             "within_5cm_5deg": float(np.mean((trans < 0.05) & (rot < 5.0))), "failed_frames": int(failed)}
         validation_errors["model_cov_scale"] = scale_factor
+        spread = validation_covariance(t_est[ok], q_est[ok], t_gt[ok], q_gt[ok]) if ok.sum() >= 2 else None
+        if spread is not None:  # the spread of the validation errors, for tools that read cov_ros
+            validation_errors["cov_ros"] = spread
         validation_errors["calibration"] = calib
     timings["total_s"] = round(time.monotonic() - started, 1)
     meta = {
