@@ -60,7 +60,7 @@ class MapFrame:
 
 @dataclass
 class MapOptions:
-    minutes: float = 4.0  # head training budget (wall clock)
+    minutes: float = 6.0  # head training budget (wall clock): with encoding, under 10 min for 1,200 frames
     steps: int | None = None  # a fixed number of head steps instead (reproducible)
     input_height: int = 240
     max_samples: int = DEFAULT_MAX_SAMPLES

@@ -260,7 +260,7 @@ def write_encoder(out: Path, encoder: SceneEncoder, summary: dict) -> Path:
 # --------------------------------------------------------------------------- main
 
 def pretrain(out: Path, config: PretrainConfig, resume: bool = False, save_every_min: float = 5.0,
-             max_minutes: float | None = None, seeds=None) -> dict:
+             max_minutes: float | None = None, seeds=None, init_encoder: Path | None = None) -> dict:
     torch.manual_seed(config.seed)
     torch.set_num_threads(max(1, config.threads))
     seeds = list(seeds if seeds is not None else list(SEED_USES["pretrain"])[:config.rooms])
@@ -270,6 +270,10 @@ def pretrain(out: Path, config: PretrainConfig, resume: bool = False, save_every
     data = RoomData(seeds, config)
     centres = torch.from_numpy(np.stack(data.centres))
     model = Pretrainer(len(seeds))
+    if init_encoder is not None:  # continue from a shipped encoder with fresh heads (the state did not travel)
+        from safetensors.torch import load_file
+
+        model.encoder.load_state_dict({k: v.float() for k, v in load_file(str(init_encoder)).items()})
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng([config.seed, 11])
     step, history = 0, []
@@ -324,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{name}", type=int, default=getattr(d, name))
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--resume", action="store_true", help="continue from OUT.state.*")
+    parser.add_argument("--init-encoder", type=Path, default=None,
+                        help="start from this encoder (e.g. the shipped one) with fresh heads")
     parser.add_argument("--save-every", type=float, default=5.0, help="minutes between state saves")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     return parser
@@ -338,7 +344,8 @@ def main(argv=None) -> int:
         return 2
     config = PretrainConfig(rooms=args.rooms, frames=args.frames, walks=args.walks, steps=args.steps,
                             batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads)
-    result = pretrain(out, config, resume=args.resume, save_every_min=args.save_every, max_minutes=args.max_minutes)
+    result = pretrain(out, config, resume=args.resume, save_every_min=args.save_every, max_minutes=args.max_minutes,
+                      init_encoder=args.init_encoder)
     print(json.dumps({k: result[k] for k in ("finished", "step")}))
     return 0
 
