@@ -39,8 +39,7 @@ def render(scene: str, frames: int, train_walks: int, lighting: int | None) -> t
 
     tag = scene.replace(":", "_")
     train = CACHE / f"{tag}-train-{train_walks}x{frames}"
-    test = CACHE / f"{tag}-test-{frames}" + (f"-light{lighting}" if lighting is not None else "")
-    test = Path(str(test))
+    test = CACHE / (f"{tag}-test-{frames}" + (f"-light{lighting}" if lighting is not None else ""))
     if not (train / "scene.json").exists():
         generate(train, demo_sequences("train", frames, train_walks=train_walks), SynthConfig(scene=scene),
                  fmt="7scenes", overwrite=True, progress=False)

@@ -6,7 +6,7 @@ C++, a few milliseconds for the 1,200 correspondences of a 320x240 frame; numpy 
 spend that on the loop alone. The RANSAC result is re-solved on its inliers with
 Levenberg-Marquardt (``cv2.solvePnPRefineLM``) and the inlier set re-selected until it
 is stable. The covariance is ``sigma^2 (J^T J)^-1`` of the inlier reprojections
-(:func:`vizloc_ros.localize.models.dsac.pose_covariance`, shared with DSAC++), floored
+(:func:`pose_covariance`, shared with DSAC++), floored
 for the cells' correlation: neighbouring cells see overlapping image patches, so their
 errors are not independent, and the textbook formula would be over-confident by the
 number of cells that share one error. A frame with fewer than ``min_inliers`` inliers
@@ -71,6 +71,43 @@ def residuals(R_wc: np.ndarray, t_wc: np.ndarray, X: np.ndarray, p: np.ndarray, 
     return np.where(z > min_depth, r, 1e6)
 
 
+def pose_covariance(X: np.ndarray, K: np.ndarray, R_wc: np.ndarray, t_wc: np.ndarray,
+                    inliers: np.ndarray, residuals: np.ndarray, min_sigma_px: float = 0.5,
+                    min_inliers: int = 6) -> np.ndarray:
+    """6x6 ROS-order covariance of the camera-to-world pose from its inlier reprojections.
+
+    Perturbation as the estimator documents: position in ``map`` and a rotation vector
+    on the left (R_true = exp(delta) R). Linearised least squares: sigma^2 (J^T J)^-1 with
+    sigma^2 the inliers' residual variance (at least ``min_sigma_px`` squared).
+    """
+    n = int(inliers.sum())
+    if n < min_inliers:
+        return FAILED_COVARIANCE.copy()
+    Xi = X[inliers]
+    c = -R_wc.T @ t_wc
+    d = Xi - c
+    Xc = d @ R_wc.T
+    z = np.maximum(Xc[:, 2], 1e-6)
+    fx, fy = K[0, 0], K[1, 1]
+    dpi = np.zeros((n, 2, 3))
+    dpi[:, 0, 0] = fx / z
+    dpi[:, 0, 2] = -fx * Xc[:, 0] / z ** 2
+    dpi[:, 1, 1] = fy / z
+    dpi[:, 1, 2] = -fy * Xc[:, 1] / z ** 2
+    d_trans = np.broadcast_to(-R_wc, (n, 3, 3))
+    d_rot = R_wc[None] @ geometry.hat(d)
+    J = dpi @ np.concatenate([d_trans, d_rot], axis=2)  # (n, 2, 6)
+    J = J.reshape(-1, 6)
+    dof = max(2 * n - 6, 1)
+    sigma2 = max(float(np.sum(residuals[inliers] ** 2)) / dof, min_sigma_px ** 2)
+    H = J.T @ J
+    try:
+        cov = sigma2 * np.linalg.inv(H)
+    except np.linalg.LinAlgError:
+        return FAILED_COVARIANCE.copy()
+    return 0.5 * (cov + cov.T)
+
+
 def localize_from_coordinates(X: np.ndarray, pixels: np.ndarray, K: np.ndarray,
                               settings: PnpSettings = PnpSettings()) -> PnpResult | None:
     """Pose of the camera that sees world points ``X`` (N, 3) at ``pixels`` (N, 2).
@@ -78,8 +115,6 @@ def localize_from_coordinates(X: np.ndarray, pixels: np.ndarray, K: np.ndarray,
     None when no pose has ``min_inliers`` inliers (the caller reports the failed
     covariance). Deterministic: OpenCV's RNG is seeded from ``settings.seed``.
     """
-    from vizloc_ros.localize.models.dsac import pose_covariance  # the shared inlier covariance
-
     cv2 = _cv2()
     X = np.asarray(X, dtype=np.float64)
     pixels = np.asarray(pixels, dtype=np.float64)
@@ -131,4 +166,5 @@ def localize_from_coordinates(X: np.ndarray, pixels: np.ndarray, K: np.ndarray,
                      covariance=cov, inliers=full_inliers, residuals=full_r)
 
 
-__all__ = ["FAILED_COVARIANCE", "PnpResult", "PnpSettings", "localize_from_coordinates", "residuals"]
+__all__ = ["FAILED_COVARIANCE", "PnpResult", "PnpSettings", "localize_from_coordinates", "pose_covariance",
+           "residuals"]

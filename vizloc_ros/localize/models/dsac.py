@@ -31,6 +31,7 @@ from vizloc_ros.localize.camera import cell_centres, intrinsic_matrix
 from vizloc_ros.localize.models.backbones import build_backbone
 from vizloc_ros.localize.models.base import PoseRegressor
 from vizloc_ros.localize.models.registry import register_model
+from vizloc_ros.localize.pnp import pose_covariance
 
 LOG = logging.getLogger(__name__)
 
@@ -264,42 +265,6 @@ def pnp_ransac(X: np.ndarray, p: np.ndarray, K: np.ndarray, hypotheses: int, thr
     full_r = np.full(len(finite), np.inf)
     full_r[finite] = r_best
     return R, t, full_inliers, full_r
-
-
-def pose_covariance(X: np.ndarray, K: np.ndarray, R_wc: np.ndarray, t_wc: np.ndarray,
-                    inliers: np.ndarray, residuals: np.ndarray, min_sigma_px: float = 0.5) -> np.ndarray:
-    """6x6 ROS-order covariance of the camera-to-world pose from its inlier reprojections.
-
-    Perturbation as the estimator documents: position in ``map`` and a rotation vector
-    on the left (R_true = exp(delta) R). Linearised least squares: sigma^2 (J^T J)^-1 with
-    sigma^2 the inliers' residual variance (at least ``min_sigma_px`` squared).
-    """
-    n = int(inliers.sum())
-    if n < MIN_INLIERS:
-        return np.diag([FAILED_SIGMA_T ** 2] * 3 + [FAILED_SIGMA_R ** 2] * 3)
-    Xi = X[inliers]
-    c = -R_wc.T @ t_wc
-    d = Xi - c
-    Xc = d @ R_wc.T
-    z = np.maximum(Xc[:, 2], 1e-6)
-    fx, fy = K[0, 0], K[1, 1]
-    dpi = np.zeros((n, 2, 3))
-    dpi[:, 0, 0] = fx / z
-    dpi[:, 0, 2] = -fx * Xc[:, 0] / z ** 2
-    dpi[:, 1, 1] = fy / z
-    dpi[:, 1, 2] = -fy * Xc[:, 1] / z ** 2
-    d_trans = np.broadcast_to(-R_wc, (n, 3, 3))
-    d_rot = R_wc[None] @ geometry.hat(d)
-    J = dpi @ np.concatenate([d_trans, d_rot], axis=2)  # (n, 2, 6)
-    J = J.reshape(-1, 6)
-    dof = max(2 * n - 6, 1)
-    sigma2 = max(float(np.sum(residuals[inliers] ** 2)) / dof, min_sigma_px ** 2)
-    H = J.T @ J
-    try:
-        cov = sigma2 * np.linalg.inv(H)
-    except np.linalg.LinAlgError:
-        return np.diag([FAILED_SIGMA_T ** 2] * 3 + [FAILED_SIGMA_R ** 2] * 3)
-    return 0.5 * (cov + cov.T)
 
 
 register_model("dsac")(SceneCoordinateNet)
