@@ -148,6 +148,41 @@ def covariance_scale(errors: np.ndarray, covariances: np.ndarray, trim: float = 
                    "nees_median_before": float(np.median(values)), "trimmed_share": trim}
 
 
+def validate_map(model: AceLocalizer, frames, validation_idx, spec: InputSpec, report=None) -> tuple[dict, dict]:
+    """Localize the held-out frames through the run-time path (encoder + head + PnP-RANSAC)
+    and calibrate the covariance on their errors: ``(metrics, validation_errors)`` for
+    the checkpoint's JSON. Also used to recalibrate an existing map."""
+    report = report or (lambda *a, **k: None)
+    t_est, q_est, covs, t_gt, q_gt, failed = [], [], [], [], [], 0
+    for done, i in enumerate(validation_idx):
+        frame = frames[int(i)]
+        x = preprocess(torch.from_numpy(np.ascontiguousarray(frame.image))[None], spec)
+        t, q, cov = model.localize(x)
+        t_est.append(t[0].double().numpy())
+        q_est.append(q[0].double().numpy())
+        covs.append(cov[0].numpy())
+        failed += int(np.allclose(cov[0].numpy(), FAILED_COVARIANCE))
+        t_gt.append(frame.t)
+        q_gt.append(frame.q)
+        report("validate", done + 1, len(validation_idx), None)
+    metrics, validation_errors = {"validation_frames": int(len(validation_idx))}, {}
+    if len(validation_idx):
+        t_est, q_est, t_gt, q_gt = map(np.stack, (t_est, q_est, t_gt, q_gt))
+        trans, rot = pose_errors(t_est, q_est, t_gt, q_gt)
+        ok = np.array([not np.allclose(c, FAILED_COVARIANCE) for c in covs])
+        scale_factor, calib = covariance_scale(pose_error_vectors(t_est[ok], q_est[ok], t_gt[ok], q_gt[ok]),
+                                               np.stack(covs)[ok]) if ok.any() else (1.0, {"frames": 0})
+        metrics["validation"] = {
+            "median_translation_m": float(np.median(trans)), "median_rotation_deg": float(np.median(rot)),
+            "within_5cm_5deg": float(np.mean((trans < 0.05) & (rot < 5.0))), "failed_frames": int(failed)}
+        validation_errors["model_cov_scale"] = scale_factor
+        spread = validation_covariance(t_est[ok], q_est[ok], t_gt[ok], q_gt[ok]) if ok.sum() >= 2 else None
+        if spread is not None:  # the spread of the validation errors, for tools that read cov_ros
+            validation_errors["cov_ros"] = spread
+        validation_errors["calibration"] = calib
+    return metrics, validation_errors
+
+
 def make_map(frames, camera: dict, out, options: MapOptions = MapOptions(), progress=None) -> dict:
     """Map ``frames`` (a sequence of :class:`MapFrame`, indexable, with ``len``) seen by
     ``camera`` (fx, fy, cx, cy, width, height) into the checkpoint ``out``. ``progress``
@@ -197,36 +232,10 @@ def make_map(frames, camera: dict, out, options: MapOptions = MapOptions(), prog
     t_all = np.stack([frames[int(i)].t for i in mapping_idx])
     model.set_pose_stats(t_all.mean(axis=0), np.maximum(t_all.std(axis=0), 1e-3))
 
-    # validation: the run-time path (encoder + head + PnP-RANSAC) on held-out frames
     val_started = time.monotonic()
-    t_est, q_est, covs, t_gt, q_gt, failed = [], [], [], [], [], 0
-    for done, i in enumerate(validation_idx):
-        frame = frames[int(i)]
-        x = preprocess(torch.from_numpy(np.ascontiguousarray(frame.image))[None], spec)
-        t, q, cov = model.localize(x)
-        t_est.append(t[0].double().numpy())
-        q_est.append(q[0].double().numpy())
-        covs.append(cov[0].numpy())
-        failed += int(np.allclose(cov[0].numpy(), FAILED_COVARIANCE))
-        t_gt.append(frame.t)
-        q_gt.append(frame.q)
-        report("validate", done + 1, len(validation_idx), None)
+    metrics, validation_errors = validate_map(model, frames, validation_idx, spec, report)
+    metrics["mapping_frames"] = int(len(mapping_idx))
     timings["validate_s"] = round(time.monotonic() - val_started, 1)
-    metrics, validation_errors = {"mapping_frames": int(len(mapping_idx)), "validation_frames": int(len(validation_idx))}, {}
-    if len(validation_idx):
-        t_est, q_est, t_gt, q_gt = map(np.stack, (t_est, q_est, t_gt, q_gt))
-        trans, rot = pose_errors(t_est, q_est, t_gt, q_gt)
-        ok = np.array([not np.allclose(c, FAILED_COVARIANCE) for c in covs])
-        scale_factor, calib = covariance_scale(pose_error_vectors(t_est[ok], q_est[ok], t_gt[ok], q_gt[ok]),
-                                               np.stack(covs)[ok]) if ok.any() else (1.0, {"frames": 0})
-        metrics["validation"] = {
-            "median_translation_m": float(np.median(trans)), "median_rotation_deg": float(np.median(rot)),
-            "within_5cm_5deg": float(np.mean((trans < 0.05) & (rot < 5.0))), "failed_frames": int(failed)}
-        validation_errors["model_cov_scale"] = scale_factor
-        spread = validation_covariance(t_est[ok], q_est[ok], t_gt[ok], q_gt[ok]) if ok.sum() >= 2 else None
-        if spread is not None:  # the spread of the validation errors, for tools that read cov_ros
-            validation_errors["cov_ros"] = spread
-        validation_errors["calibration"] = calib
     timings["total_s"] = round(time.monotonic() - started, 1)
     meta = {
         "input": spec.to_meta(), "scene": options.scene, "map_frame": "map",
@@ -241,4 +250,4 @@ def make_map(frames, camera: dict, out, options: MapOptions = MapOptions(), prog
     return {"checkpoint": str(path), **meta}
 
 
-__all__ = ["MapFrame", "MapOptions", "MappingError", "load_encoder", "make_map"]
+__all__ = ["MapFrame", "MapOptions", "MappingError", "load_encoder", "make_map", "validate_map"]

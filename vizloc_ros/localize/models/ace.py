@@ -106,7 +106,8 @@ class AceLocalizer(PoseRegressor):
         encoder: file name and sha256 of the encoder the map was made with (informational:
             the encoder's tensors are in the checkpoint).
         inlier_threshold: reprojection error of an inlier, network-input pixels.
-        ransac_iterations, min_inliers, refine_iterations, confidence: PnP-RANSAC settings.
+        ransac_iterations, min_inliers, refine_iterations, confidence, inlier_power: PnP-RANSAC
+            settings and the covariance's growth with disagreeing cells (:class:`~vizloc_ros.localize.pnp.PnpSettings`).
         seed: RANSAC seed (OpenCV's RNG is re-seeded per frame: inference is deterministic).
     """
 
@@ -117,7 +118,7 @@ class AceLocalizer(PoseRegressor):
     def __init__(self, input_camera=None, camera=None, head_width: int = 256, head_layers: int = 3,
                  feature_dim: int = FEATURE_DIM, encoder: dict | None = None, inlier_threshold: float = 6.0,
                  ransac_iterations: int = 200, min_inliers: int = 30, refine_iterations: int = 10,
-                 confidence: float = 0.999, seed: int = 0, backbone: str = "ace_encoder"):
+                 confidence: float = 0.999, seed: int = 0, inlier_power: float = 2.0, backbone: str = "ace_encoder"):
         super().__init__()
         self.input_camera = None if input_camera is None else [float(v) for v in input_camera]
         if self.input_camera is not None and (len(self.input_camera) != 4
@@ -129,7 +130,7 @@ class AceLocalizer(PoseRegressor):
         self.encoder_ref = None if encoder is None else dict(encoder)
         self.pnp = PnpSettings(inlier_threshold=float(inlier_threshold), iterations=int(ransac_iterations),
                                min_inliers=int(min_inliers), refine_iterations=int(refine_iterations),
-                               confidence=float(confidence), seed=int(seed))
+                               confidence=float(confidence), seed=int(seed), inlier_power=float(inlier_power))
         self.encoder = SceneEncoder(self.feature_dim)
         self.head = CoordinateHead(self.feature_dim, self.head_width, self.head_layers)
         # centre and scale of the map's coordinates: the head regresses (X - centre) / scale
@@ -142,7 +143,7 @@ class AceLocalizer(PoseRegressor):
                 "head_layers": self.head_layers, "feature_dim": self.feature_dim, "encoder": self.encoder_ref,
                 "inlier_threshold": p.inlier_threshold, "ransac_iterations": p.iterations,
                 "min_inliers": p.min_inliers, "refine_iterations": p.refine_iterations,
-                "confidence": p.confidence, "seed": p.seed, "backbone": "ace_encoder"}
+                "confidence": p.confidence, "seed": p.seed, "inlier_power": p.inlier_power, "backbone": "ace_encoder"}
 
     # ------------------------------------------------------------------ network
     def set_coordinate_frame(self, centre, scale: float) -> None:
