@@ -33,10 +33,8 @@ import torch
 
 from vizloc_ros.localize.camera import cell_centres
 from vizloc_ros.localize.models.ace import AceLocalizer
-from vizloc_ros.localize.pnp import FAILED_COVARIANCE
 from vizloc_ros.localize.preprocess import InputSpec, preprocess
-from vizloc_ros.mapping.mapper import MappingError, MapOptions, covariance_scale, split_frames
-from vizloc_ros.metrics import pose_error_vectors, pose_errors
+from vizloc_ros.mapping.mapper import MappingError, MapOptions, split_frames, validate_map
 from vizloc_ros.training.recipes.dsac import dsac_expected_loss
 
 
@@ -52,32 +50,6 @@ class RefineOptions:
     cap: float = 100.0  # per-hypothesis loss cap (degrees / cm)
     threads: int = 2
     seed: int = 0
-
-
-def validate(model: AceLocalizer, frames, indices, spec: InputSpec, progress=None) -> tuple[dict, dict]:
-    """Localize ``frames[indices]`` as at run time (encoder + head + PnP-RANSAC); returns the
-    validation metrics and the calibrated covariance scale (``validation_errors``)."""
-    report = progress or (lambda *a, **k: None)
-    t_est, q_est, covs, t_gt, q_gt = [], [], [], [], []
-    for done, i in enumerate(indices):
-        frame = frames[int(i)]
-        t, q, cov = model.localize(preprocess(torch.from_numpy(np.ascontiguousarray(frame.image))[None], spec))
-        t_est.append(t[0].double().numpy())
-        q_est.append(q[0].double().numpy())
-        covs.append(cov[0].numpy())
-        t_gt.append(frame.t)
-        q_gt.append(frame.q)
-        report("validate", done + 1, len(indices), None)
-    if not len(indices):
-        return {}, {}
-    t_est, q_est, t_gt, q_gt, covs = map(np.stack, (t_est, q_est, t_gt, q_gt, covs))
-    trans, rot = pose_errors(t_est, q_est, t_gt, q_gt)
-    ok = np.array([not np.allclose(c, FAILED_COVARIANCE) for c in covs])
-    scale, calibration = covariance_scale(pose_error_vectors(t_est[ok], q_est[ok], t_gt[ok], q_gt[ok]),
-                                          covs[ok]) if ok.any() else (1.0, {"frames": 0})
-    metrics = {"median_translation_m": float(np.median(trans)), "median_rotation_deg": float(np.median(rot)),
-               "within_5cm_5deg": float(np.mean((trans < 0.05) & (rot < 5.0))), "failed_frames": int((~ok).sum())}
-    return metrics, {"model_cov_scale": scale, "calibration": calibration}
 
 
 def refine_head(model: AceLocalizer, frames, indices, spec: InputSpec, options: RefineOptions,
@@ -161,7 +133,8 @@ def refine_map(model: AceLocalizer, meta: dict, frames, map_options: MapOptions,
     started = time.monotonic()
     result = refine_head(model, frames, mapping_idx, spec, options, progress)
     validation_started = time.monotonic()
-    after, errors = validate(model, frames, validation_idx, spec, progress)
+    validated, errors = validate_map(model, frames, validation_idx, spec, progress)
+    after = validated.get("validation") or {}
     validate_s = round(time.monotonic() - validation_started, 1)
     better = not before or not after or after["median_translation_m"] <= before["median_translation_m"]
     if not better:
@@ -183,4 +156,4 @@ def refine_map(model: AceLocalizer, meta: dict, frames, map_options: MapOptions,
             "training": training, "metrics": metrics, "validation_errors": validation_errors}
 
 
-__all__ = ["RefineOptions", "refine_head", "refine_map", "validate"]
+__all__ = ["RefineOptions", "refine_head", "refine_map"]

@@ -109,6 +109,7 @@ class AceLocalizer(PoseRegressor):
         ransac_iterations, min_inliers, refine_iterations, confidence, inlier_power: PnP-RANSAC
             settings and the covariance's growth with disagreeing cells (:class:`~vizloc_ros.localize.pnp.PnpSettings`).
         seed: RANSAC seed (OpenCV's RNG is re-seeded per frame: inference is deterministic).
+        feat_dim: the model zoo's common size knob; here the head's width (overrides head_width).
     """
 
     rotation_format = "quat"
@@ -118,8 +119,11 @@ class AceLocalizer(PoseRegressor):
     def __init__(self, input_camera=None, camera=None, head_width: int = 256, head_layers: int = 3,
                  feature_dim: int = FEATURE_DIM, encoder: dict | None = None, inlier_threshold: float = 6.0,
                  ransac_iterations: int = 200, min_inliers: int = 30, refine_iterations: int = 10,
-                 confidence: float = 0.999, seed: int = 0, inlier_power: float = 2.0, backbone: str = "ace_encoder"):
+                 confidence: float = 0.999, seed: int = 0, inlier_power: float = 2.0, backbone: str = "ace_encoder",
+                 feat_dim: int | None = None):
         super().__init__()
+        if feat_dim is not None:  # the zoo's common knob (head width of DSAC, FC of PoseNet): the head's width
+            head_width = int(feat_dim)
         self.input_camera = None if input_camera is None else [float(v) for v in input_camera]
         if self.input_camera is not None and (len(self.input_camera) != 4
                                               or not all(math.isfinite(v) for v in self.input_camera)
