@@ -20,7 +20,7 @@ INSTALL_REQUIRES = [
     "evo>=1.25,<2",
     "pyyaml>=6,<7",
     "pillow>=9,<13",
-    "opencv-python-headless>=4.8,<6",  # PnP for DSAC (aarch64 wheels on PyPI)
+    "opencv-python-headless>=4.8,<6",  # PnP-RANSAC for the scene-coordinate maps (aarch64 wheels on PyPI)
 ]
 
 EXTRAS = {

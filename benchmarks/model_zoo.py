@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from vizloc_ros import geometry  # noqa: E402
 from vizloc_ros.localize.estimator import PoseEstimator  # noqa: E402
 from vizloc_ros.localize.models import available_models  # noqa: E402
+from vizloc_ros.localize.models.registry import trained_by  # noqa: E402
 from vizloc_ros.metrics import evaluate_poses, pose_error_vectors  # noqa: E402
 from vizloc_ros.metrics import nees as metrics_nees  # noqa: E402
 from vizloc_ros.training import train  # noqa: E402
@@ -324,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(1 if args.quick else max(1, torch.get_num_threads()))
-    models = args.models.split(",") if args.models else available_models()
+    # scene-coordinate maps (ace) are made by vizloc-map, not vizloc-train: benchmarks/bench_mapping.py
+    models = args.models.split(",") if args.models else [m for m in available_models() if trained_by(m) == "vizloc-train"]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="vizloc_zoo_"))
     views = Path(tempfile.mkdtemp(prefix="vizloc_zoo_data_"))
     datasets = []

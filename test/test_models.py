@@ -19,6 +19,7 @@ from vizloc_ros.localize.models import (
     register_model,
 )
 from vizloc_ros.localize.models.backbones import torch_cache_path
+from vizloc_ros.localize.models.registry import trained_by
 from vizloc_ros.training.recipes import available_recipes, recipe_for
 
 EXPECTED_MODELS = {"posenet": ("googlenet", "quat"), "posenet_resnet18": ("resnet18", "quat"),
@@ -213,7 +214,11 @@ def test_own_loss_options_refuse_unknown_keys_and_ignore_pose_loss_keys(module):
 
 def test_every_builtin_model_has_a_training_recipe_under_its_name():
     builtin = [name for name in available_models() if not name.startswith("test_")]
-    assert set(builtin) <= set(available_recipes())
+    trained = [name for name in builtin if trained_by(name) == "vizloc-train"]
+    assert set(trained) <= set(available_recipes())
+    assert trained_by("ace") == "vizloc-map" and "ace" not in available_recipes()
+    with pytest.raises(ValueError, match="not trained by vizloc-train: make it with vizloc-map"):
+        recipe_for("ace")
     assert recipe_for("dsac").loss(build_model("dsac", backbone="small"),
                                    {"loss": {"stage": "coords"}}) is not None
     assert recipe_for("mapnet").loss(build_model("mapnet", feat_dim=8), {"loss": {}}) is None

@@ -114,6 +114,7 @@ class AceLocalizer(PoseRegressor):
 
     rotation_format = "quat"
     architecture = "ace"
+    trained_by = "vizloc-map"  # a map is made from a recording, not trained by vizloc-train
     stride = SceneEncoder.stride
 
     def __init__(self, input_camera=None, camera=None, head_width: int = 256, head_layers: int = 3,

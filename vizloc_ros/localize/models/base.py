@@ -43,6 +43,9 @@ class PoseRegressor(nn.Module):
     rotation_format: str = "quat"
     #: registry name; ``build_model`` overwrites it on the instance with the name used.
     architecture: str = ""
+    #: the command that makes its weights (``vizloc-train`` with a training recipe, or
+    #: ``vizloc-map`` for scene-coordinate maps)
+    trained_by: str = "vizloc-train"
 
     def __init__(self) -> None:
         super().__init__()

@@ -41,6 +41,13 @@ def is_registered(name: str) -> bool:
     return name in _REGISTRY
 
 
+def trained_by(name: str) -> str:
+    """The command that makes weights of ``name``: ``vizloc-train`` for the regressors,
+    ``vizloc-map`` for scene-coordinate maps (a model class says so in ``trained_by``)."""
+    factory = _REGISTRY.get(name)
+    return str(getattr(factory, "trained_by", "vizloc-train"))
+
+
 def build_model(name: str, **kwargs) -> PoseRegressor:
     """Instantiate the architecture registered as ``name`` with constructor ``kwargs``."""
     try:

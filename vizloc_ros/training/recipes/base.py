@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from vizloc_ros.localize.models.registry import trained_by
+
 #: keys of the pose-regression loss block (train.py DEFAULTS) that recipes with their own
 #: loss (DSAC, NetVLAD, allocentric) ignore
 POSE_LOSS_KEYS = ("translation", "rotation", "combine", "s_t", "s_q", "relative", "beta")
@@ -89,5 +91,9 @@ def recipe_for(architecture: str) -> TrainingRecipe:
     try:
         return _RECIPES[architecture]
     except KeyError:
+        maker = trained_by(architecture)
+        if maker != "vizloc-train":
+            raise ValueError(f"model {architecture!r} is not trained by vizloc-train: make it with {maker} "
+                             "(see docs/MAPPING.md)") from None
         raise ValueError(f"no training recipe for model {architecture!r}: register one with "
                          "vizloc_ros.training.recipes.register_recipe") from None
