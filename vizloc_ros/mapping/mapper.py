@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vizloc_ros import geometry
-from vizloc_ros.localize.camera import cell_centres, check_camera, crop_geometry, input_camera, intrinsic_matrix
+from vizloc_ros.localize.camera import check_camera, input_camera, intrinsic_matrix
 from vizloc_ros.localize.models.ace import AceLocalizer, SceneEncoder
 from vizloc_ros.localize.models.checkpoint import save_checkpoint
 from vizloc_ros.localize.pnp import FAILED_COVARIANCE, PnpSettings, localize_from_coordinates
@@ -34,11 +33,12 @@ from vizloc_ros.mapping.buffer import BYTES_PER_SAMPLE, BufferBuilder
 from vizloc_ros.mapping.head_training import HeadTrainingConfig, coordinate_frame, train_head
 from vizloc_ros.metrics import nees, pose_error_vectors, pose_errors
 from vizloc_ros.training.evaluate import validation_covariance
+from vizloc_ros.training.scene_geometry import grid_scene_coordinates
 
 LOG = logging.getLogger("vizloc_ros.mapping")
 
 ENCODER_NAME = "scene_encoder.safetensors"
-#: default buffer bound: 8 M samples (~2.3 GB), a 24 GB machine keeps most of its memory
+#: default buffer bound: 8 M samples (~2.2 GB), a 24 GB machine keeps most of its memory
 DEFAULT_MAX_SAMPLES = 8_000_000
 
 
@@ -121,17 +121,13 @@ def split_frames(count: int, share: float, block: int) -> tuple[np.ndarray, np.n
 
 
 def _cell_targets(frame: MapFrame, camera: dict, spec: InputSpec, out_hw) -> np.ndarray | None:
+    """True points (h, w, 3) at the cell centres from the frame's depth (NaN where none),
+    with the training code's own back-projection (DSAC++ builds its targets the same way)."""
     if frame.depth is None:
         return None
-    sx, sy, left, top = crop_geometry(camera["width"], camera["height"], spec)
-    centres = cell_centres(out_hw[0], out_hw[1], 8)
-    u = np.clip(np.rint((centres[..., 0] + left + 0.5) / sx - 0.5), 0, camera["width"] - 1).astype(int)
-    v = np.clip(np.rint((centres[..., 1] + top + 0.5) / sy - 0.5), 0, camera["height"] - 1).astype(int)
-    d = np.asarray(frame.depth, dtype=np.float64)[v, u]
-    cam = np.stack([(u - camera["cx"]) / camera["fx"] * d, (v - camera["cy"]) / camera["fy"] * d, d], -1)
-    world = cam @ geometry.quat_to_matrix(frame.q).T + frame.t
-    world[~(np.isfinite(d) & (d > 0))] = np.nan
-    return world.astype(np.float32)
+    depth = np.asarray(frame.depth, dtype=np.float32)
+    depth = np.where(depth > 0, depth, np.nan)  # 0 = no reading: no target, not a point at the camera
+    return grid_scene_coordinates(depth, camera, spec, frame.t, frame.q, out_hw, 8)
 
 
 def covariance_scale(errors: np.ndarray, covariances: np.ndarray, trim: float = 0.02) -> tuple[float, dict]:
@@ -186,7 +182,17 @@ def validate_map(model: AceLocalizer, frames, validation_idx, spec: InputSpec, r
 def make_map(frames, camera: dict, out, options: MapOptions = MapOptions(), progress=None) -> dict:
     """Map ``frames`` (a sequence of :class:`MapFrame`, indexable, with ``len``) seen by
     ``camera`` (fx, fy, cx, cy, width, height) into the checkpoint ``out``. ``progress``
-    (optional) is called as ``progress(stage, done, total, info)``."""
+    (optional) is called as ``progress(stage, done, total, info)``. Runs on
+    ``options.threads`` threads and gives the caller its own thread count back."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, options.threads))
+    try:
+        return _make_map(frames, camera, out, options, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _make_map(frames, camera: dict, out, options: MapOptions, progress) -> dict:
     camera = check_camera(camera)
     count = len(frames)
     if count < 10:
@@ -194,7 +200,6 @@ def make_map(frames, camera: dict, out, options: MapOptions = MapOptions(), prog
     report = progress or (lambda *a, **k: None)
     timings = {}
     started = time.monotonic()
-    torch.set_num_threads(max(1, options.threads))
     encoder, encoder_ref = load_encoder(options.encoder)
     spec = input_spec_for(camera, options.input_height, encoder.stride)
     fx, fy, cx, cy = input_camera(camera, spec)
@@ -220,7 +225,7 @@ def make_map(frames, camera: dict, out, options: MapOptions = MapOptions(), prog
                          encoder=encoder_ref, inlier_threshold=options.pnp.inlier_threshold,
                          ransac_iterations=options.pnp.iterations, min_inliers=options.pnp.min_inliers,
                          refine_iterations=options.pnp.refine_iterations, confidence=options.pnp.confidence,
-                         seed=options.pnp.seed)
+                         seed=options.pnp.seed, inlier_power=options.pnp.inlier_power)
     model.encoder.load_state_dict(encoder.state_dict())
     model.set_coordinate_frame(centre, scale)
     head_started = time.monotonic()

@@ -342,10 +342,32 @@ def main(argv=None) -> int:
     if out.with_suffix(".safetensors").exists() and not args.resume:
         print(f"vizloc pretrain: {out.with_suffix('.safetensors')} exists", file=sys.stderr)
         return 2
+    available = len(SEED_USES["pretrain"])
+    problems = [f"--{name} must be >= 1" for name in ("rooms", "frames", "walks", "steps", "batch", "threads")
+                if getattr(args, name) < 1]
+    if args.rooms > available:
+        problems.append(f"--rooms {args.rooms}: only {available} pretraining rooms are reserved "
+                        f"({SEED_USES['pretrain'].start}-{SEED_USES['pretrain'].stop - 1})")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        problems.append(f"--lr must be a positive number, got {args.lr}")
+    if args.init_encoder is not None and not args.init_encoder.is_file():
+        problems.append(f"--init-encoder {args.init_encoder}: no such file")
+    if args.resume and not _state_paths(out)[1].exists():
+        problems.append(f"--resume: no state at {_state_paths(out)[1]}")
+    if problems:
+        print(f"vizloc pretrain: {problems[0]}", file=sys.stderr)
+        return 2
     config = PretrainConfig(rooms=args.rooms, frames=args.frames, walks=args.walks, steps=args.steps,
                             batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads)
-    result = pretrain(out, config, resume=args.resume, save_every_min=args.save_every, max_minutes=args.max_minutes,
-                      init_encoder=args.init_encoder)
+    try:
+        result = pretrain(out, config, resume=args.resume, save_every_min=args.save_every,
+                          max_minutes=args.max_minutes, init_encoder=args.init_encoder)
+    except KeyboardInterrupt:  # the state saved last stays whole (written atomically): --resume goes on
+        print(f"vizloc pretrain: interrupted; --resume continues from {_state_paths(out)[1]}", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as exc:  # a state or encoder file that does not fit
+        print(f"vizloc pretrain: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({k: result[k] for k in ("finished", "step")}))
     return 0
 

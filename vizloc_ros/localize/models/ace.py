@@ -118,9 +118,11 @@ class AceLocalizer(PoseRegressor):
     stride = SceneEncoder.stride
 
     def __init__(self, input_camera=None, camera=None, head_width: int = 256, head_layers: int = 3,
-                 feature_dim: int = FEATURE_DIM, encoder: dict | None = None, inlier_threshold: float = 6.0,
-                 ransac_iterations: int = 200, min_inliers: int = 30, refine_iterations: int = 10,
-                 confidence: float = 0.999, seed: int = 0, inlier_power: float = 2.0, backbone: str = "ace_encoder",
+                 feature_dim: int = FEATURE_DIM, encoder: dict | None = None,
+                 inlier_threshold: float = PnpSettings.inlier_threshold, ransac_iterations: int = PnpSettings.iterations,
+                 min_inliers: int = PnpSettings.min_inliers, refine_iterations: int = PnpSettings.refine_iterations,
+                 confidence: float = PnpSettings.confidence, seed: int = PnpSettings.seed,
+                 inlier_power: float = PnpSettings.inlier_power, backbone: str = "ace_encoder",
                  feat_dim: int | None = None):
         super().__init__()
         if feat_dim is not None:  # the zoo's common knob (head width of DSAC, FC of PoseNet): the head's width
