@@ -17,6 +17,7 @@ from vizloc_ros.sim.lighting import (AMBIENT_RANGE, DIFFUSE_RANGE, EXPOSURE_RANG
                                      check_lighting_seed, kelvin_to_gain, lighting_metadata, lighting_variant)
 from vizloc_ros.sim.render import Lighting, PinholeCamera, Renderer
 from vizloc_ros.sim.trajectories import camera_poses, random_walk
+from pinned_digests import rounded
 
 CAMERA = PinholeCamera.from_fov(64, 48)
 SMALL_ARGS = ["--frames", "3", "--train-walks", "1", "--size", "64x48", "--quiet"]
@@ -31,14 +32,6 @@ def room():
 def views(room):
     """A few camera poses of a walk through the room."""
     return camera_poses(random_walk(room, 6.0, seed=3), np.array([0.5, 2.0, 4.0]))
-
-
-def _rounded(value):
-    if isinstance(value, (float, np.floating)):
-        return round(float(value), 9)
-    if isinstance(value, (tuple, list)):
-        return [_rounded(v) for v in value]
-    return value
 
 
 # --------------------------------------------------------------------------- the renderer's Lighting
@@ -110,7 +103,7 @@ def test_the_lighting_draws_never_change():
     digest = hashlib.sha256()
     for seed in range(64):
         lit = lighting_variant(seed, scene)
-        digest.update(repr(_rounded([lit.position, lit.ambient, lit.diffuse, lit.falloff, lit.exposure,
+        digest.update(repr(rounded([lit.position, lit.ambient, lit.diffuse, lit.falloff, lit.exposure,
                                      lit.white_balance])).encode())
     assert digest.hexdigest()[:16] == "a47de100b36bee8e"
 

@@ -19,6 +19,7 @@ from vizloc_ros.sim.render import PinholeCamera, Renderer
 from vizloc_ros.sim.rooms import SEED_USES, parse_room_name, room_extent, room_spec, seed_use
 from vizloc_ros.sim.scene import build_scene
 from vizloc_ros.sim.trajectories import BOX_MARGIN, WALL_MARGIN, camera_poses, random_walk
+from pinned_digests import rounded
 
 ROOT = Path(__file__).resolve().parents[1]
 #: 200 rooms for the cheap geometric checks: every evaluation seed and 100 outside every range
@@ -27,19 +28,11 @@ WALLS = {"wall_-x", "wall_+x", "wall_-y", "wall_+y"}
 SMALL = (64, 48)
 
 
-def _rounded(value):
-    if isinstance(value, (float, np.floating)):
-        return round(float(value), 9)
-    if isinstance(value, (tuple, list)):
-        return [_rounded(v) for v in value]
-    return value
-
-
 def _spec_digest(seeds) -> str:
     digest = hashlib.sha256()
     for seed in seeds:
         s = room_spec(seed)
-        digest.update(repr(_rounded([s.name, s.room_lo, s.room_hi, s.light, s.wall_hues, s.doors, s.windows,
+        digest.update(repr(rounded([s.name, s.room_lo, s.room_hi, s.light, s.wall_hues, s.doors, s.windows,
                                      s.texture_seed, [[b.name, b.lo, b.hi, b.hue] for b in s.boxes]])).encode())
     return digest.hexdigest()[:16]
 
