@@ -479,7 +479,9 @@ def test_demo_config_builds_a_model_under_25_mb_in_fp16(name):
 TINY_CLI = ["--set", "input.resize=32", "--set", f"input.crop=[{CROP[0]},{CROP[1]}]",
             "--set", "augment.color_jitter=0", "--set", "augment.random_crop=false", "--device", "cpu",
             "--no-progress", "--epochs", "1", "--batch-size", "2", "--set", "max_steps=2",
-            "--set", "data.preload=false", "--set", "threads=0"]
+            "--set", "data.preload=false", "--set", "threads=0",
+            # the demo recipes copy the shipped full-size trunks; these tiny networks cannot
+            "--set", "trunk=null"]
 
 
 @pytest.fixture(scope="module")
@@ -561,3 +563,28 @@ def test_replay_visual_odom_needs_a_relative_head(trained, tiny_world, tmp_path)
         replay.run_replay(replay.ReplayOptions(bag=tiny_world / "bags" / "seq-05", out=tmp_path / "r",
                                                weights=trained["lstm_posenet"], device="cpu",
                                                progress=False, visual_odometry=True))
+
+
+def test_mapnet_plus_on_a_frozen_cached_trunk_caches_the_unlabeled_frames_too(tiny_world, tmp_path, monkeypatch):
+    """The CPU recipe of MapNet+: MapNet's trunk frozen, its output cached for the labeled
+    frames and for the unlabeled recordings' frames; the head is fine-tuned."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = tiny("mapnet_plus")  # as the shipped MapNet: the same network
+    save_checkpoint(tmp_path / "mapnet", source, {"input": {"resize": 32, "crop": list(CROP)}}, dtype="fp16")
+    args = ["--config", str(ROOT / "config" / CONFIGS["mapnet_plus"]), "--data", str(tiny_world),
+            "--set", f"data.val_root={tiny_world}", "--out", str(tmp_path / "plus"), *TINY_CLI[:-2],
+            "--set", "tuple.skip=1", "--set", "tuple.stride=4", "--set", f"unlabeled.root={tiny_world / 'bags'}",
+            "--set", "unlabeled.skip=2", "--set", "unlabeled.stride=4",
+            "--set", f"trunk.from={tmp_path / 'mapnet.safetensors'}"]
+    for key, value in TINY_ARGS["mapnet_plus"].items():
+        args += ["--set", f"model.args.{key}={value}"]
+    assert train.main(args) == 0
+    cached = sorted((tmp_path / "cache" / "vizloc_ros" / "features").glob("backbone-*.npy"))
+    bags = len(list((tiny_world / "bags").iterdir()))
+    assert len(cached) == 1 + bags  # the labeled split, then one per unlabeled recording
+    model, meta = load_checkpoint(tmp_path / "plus")  # the trunk file sits beside it
+    assert meta["frozen_tensors"]["file"] == "mapnet.safetensors"
+    assert meta["training"]["unlabeled_tuples"] > 0
+    for name, tensor in source.state_dict().items():
+        if name.startswith("backbone."):
+            assert torch.equal(model.state_dict()[name], tensor.half().float()), name

@@ -195,7 +195,9 @@ class TupleDataset:
         t = np.stack([f["t"] for f in frames])
         q = np.stack([f["q"] for f in frames])
         t_rel, q_rel = geometry.pose_relative(t[:-1], q[:-1], t[1:], q[1:])
-        return {"image": np.stack([f["image"] for f in frames]), "t": t, "q": q,
+        # frames carry an image, or the cached output of a frozen trunk (training.trunk)
+        key = "feature" if "feature" in frames[0] else "image"
+        return {key: np.stack([f[key] for f in frames]), "t": t, "q": q,
                 "t_rel": t_rel, "q_rel": q_rel, "index": index}
 
 

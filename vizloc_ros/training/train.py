@@ -44,12 +44,17 @@ from vizloc_ros.training.datasets import TupleDataset, open_dataset, translation
 from vizloc_ros.training.evaluate import validation_covariance
 from vizloc_ros.training.losses import build_loss, build_odometry_loss
 from vizloc_ros.training.recipes import recipe_for
+from vizloc_ros.training.trunk import (TRUNK_DEFAULTS, FeatureFrames, TrunkError, TrunkPlan, apply_trunk,
+                                       keep_frozen_in_eval, sequence_features, trunk_features,
+                                       trunk_replaced)
 from vizloc_ros.training.unlabeled import open_unlabeled
 
 LOG = logging.getLogger("vizloc-train")
 
 DEFAULTS = {
     "model": {"name": "mapnet", "args": {}, "init_from": None},
+    # a frozen trunk copied from a shipped checkpoint, its output cached (training/trunk.py)
+    "trunk": dict(TRUNK_DEFAULTS),
     "loss": {"translation": "l1", "rotation": "logq", "combine": "learned",
              "s_t": 0.0, "s_q": -3.0, "relative": True},
     "data": {"kind": "7scenes", "root": None, "train_split": "train", "val_split": "test",
@@ -255,7 +260,10 @@ def _collate(samples):
     """Stack samples whose images share a size; images stay uint8 (preprocessed later).
     Poses (``t``, ``q``) and relative poses (``t_rel``, ``q_rel``) when the samples have them,
     and any other array a model's training samples carry (depth, scene coordinates, ...)."""
-    out = {"image": torch.from_numpy(np.stack([s["image"] for s in samples]))}
+    out = {}
+    for key in ("image", "feature"):  # images, or the cached trunk outputs (training.trunk)
+        if key in samples[0]:
+            out[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
     for key in ("t", "q", "t_rel", "q_rel"):
         if key in samples[0]:
             out[key] = torch.from_numpy(np.stack([s[key] for s in samples])).float()
@@ -468,12 +476,16 @@ class TrainingForward(torch.nn.Module):
     backward, as DistributedDataParallel needs). Returns the model's clip outputs
     (``pose``, ``relative``) and ``unlabeled`` (raw poses of the unlabeled clips)."""
 
-    def __init__(self, model):
+    def __init__(self, model, clips: bool | None = None):
         super().__init__()
         self.model = model
+        #: the batches are clips; None: tell from the shape (images: 5-d clips). Cached trunk
+        #: outputs have any shape, so the trainer says.
+        self.clips = clips
 
     def forward(self, x: torch.Tensor, unlabeled: torch.Tensor | None = None) -> dict:
-        out = dict(self.model.forward_clips(x)) if x.dim() == 5 else {"pose": self.model(x)}
+        clips = x.dim() == 5 if self.clips is None else self.clips
+        out = dict(self.model.forward_clips(x)) if clips else {"pose": self.model(x)}
         if unlabeled is not None:
             out["unlabeled"] = self.model.forward_clips(unlabeled)["pose"]
         return out
@@ -484,6 +496,24 @@ def _prepare_batch_images(images: torch.Tensor, spec, device, config, generator)
     shape = images.shape
     x = prepare_images(images.reshape(-1, *shape[-3:]), spec, device, True, config, generator)
     return x.unflatten(0, tuple(shape[:2])) if len(shape) == 5 else x
+
+
+def _batches(bar, model, trunk: TrunkPlan):
+    """The epoch's batches; with a cached trunk the model's trunk module is the identity
+    meanwhile (its input is the cached output), and is back for validation."""
+    with trunk_replaced(model, trunk.cache):
+        yield from bar
+
+
+def _check_cacheable(config: dict, custom_loss) -> None:
+    """A cached trunk output is computed once, from the plain image: anything that changes
+    the image per step cannot be honoured, and is refused rather than ignored."""
+    if float(config["augment"]["color_jitter"]) > 0 or config["augment"]["random_crop"]:
+        raise ConfigError("trunk.cache computes the trunk's output once per frame: set augment.color_jitter: 0 "
+                          "and augment.random_crop: false (augmentation would change it every step)")
+    if custom_loss is not None:
+        raise ConfigError(f"trunk.cache is for pose-regression losses; {config['model']['name']} trains on its "
+                          "own samples")
 
 
 def _forever(loader):
@@ -590,6 +620,11 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
         except RuntimeError as exc:
             raise ConfigError(f"model.init_from {config['model']['init_from']} does not fit "
                               f"{config['model']['name']}: {exc}") from None
+    try:
+        trunk = TrunkPlan.from_config(config["trunk"])
+        frozen = apply_trunk(model, trunk)
+    except TrunkError as exc:
+        raise ConfigError(str(exc)) from None
     model.set_pose_stats(mean, std)
     model = model.to(device).to(memory_format=torch.channels_last)
     # the method's recipe: models that are not pose regressors bring their own loss and samples
@@ -603,20 +638,30 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
     if model.pose_depends_on_history and int(config["tuple"]["steps"]) != model.context_frames:
         LOG.warning("training clips of tuple.steps=%s frames, but %s reads the last %d at run time; "
                     "set them equal", config["tuple"]["steps"], model.architecture, model.context_frames)
-    source = TupleDataset(train_set, config["tuple"]["steps"], config["tuple"]["skip"],
-                          stride=int(config["tuple"]["stride"])) if clips else train_set
+    frames = train_set
+    if trunk.cache:
+        _check_cacheable(config, custom_loss)
+        frames = FeatureFrames(train_set, trunk_features(model, trunk, train_set, spec, device,
+                                                         progress=progress and rank == 0))
+    source = TupleDataset(frames, config["tuple"]["steps"], config["tuple"]["skip"],
+                          stride=int(config["tuple"]["stride"])) if clips else frames
     if custom_loss is not None:
         source = recipe.samples(model, train_set, config, spec)
     if len(source) == 0:
         raise ConfigError("the training split is too short for the requested tuples "
                           f"(steps={config['tuple']['steps']}, skip={config['tuple']['skip']})")
     unlabeled_set, unlabeled_loss = _open_unlabeled(config, model, recipe)
+    if unlabeled_set is not None and trunk.cache:
+        for sequence in unlabeled_set.sequences:
+            sequence.features = sequence_features(model, trunk, sequence, spec, device,
+                                                  progress=progress and rank == 0)
+            sequence.images = []  # the features stand for them; the memory is given back
     if unlabeled_loss is not None:
         unlabeled_loss = unlabeled_loss.to(device)
         loss_state = torch.nn.ModuleDict({"labeled": loss_fn, "unlabeled": unlabeled_loss})
     else:
         loss_state = loss_fn
-    params = list(model.parameters()) + list(loss_state.parameters())
+    params = [p for p in model.parameters() if p.requires_grad] + list(loss_state.parameters())
     optimizer = torch.optim.Adam(params, lr=config["optim"]["lr"],
                                  weight_decay=config["optim"]["weight_decay"])
     epochs = config["optim"]["epochs"]
@@ -637,7 +682,7 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                     schedule.step()
         LOG.info("resumed from %s at epoch %d (best %.3f)", state_path, start_epoch, best)
 
-    net = TrainingForward(model)
+    net = TrainingForward(model, clips=bool(clips) if custom_loss is None else None)
     sampler = unlabeled_sampler = None
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -671,11 +716,14 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
+        keep_frozen_in_eval(model, trunk)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0,
                    dynamic_ncols=True, leave=False)
         running = None
-        for batch in bar:
-            x = _prepare_batch_images(batch["image"], spec, device, config, generator)
+        batches = _batches(bar, model, trunk)
+        for batch in batches:
+            x = (batch["feature"].to(device).float() if trunk.cache else
+                 _prepare_batch_images(batch["image"], spec, device, config, generator))
             if custom_loss is not None:  # the model's own loss on its own samples
                 loss = loss_fn(lambda images: net(images)["pose"], x,
                                {k: v.to(device) for k, v in batch.items() if k != "image"})
@@ -683,6 +731,7 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                 unlabeled = next(unlabeled_batches) if unlabeled_batches is not None else None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):  # fp32 loss
                     outputs = net(x, None if unlabeled is None else
+                                  unlabeled["feature"].to(device).float() if trunk.cache else
                                   _prepare_batch_images(unlabeled["image"], spec, device, config, generator))
                 outputs = {key: value.float() for key, value in outputs.items()}
                 t_gt = ((batch["t"].to(device) - t_mean) / t_std)
@@ -710,6 +759,7 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
             bar.set_postfix(loss=f"{running:.3f}")
             if config["max_steps"] and steps >= int(config["max_steps"]):
                 break
+        batches.close()  # the real trunk is back before validation
         if schedule is not None:
             schedule.step()
         last = epoch + 1 == epochs or (config["max_steps"] and steps >= int(config["max_steps"]))
@@ -742,7 +792,11 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                         meta["validation_errors"]["relative_cov_ros"] = rel_cov
                         msg += (f"  relative {rel_metrics['median_translation_m']:.3f} m "
                                 f"{rel_metrics['median_rotation_deg']:.2f} deg per step")
-                save_checkpoint(out, model, meta, dtype=config["storage_dtype"])
+                if trunk.active:
+                    meta["training"]["trunk"] = {
+                        "from": str(trunk.source), "copied": sorted(trunk.copy), "frozen": trunk.freeze,
+                        "cached": trunk.cache, "referenced": frozen is not None}
+                save_checkpoint(out, model, meta, dtype=config["storage_dtype"], frozen=frozen)
                 msg += "  (best, saved)"
             (tqdm.write if progress else LOG.info)(msg)
             save_train_state(state_path, model, optimizer, loss_state, epoch + 1, best)

@@ -48,6 +48,8 @@ class OdometrySequence:
         if not (np.all(np.isfinite(t_cam)) and np.all(np.isfinite(q_cam))):
             raise DatasetError(f"{name}: odometry pose contains NaN or inf")
         self.name, self.images, self.stamps = name, list(images), stamps
+        #: per-image outputs of a frozen trunk (``training.trunk``), used instead of the images
+        self.features: np.ndarray | None = None
         self.t_cam, self.q_cam = t_cam, geometry.quat_normalize(q_cam)
 
     def __len__(self) -> int:
@@ -152,7 +154,9 @@ class UnlabeledTuples:
         idx = first + self.skip * np.arange(self.steps)
         t_rel, q_rel = geometry.pose_relative(seq.t_cam[idx[:-1]], seq.q_cam[idx[:-1]],
                                               seq.t_cam[idx[1:]], seq.q_cam[idx[1:]])
-        return {"image": np.stack([seq.images[i] for i in idx]), "t_rel": t_rel,
+        # the images, or the cached outputs of a frozen trunk (training.trunk) when set
+        frames = ("feature", seq.features) if seq.features is not None else ("image", seq.images)
+        return {frames[0]: np.stack([frames[1][i] for i in idx]), "t_rel": t_rel,
                 "q_rel": geometry.quat_hemisphere(q_rel), "index": index}
 
 

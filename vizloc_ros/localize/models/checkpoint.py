@@ -24,8 +24,13 @@ the exporter, the trainer and the weights README read it)::
       "training": {...},                       # free-form: data, epochs, loss config, ...
       "metrics": {...},                        # free-form: validation / test-split metrics
       "validation_errors": {...},              # free-form: per-frame / summary errors
-      "side_files": {"database": "X.database.safetensors"}   # only for models with
-    }                                          # side tensors (PoseRegressor.side_tensors)
+      "side_files": {"database": "X.database.safetensors"},  # only for models with
+                                               # side tensors (PoseRegressor.side_tensors)
+      "frozen_tensors": {"file": "mapnet_demo.safetensors",    # only for models trained
+                         "sha256": "...",      # with a frozen part copied from another
+                         "prefixes": {"backbone.": "backbone."},  # checkpoint, which is
+                         "count": 122}         # referenced instead of stored again
+    }
 
 Keys the trainer writes and the estimator reads: ``validation_errors.cov_ros`` (6x6 ROS-order
 covariance of the validation errors, the estimator's uncertainty) and, for networks with a
@@ -47,12 +52,21 @@ would trust the network without limit; rounding-level asymmetry and a singular m
 The tensors are authoritative for the pose statistics (they are buffers of the model);
 the JSON copy is there for readers that do not load the network.
 
+A checkpoint whose model was trained with a frozen part copied from another checkpoint
+(``vizloc-train``'s ``trunk`` block: a shipped trunk, frozen) may store only what it
+trained: ``frozen_tensors`` names the source file, its sha256 and the tensor-name prefixes
+(ours -> the source's) that come from it. ``load_checkpoint`` finds that file beside the
+checkpoint or among the shipped weights (:mod:`vizloc_ros.localize.weights`), refuses it
+when its sha256 differs (another file, or a retrained trunk), and loads the tensors from
+it. This keeps several heads on one shipped trunk from each carrying a copy.
+
 Writing is atomic per file: both files are written completely under temporary names,
 then renamed, the JSON last, so a reader that finds the JSON finds complete tensors.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -76,7 +90,7 @@ REQUIRED_KEYS = ("format", "architecture", "model_config", "rotation_format", "i
 REQUIRED_SUBKEYS = {"input": ("resize", "crop", "mean", "std"), "pose_stats": ("t_mean", "t_std")}
 #: keys derived from the model by save_checkpoint; a caller's meta may not contradict them
 MODEL_KEYS = ("format", "architecture", "backbone", "model_config", "rotation_format",
-              "pose_stats", "storage_dtype", "side_files")
+              "pose_stats", "storage_dtype", "side_files", "frozen_tensors")
 # Kept in fp32 in fp16 checkpoints: metres of translation offset do not survive fp16.
 _KEEP_FP32 = ("t_mean", "t_std")
 _SUFFIX = ".safetensors"
@@ -279,12 +293,14 @@ def build_meta(model: PoseRegressor, meta: dict | None = None, dtype: str = "fp3
 
 
 def save_checkpoint(path, model: PoseRegressor, meta: dict | None = None,
-                    dtype: str = "fp32") -> Path:
+                    dtype: str = "fp32", frozen: "FrozenTensors | None" = None) -> Path:
     """Write ``X.safetensors`` + ``X.json`` for ``model``; returns the tensor file path.
 
     ``meta`` supplies ``input``, ``scene``, ``training``, ``metrics``,
     ``validation_errors`` (and any extra keys); see the module docstring for the schema.
     ``dtype="fp16"`` halves the file (floating tensors except the pose statistics).
+    ``frozen``: tensors that are left out and referenced instead; each must still equal
+    its source exactly (a ValueError otherwise: the reference would load other weights).
     """
     from safetensors.torch import save
 
@@ -295,8 +311,13 @@ def save_checkpoint(path, model: PoseRegressor, meta: dict | None = None,
     document = build_meta(model, meta, dtype)
     side = model.side_tensors()
 
+    state = model.state_dict()
+    if frozen is not None:
+        referenced = frozen.check_unchanged(state)
+        state = {k: v for k, v in state.items() if k not in referenced}
+        document["frozen_tensors"] = frozen.to_meta(len(referenced))
     tensors = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         tensor = tensor.detach().to("cpu")
         if tensor.is_floating_point() and not name.endswith(_KEEP_FP32):
             tensor = tensor.to(STORAGE_DTYPES[dtype])
@@ -484,11 +505,18 @@ def load_checkpoint(path, device="cpu"):
                               f"does not match architecture {meta['architecture']!r} "
                               f"({model.rotation_format!r})")
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    frozen_tensors = _load_frozen_tensors(meta, st_path)
+    overlap = sorted(set(frozen_tensors) & set(shapes))
+    if overlap:
+        raise CheckpointError(f"{st_path} stores tensors that its frozen_tensors reference too "
+                              f"(e.g. {overlap[:3]})")
+    shapes.update({k: tuple(v.shape) for k, v in frozen_tensors.items()})
     _check_fit(model, shapes, meta, st_path)
     try:
         tensors = load_file(str(st_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{st_path} is corrupt: safetensors could not read it ({exc})") from None
+    tensors.update(frozen_tensors)
     reference = model.state_dict()
     # fp16 storage comes back as the model's own dtypes (fp32)
     tensors = {k: v.to(reference[k].dtype) for k, v in tensors.items()}
@@ -504,6 +532,109 @@ def load_checkpoint(path, device="cpu"):
                       "using the tensors", stacklevel=2)
     _load_side_files(model, meta, st_path)
     return model.to(device).eval(), copy.deepcopy(meta)
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes (hex), read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FrozenTensors:
+    """Tensors of a model that came, unchanged, from another checkpoint's tensor file.
+
+    ``prefixes`` maps a prefix of our tensor names to the prefix of the same tensors in
+    ``source`` (``{"backbone.": "backbone."}``, or ``{"trunk.0.": "backbone.conv1."}``
+    where the two networks name a module differently).
+    """
+
+    def __init__(self, source, prefixes: dict[str, str]):
+        from safetensors.torch import load_file
+
+        self.source = Path(source)
+        self.prefixes = {str(k): str(v) for k, v in prefixes.items()}
+        if not self.prefixes:
+            raise ValueError("frozen tensors need at least one prefix")
+        self.sha256 = file_sha256(self.source)
+        self.tensors = _renamed(load_file(str(self.source), device="cpu"), self.prefixes)
+        if not self.tensors:
+            raise ValueError(f"{self.source} has no tensor under {sorted(self.prefixes.values())}")
+
+    def check_unchanged(self, state: dict) -> set[str]:
+        """The names of ``state`` that are referenced; ValueError when one differs from
+        its source (beyond the source's own storage precision)."""
+        names = {name for name in state if any(name.startswith(p) for p in self.prefixes)}
+        missing = sorted(set(self.tensors) - names)
+        if missing or names - set(self.tensors):
+            raise ValueError(f"the model's tensors under {sorted(self.prefixes)} do not match those of "
+                             f"{self.source} (e.g. {(missing or sorted(names - set(self.tensors)))[:3]})")
+        for name in names:
+            ours, theirs = state[name].detach().cpu(), self.tensors[name]
+            if ours.shape != theirs.shape or not torch.equal(ours.to(theirs.dtype), theirs):
+                raise ValueError(f"tensor {name} was changed after it was copied from {self.source}: "
+                                 "it cannot be referenced (was it frozen?)")
+        return names
+
+    def to_meta(self, count: int) -> dict:
+        return {"file": self.source.name, "sha256": self.sha256, "prefixes": dict(self.prefixes),
+                "count": int(count)}
+
+
+def _renamed(tensors: dict, prefixes: dict[str, str]) -> dict:
+    """Source tensors under the prefixes' values, renamed to the prefixes' keys."""
+    out = {}
+    for ours, theirs in prefixes.items():
+        for name, tensor in tensors.items():
+            if name.startswith(theirs):
+                out[ours + name[len(theirs):]] = tensor
+    return out
+
+
+def _find_referenced_file(name: str, st_path: Path) -> Path | None:
+    """A referenced tensor file: beside the checkpoint first, then the shipped weights."""
+    from vizloc_ros.localize.weights import weight_folders  # same stage; weights imports nothing of ours
+
+    for folder in [st_path.parent, *weight_folders()]:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _load_frozen_tensors(meta: dict, st_path: Path) -> dict:
+    """The tensors ``frozen_tensors`` references, renamed to ours; {} when there is none."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    block = meta.get("frozen_tensors")
+    if not block:
+        return {}
+    json_path = st_path.with_suffix(".json")
+    if (not isinstance(block, dict) or not isinstance(block.get("file"), str)
+            or not isinstance(block.get("sha256"), str) or not isinstance(block.get("prefixes"), dict)
+            or not block["prefixes"]):
+        raise CheckpointError(f"JSON sidecar {json_path}: frozen_tensors needs file, sha256 and prefixes")
+    name = Path(block["file"]).name
+    path = _find_referenced_file(name, st_path)
+    if path is None:
+        raise CheckpointError(f"{st_path} references the frozen tensors of {name}, which is neither beside "
+                              "it nor among the shipped weights: put that file beside the checkpoint")
+    digest = file_sha256(path)
+    if digest != block["sha256"]:
+        raise CheckpointError(f"{st_path} references {name} with sha256 {block['sha256'][:12]}..., but {path} "
+                              f"has sha256 {digest[:12]}...: not the file this checkpoint was trained on")
+    _inspect_tensor_file(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt: safetensors could not read it ({exc})") from None
+    renamed = _renamed(tensors, {str(k): str(v) for k, v in block["prefixes"].items()})
+    if not renamed:
+        raise CheckpointError(f"{path} has no tensor under the prefixes {sorted(block['prefixes'].values())} "
+                              f"that {json_path} references")
+    return renamed
 
 
 def _load_side_files(model: PoseRegressor, meta: dict, st_path: Path) -> None:
