@@ -392,10 +392,11 @@ def write_bag(recording: Recording, out, compressed: bool = False, overwrite: bo
 # --------------------------------------------------------------------------- CLI
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line and exit 2, like the checks after it."""
+    """argparse whose errors are one line and exit 2, like the checks after it (not
+    argparse's usage block): they are raised and said by :func:`main`."""
 
     def error(self, message):
-        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+        raise ConversionError(f"{message} (see {PROG} --help)")
 
 
 def _positive_float(text: str) -> float:
@@ -439,7 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConversionError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
     progress = not args.no_progress
     try:
         intrinsics = parse_intrinsics(args.intrinsics) if args.intrinsics is not None else None
