@@ -195,15 +195,6 @@ def stamp_to_sec(stamp) -> float:
     return stamp_to_ns(stamp) * 1e-9
 
 
-def ns_to_sec(ns: int) -> float:
-    """Integer nanoseconds -> float seconds, the very float :func:`stamp_to_sec` gives for
-    the same Time. Why not ``ns * 1e-9``: at 1.7e9 s the two differ by up to a few 1e-7 s,
-    and a stamp compared with another read through :func:`stamp_to_sec` (ground truth at
-    the image stamps) must be equal, not 2e-7 s off."""
-    sec, nanosec = ns_to_sec_nanosec(ns)
-    return float(sec) + float(nanosec) * 1e-9
-
-
 def header_stamp_sec(msg) -> float:
     """Float seconds of ``msg.header.stamp``."""
     return stamp_to_sec(_header(msg).stamp)

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from vizloc_ros import geometry
-from vizloc_ros.ros_io import messages
 from vizloc_ros.ros_io.bag_io import read_messages
 from vizloc_ros.ros_io.camera_mount import CameraMountResolver, resolve_in_bag
 from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
@@ -77,7 +76,7 @@ class BagDataset(PoseDataset):
             raise DatasetError(f"{bag}: the camera's pose on the robot is unknown: {mount.reason}")
         if not mount.found:
             LOG.warning("%s: %s; using the ground truth as the camera pose", bag, mount.reason)
-        stamps = np.array([messages.ns_to_sec(ns) for ns, _, _ in images])  # as the ground truth's
+        stamps = np.array([ns * 1e-9 for ns, _, _ in images])
         t_base, q_base = interpolate_poses(gt_stamps, gt_t, gt_q, stamps)
         nearest = np.abs(gt_stamps[np.clip(np.searchsorted(gt_stamps, stamps), 0, len(gt_stamps) - 1)] - stamps)
         nearest = np.minimum(nearest, np.abs(gt_stamps[np.clip(np.searchsorted(gt_stamps, stamps) - 1, 0,
@@ -90,7 +89,7 @@ class BagDataset(PoseDataset):
                 t, q = geometry.pose_compose(t_base[k], q_base[k], *camera_extrinsic)
             else:
                 t, q = t_base[k], q_base[k]
-            self.items.append((Path(f"{bag}#{ns}"), t, geometry.quat_hemisphere(q), float(stamps[k])))
+            self.items.append((Path(f"{bag}#{ns}"), t, geometry.quat_hemisphere(q), ns * 1e-9))
             self._images.append(image)
         if not self.items:
             raise DatasetError(f"{bag}: none of the {len(images)} images on {image_topic} has ground truth "
