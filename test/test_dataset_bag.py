@@ -270,18 +270,21 @@ def test_an_existing_output_is_kept_unless_overwrite_and_only_a_bag_is_replaced(
     assert_nothing_left(tmp_path, "kitti", "bag", "notes")
 
 
-def test_ctrl_c_exits_130_and_leaves_no_bag(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("stop, code, says", [(KeyboardInterrupt, 130, "interrupted"),
+                                               (dataset_bag.Terminated, 143, "terminated")])
+def test_ctrl_c_or_sigterm_mid_bag_exits_130_or_143_and_leaves_no_bag(tmp_path, capsys, monkeypatch, stop, code,
+                                                                      says):
     root = write_kitti(tmp_path / "kitti", frames=4)
     read = dataset_bag.read_image
     calls = []
 
-    def interrupted_on_the_third(path, encoding):
+    def stopped_on_the_third(path, encoding):
         calls.append(path)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            raise stop
         return read(path, encoding)
 
-    monkeypatch.setattr(dataset_bag, "read_image", interrupted_on_the_third)
-    assert convert(root, "--out", tmp_path / "bag") == 130
-    assert "no bag was written" in capsys.readouterr().err
+    monkeypatch.setattr(dataset_bag, "read_image", stopped_on_the_third)
+    assert convert(root, "--out", tmp_path / "bag") == code
+    assert f"{says}; no bag was written" in capsys.readouterr().err
     assert_nothing_left(tmp_path, "kitti")

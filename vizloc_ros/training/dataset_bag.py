@@ -43,12 +43,14 @@ output) or KITTI ``calib.txt``, else 7-Scenes' published 585 px at 640x480
 no intrinsics with its listings, so it needs ``--intrinsics``.
 
 The bag is written into a scratch folder beside ``BAG`` and moved into place when complete
-(:mod:`vizloc_ros.files`): an error or Ctrl-C (exit 130) leaves no bag and no temporary.
+(:mod:`vizloc_ros.files`): an error (exit 2), Ctrl-C (exit 130) or SIGTERM (exit 143) leaves no
+bag and no temporary; a ``kill -9`` leaves a locked temporary that the next run removes.
 """
 from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,6 +393,14 @@ def write_bag(recording: Recording, out, compressed: bool = False, overwrite: bo
 
 # --------------------------------------------------------------------------- CLI
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so the scratch folder is removed as for Ctrl-C."""
+
+
+def _raise_terminated(_signum, _frame):
+    raise Terminated()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line and exit 2, like the checks after it (not
     argparse's usage block): they are raised and said by :func:`main`."""
@@ -446,6 +456,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     progress = not args.no_progress
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         intrinsics = parse_intrinsics(args.intrinsics) if args.intrinsics is not None else None
         check_output(args.out, args.overwrite)  # before reading a whole folder
@@ -458,9 +469,12 @@ def main(argv=None) -> int:
     except OSError as exc:  # a full disk, a folder that cannot be written
         print(f"{PROG}: error: {exc}; no bag was written", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no bag was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}; no bag was written", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     cam = recording.camera
     split = f" ({recording.split} split)" if recording.split else ""
     print(f"{PROG}: wrote {len(recording)} frames of the {recording.kind} folder {args.folder}{split} to {out}: "
