@@ -109,6 +109,20 @@ def assert_camera_poses_equal(bag, dataset):
     return read
 
 
+def test_the_bags_names_frames_and_mount_rotation_are_vizloc_synths():
+    """The synthetic bags are the replay's reference: a converted bag must not drift from them."""
+    from vizloc_ros.sim import synthetic
+    from vizloc_ros.sim.trajectories import CAMERA_IN_BASE_Q
+
+    assert (dataset_bag.TOPIC_IMAGE, dataset_bag.TOPIC_CAMERA_INFO, dataset_bag.TOPIC_GROUND_TRUTH,
+            dataset_bag.TOPIC_TF_STATIC) == (synthetic.TOPIC_IMAGE, synthetic.TOPIC_CAMERA_INFO,
+                                             synthetic.TOPIC_GROUND_TRUTH, synthetic.TOPIC_TF_STATIC)
+    assert (dataset_bag.FRAME_MAP, dataset_bag.FRAME_BASE, dataset_bag.FRAME_CAMERA) == (
+        synthetic.FRAME_MAP, synthetic.FRAME_BASE, synthetic.FRAME_CAMERA)
+    assert dataset_bag.START_NS == synthetic.EPOCH_NS
+    np.testing.assert_array_equal(dataset_bag.MOUNT_Q, CAMERA_IN_BASE_Q)
+
+
 # --------------------------------------------------------------------------- 7-Scenes
 
 def test_a_sevenscenes_test_split_becomes_a_bag_of_its_frames_poses_and_camera(tmp_path):
