@@ -244,6 +244,18 @@ def _mixed_sizes(tmp_path):
     return root
 
 
+def _grey_and_colour(tmp_path):
+    root = write_kitti(tmp_path / "kitti", frames=3)
+    Image.fromarray(_image((32, 96, 3))).save(root / "image_0" / "000001.png")
+    return root
+
+
+def _sixteen_bit(tmp_path):
+    root = write_kitti(tmp_path / "kitti", frames=2)
+    Image.fromarray(RNG.integers(0, 65535, size=(32, 96), dtype=np.uint16)).save(root / "image_0" / "000000.png")
+    return root
+
+
 def _undetectable(tmp_path):
     (tmp_path / "kitti").mkdir()
     return tmp_path / "kitti"
@@ -257,6 +269,8 @@ def _undetectable(tmp_path):
     (lambda tmp: write_kitti(tmp / "kitti"), ["--frames", "every other"], "give a slice"),
     (lambda tmp: write_kitti(tmp / "kitti"), ["--split", "test"], "--frames"),
     (_mixed_sizes, [], "80x32"),
+    (_grey_and_colour, [], "one encoding"),
+    (_sixteen_bit, [], "8 bits"),
     (lambda tmp: write_kitti(tmp / "kitti", calib=False), [], "--intrinsics"),
     (lambda tmp: write_kitti(tmp / "kitti"), ["--intrinsics", "70,70,47"], "fx,fy,cx,cy"),
     (lambda tmp: write_kitti(tmp / "kitti"), ["--rate", "-3"], "positive"),
