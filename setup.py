@@ -71,6 +71,7 @@ setup(
             "vizloc-synth = vizloc_ros.sim.synthetic:main",
             "vizloc-export = vizloc_ros.training.export:main",
             "vizloc-map = vizloc_ros.mapping.cli:main",
+            "vizloc-bag = vizloc_ros.training.dataset_bag:main",
             "vizloc_regressor = vizloc_ros.nodes.regressor_node:main",
             "vizloc_fusion = vizloc_ros.nodes.fusion_node:main",
         ],

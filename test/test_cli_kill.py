@@ -248,3 +248,30 @@ def test_map_killed_mid_file_leaves_the_old_map_and_the_next_run_sweeps(small_ba
     assert mapping_cli.main([str(a) for a in args]) == 0
     assert load_checkpoint(tmp_path / "m.safetensors")[1]["architecture"] == "ace"
     assert _partials(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- vizloc-bag
+
+def test_bag_killed_before_it_takes_its_name_leaves_the_old_bag_and_the_next_run_sweeps(tmp_path):
+    """kill -9 with the converted bag complete in its scratch folder, about to replace an
+    earlier one (--overwrite): the earlier bag is intact; the next run removes the killed
+    one's scratch folder and writes."""
+    from PIL import Image
+
+    from vizloc_ros.ros_io.bag_io import topic_message_counts
+    from vizloc_ros.training import dataset_bag
+
+    folder = tmp_path / "kitti"
+    (folder / "image_0").mkdir(parents=True)
+    for k in range(3):
+        Image.new("L", (24, 16), 40 * k).save(folder / "image_0" / f"{k:06d}.png")
+    (folder / "poses.txt").write_text("".join(f"1 0 0 {k} 0 1 0 0 0 0 1 0\n" for k in range(3)))
+    (folder / "calib.txt").write_text("P0: 20 0 11.5 0 0 20 7.5 0 0 0 1 0\n")
+    assert dataset_bag.main([str(folder), "--out", str(tmp_path / "bag"), "--frames", "0", "--no-progress"]) == 0
+    args = [folder, "--out", tmp_path / "bag", "--overwrite", "--no-progress"]
+    assert _killed("vizloc_ros.training.dataset_bag", args, tmp_path, die_at="rename") == -signal.SIGKILL
+    assert topic_message_counts(tmp_path / "bag")["/camera/image_raw"] == 1
+    assert _partials(tmp_path), "the hook should have left the killed writer's scratch folder"
+    assert dataset_bag.main([str(a) for a in args]) == 0
+    assert topic_message_counts(tmp_path / "bag")["/camera/image_raw"] == 3
+    assert _partials(tmp_path) == []

@@ -116,6 +116,24 @@ def test_slow_ground_truth_is_interpolated_between_samples_but_not_across_dropou
     assert np.isnan(interpolate_poses(slow, t, q, np.array([2.5]), max_gap=0.25)[0][0, 0])
 
 
+def test_a_stamp_read_two_ways_still_gets_the_pose_at_it_even_at_either_end():
+    """sec + nanosec * 1e-9 and ns * 1e-9 of one stamp differ in the last bits at today's
+    epoch: ground truth written at the image stamps (vizloc-bag) must still match every
+    image, the first and the last included, and a query 1 ms off the end still gets nothing."""
+    from vizloc_ros.ros_io.ground_truth import interpolate_poses
+    from vizloc_ros.ros_io.messages import ns_to_sec_nanosec
+
+    stamps_ns = 1_700_000_000 * 10**9 + np.array([0, 33_333_333, 66_666_667])
+    as_header = np.array([float(sec) + float(ns) * 1e-9 for sec, ns in map(ns_to_sec_nanosec, stamps_ns)])
+    as_product = stamps_ns * 1e-9
+    assert np.any(as_header != as_product)  # the rounding this is about
+    t = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    q = np.tile([1.0, 0.0, 0.0, 0.0], (3, 1))
+    out_t, _ = interpolate_poses(as_header, t, q, as_product)
+    np.testing.assert_array_equal(out_t, t)
+    assert np.isnan(interpolate_poses(as_header, t, q, as_header[[-1]] + 1e-3)[0]).all()
+
+
 def test_an_unusable_static_transform_is_named_where_the_chain_breaks():
     good = _tf(0.0, "map", "world", [5.0, -1.0, 0.0], _yaw(0.5))
     broken = _tf(0.0, "body", "base_link", [0.1, 0.0, -0.2], [float("nan"), 0.0, 0.0, 1.0])

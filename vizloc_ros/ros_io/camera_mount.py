@@ -40,6 +40,12 @@ FROM_SAME_FRAME = "same frame"
 FROM_TF_STATIC = "/tf_static"
 FROM_FIXED_TF = "fixed on /tf"
 
+#: REP-103's camera optical frame (z forward, x right, y down) in a body frame (x forward,
+#: y left, z up): optical z along body x, optical x along -body y, optical y along -body z.
+#: The rotation of every camera mount this package writes (the synthetic robot's, and
+#: vizloc-bag's for a dataset that knows no robot).
+OPTICAL_IN_BODY_R = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+
 
 @dataclass(frozen=True)
 class CameraMount:

@@ -21,6 +21,13 @@ GT_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarian
 GT_MAX_GAP_S = 0.25
 GT_GAP_PERIODS = 2.5
 
+#: a ground-truth pose this close to a query stamp is the pose at that stamp. Why not
+#: exact equality: one header stamp turned into float seconds two ways (``sec + nanosec *
+#: 1e-9`` here, ``ns * 1e-9`` in the pipeline) differs by up to ~2.4e-7 s at today's
+#: epoch (float64 spacing at 1.7e9 s), and an image stamped at the last pose of a recording
+#: would otherwise fall "after" it and go unscored. 1 us is far below any sensor's period.
+STAMP_MATCH_S = 1e-6
+
 
 class GroundTruthError(ValueError):
     """No usable ground truth where it was asked for."""
@@ -286,8 +293,10 @@ def interpolate_poses(stamps, t, q, query, max_gap: float | None = None):
         max_gap = default_max_gap(stamps)
     idx = np.searchsorted(stamps, query)
     for k, (i, s) in enumerate(zip(idx, query)):
-        if i < len(stamps) and abs(stamps[i] - s) < 1e-9:
-            t_out[k], q_out[k] = t[i], q[i]
+        at = [j for j in (i - 1, i) if 0 <= j < len(stamps) and abs(stamps[j] - s) <= STAMP_MATCH_S]
+        if at:
+            j = min(at, key=lambda j: abs(stamps[j] - s))
+            t_out[k], q_out[k] = t[j], q[j]
             continue
         if i == 0 or i >= len(stamps):
             continue

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from vizloc_ros.geometry import matrix_to_quat, pose_compose, quat_to_matrix
+from vizloc_ros.ros_io.camera_mount import OPTICAL_IN_BODY_R
 from vizloc_ros.sim.scene import Scene
 
 #: base_link -> camera_optical_frame: the camera 0.1 m ahead of the base origin, optical
 #: z along base x (forward), optical x along -base y (right), optical y along -base z (down).
 CAMERA_IN_BASE_T = np.array([0.1, 0.0, 0.0])
-OPTICAL_IN_BASE_R = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+OPTICAL_IN_BASE_R = OPTICAL_IN_BODY_R
 CAMERA_IN_BASE_Q = matrix_to_quat(OPTICAL_IN_BASE_R)
 
 #: margins used to keep a trajectory clear of the walls and of the box footprints (m)
