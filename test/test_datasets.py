@@ -145,3 +145,47 @@ def test_a_decompression_bomb_in_a_folder_is_a_clear_error(tmp_path, monkeypatch
         with pytest.raises(DatasetError, match=f"image file is unreadable: {bomb}"):
             read()
 
+
+
+def _kitti_folder(root, n=4, stamps=None):
+    (root / "image_0").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        t, q = _random_pose()
+        rows.append(geometry.pose_to_matrix(t, q)[:3].reshape(-1))
+        _png(root / "image_0" / f"{i:06d}.png", grey=True)
+    rows = np.array(rows)
+    np.savetxt(root / "poses.txt", rows if stamps is None else np.column_stack([stamps, rows]))
+    return rows
+
+
+def test_kitti_poses_with_a_leading_timestamp_column_are_read_with_a_note(tmp_path, caplog):
+    stamps = [100.0, 100.25, 100.5, 100.75]
+    rows = _kitti_folder(tmp_path, stamps=stamps)
+    with caplog.at_level("INFO"):
+        data = KittiOdometry(tmp_path)
+    assert data.stamps().tolist() == stamps  # no times.txt: the first column is the stamp
+    np.testing.assert_allclose(geometry.pose_to_matrix(data[2]["t"], data[2]["q"])[:3].reshape(-1),
+                               rows[2], atol=1e-9)
+    notes = [r.getMessage() for r in caplog.records if "first column is taken as a timestamp" in r.getMessage()]
+    assert len(notes) == 1 and "poses.txt" in notes[0]
+
+
+def test_kitti_times_txt_wins_over_a_timestamp_column(tmp_path):
+    _kitti_folder(tmp_path, stamps=[1.0, 2.0, 3.0, 4.0])
+    np.savetxt(tmp_path / "times.txt", [0.0, 0.1, 0.2, 0.3])
+    np.testing.assert_allclose(KittiOdometry(tmp_path).stamps(), [0.0, 0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("1 " * 14 + "\n", "poses.txt:1: expected 12 columns (a 3x4 pose) or 13 (a timestamp, then the pose), found 14"),
+    # one format per file: a 12-number line after 13-number ones is a broken line, not a stamp-less pose
+    ("0 1 0 0 0 0 1 0 0 0 0 1 0\n1 0 0 0 0 1 0 0 0 0 1 0\n", "poses.txt:2: expected 13 columns like the lines before, found 12"),
+    ("nan 1 0 0 0 0 1 0 0 0 0 1 0\n", "the timestamp (first column) of pose 1 is not finite"),
+])
+def test_kitti_other_column_counts_are_one_line_errors(tmp_path, content, message):
+    _kitti_folder(tmp_path, n=2)
+    (tmp_path / "poses.txt").write_text(content)
+    with pytest.raises(DatasetError) as info:
+        KittiOdometry(tmp_path)
+    assert message in str(info.value) and "\n" not in str(info.value)

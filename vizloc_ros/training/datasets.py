@@ -12,6 +12,7 @@ fails before training starts, not an hour into it.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ import numpy as np
 from vizloc_ros import geometry
 from vizloc_ros.training.bag_dataset import BagDataset
 from vizloc_ros.training.pose_dataset import DatasetError, PoseDataset
+
+LOG = logging.getLogger(__name__)
 
 
 def _finite_pose(t, q, where: str):
@@ -123,6 +126,12 @@ class KittiOdometry(PoseDataset):
     """KITTI odometry layout: ``image_0`` or ``image_l`` PNGs + ``poses.txt`` (one 3x4
     row-major camera-to-world per line, left camera) and optional ``times.txt``.
 
+    Some tools (evo's ``kitti`` export with stamps, several SLAM systems) write
+    ``poses.txt`` with a timestamp in front of the 12 numbers: 13 numbers a line are read
+    as ``stamp r11 ... tz``, the stamp used where there is no ``times.txt``, and a note
+    says so once (a file of 12-number lines with a 13th typed by mistake would otherwise
+    be read as a wrong pose). Every line must have the same count.
+
     ``frames`` selects frame indices (e.g. even ones for training).
     """
 
@@ -134,19 +143,35 @@ class KittiOdometry(PoseDataset):
         poses_file = root / "poses.txt"
         if not poses_file.is_file():
             raise DatasetError(f"{poses_file} is missing (not a KITTI odometry folder?)")
-        rows = []
+        rows, columns = [], None
         for number, line in enumerate(poses_file.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
             parts = line.split()
-            if len(parts) != 12:
-                raise DatasetError(f"{poses_file}:{number}: expected 12 columns, found {len(parts)}")
+            if columns is None and len(parts) in (12, 13):
+                columns = len(parts)
+            if len(parts) != columns:
+                expected = ("12 columns (a 3x4 pose) or 13 (a timestamp, then the pose)" if columns is None
+                            else f"{columns} columns like the lines before")
+                raise DatasetError(f"{poses_file}:{number}: expected {expected}, found {len(parts)}")
             try:
                 rows.append([float(v) for v in parts])
             except ValueError as exc:
                 raise DatasetError(f"{poses_file}:{number}: {exc}") from None
+        stamps_in_poses = None
+        if columns == 13:
+            stamps_in_poses = [row.pop(0) for row in rows]
+            bad = next((k for k, stamp in enumerate(stamps_in_poses) if not np.isfinite(stamp)), None)
+            if bad is not None:
+                raise DatasetError(f"{poses_file}: the timestamp (first column) of pose {bad + 1} is not finite")
         times_file = root / "times.txt"
         times = np.loadtxt(times_file).reshape(-1) if times_file.is_file() else None
+        if stamps_in_poses is not None:
+            if times is None:
+                times = np.asarray(stamps_in_poses, dtype=float)
+            LOG.info("%s has 13 numbers a line: the first column is taken as a timestamp%s",
+                     poses_file, " (times.txt has the stamps used)" if times_file.is_file() else
+                     " and used as the frame stamps")
         folder = root / image_dir if image_dir else next(
             (root / d for d in ("image_0", "image_l", "image_2") if (root / d).is_dir()), None)
         if folder is None or not folder.is_dir():
