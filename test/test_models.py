@@ -2,6 +2,7 @@
 import importlib
 import json
 import math
+import urllib.error
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from vizloc_ros.localize.models import (
     build_model,
     register_model,
 )
-from vizloc_ros.localize.models.backbones import torch_cache_path
+from vizloc_ros.localize.models.backbones import imagenet_weights_url, torch_cache_path
 from vizloc_ros.localize.models.registry import trained_by
 from vizloc_ros.training.recipes import available_recipes, recipe_for
 
@@ -193,6 +194,48 @@ def test_pretrained_from_torch_cache_never_downloads(tmp_path, monkeypatch):
     reference = _fake_imagenet_resnet18(expected)
     net = build_model("posenet_resnet18", feat_dim=8, pretrained="torch-cache")
     assert torch.equal(net.backbone.conv1.weight, reference.conv1.weight)
+
+
+def _no_network(*args, **kwargs):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
+def test_pretrained_imagenet_uses_a_filled_cache_without_the_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
+    cached = torch_cache_path("resnet18")
+    assert cached.name == "resnet18-f37072fd.pth"  # the name torchvision's downloader writes
+    cached.parent.mkdir(parents=True)
+    reference = _fake_imagenet_resnet18(cached)
+    net = build_model("posenet_resnet18", feat_dim=8, pretrained="imagenet")
+    assert torch.equal(net.backbone.conv1.weight, reference.conv1.weight)
+    assert net.pretrained == "imagenet" and "pretrained" not in net.config()
+
+
+def test_pretrained_imagenet_fetches_into_the_torch_cache_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):  # what a successful fetch leaves
+        calls.append((url, dst, hash_prefix))
+        _fake_imagenet_resnet18(dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    build_model("posenet_resnet18", feat_dim=8, pretrained="imagenet")
+    assert calls == [(imagenet_weights_url("resnet18"), str(torch_cache_path("resnet18")), "f37072fd")]
+    build_model("posenet_resnet18", feat_dim=8, pretrained="imagenet")
+    assert len(calls) == 1, "a cached file is not fetched again"
+
+
+def test_pretrained_imagenet_offline_is_one_line_naming_the_url_and_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
+    with pytest.raises(FileNotFoundError) as err:
+        build_model("posenet_resnet18", feat_dim=8, pretrained="imagenet")
+    message = str(err.value)
+    assert "\n" not in message
+    assert imagenet_weights_url("resnet18") in message and "Temporary failure in name resolution" in message
+    assert str(torch_cache_path("resnet18").parent) in message and "resnet18-f37072fd.pth" in message
 
 
 def test_pretrained_file_that_does_not_fit(tmp_path):

@@ -1,21 +1,30 @@
 """ImageNet backbones from torchvision, as feature extractors (B, 3, H, W) -> (B, C).
 
-Networks are always constructed with ``weights=None``: nothing is ever downloaded
-(DESIGN.md, "No downloads at run time"). ImageNet initialisation is opt-in through
-``pretrained``:
+Networks are always constructed with ``weights=None``, so building or loading a model
+never touches the network (DESIGN.md, "No downloads at run time"). ImageNet
+initialisation (for training) is opt-in through ``pretrained``:
 
 * a path to a local file: a torchvision ``.pth`` state dict (read with
   ``torch.load(weights_only=True)``, the restricted loader that runs no code) or a
   ``.safetensors`` file;
 * ``"torch-cache"`` (or ``True``): the file torchvision would have downloaded, taken
-  from the torch hub cache (``$TORCH_HOME/hub/checkpoints``) if it is already there.
+  from the torch hub cache (``$TORCH_HOME/hub/checkpoints``) if it is already there;
+  never downloads;
+* ``"imagenet"``: the same file, fetched from torchvision's URL into that cache first
+  when it is not there yet (``torch.hub.download_url_to_file``: a temporary beside the
+  target, checked against the hash prefix in torchvision's file name, then moved into
+  place), the user's explicit opt-in that DESIGN.md allows. The file is then read with
+  the same restricted loader as a local one (``torch.hub.load_state_dict_from_url``
+  would unpickle it without that restriction).
 
-A missing file is a ``FileNotFoundError`` that says where the file was expected and
-where it can be fetched by hand.
+A missing file, or one that cannot be fetched (offline), is a ``FileNotFoundError`` in
+one line that says which URL and where to put the file by hand.
 """
 from __future__ import annotations
 
+import logging
 import os
+import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +34,10 @@ import torchvision
 from torch import nn
 
 TORCH_CACHE = "torch-cache"
+#: the opt-in that fetches torchvision's ImageNet weights into the torch cache
+IMAGENET = "imagenet"
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,8 +74,8 @@ def _spec(name: str) -> BackboneSpec:
 
 
 def imagenet_weights_url(name: str) -> str:
-    """Where torchvision publishes the ImageNet weights of ``name`` (for the error message
-    and the cache file name; never fetched by this package)."""
+    """Where torchvision publishes the ImageNet weights of ``name`` (the cache file name,
+    the error messages, and the download of ``pretrained="imagenet"``)."""
     return getattr(torchvision.models, _spec(name).weights_enum).IMAGENET1K_V1.url
 
 
@@ -86,14 +99,42 @@ def build_backbone(name: str, pretrained: str | os.PathLike | bool | None = None
     return net, spec.feature_dim
 
 
+def fetch_imagenet_weights(name: str) -> Path:
+    """The torch-cache file of ``name``'s ImageNet weights, downloaded from torchvision's
+    URL first when it is not there (``pretrained="imagenet"``). Offline, or a download that
+    fails its hash check, is a one-line ``FileNotFoundError`` naming the URL and where to
+    put the file by hand."""
+    path = torch_cache_path(name)
+    if path.is_file():
+        return path
+    url = imagenet_weights_url(name)
+    LOG.info("pretrained: imagenet: fetching %s into %s", url, path)
+    # torchvision's file names carry the first digits of the file's sha256 (resnet18-f37072fd.pth)
+    stem = path.name.split(".")[0]
+    hash_prefix = stem.rsplit("-", 1)[1] if "-" in stem else None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix, progress=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:  # offline, HTTP error, bad hash
+        reason = getattr(exc, "reason", None) or exc
+        raise FileNotFoundError(
+            f"pretrained: imagenet could not fetch {url} ({str(reason).splitlines()[0] if str(reason) else type(exc).__name__}); "
+            f"download it by hand into {path.parent} (keeping the name {path.name}), "
+            "or give pretrained a local file path") from None
+    return path
+
+
 def _resolve_pretrained(name: str, pretrained) -> Path:
+    if pretrained == IMAGENET:
+        return fetch_imagenet_weights(name)
     if pretrained is True or pretrained == TORCH_CACHE:
         path = torch_cache_path(name)
         if not path.is_file():
             raise FileNotFoundError(
                 f"ImageNet weights for backbone {name!r} are not in the torch cache: expected "
-                f"{path}. vizloc_ros never downloads; fetch {imagenet_weights_url(name)} into "
-                "that folder yourself, pass a local file path, or use pretrained=None.")
+                f"{path}. pretrained=torch-cache never downloads: use pretrained=imagenet to fetch "
+                f"{imagenet_weights_url(name)} into that folder, fetch it yourself, pass a local "
+                "file path, or use pretrained=None.")
         return path
     path = Path(pretrained).expanduser()
     if not path.is_file():
