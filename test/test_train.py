@@ -69,6 +69,9 @@ def test_cli_writes_checkpoint_with_validation_metrics_and_resumes(tiny_scene):
     assert meta["metrics"]["validation"]["frames"] == 8
     cov = np.array(meta["validation_errors"]["cov_ros"])
     assert cov.shape == (6, 6) and np.all(np.isfinite(cov))
+    selected = meta["training"]["selected_by"]  # the rule the epoch was kept by, and its score
+    assert selected["rule"] == "mean-pose" and np.isfinite(selected["score"])
+    assert set(selected["mean_pose_baseline"]) == {"median_translation_m", "median_rotation_deg"}
     assert (out.parent / "mapnet.state.safetensors").is_file()
     assert train.main([*args[:5], "2", *args[6:], "--resume"]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["training"]["epoch"] >= 1
@@ -89,6 +92,8 @@ def test_cli_writes_checkpoint_with_validation_metrics_and_resumes(tiny_scene):
     ("input.resize=abc", "input.resize must be an integer >= 1, got 'abc'"),
     ("input.crop=[32]", "input.crop must be an integer or [height, width]"),
     ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
+    ("optim.select_by=best", "optim.select_by must be one of mean-pose, translation+rotation/10, "
+                             "translation, rotation; got 'best'"),
 ])
 def test_bad_config_values_are_clear_errors(tiny_scene, override, message, capsys):
     code = train.main(["--data", str(tiny_scene / "scene"), "--out", str(tiny_scene / "o" / "m"), *TINY,
@@ -217,3 +222,35 @@ def test_scientific_notation_without_a_dot_is_a_number(tiny_scene):
     assert config["optim"]["weight_decay"] == pytest.approx(1e-5)
     with pytest.raises(train.ConfigError, match="optim.lr"):
         train.load_config(None, ["optim.lr=fast"], **{"data.root": str(tiny_scene / "scene")})
+
+
+def test_pretrained_imagenet_trains_from_the_torch_cache_and_says_so_offline(tiny_scene, monkeypatch, capsys):
+    """`model.args.pretrained: imagenet` fetches into the torch cache only when the file is
+    missing; the checkpoint records the opt-in and loads without the network."""
+    import urllib.error
+
+    import torchvision
+
+    from vizloc_ros.localize.models.backbones import torch_cache_path
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Network is unreachable")
+
+    monkeypatch.setenv("TORCH_HOME", str(tiny_scene / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    out = tiny_scene / "out" / "m"
+    args = ["--data", str(tiny_scene / "scene"), "--model", "posenet_resnet18", "--epochs", "1",
+            "--batch-size", "4", "--out", str(out), *TINY, "--set", "loss.relative=false",
+            "--set", "model.args.pretrained=imagenet"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vizloc-train: pretrained: imagenet could not fetch https://") and "\n" not in err
+    assert "Network is unreachable" in err and "resnet18-f37072fd.pth" in err
+    cached = torch_cache_path("resnet18")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), cached)
+    assert train.main(args) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["training"]["config"]["model"]["args"]["pretrained"] == "imagenet"
+    model, _ = load_checkpoint(out)  # rebuilt without the ImageNet file: the downloader still fails
+    assert model.architecture == "posenet_resnet18"

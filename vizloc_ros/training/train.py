@@ -8,9 +8,11 @@ Config is YAML (see ``config/train_mapnet_demo.yaml``) with command-line overrid
   adds tuples of unlabeled recordings with their odometry (``unlabeled``), which only
   enter through relative-pose terms;
 * a progress bar with the loss, and per epoch the validation median errors;
-* the best checkpoint (by validation median translation + rotation error) written
-  atomically as safetensors + JSON, the JSON carrying the validation metrics and the
-  validation error covariance the estimator uses as its uncertainty;
+* the best checkpoint (by ``optim.select_by``, by default the validation medians each
+  divided by the mean-pose predictor's: :mod:`vizloc_ros.training.selection`) written
+  atomically as safetensors + JSON, the JSON carrying the validation metrics, the rule and
+  score it was kept by, and the validation error covariance the estimator uses as its
+  uncertainty;
 * ``--resume`` continues from ``<out>.state.safetensors`` (model, optimiser, epoch; no
   pickle anywhere), ``--seed`` makes runs repeatable, CPU or CUDA, and multi-GPU with
   ``torchrun --nproc_per_node N -m vizloc_ros.training.train ...`` (DistributedDataParallel).
@@ -44,6 +46,8 @@ from vizloc_ros.training.datasets import TupleDataset, open_dataset, translation
 from vizloc_ros.training.evaluate import validation_covariance
 from vizloc_ros.training.losses import build_loss, build_odometry_loss
 from vizloc_ros.training.recipes import recipe_for
+from vizloc_ros.training.selection import (DEFAULT_RULE, MEAN_POSE, check_rule, mean_pose_baseline,
+                                           selection_score)
 from vizloc_ros.training.trunk import (TRUNK_DEFAULTS, FeatureFrames, TrunkError, TrunkPlan, apply_trunk,
                                        keep_frozen_in_eval, sequence_features, trunk_features,
                                        trunk_replaced)
@@ -63,7 +67,7 @@ DEFAULTS = {
     "augment": {"color_jitter": 0.2, "random_crop": True},
     "tuple": {"steps": 3, "skip": 10, "stride": 1},
     "optim": {"lr": 1e-4, "weight_decay": 5e-4, "epochs": 30, "batch_size": 16,
-              "val_every": 1, "schedule": "cosine"},
+              "val_every": 1, "schedule": "cosine", "select_by": DEFAULT_RULE},
     "threads": 0,
     "scene": "unnamed",
     "seed": 0,
@@ -211,6 +215,10 @@ def _check_types(config: dict) -> None:
         optim[key] = _scalar(f"optim.{key}", optim[key], kind, 0, False)
     if optim["schedule"] not in ("cosine", "none"):
         raise ConfigError(f"optim.schedule must be cosine or none, got {optim['schedule']!r}")
+    try:
+        check_rule(optim["select_by"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if optim["batch_size"] < 1 or optim["epochs"] < 1 or optim["val_every"] < 1:
         raise ConfigError("optim.batch_size, optim.epochs and optim.val_every must be >= 1")
     for key in MAPPINGS:
@@ -384,8 +392,10 @@ def validate_relative(model, dataset, spec, device) -> tuple[dict, list | None]:
 
 # ----------------------------------------------------------------------------- resume state
 
-def save_train_state(path: Path, model, optimizer, loss_fn, epoch: int, best: float) -> None:
-    """Model, loss and optimiser tensors in safetensors, scalars in JSON (no pickle)."""
+def save_train_state(path: Path, model, optimizer, loss_fn, epoch: int, best: float,
+                     selected_by: str = DEFAULT_RULE) -> None:
+    """Model, loss and optimiser tensors in safetensors, scalars in JSON (no pickle);
+    ``best`` is the best score so far under the rule ``selected_by``."""
     from safetensors.torch import save
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -397,7 +407,8 @@ def save_train_state(path: Path, model, optimizer, loss_fn, epoch: int, best: fl
                 tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
-    info = {"epoch": epoch, "best": best, "optim_scalars": scalars, "architecture": model.architecture,
+    info = {"epoch": epoch, "best": best, "selected_by": selected_by, "optim_scalars": scalars,
+            "architecture": model.architecture,
             "param_groups": [{k: v for k, v in g.items() if k != "params"}
                              for g in optimizer.state_dict()["param_groups"]]}
     # serialised here and written by vizloc_ros.files: save_file's own temporary is a
@@ -405,9 +416,12 @@ def save_train_state(path: Path, model, optimizer, loss_fn, epoch: int, best: fl
     write_bytes(path, save(tensors, metadata={"info": json.dumps(info)}), what="training state")
 
 
-def load_train_state(path: Path, model, optimizer, loss_fn) -> tuple[int, float]:
+def load_train_state(path: Path, model, optimizer, loss_fn,
+                     selected_by: str = DEFAULT_RULE) -> tuple[int, float]:
     """Restore what :func:`save_train_state` wrote; a state of another model or loss is a
-    :class:`ConfigError` in one line (torch's own message lists every tensor)."""
+    :class:`ConfigError` in one line (torch's own message lists every tensor). Returns
+    (epoch, best score); a best score measured by another rule than ``selected_by`` is
+    not comparable, so it comes back as inf (the next validation is kept)."""
     from safetensors import safe_open
 
     try:
@@ -445,6 +459,12 @@ def load_train_state(path: Path, model, optimizer, loss_fn) -> tuple[int, float]
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"--resume: the optimiser state in {path} does not fit this model: "
                           f"{str(exc).splitlines()[0]}") from None
+    # states written before optim.select_by existed were scored by the old rule
+    saved_rule = info.get("selected_by", "translation+rotation/10")
+    if saved_rule != selected_by:
+        LOG.warning("--resume: the best score so far was measured by %s, not optim.select_by=%s; "
+                    "the next validated epoch replaces the checkpoint", saved_rule, selected_by)
+        return int(info["epoch"]), math.inf
     return int(info["epoch"]), float(info["best"])
 
 
@@ -674,7 +694,8 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
     if resume:
         if not state_path.is_file():
             raise ConfigError(f"--resume: no training state at {state_path}")
-        start_epoch, best = load_train_state(state_path, model, optimizer, loss_state)
+        start_epoch, best = load_train_state(state_path, model, optimizer, loss_state,
+                                             config["optim"]["select_by"])
         if schedule is not None:
             with warnings.catch_warnings():  # replaying the schedule, no optimiser step needed
                 warnings.simplefilter("ignore", UserWarning)
@@ -707,6 +728,8 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
             pin_memory=device.type == "cuda"))
 
     best_metrics: dict = {}
+    select_by = config["optim"]["select_by"]
+    baseline = mean_pose_baseline(*train_set.poses(), *val_set.poses()) if select_by == MEAN_POSE else None
     t_mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
     t_std = torch.as_tensor(std, dtype=torch.float32, device=device)
     steps = 0
@@ -766,10 +789,11 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
         if rank == 0 and ((epoch + 1) % config["optim"]["val_every"] == 0 or last):
             recipe.prepare(model, train_set, spec, device)  # e.g. a retrieval database
             metrics, cov = validate(model, val_set, spec, device)
-            score = metrics["median_translation_m"] + metrics["median_rotation_deg"] / 10.0
+            score = selection_score(metrics, select_by, baseline)
             msg = (f"epoch {epoch + 1}/{epochs}: loss {running if running is not None else float('nan'):.3f}"
                    f"  val median {metrics['median_translation_m']:.3f} m "
-                   f"{metrics['median_rotation_deg']:.2f} deg  ({time.time() - epoch_started:.1f} s)")
+                   f"{metrics['median_rotation_deg']:.2f} deg  score {score:.3f} ({select_by})"
+                   f"  ({time.time() - epoch_started:.1f} s)")
             if score < best:
                 best = score
                 best_metrics = metrics
@@ -777,7 +801,9 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                     "input": spec.to_meta(), "scene": config["scene"],
                     "training": {"config": config, "epoch": epoch + 1, "steps": steps,
                                  "seconds": round(time.time() - started, 1),
-                                 "train_frames": len(train_set), "device": str(device)},
+                                 "train_frames": len(train_set), "device": str(device),
+                                 "selected_by": {"rule": select_by, "score": score,
+                                                 **({"mean_pose_baseline": baseline} if baseline else {})}},
                     "metrics": {"validation": metrics},
                     "validation_errors": {"cov_ros": cov, "frames": metrics["frames"],
                                           **({"model_cov_scale": metrics["model_cov_scale"]}
@@ -799,7 +825,7 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                 save_checkpoint(out, model, meta, dtype=config["storage_dtype"], frozen=frozen)
                 msg += "  (best, saved)"
             (tqdm.write if progress else LOG.info)(msg)
-            save_train_state(state_path, model, optimizer, loss_state, epoch + 1, best)
+            save_train_state(state_path, model, optimizer, loss_state, epoch + 1, best, select_by)
         if config["max_steps"] and steps >= int(config["max_steps"]):
             break
     if world > 1:
