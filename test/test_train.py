@@ -1,5 +1,6 @@
 """vizloc-train on a tiny 7-Scenes fixture: the loss falls, the checkpoint loads, bad configs fail clearly."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -254,3 +255,14 @@ def test_pretrained_imagenet_trains_from_the_torch_cache_and_says_so_offline(tin
     assert meta["training"]["config"]["model"]["args"]["pretrained"] == "imagenet"
     model, _ = load_checkpoint(out)  # rebuilt without the ImageNet file: the downloader still fails
     assert model.architecture == "posenet_resnet18"
+
+
+def test_a_resumed_best_score_of_another_selection_rule_is_not_compared(tmp_path):
+    model = build_model("posenet_resnet18", feat_dim=8)
+    loss_fn = build_loss({"relative": False})
+    optimizer = torch.optim.Adam(list(model.parameters()) + list(loss_fn.parameters()))
+    state = tmp_path / "m.state.safetensors"
+    train.save_train_state(state, model, optimizer, loss_fn, 3, 1.25, "translation")
+    assert train.load_train_state(state, model, optimizer, loss_fn, "translation") == (3, 1.25)
+    # metres are not mean-pose ratios: the next validated epoch is kept, whatever its score
+    assert train.load_train_state(state, model, optimizer, loss_fn, "mean-pose") == (3, math.inf)
