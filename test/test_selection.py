@@ -61,7 +61,7 @@ def test_the_mean_pose_rule_keeps_the_accurate_rotation_the_old_rule_threw_away(
     assert score("mean-pose", late) == pytest.approx(24 / 25 + 3 / 10)
     assert score("mean-pose", late) < score("mean-pose", early)
     assert score("translation", early) == 20.0 and score("rotation", late) == 3.0
-    # 2.0 means "no better than always answering the mean pose"
+    # always answering the mean pose scores 2.0
     assert score("mean-pose", baseline) == pytest.approx(2.0)
 
 

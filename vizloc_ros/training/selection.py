@@ -5,8 +5,8 @@ lowest score is the checkpoint written (``optim.select_by``). The rules:
 
 * ``mean-pose`` (the default): each median divided by the same median of the *mean-pose
   predictor* on the validation split (the error of always answering the training set's
-  mean position and mean orientation), summed. 2.0 is "no better than the mean pose",
-  0.4 is "five times better in both". It is scale-free: a 90 m KITTI drive and a 4 m room
+  mean position and mean orientation), summed. The mean pose itself scores 2.0 (1 + 1;
+  less where a floor below applies), 0.4 is "five times better in both". It is scale-free: a 90 m KITTI drive and a 4 m room
   weigh translation and rotation alike, and it is the yardstick the project's targets use
   ("at least 5x better than the mean-pose baseline"). Each median is floored at the
   tightest accuracy DESIGN.md asks for (5 cm, 2 deg), so a component that hardly varies
