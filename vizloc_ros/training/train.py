@@ -59,8 +59,11 @@ DEFAULTS = {
     "model": {"name": "mapnet", "args": {}, "init_from": None},
     # a frozen trunk copied from a shipped checkpoint, its output cached (training/trunk.py)
     "trunk": dict(TRUNK_DEFAULTS),
+    # learned weights start equal: geomapnet's s_q = -3 trains a from-scratch trunk for
+    # rotation first and, where the heading hardly varies (a car on a road), never for
+    # translation (issue #18; vizloc_ros.training.losses says why)
     "loss": {"translation": "l1", "rotation": "logq", "combine": "learned",
-             "s_t": 0.0, "s_q": -3.0, "relative": True},
+             "s_t": 0.0, "s_q": 0.0, "relative": True},
     "data": {"kind": "7scenes", "root": None, "train_split": "train", "val_split": "test",
              "val_root": None, "preload": True, "kwargs": {}},
     "input": {"resize": 256, "crop": [224, 224]},
