@@ -126,11 +126,12 @@ class KittiOdometry(PoseDataset):
     """KITTI odometry layout: ``image_0`` or ``image_l`` PNGs + ``poses.txt`` (one 3x4
     row-major camera-to-world per line, left camera) and optional ``times.txt``.
 
-    Some tools (evo's ``kitti`` export with stamps, several SLAM systems) write
-    ``poses.txt`` with a timestamp in front of the 12 numbers: 13 numbers a line are read
-    as ``stamp r11 ... tz``, the stamp used where there is no ``times.txt``, and a note
-    says so once (a file of 12-number lines with a 13th typed by mistake would otherwise
-    be read as a wrong pose). Every line must have the same count.
+    Some tools write ``poses.txt`` with a timestamp in front of the 12 numbers: 13
+    numbers a line are read as ``stamp r11 ... tz``, the stamp used where there is no
+    ``times.txt``, and a note (logged once per file read) says the first column was
+    taken as a timestamp, since nothing in the file says so. The first line sets the
+    count for the file: a later line with another count is a broken line, not a
+    change of format.
 
     ``frames`` selects frame indices (e.g. even ones for training).
     """
