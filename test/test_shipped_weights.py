@@ -1,0 +1,82 @@
+"""Every shipped checkpoint in weights/ works through every entry point a user has: the
+estimator, vizloc-eval and vizloc-replay; a referenced frozen trunk with another hash is
+a clear error, never other weights silently."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_datasets import make_sevenscenes
+from vizloc_ros.localize.estimator import PoseEstimator
+from vizloc_ros.localize.models import load_checkpoint
+from vizloc_ros.localize.models.checkpoint import CheckpointError
+from vizloc_ros.replay import cli as replay
+from vizloc_ros.training import evaluate
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+#: the relocalizers shipped for the demo room (side files such as X.database.safetensors
+#: have two suffixes and are not checkpoints of their own)
+SHIPPED = sorted(p for p in WEIGHTS.glob("*_demo.safetensors") if p.name.count(".") == 1)
+
+
+def test_the_demo_checkpoints_are_shipped():
+    assert {"mapnet_demo.safetensors", "posenet_demo.safetensors"} <= {p.name for p in SHIPPED}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seven") / "scene"
+    root.mkdir()
+    make_sevenscenes(root, n=8)
+    return root
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_estimator_gives_finite_poses_and_covariances(path, fast_cpu):
+    estimator = PoseEstimator(path, device="cpu")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8) for _ in range(3)]
+    for k, result in enumerate(estimator.estimate_batch(images, stamps=[0.1 * k for k in range(3)])):
+        assert np.all(np.isfinite(result.t)) and np.all(np.isfinite(result.q))
+        assert np.all(np.isfinite(result.cov)) and np.all(np.linalg.eigvalsh(result.cov) > 0), k
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_vizloc_eval_scores_every_frame(path, tiny_folder, tmp_path, fast_cpu):
+    out = tmp_path / "m.json"
+    assert evaluate.main([str(path), str(tiny_folder), "--split", "test", "--device", "cpu", "--no-progress",
+                          "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["frames"] > 0 and np.isfinite(metrics["median_translation_m"])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_replay_of_a_small_bag_publishes_finite_poses(path, small_bag, tmp_path, fast_cpu):
+    options = replay.ReplayOptions(bag=small_bag, out=tmp_path / "report", weights=path, device="cpu",
+                                   batch_size=8, progress=False)
+    metrics = replay.run_replay(options)
+    assert metrics["frames"]["images"] == 24
+    for name in ("absolute.tum", "fused.tum"):
+        rows = np.loadtxt(tmp_path / "report" / name, ndmin=2)
+        assert len(rows) > 0 and np.all(np.isfinite(rows)), name
+
+
+REFERENCING = [p for p in SHIPPED if json.loads(p.with_suffix(".json").read_text()).get("frozen_tensors")]
+
+
+@pytest.mark.parametrize("path", REFERENCING, ids=lambda p: p.stem)
+def test_a_referenced_trunk_with_another_hash_is_refused(path, tmp_path):
+    meta = json.loads(path.with_suffix(".json").read_text())
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(path.with_suffix(suffix), tmp_path / path.with_suffix(suffix).name)
+    trunk = meta["frozen_tensors"]["file"]
+    # a same-named file beside the copy is looked at first: here, another checkpoint's tensors
+    other = next(p for p in SHIPPED if p.name != trunk)
+    shutil.copy(other, tmp_path / trunk)
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(tmp_path / path.name)
+    (tmp_path / trunk).unlink()
+    model, _ = load_checkpoint(tmp_path / path.name)  # found among the shipped weights
+    assert model is not None
