@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_datasets import make_sevenscenes
 from vizloc_ros.localize.estimator import PoseEstimator
 from vizloc_ros.localize.models import load_checkpoint
 from vizloc_ros.localize.models.checkpoint import CheckpointError
 from vizloc_ros.replay import cli as replay
+from vizloc_ros.sim.synthetic import SequenceSpec, SynthConfig, generate
 from vizloc_ros.training import evaluate
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
@@ -27,9 +27,10 @@ def test_the_demo_checkpoints_are_shipped():
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
+    """Six frames of the demo room's held-out walk at the shipped networks' 320x240."""
     root = tmp_path_factory.mktemp("seven") / "scene"
-    root.mkdir()
-    make_sevenscenes(root, n=8)
+    generate(root, [SequenceSpec(5, "test", 101, 6)], SynthConfig(width=320, height=240, camera_hz=10.0),
+             fmt="7scenes", progress=False)
     return root
 
 
@@ -80,3 +81,29 @@ def test_a_referenced_trunk_with_another_hash_is_refused(path, tmp_path):
     (tmp_path / trunk).unlink()
     model, _ = load_checkpoint(tmp_path / path.name)  # found among the shipped weights
     assert model is not None
+
+
+SEQUENCE = [p for p in SHIPPED if json.loads(p.with_suffix(".json").read_text())["architecture"] == "vidloc"]
+
+
+@pytest.mark.parametrize("path", SEQUENCE, ids=lambda p: p.stem)
+def test_vidloc_online_equals_offline_on_the_shipped_checkpoint(path, fast_cpu):
+    """Frame by frame in stamp order (the node, the replay) gives, for every frame, the
+    offline output of the clip that ends with it (the last clip_length frames)."""
+    import torch
+
+    from vizloc_ros.localize.preprocess import InputSpec, preprocess
+
+    estimator = PoseEstimator(path, device="cpu")
+    model, meta = load_checkpoint(path)
+    spec = InputSpec.from_meta(meta["input"])
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, (240, 320, 3), dtype=np.uint8) for _ in range(model.clip_length + 3)]
+    online = [estimator.estimate(image, stamp=0.1 * k) for k, image in enumerate(images)]
+    x = preprocess(torch.from_numpy(np.stack(images)), spec)
+    with torch.no_grad():
+        for k in range(len(images)):
+            clip = x[max(0, k + 1 - model.clip_length):k + 1][None]
+            t, q = model.decode(model.forward_clips(clip)["pose"][0, -1:])
+            np.testing.assert_allclose(online[k].t, t[0].numpy(), atol=1e-4)
+            np.testing.assert_allclose(abs(online[k].q @ q[0].numpy()), 1.0, atol=1e-5)
