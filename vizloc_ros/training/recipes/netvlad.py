@@ -6,10 +6,9 @@ indoors, facing within ``pos_angle_deg``), its negatives are images beyond ``neg
 metres; the loss is sum_j max(0, m + min_i d(q, p_i)^2 - d(q, n_j)^2), the best potential
 positive taken by descriptor distance (which one truly shows the same place is not known).
 
-Hard negatives (the paper mines them too: random ones beyond ``neg_radius`` are so easy
-that almost no triplet is active: 2 % of those of 16 queries on the demo with the frozen
-MapNet trunk, 20 % with mined ones): with
-``hard_pool`` n > 0 the negatives are drawn among the n database images beyond
+Hard negatives (the paper mines them too): random ones beyond ``neg_radius`` are so easy
+that almost no triplet is active (2 % of those of 16 queries on the demo with the frozen
+MapNet trunk, 20 % with mined ones). With ``hard_pool`` n > 0 the negatives are drawn among the n database images beyond
 ``neg_radius`` most similar to the query's place, i.e. the images retrieval would wrongly
 return there. The query's place is the database image covering it (within the database
 spacing and angle, which every training frame has by construction), so mining needs only
