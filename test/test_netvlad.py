@@ -245,7 +245,8 @@ def test_triplet_training_on_a_frozen_referenced_trunk_builds_the_database_throu
             "trunk.5: backbone.layer2, trunk.6: backbone.layer3}")
     train_tiny(scene, "netvlad", out, {
         "model.args.feat_dim": "8", "model.args.clusters": "4", "loss.pos_radius": "0.1",
-        "loss.neg_radius": "0.3", "loss.positives": "2", "loss.negatives": "2", "loss.query_stride": "2", "loss.hard_pool": "2",
+        "loss.neg_radius": "0.3", "loss.positives": "2", "loss.negatives": "2", "loss.query_stride": "2",
+        "loss.hard_pool": "2",
         "optim.batch_size": "2", "max_steps": "2", "storage_dtype": "fp16",
         "trunk": f"{{from: {tmp_path / 'trunk' / 'source.safetensors'}, copy: {copy}, freeze: [trunk]}}"})
     meta = json.loads(out.with_suffix(".json").read_text())
