@@ -12,8 +12,9 @@ MapNet trunk, 20 % with mined ones). With ``hard_pool`` n > 0 the negatives are 
 among the n database images beyond ``neg_radius`` most similar to the query's place, i.e.
 the images retrieval would wrongly return there. The query's place is the database image
 covering it (within the database spacing and angle, which every training frame has by
-construction), so mining needs only the database descriptors: computed once before the first epoch and refreshed with every
-database build (one epoch stale at most, as the paper's cache).
+construction), so mining needs only the database descriptors: computed once before the
+first epoch and refreshed with every database build (one epoch stale at most, as the
+paper's cache).
 
 An epoch draws one query per ``query_stride`` consecutive eligible frames (a different
 one each time): frames of a walk at 10 Hz lie centimetres apart, so on a CPU an epoch of
