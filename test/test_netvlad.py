@@ -193,3 +193,86 @@ def test_chunked_neighbour_search_equals_brute_force():
     got = neighbours_within(points, 0.5, chunk=7)
     assert all(np.array_equal(row, np.flatnonzero(d <= 0.5)) for row, d in zip(got, dist))
     np.testing.assert_allclose(farthest_distance(points, chunk=7), dist.max(axis=1))
+
+
+def test_query_stride_draws_one_query_per_block_of_frames(scene):
+    dataset = SevenScenes(scene, "train")
+    every = TripletSamples(dataset, 2, 3, pos_radius=0.1, neg_radius=0.3, seed=0)
+    strided = TripletSamples(dataset, 2, 3, pos_radius=0.1, neg_radius=0.3, seed=0, query_stride=5)
+    assert len(strided) == -(-len(every) // 5)
+    for index in range(len(strided)):
+        block = every.queries[5 * index:5 * index + 5]
+        t, _ = dataset.poses()
+        first = strided[index]["t"]
+        assert any(np.allclose(first, t[i]) for i in block)
+    with pytest.raises(IndexError):
+        strided[len(strided)]
+    with pytest.raises(ValueError, match="query_stride"):
+        RECIPE.loss(None, {"loss": {"query_stride": 0}})
+
+
+def test_mined_negatives_are_the_most_similar_database_images_beyond_the_radius(scene):
+    dataset = SevenScenes(scene, "train")
+    samples = TripletSamples(dataset, 2, 2, pos_radius=0.1, neg_radius=0.3, seed=0)
+    t, q = dataset.poses()
+    descriptors = torch.nn.functional.normalize(torch.randn(len(t), 16, generator=torch.Generator().manual_seed(0)),
+                                                dim=1)
+    samples.mine(descriptors, np.arange(len(t)), hard_pool=3, spacing=0.0, max_angle_deg=15.0)
+    sims = (descriptors @ descriptors.T).numpy()
+    for i in samples.queries:
+        assert samples.place_of[i] == i  # every frame is in this database: its own place
+        far = np.flatnonzero(np.linalg.norm(t - t[i], axis=1) > 0.3)
+        pool = set(far[np.argsort(-sims[i, far])[:3]].tolist())
+        negatives = samples._negatives(i)
+        assert len(set(negatives.tolist())) == 2 and set(negatives.tolist()) <= pool
+    with pytest.raises(ValueError, match="hard_pool"):
+        RECIPE.loss(None, {"loss": {"negatives": 4, "hard_pool": 2}})
+
+
+def test_triplet_training_on_a_frozen_referenced_trunk_builds_the_database_through_it(scene, tmp_path):
+    """The CPU recipe's path (config/train_netvlad_demo.yaml): the trunk copied from another
+    checkpoint under other names, frozen (batch-norm statistics included) and referenced,
+    no cache (the triplet loss trains on its own samples), the database built through it."""
+    from safetensors import safe_open
+
+    from vizloc_ros.training.recipes.netvlad import describe_dataset
+
+    torch.manual_seed(0)
+    source = build_model("mapnet", backbone="resnet18", feat_dim=16)
+    save_checkpoint(tmp_path / "trunk" / "source", source, {"input": TINY_INPUT}, dtype="fp16")
+    out = tmp_path / "out" / "netvlad"
+    copy = ("{trunk.0: backbone.conv1, trunk.1: backbone.bn1, trunk.4: backbone.layer1, "
+            "trunk.5: backbone.layer2, trunk.6: backbone.layer3}")
+    train_tiny(scene, "netvlad", out, {
+        "model.args.feat_dim": "8", "model.args.clusters": "4", "loss.pos_radius": "0.1",
+        "loss.neg_radius": "0.3", "loss.positives": "2", "loss.negatives": "2", "loss.query_stride": "2",
+        "loss.hard_pool": "2",
+        "optim.batch_size": "2", "max_steps": "2", "storage_dtype": "fp16",
+        "trunk": f"{{from: {tmp_path / 'trunk' / 'source.safetensors'}, copy: {copy}, freeze: [trunk]}}"})
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["frozen_tensors"]["file"] == "source.safetensors"
+    assert meta["frozen_tensors"]["prefixes"]["trunk.6."] == "backbone.layer3."
+    assert meta["training"]["trunk"]["cached"] is None
+    assert out.with_name("netvlad.database.safetensors").is_file()
+    with safe_open(str(out.with_suffix(".safetensors")), framework="pt") as handle:
+        stored = set(handle.keys())
+    assert not any(k.startswith("trunk.") for k in stored) and any(k.startswith("vlad.") for k in stored)
+
+    (out.parent / "source.safetensors").symlink_to(tmp_path / "trunk" / "source.safetensors")
+    model, _ = load_checkpoint(out)
+    source, _ = load_checkpoint(tmp_path / "trunk" / "source.safetensors")
+    theirs = source.backbone.state_dict()
+    for ours, prefix in zip((model.trunk[0], model.trunk[1], model.trunk[4], model.trunk[5], model.trunk[6]),
+                            ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.")):
+        for name, tensor in ours.state_dict().items():
+            assert torch.equal(tensor, theirs[prefix + name]), prefix + name  # bit for bit, BN statistics too
+    # the saved database is what the saved network gives for the mapping images: it was
+    # built through the real (frozen) trunk
+    dataset = SevenScenes(scene, "train")
+    t, q = dataset.poses()
+    keep = thin_database(t, q, model.database_spacing, model.database_angle_deg)
+    np.testing.assert_allclose(model.db_t, t[keep])
+    again = describe_dataset(model, dataset, SPEC, "cpu", keep)
+    torch.testing.assert_close(again, model.db_descriptors.float(), atol=2e-3, rtol=0)
+    pose_t, _, cov = model.localize(preprocess(torch.from_numpy(np.array(dataset[0]["image"][None])), SPEC))
+    assert torch.isfinite(pose_t).all() and torch.isfinite(cov).all()

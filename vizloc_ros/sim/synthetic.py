@@ -405,7 +405,27 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
     for sim in sims:
         if sim.placement is not None:
             log(f"{sim.spec.name} <- {Path(sim.spec.tum_file).name}: {sim.placement.describe()}")
+    return _write_output(out_dir, sims, config, scene, fmt, overwrite, progress, int(jobs))
 
+
+def write_simulated(out_dir, sims: list[SimulatedSequence], config: SynthConfig = SynthConfig(),
+                    fmt: str = "bag", overwrite: bool = False, progress: bool = True,
+                    metadata: dict | None = None) -> Path:
+    """Render sequences simulated (and perhaps edited, e.g. :mod:`vizloc_ros.sim.kidnap`)
+    by the caller into ``out_dir``, as :func:`generate` renders its own; ``metadata`` is
+    added to ``scene.json`` (say there how the sequences were edited)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+    if not sims:
+        raise ValueError("no sequences to render")
+    out_dir = Path(out_dir)
+    _check_output(out_dir, overwrite)
+    return _write_output(out_dir, sims, config, get_scene(config.scene), fmt, overwrite, progress, 1, metadata)
+
+
+def _write_output(out_dir: Path, sims: list[SimulatedSequence], config: SynthConfig, scene: Scene, fmt: str,
+                  overwrite: bool, progress: bool, jobs: int, metadata: dict | None = None) -> Path:
+    sequences = [sim.spec for sim in sims]
     # built under .OUT.partial-PID (locked while this run lives; a dead run's is swept, a
     # live one's refused), moved into place only if nothing else took OUT meanwhile
     with staged(out_dir, folder=True, replaceable=_is_synth_output if overwrite else None,
@@ -425,8 +445,8 @@ def generate(out_dir, sequences: list[SequenceSpec], config: SynthConfig = Synth
         if want_7scenes:
             write_splits(staging, [s.number for s in sequences if s.split == "train"],
                          [s.number for s in sequences if s.split == "test"])
-        (staging / "scene.json").write_text(json.dumps(_scene_metadata(config, scene, sims, fmt), indent=2),
-                                            encoding="utf-8")
+        (staging / "scene.json").write_text(json.dumps({**_scene_metadata(config, scene, sims, fmt),
+                                                        **(metadata or {})}, indent=2), encoding="utf-8")
     return out_dir
 
 
