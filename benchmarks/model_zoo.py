@@ -26,8 +26,8 @@ Full mode is issue #18's comparison in one command (run from the repository root
   tested on the odd ones (raw only: those folders carry no odometry), as
   ``vizloc-eval CKPT FOLDER --kind kitti --frames odd`` would; plus the mean-pose baseline
   (always the training frames' mean pose), so "N x better than the mean pose" reads off.
-  Training on KITTI: the method's demo recipe at 64x208, ``--kitti-steps`` steps of 8
-  frames, the loss weights at vizloc-train's defaults (the demo configs' ``s_q: -3`` is
+  Training on KITTI: the method's demo recipe at 64x208, ``--kitti-epochs`` epochs of
+  batches of 8 (100: about 400 steps on 25 even frames), the loss weights at vizloc-train's defaults (the demo configs' ``s_q: -3`` is
   dropped: it kept MapNet at the mean pose on KITTI, commit c46d4ab), checkpoints picked
   by vizloc-train's default rule (``optim.select_by: mean-pose``) on the odd frames (51
   frames allow no third split). A recipe whose trunk comes from a shipped demo checkpoint
@@ -294,13 +294,10 @@ def zoo_config(name: str, dataset: dict, args, out: Path, source_checkpoint) -> 
             args_.update(database_spacing=0.0, consistency_m=8.0)
         if "tuple" in cfg:  # consecutive even frames (0.2 s apart) of the recipe's length
             cfg["tuple"] = {**cfg["tuple"], "skip": min(int(cfg["tuple"].get("skip", 1)), 2), "stride": 1}
-        if not args.quick:
-            frames = dataset["train_frames"]
-            per_epoch = max(1, math.ceil(frames / KITTI_BATCH))
-            cfg["optim"] = {**cfg.get("optim", {}), "batch_size": KITTI_BATCH,
-                            "epochs": max(1, math.ceil(args.kitti_steps / per_epoch)),
-                            "val_every": max(1, math.ceil(args.kitti_steps / per_epoch / 20))}
-            cfg["max_steps"] = args.kitti_steps
+        if not args.quick:  # the cosine schedule runs over epochs: a budget in epochs, not steps
+            cfg["optim"] = {**cfg.get("optim", {}), "batch_size": KITTI_BATCH, "epochs": args.kitti_epochs,
+                            "val_every": max(1, args.kitti_epochs // 20)}
+            cfg["max_steps"] = None
     if args.quick:
         cfg["max_steps"] = args.steps
         cfg.update(workers=0, threads=1, amp="none")
@@ -565,7 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the rendered walk is kept and reused")
     parser.add_argument("--kitti", default=str(ROOT.parent / "shared" / "data" / "kitti"),
                         help="folder of KITTI sequences (each with poses.txt); 'none' to skip")
-    parser.add_argument("--kitti-steps", type=int, default=400, help="training steps per model on a KITTI folder")
+    parser.add_argument("--kitti-epochs", type=int, default=100,
+                        help="training epochs per model on a KITTI folder (100: about 400 steps of 8 of the "
+                             "25 even frames)")
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny inputs (CPU smoke run)")
     parser.add_argument("--steps", type=int, default=20, help="training steps per model in --quick mode")
     parser.add_argument("--thin", type=int, default=10,
@@ -614,8 +613,7 @@ def _walks(args, views: Path) -> list[tuple[dict, list[dict]]]:
         for seq in sorted(p for p in Path(args.kitti).iterdir() if (p / "poses.txt").is_file()):
             train_view = kitti_split(seq, views / seq.name / "even", 0)
             dataset = {"name": f"kitti/{seq.name}", "kind": "kitti", "train": train_view,
-                       "val": kitti_split(seq, views / seq.name / "odd", 1),
-                       "train_frames": len(open_dataset("kitti", train_view))}
+                       "val": kitti_split(seq, views / seq.name / "odd", 1)}
             plan.append((dataset, [{"name": f"kitti/{seq.name} (odd frames)", "slug": seq.name, "bag": None,
                                     "open": lambda seq=seq: kitti_test_set(seq)}]))
     return plan

@@ -65,12 +65,11 @@ def test_a_zoo_row_is_what_vizloc_eval_prints(zoo, tiny_weights, tmp_path, fast_
 
 
 def test_kitti_runs_drop_the_demo_loss_weights_and_take_the_trunk_trained_there(zoo, tmp_path):
-    args = SimpleNamespace(device="auto", quick=False, kitti_steps=40)
-    dataset = {"name": "kitti/x", "kind": "kitti", "train": tmp_path / "even", "val": tmp_path / "odd",
-               "train_frames": 25}
+    args = SimpleNamespace(device="auto", quick=False, kitti_epochs=40)
+    dataset = {"name": "kitti/x", "kind": "kitti", "train": tmp_path / "even", "val": tmp_path / "odd"}
     mapnet = zoo.zoo_config("mapnet", dataset, args, tmp_path / "mapnet", lambda source: None)
     assert not set(zoo.KITTI_DROPPED_LOSS_KEYS) & set(mapnet["loss"])  # vizloc-train's defaults apply
-    assert mapnet["max_steps"] == 40 and mapnet["optim"]["epochs"] * 4 >= 40
+    assert mapnet["max_steps"] is None and mapnet["optim"]["epochs"] == 40 and mapnet["optim"]["batch_size"] == 8
     assert mapnet["input"] == zoo.KITTI_INPUT
     asked = []
     shipped = ROOT / "weights" / "posenet_demo.safetensors"  # stands in for a KITTI-trained PoseNet
