@@ -544,6 +544,17 @@ def write_outputs(md_path: Path, json_path: Path, text: str, document: dict) -> 
 
 # --------------------------------------------------------------------------- main
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of steps, epochs or frames)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"need at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help="comma-separated registry names (default: every model vizloc-train makes)")
@@ -562,12 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the rendered walk is kept and reused")
     parser.add_argument("--kitti", default=str(ROOT.parent / "shared" / "data" / "kitti"),
                         help="folder of KITTI sequences (each with poses.txt); 'none' to skip")
-    parser.add_argument("--kitti-epochs", type=int, default=100,
+    parser.add_argument("--kitti-epochs", type=_at_least_one, default=100,
                         help="training epochs per model on a KITTI folder (100: about 400 steps of 8 of the "
                              "25 even frames)")
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny inputs (CPU smoke run)")
-    parser.add_argument("--steps", type=int, default=20, help="training steps per model in --quick mode")
-    parser.add_argument("--thin", type=int, default=10,
+    parser.add_argument("--steps", type=_at_least_one, default=20, help="training steps per model in --quick mode")
+    parser.add_argument("--thin", type=_at_least_one, default=10,
                         help="--quick: use every N-th demo frame (training and test)")
     fused = parser.add_mutually_exclusive_group()
     fused.add_argument("--fused", dest="fused", action="store_true", default=None,
