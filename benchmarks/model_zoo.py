@@ -10,7 +10,7 @@ Full mode is issue #18's comparison in one command (run from the repository root
   A method with neither a shipped checkpoint nor a recipe that runs on this machine (no
   own config, or a config without ``device: cpu`` where there is no GPU) is a row saying
   so; ``--train-gpu-recipes`` trains those anyway. ``ace`` maps come from vizloc-map
-  (benchmarks/bench_mapping.py), not from here.
+  (benchmarks/bench_mapping.py): rows for one only with ``--map FILE`` (demo walks).
 * Two walks of the demo room, each evaluated raw and fused with odometry:
   - the held-out walk: ``data/demo7`` split test (seq-05, 300 frames at 15 Hz) through
     ``vizloc-eval``'s own code (:func:`vizloc_ros.training.evaluate.evaluate_checkpoint`), so
@@ -356,6 +356,11 @@ class Checkpoints:
         unlabeled = (base_config(name).get("unlabeled") or {}).get("root")
         if unlabeled is not None and (kitti or not Path(_in_repo(unlabeled)).exists()):
             raise Skipped(f"needs unlabeled recordings with odometry ({unlabeled})")
+        if trained_by(name) != "vizloc-train":  # ace: a scene-coordinate map of vizloc-map
+            if not kitti and getattr(args, "map", None):
+                return Path(args.map), "made by vizloc-map"
+            raise Skipped(f"made by {trained_by(name)}, not vizloc-train: give the demo map with --map "
+                          "(benchmarks/bench_mapping.py measures maps)")
         shipped = Path(args.weights) / f"{name}_demo.safetensors" if args.weights else None
         if not kitti and shipped is not None and shipped.is_file():
             return shipped, "shipped"
@@ -586,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     fused.add_argument("--no-fused", dest="fused", action="store_false", help="raw columns only")
     parser.add_argument("--train-gpu-recipes", action="store_true",
                         help="train methods whose demo config is not a CPU recipe, on any machine")
+    parser.add_argument("--map", default=None,
+                        help="a demo-room map of vizloc-map (ace): adds its rows on the demo walks")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--weights", default=None, help="use DIR/<name>_demo.safetensors on the demo where present")
     parser.add_argument("--work", default=None, help="checkpoints and replays go here (default: a temporary folder)")
@@ -637,7 +644,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1 if args.quick else max(1, torch.get_num_threads()))
     # scene-coordinate maps (ace) are made by vizloc-map, not vizloc-train: benchmarks/bench_mapping.py
     models = (args.models.split(",") if args.models
-              else [m for m in available_models() if trained_by(m) == "vizloc-train"])
+              else [m for m in available_models() if trained_by(m) == "vizloc-train" or args.map])
+    if args.map and not Path(args.map).is_file():
+        print(f"model_zoo: --map {args.map} is not a file", file=sys.stderr)
+        return 2
     unknown = [m for m in models if m not in available_models()]
     if unknown:
         print(f"model_zoo: unknown model(s) {', '.join(unknown)}; known: {', '.join(available_models())}",
