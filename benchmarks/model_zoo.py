@@ -22,6 +22,8 @@ Full mode is issue #18's comparison in one command (run from the repository root
     the scale the generator fitted it into the room with is read from its scene.json.
   Fused: :func:`vizloc_ros.replay.cli.run_replay` (``vizloc-replay BAG --weights CKPT``) with
   the bag's drifting visual odometry; the fused median and NEES come from its metrics.json.
+  A network with a relative head (VLocNet) is also fused with its own visual odometry only
+  (``--visual-odom``), a line of its own under its row.
 * KITTI: every folder of ``--kitti`` with ``poses.txt``, trained here on the even frames,
   tested on the odd ones (raw only: those folders carry no odometry), as
   ``vizloc-eval CKPT FOLDER --kind kitti --frames odd`` would; plus the mean-pose baseline
@@ -417,12 +419,13 @@ def raw_metrics(weights: Path, test_set, device: str) -> dict:
     return evaluate_checkpoint(weights, test_set, device=device, progress=False)
 
 
-def fused_metrics(weights: Path, bag: Path, out: Path, device: str) -> dict:
-    """``vizloc-replay BAG --weights CKPT --out OUT --overwrite``: the fused source's metrics."""
+def fused_metrics(weights: Path, bag: Path, out: Path, device: str, visual_odometry: bool = False) -> dict:
+    """``vizloc-replay BAG --weights CKPT --out OUT --overwrite`` (``--visual-odom``: the
+    network's relative head instead of the bag's odometry): the fused source's metrics."""
     from vizloc_ros.replay.cli import ReplayOptions, run_replay
 
     result = run_replay(ReplayOptions(bag=bag, out=out, weights=weights, device=device, overwrite=True,
-                                      progress=False))
+                                      progress=False, visual_odometry=visual_odometry))
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else result
     fused = metrics.get("sources", {}).get("fused")
     if not fused:
@@ -464,6 +467,13 @@ def method_rows(name: str, dataset: dict, walks: list[dict], args, checkpoints: 
                 row.update(fused_median_translation_m=fused.get("median_translation_m"),
                            fused_median_rotation_deg=fused.get("median_rotation_deg"),
                            fused_nees_per_dof=fused.get("nees_per_dof"), replay_report=str(out))
+                if PoseEstimator(weights, device="cpu", cpu_threads=1).has_relative_head:
+                    # VLocNet's target: fused with its own visual odometry only, below its raw median
+                    out = args.work_path / "replay" / walk["slug"] / f"{name}_visual_odom"
+                    fused = fused_metrics(weights, walk["bag"], out, args.device, visual_odometry=True)
+                    row.update(fused_vo_median_translation_m=fused.get("median_translation_m"),
+                               fused_vo_median_rotation_deg=fused.get("median_rotation_deg"),
+                               fused_vo_nees_per_dof=fused.get("nees_per_dof"), replay_vo_report=str(out))
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
@@ -541,6 +551,11 @@ def markdown(rows: list[dict], walks: list[dict], quick: bool) -> str:
         elif r.get("note"):
             cells[3] += f"; {r['note']}"
         lines.append("| " + " | ".join(cells) + " |")
+        if r.get("fused_vo_median_translation_m") is not None:  # the same network, its own odometry
+            vo = ["", "", r["data"], "fused with its own visual odometry (no wheel odometry)"] + [""] * 5
+            vo += [_fmt(r["fused_vo_median_translation_m"], 3), _fmt(r.get("fused_vo_median_rotation_deg"), 2),
+                   _fmt(r.get("fused_vo_nees_per_dof"))] + [""] * 3
+            lines.append("| " + " | ".join(vo) + " |")
     return "\n".join(lines) + "\n"
 
 

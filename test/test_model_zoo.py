@@ -109,3 +109,17 @@ def test_a_demo_bag_of_another_walk_is_refused(zoo, tmp_path):
         zoo.held_out_walk(folder, bag_root / "bags" / "seq-05")
     shutil.copy(folder / "trajectories" / "seq-05_ground_truth.tum", bag_root / "trajectories")
     assert zoo.held_out_walk(folder, bag_root / "bags" / "seq-05")["bag"] == bag_root / "bags" / "seq-05"
+
+
+def test_every_table_line_has_every_column(zoo):
+    rows = [{"model": "vlocnet", "method": "VLocNet", "data": "demo, held-out walk", "training": "shipped",
+             "median_translation_m": 0.2, "median_rotation_deg": 3.0, "within_25cm_2deg": 0.5,
+             "within_5cm_5deg": 0.1, "nees_per_dof": 1.1, "fused_median_translation_m": 0.1,
+             "fused_vo_median_translation_m": 0.15, "fused_vo_median_rotation_deg": 2.0, "cpu_ms": 30.0,
+             "train_minutes": 12.0, "checkpoint_mb": 2.6, "shared_trunk": "mapnet_demo.safetensors"},
+            {"model": "ace", "method": "ace", "data": "kitti/x", "note": "skipped: made by vizloc-map"}]
+    table = [line for line in zoo.markdown(rows, [], quick=False).splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3  # header, rule, VLocNet, its visual-odometry line, ace
+    assert {line.count("|") for line in table} == {len(zoo.COLUMNS) + 1}
+    assert "0.150" in table[3] and "own visual odometry" in table[3]
+    assert "2.6 + shared trunk mapnet_demo.safetensors" in table[2] and "skipped" in table[4]
