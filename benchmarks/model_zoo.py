@@ -29,8 +29,9 @@ Full mode is issue #18's comparison in one command (run from the repository root
   ``vizloc-eval CKPT FOLDER --kind kitti --frames odd`` would; plus the mean-pose baseline
   (always the training frames' mean pose), so "N x better than the mean pose" reads off.
   Training on KITTI: the method's demo recipe at 64x208, ``--kitti-epochs`` epochs of
-  batches of 8 (100: about 400 steps on 25 even frames), the loss weights at vizloc-train's defaults (the demo configs' ``s_q: -3`` is
-  dropped: it kept MapNet at the mean pose on KITTI, commit c46d4ab), checkpoints picked
+  batches of 8 (100: 300 steps on the 25 even frames, the partial batch dropped), the loss
+  weights at vizloc-train's defaults (the demo configs' ``s_q: -3`` is dropped: it kept
+  MapNet at the mean pose on KITTI, commit c46d4ab), checkpoints picked
   by vizloc-train's default rule (``optim.select_by: mean-pose``) on the odd frames (51
   frames allow no third split). A recipe whose trunk comes from a shipped demo checkpoint
   takes it from that model trained here on the same KITTI folder instead.
@@ -267,15 +268,14 @@ def zoo_config(name: str, dataset: dict, args, out: Path, source_checkpoint) -> 
         block = cfg.get(section) or {}
         if block.get(key):
             source = shipped_source(block[key])
-            if kitti and source is None:
-                raise Skipped(f"{section}.{key} {block[key]} is a demo checkpoint of no registered model")
-            if kitti:  # the demo room's trunk says nothing of a road: the same model, trained here
-                block[key] = str(source_checkpoint(source))
+            if kitti and source is not None:  # a demo-room network says nothing of a road: the
+                block[key] = str(source_checkpoint(source))  # same model, trained on this folder
             elif args.quick and section == "model":
                 block[key] = None  # the quick networks are smaller than the shipped ones
             else:
                 block[key] = _in_repo(block[key])
-    if (cfg.get("trunk") or {}).get("from"):  # the feature width of the network it copies
+    copied = (cfg.get("trunk") or {}).get("copy") or []
+    if (cfg.get("trunk") or {}).get("from") and "fc_feat" in copied:  # the copied layer's width
         source_meta = json.loads(Path(cfg["trunk"]["from"]).with_suffix(".json").read_text())
         width = (source_meta.get("model_config") or {}).get("feat_dim")
         if width and "feat_dim" in args_:
@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kitti", default=str(ROOT.parent / "shared" / "data" / "kitti"),
                         help="folder of KITTI sequences (each with poses.txt); 'none' to skip")
     parser.add_argument("--kitti-epochs", type=_at_least_one, default=100,
-                        help="training epochs per model on a KITTI folder (100: about 400 steps of 8 of the "
+                        help="training epochs per model on a KITTI folder (100: 300 steps of 8 of the "
                              "25 even frames)")
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny inputs (CPU smoke run)")
     parser.add_argument("--steps", type=_at_least_one, default=20, help="training steps per model in --quick mode")
