@@ -699,6 +699,8 @@ def main(argv=None) -> int:
                                              "quick": args.quick, "walks": walks_meta, "rows": rows})
     except (ZooError, OSError) as exc:
         print(f"model_zoo: {exc}", file=sys.stderr)
+        if not args.work:  # the temporary folder made for this run, not the user's
+            shutil.rmtree(work, ignore_errors=True)
         return 2
     finally:
         shutil.rmtree(views, ignore_errors=True)
