@@ -1,4 +1,5 @@
-"""`vizloc-eval`: a checkpoint on a dataset split -> median errors and threshold shares.
+"""`vizloc-eval`: a checkpoint on a dataset split -> median errors, threshold shares and the
+NEES of the covariance the estimator publishes with each pose.
 
 Runs the images through :class:`~vizloc_ros.localize.estimator.PoseEstimator`, the class the
 node and the replay use, so the figures are those of the deployed path (same
@@ -20,20 +21,26 @@ from vizloc_ros import geometry
 from vizloc_ros.files import sweep_stale, write_text
 from vizloc_ros.localize.models import checkpoint_paths
 from vizloc_ros.localize.models.checkpoint import floor_singular_covariance, is_singular
-from vizloc_ros.metrics import THRESHOLDS, evaluate_poses, scored_frames_warning, threshold_key
+from vizloc_ros.metrics import (THRESHOLDS, evaluate_poses, nees_summary, scored_frames_warning,
+                                threshold_key)
 from vizloc_ros.pipeline.regressor import load_estimator
 from vizloc_ros.training.datasets import KittiOdometry, open_dataset
 
 LOG = logging.getLogger(__name__)
 
 
-def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int = 16,
-                        progress: bool = True) -> dict:
-    """Metrics of ``weights`` on every frame of ``dataset`` (any PoseDataset)."""
+def estimate_dataset(weights, dataset, device: str = "auto", batch_size: int = 16,
+                     progress: bool = True) -> dict:
+    """Every frame of ``dataset`` through the deployed estimator, in the dataset's order:
+    ``{"t", "q", "cov"}`` arrays ((N, 3), (N, 4), (N, 6, 6)), ``seconds`` and ``device``.
+
+    One function for ``vizloc-eval`` and the model zoo's table, so a figure of the table
+    is what ``vizloc-eval`` prints for the same checkpoint and frames (issue #18).
+    """
     from tqdm import tqdm
 
     estimator = load_estimator(weights, device=device)  # a bad file: ValueError naming it
-    t_est, q_est = [], []
+    t_est, q_est, cov = [], [], []
     started = time.perf_counter()
     bar = tqdm(total=len(dataset), desc="evaluating", unit="frame", disable=not progress,
                dynamic_ncols=True)
@@ -51,14 +58,27 @@ def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int 
                 results[k] = result
         t_est.extend(r.t for r in results)
         q_est.extend(r.q for r in results)
+        cov.extend(r.cov for r in results)
         bar.update(len(samples))
     bar.close()
-    elapsed = time.perf_counter() - started
+    return {"t": np.array(t_est, dtype=float).reshape(-1, 3), "q": np.array(q_est, dtype=float).reshape(-1, 4),
+            "cov": np.array(cov, dtype=float).reshape(-1, 6, 6), "seconds": time.perf_counter() - started,
+            "device": str(estimator.device)}
+
+
+def evaluate_checkpoint(weights, dataset, device: str = "auto", batch_size: int = 16,
+                        progress: bool = True) -> dict:
+    """Metrics of ``weights`` on every frame of ``dataset`` (any PoseDataset): the errors
+    of :func:`~vizloc_ros.metrics.evaluate_poses` and the honesty of the published
+    covariance (:func:`~vizloc_ros.metrics.nees_summary`, NEES per dof near 1 when honest)."""
+    estimates = estimate_dataset(weights, dataset, device, batch_size, progress)
     t_gt, q_gt = dataset.poses()
-    metrics = evaluate_poses(np.array(t_est), np.array(q_est), t_gt, q_gt)
+    metrics = evaluate_poses(estimates["t"], estimates["q"], t_gt, q_gt)
+    metrics.update(nees_summary(estimates["t"], estimates["q"], t_gt, q_gt, estimates["cov"]))
+    elapsed = estimates["seconds"]
     metrics["frames_per_second"] = len(dataset) / elapsed if elapsed > 0 else None
     metrics["frames_left_out"] = {why: int(n) for why, n in getattr(dataset, "left_out", {}).items() if n}
-    metrics["device"] = str(estimator.device)
+    metrics["device"] = estimates["device"]
     return metrics
 
 
@@ -106,6 +126,8 @@ def format_table(metrics: dict, title: str = "") -> str:
     for metres, degrees in THRESHOLDS:
         rows.append((f"within {metres * 100:g} cm, {degrees:g} deg",
                      f"{100 * metrics[threshold_key(metres, degrees)]:.1f} %"))
+    if metrics.get("nees_per_dof") is not None:  # 1 when the published covariance is honest
+        rows.append(("NEES per dof", f"{metrics['nees_per_dof']:.2f} ({metrics['nees_frames']} frames)"))
     if metrics.get("frames_per_second"):
         rows.append(("frames/s", f"{metrics['frames_per_second']:.1f} ({metrics.get('device')})"))
     width = max(len(r[0]) for r in rows)
