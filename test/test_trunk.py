@@ -85,6 +85,7 @@ def test_a_referenced_trunk_with_another_hash_or_missing_is_a_clear_error(scene_
     ({"from": "x", "copy": ["backbone"], "freeze": ["backbone"], "cache": "fc_feat"}, "must be frozen"),
     ({"from": "x", "copy": ["backbone"], "frozen": ["backbone"]}, "unknown trunk option"),
     ({"from": "x", "copy": "backbone"}, "list of module names"),
+    (5, "must be a mapping"),
 ])
 def test_bad_trunk_blocks_are_one_line_errors(block, message):
     with pytest.raises(TrunkError, match=message):
@@ -119,3 +120,15 @@ def test_copy_into_a_differently_named_module_and_freeze_it(scene_and_trunk):
         model.trunk[0].weight.add_(1.0)
     with pytest.raises(ValueError, match="changed after it was copied"):
         frozen.check_unchanged(model.state_dict())
+
+
+def test_an_unwritable_feature_cache_is_warned_and_training_goes_on(scene_and_trunk, monkeypatch, caplog):
+    root = scene_and_trunk
+    blocker = root / "cache-is-a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    out = root / "out" / "vidloc"
+    with deterministic_torch(0), caplog.at_level("WARNING"):
+        assert train.main(_vidloc_args(root, out, "--set", "optim.epochs=1")) == 0
+    assert "trunk features not cached" in caplog.text
+    assert out.with_suffix(".json").is_file()

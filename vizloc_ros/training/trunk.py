@@ -70,6 +70,8 @@ class TrunkPlan:
 
     @classmethod
     def from_config(cls, block: dict | None) -> "TrunkPlan":
+        if block is not None and not isinstance(block, dict):
+            raise TrunkError(f"trunk must be a mapping of options ({', '.join(TRUNK_DEFAULTS)}), got {block!r}")
         block = {**TRUNK_DEFAULTS, **(block or {})}
         unknown = sorted(set(block) - set(TRUNK_DEFAULTS))
         if unknown:
@@ -263,9 +265,13 @@ def _cached_outputs(model, plan: TrunkPlan, count: int, image, frames_key: str, 
     features = np.concatenate(chunks)
     buffer = io.BytesIO()
     np.save(buffer, features)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, buffer.getvalue(), what="trunk feature cache")
-    LOG.info("trunk features of %d frames (%s each) cached in %s", count, features.shape[1:], path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_bytes(path, buffer.getvalue(), what="trunk feature cache")
+    except OSError as exc:  # a cache: training goes on without it (the next run recomputes)
+        LOG.warning("trunk features not cached (%s): %s", path, exc)
+    else:
+        LOG.info("trunk features of %d frames (%s each) cached in %s", count, features.shape[1:], path)
     return features
 
 
