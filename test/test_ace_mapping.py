@@ -14,7 +14,7 @@ from vizloc_ros.localize.models import build_model, load_checkpoint
 from vizloc_ros.localize.models.ace import CoordinateHead, SceneEncoder
 from vizloc_ros.localize.pnp import FAILED_COVARIANCE, PnpSettings, localize_from_coordinates
 from vizloc_ros.localize.preprocess import InputSpec
-from vizloc_ros.mapping.buffer import BufferBuilder, samples_per_frame
+from vizloc_ros.mapping.buffer import Augmentation, BufferBuilder, _warp, samples_per_frame
 from vizloc_ros.mapping.head_training import HeadTrainingConfig, reprojection_loss, train_head
 from vizloc_ros.mapping.mapper import MapFrame, MapOptions, make_map, split_frames
 from vizloc_ros.mapping.pretrain import write_encoder
@@ -90,6 +90,52 @@ def test_buffer_holds_what_was_encoded_and_its_bound():
         cell = int(((grid - buffer.pixels[row]).abs().sum(1) == 0).nonzero()[0])
         torch.testing.assert_close(buffer.features[row].float(), feats[cell].half().float())
     np.testing.assert_allclose(buffer.camera_centres(), np.stack([p[0] for p in poses]), atol=1e-5)
+
+
+def test_augmented_views_are_stored_at_the_original_pixels_they_show():
+    """A view scaled and rolled about the principal point shows, at its pixel p', what the
+    original image shows at back(p'): checked on an image whose channels are its own
+    pixel coordinates, so a wrong mapping shows as a wrong value."""
+    h, w = 48, 64
+    vv, uu = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    x = torch.from_numpy(np.stack([uu, vv, np.zeros_like(uu)])[None])
+    for scale, angle in ((1.4, math.radians(12.0)), (0.7, math.radians(-9.0))):
+        warped, back = _warp(x, scale, angle, (K[0, 2], K[1, 2]), 8)
+        assert warped.shape[2] % 8 == 0 and warped.shape[3] % 8 == 0
+        assert abs(warped.shape[3] - w * scale) <= 8
+        grid = cell_centres(warped.shape[2] // 8, warped.shape[3] // 8, 8).reshape(-1, 2)
+        original = back(grid)
+        inside = ((original[:, 0] > 1) & (original[:, 0] < w - 2) & (original[:, 1] > 1) & (original[:, 1] < h - 2))
+        assert inside.sum() > 10
+        seen = warped[0, :2].numpy()[:, grid[inside, 1].astype(int), grid[inside, 0].astype(int)].T
+        # the value is read at the pixel left-above the half-pixel cell centre: within a pixel
+        np.testing.assert_allclose(seen, original[inside], atol=1.0)
+
+
+def test_augmented_buffer_keeps_its_bound_and_true_targets():
+    encoder = SceneEncoder().eval()
+    spec = InputSpec(resize=48, crop=(48, 64))
+    t, q = _look(0.2)
+    depth = 2.0  # a wall 2 m ahead, parallel to the image: the true point of any pixel is known
+
+    def targets_at(pixels):
+        return _points_seen(t, q, np.asarray(pixels, float), np.full(len(pixels), depth))
+
+    builder = BufferBuilder(encoder, spec, K, frames=2, max_samples=400, seed=0,
+                            augmentation=Augmentation(copies=3))
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    for _ in range(2):
+        builder.add(image, t, q, targets_at)
+    buffer = builder.finish()
+    assert 48 * 2 <= len(buffer) <= 400  # every view kept some cells, the bound holds
+    pixels = buffer.pixels.numpy()
+    assert (pixels >= 0).all() and (pixels[:, 0] <= 63).all() and (pixels[:, 1] <= 47).all()
+    # augmented cells sit off the grid, and their targets are the points at those pixels
+    on_grid = np.isclose((pixels - 3.5) / 8.0, np.round((pixels - 3.5) / 8.0)).all(axis=1)
+    assert (~on_grid).sum() > 0
+    np.testing.assert_allclose(buffer.targets.numpy(), targets_at(pixels), atol=1e-4)
+    with pytest.raises(ValueError):
+        Augmentation(copies=-1)
 
 
 def test_reprojection_loss_is_zero_at_the_true_points_and_trains_only_the_head():

@@ -10,10 +10,19 @@ images would, and each step costs only the small MLP. Memory is bounded by
 A sample row holds its feature (fp16, 128 values), the network-input pixel of its cell,
 the index of its frame (whose world-to-camera pose is stored once per frame) and, where
 the recording has depth, the true scene point (else NaN).
+
+**Augmentation** (ACE's, :class:`Augmentation`): a query seldom sees a surface from the
+distance and roll it was mapped from, and a CNN feature is neither scale- nor
+rotation-invariant. So each frame can also be encoded as ``copies`` randomly scaled and
+rolled versions of itself. Scaling and rolling the image about the principal point is
+exactly what a camera with a longer focal length or a rolled camera at the same place
+would see, so each augmented cell is stored at the *original* pixel it maps back to:
+the loss and the frame's pose stay the same, and no per-copy intrinsics are needed.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +66,47 @@ class FeatureBuffer:
         return -np.einsum("fji,fj->fi", R, t)
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """Extra encoded copies of each mapping frame: scale drawn log-uniformly in
+    [scale_min, scale_max], roll uniformly in +-rotation_deg (ACE: 2/3..3/2, 15 deg)."""
+
+    copies: int = 0
+    scale_min: float = 2.0 / 3.0
+    scale_max: float = 1.5
+    rotation_deg: float = 15.0
+
+    def __post_init__(self):
+        if self.copies < 0 or not (0 < self.scale_min <= self.scale_max) or not (0 <= self.rotation_deg < 90):
+            raise ValueError(f"augmentation needs copies >= 0, 0 < scale_min <= scale_max and "
+                             f"0 <= rotation_deg < 90, got {self}")
+
+
+def _warp(x: torch.Tensor, scale: float, angle: float, centre: tuple[float, float], stride: int):
+    """The network input ``x`` (1, 3, H, W) scaled by ``scale`` and rolled by ``angle``
+    (radians) about ``centre`` (the principal point); returns the warped image (its size a
+    multiple of ``stride``) and ``back(p)``, which maps its pixels (N, 2) to ``x``'s."""
+    import torch.nn.functional as F
+
+    _, _, h, w = x.shape
+    out_h = max(stride, int(round(h * scale / stride)) * stride)
+    out_w = max(stride, int(round(w * scale / stride)) * stride)
+    cu, cv = centre
+    c, s_ = math.cos(angle), math.sin(angle)
+
+    def back(p: np.ndarray) -> np.ndarray:  # warped pixel -> original pixel: p = R(-a) (p' - s c) / s + c
+        du, dv = (p[:, 0] - scale * cu) / scale, (p[:, 1] - scale * cv) / scale
+        return np.stack([c * du + s_ * dv + cu, -s_ * du + c * dv + cv], axis=1)
+
+    # grid_sample wants, for every output pixel, the input position in [-1, 1] (align_corners=False)
+    vv, uu = np.meshgrid(np.arange(out_h, dtype=np.float64), np.arange(out_w, dtype=np.float64), indexing="ij")
+    src = back(np.stack([uu.ravel(), vv.ravel()], axis=1))
+    grid = np.stack([(src[:, 0] + 0.5) / w * 2 - 1, (src[:, 1] + 0.5) / h * 2 - 1], axis=1)
+    grid_t = torch.from_numpy(grid.reshape(1, out_h, out_w, 2).astype(np.float32))
+    warped = F.grid_sample(x, grid_t, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped, back
+
+
 def samples_per_frame(frames: int, cells: int, max_samples: int) -> int:
     """How many of a frame's ``cells`` the buffer keeps so ``frames`` fit in ``max_samples``."""
     if frames <= 0:
@@ -65,19 +115,26 @@ def samples_per_frame(frames: int, cells: int, max_samples: int) -> int:
 
 
 class BufferBuilder:
-    """Encodes frames one at a time into preallocated arrays (no growth, no copies)."""
+    """Encodes frames one at a time into preallocated arrays (no growth, no copies).
+
+    ``frames`` is the number of frames that will be added; with ``augmentation.copies``
+    extra views each, the per-view share of cells is set so that everything fits in
+    ``max_samples``."""
 
     def __init__(self, encoder: SceneEncoder, spec: InputSpec, K_input: np.ndarray, frames: int,
-                 max_samples: int, seed: int = 0):
+                 max_samples: int, seed: int = 0, augmentation: Augmentation = Augmentation()):
         self.encoder = encoder.eval()
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         self.spec = spec
+        self.stride = encoder.stride
         h, w = math.ceil(spec.crop[0] / encoder.stride), math.ceil(spec.crop[1] / encoder.stride)
         self.cells = h * w
         self.pixel_grid = torch.from_numpy(cell_centres(h, w, encoder.stride).reshape(-1, 2).astype(np.float32))
-        self.keep = samples_per_frame(frames, self.cells, max_samples)
-        n = frames * self.keep
+        self.augmentation = augmentation
+        views = frames * (1 + augmentation.copies)
+        self.keep = samples_per_frame(views, self.cells, max_samples)
+        n = views * self.keep
         c = encoder.feature_dim
         self.features = torch.empty((n, c), dtype=torch.float16)
         self.pixels = torch.empty((n, 2), dtype=torch.float32)
@@ -91,29 +148,51 @@ class BufferBuilder:
         self.frame_count = 0
         self.capacity_frames = frames
 
+    def _store(self, feats: torch.Tensor, pixels: np.ndarray, targets_at) -> None:
+        """Keep up to ``self.keep`` of a view's cells (features (n, C), original pixels (n, 2))."""
+        if len(pixels) > self.keep:
+            pick = np.sort(self.rng.choice(len(pixels), self.keep, replace=False))
+            feats, pixels = feats[torch.from_numpy(pick)], pixels[pick]
+        a, b = self.count, self.count + len(pixels)
+        self.features[a:b] = feats.half()
+        self.pixels[a:b] = torch.from_numpy(pixels.astype(np.float32))
+        self.frame_of[a:b] = self.frame_count
+        if targets_at is not None:
+            self.targets[a:b] = torch.from_numpy(np.asarray(targets_at(pixels), np.float32).reshape(-1, 3))
+        self.count = b
+
     @torch.no_grad()
-    def add(self, image: np.ndarray, t_map_cam, q_map_cam, cell_targets: np.ndarray | None = None) -> None:
-        """One frame: uint8 (H, W, 3) image, its camera pose in map, optional (h, w, 3) true points."""
+    def add(self, image: np.ndarray, t_map_cam, q_map_cam,
+            targets_at: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """One frame: uint8 (H, W, 3) image, its camera pose in map, and optionally
+        ``targets_at(pixels)``: the true points (N, 3) seen at network-input pixels (N, 2)
+        (from the recording's depth; NaN where none)."""
         if self.frame_count >= self.capacity_frames:
             raise RuntimeError("buffer is full: more frames than announced")
         x = preprocess(torch.from_numpy(np.ascontiguousarray(image))[None], self.spec)
         feats = self.encoder(x)[0].flatten(1).T  # (cells, C)
         if feats.shape[0] != self.cells:
             raise ValueError(f"encoder gave {feats.shape[0]} cells, expected {self.cells}")
-        if self.keep < self.cells:
-            pick = torch.from_numpy(np.sort(self.rng.choice(self.cells, self.keep, replace=False)))
-        else:
-            pick = torch.arange(self.cells)
-        a, b = self.count, self.count + len(pick)
-        self.features[a:b] = feats[pick].half()
-        self.pixels[a:b] = self.pixel_grid[pick]
-        self.frame_of[a:b] = self.frame_count
-        if cell_targets is not None:
-            self.targets[a:b] = torch.from_numpy(np.asarray(cell_targets, np.float32).reshape(-1, 3))[pick]
+        self._store(feats, self.pixel_grid.numpy().astype(np.float64), targets_at)
+        aug = self.augmentation
+        if aug.copies:
+            _, _, h, w = x.shape
+            centre = (float(self.K[0, 2]), float(self.K[1, 2]))
+            for _ in range(aug.copies):
+                scale = float(np.exp(self.rng.uniform(math.log(aug.scale_min), math.log(aug.scale_max))))
+                angle = math.radians(float(self.rng.uniform(-aug.rotation_deg, aug.rotation_deg)))
+                warped, back = _warp(x, scale, angle, centre, self.stride)
+                f = self.encoder(warped)[0]
+                grid = cell_centres(f.shape[1], f.shape[2], self.stride).reshape(-1, 2)
+                original = back(grid)
+                # a cell whose centre maps outside the image saw the zero padding: not a place
+                inside = ((original[:, 0] >= 0) & (original[:, 0] <= w - 1)
+                          & (original[:, 1] >= 0) & (original[:, 1] <= h - 1))
+                if inside.any():
+                    self._store(f.flatten(1).T[torch.from_numpy(inside)], original[inside], targets_at)
         R_wc = geometry.quat_to_matrix(np.asarray(q_map_cam, dtype=float))  # camera -> map
         self.R_cw[self.frame_count] = torch.from_numpy(R_wc.T.astype(np.float32))
         self.t_cw[self.frame_count] = torch.from_numpy((-R_wc.T @ np.asarray(t_map_cam, float)).astype(np.float32))
-        self.count = b
         self.frame_count += 1
 
     def finish(self) -> FeatureBuffer:
@@ -122,4 +201,4 @@ class BufferBuilder:
                              self.R_cw[:f], self.t_cw[:f], self.K)
 
 
-__all__ = ["BYTES_PER_SAMPLE", "BufferBuilder", "FeatureBuffer", "samples_per_frame"]
+__all__ = ["BYTES_PER_SAMPLE", "Augmentation", "BufferBuilder", "FeatureBuffer", "samples_per_frame"]

@@ -42,6 +42,9 @@ class HeadTrainingConfig:
     max_reprojection: float = 1000.0
     init_depth: float = 3.0
     depth_weight: float = 1.0
+    #: "auto": bfloat16 hidden layers where the CPU does bf16 natively (oneDNN says so),
+    #: else float32; "bf16" / "fp32" force one
+    precision: str = "auto"
     threads: int = 2
     seed: int = 0
 
@@ -84,6 +87,18 @@ def reprojection_loss(X: torch.Tensor, pixels: torch.Tensor, R_cw: torch.Tensor,
     return loss.mean(), valid_share, median_err
 
 
+def low_precision(precision: str) -> bool:
+    """Whether the head's hidden layers train in bfloat16 (see :class:`HeadTrainingConfig`)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch without oneDNN: float32
+            return False
+    return precision == "bf16"
+
+
 def _tau(progress: float, config: HeadTrainingConfig) -> float:
     return math.sqrt(max(1.0 - progress ** 2, 0.0)) * (config.tau_max - config.tau_min) + config.tau_min
 
@@ -112,6 +127,7 @@ def train_head(head: CoordinateHead, buffer: FeatureBuffer, centre: torch.Tensor
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr_min, weight_decay=0.0)
     n = len(buffer)
+    bf16 = low_precision(config.precision)
     use_depth = buffer.has_depth and config.depth_weight > 0
     centre = centre.float()
     started = time.monotonic()
@@ -135,7 +151,7 @@ def train_head(head: CoordinateHead, buffer: FeatureBuffer, centre: torch.Tensor
             idx = order[cursor:cursor + config.batch]
             cursor += config.batch
             frames = buffer.frames[idx]
-            X = head.forward_flat(buffer.features[idx].float()) * scale + centre
+            X = head.forward_flat(buffer.features[idx].float(), low_precision=bf16) * scale + centre
             loss, valid_share, median_err = reprojection_loss(
                 X, buffer.pixels[idx], buffer.R_cw[frames], buffer.t_cw[frames], buffer.K, tau,
                 buffer.targets[idx] if use_depth else None, config)
@@ -153,7 +169,8 @@ def train_head(head: CoordinateHead, buffer: FeatureBuffer, centre: torch.Tensor
     finally:
         torch.set_num_threads(previous_threads)
         head.eval()
-    return HeadTrainingResult(steps=step, seconds=time.monotonic() - started, history=history, config=asdict(config))
+    return HeadTrainingResult(steps=step, seconds=time.monotonic() - started, history=history,
+                              config={**asdict(config), "bf16": bf16})
 
 
 def coordinate_frame(buffer: FeatureBuffer, init_depth: float) -> tuple[np.ndarray, float]:

@@ -29,11 +29,11 @@ from vizloc_ros.localize.models.checkpoint import save_checkpoint
 from vizloc_ros.localize.pnp import FAILED_COVARIANCE, PnpSettings, localize_from_coordinates
 from vizloc_ros.localize.preprocess import InputSpec, preprocess
 from vizloc_ros.localize.weights import shipped_weights
-from vizloc_ros.mapping.buffer import BYTES_PER_SAMPLE, BufferBuilder
+from vizloc_ros.mapping.buffer import BYTES_PER_SAMPLE, Augmentation, BufferBuilder
 from vizloc_ros.mapping.head_training import HeadTrainingConfig, coordinate_frame, train_head
 from vizloc_ros.metrics import nees, pose_error_vectors, pose_errors
 from vizloc_ros.training.evaluate import validation_covariance
-from vizloc_ros.training.scene_geometry import grid_scene_coordinates
+from vizloc_ros.training.scene_geometry import scene_coordinates_at
 
 LOG = logging.getLogger("vizloc_ros.mapping")
 
@@ -71,6 +71,7 @@ class MapOptions:
     threads: int = 2
     seed: int = 0
     head: HeadTrainingConfig = field(default_factory=HeadTrainingConfig)
+    augmentation: Augmentation = field(default_factory=Augmentation)
     pnp: PnpSettings = field(default_factory=PnpSettings)
     scene: str = ""
 
@@ -120,14 +121,15 @@ def split_frames(count: int, share: float, block: int) -> tuple[np.ndarray, np.n
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def _cell_targets(frame: MapFrame, camera: dict, spec: InputSpec, out_hw) -> np.ndarray | None:
-    """True points (h, w, 3) at the cell centres from the frame's depth (NaN where none),
-    with the training code's own back-projection (DSAC++ builds its targets the same way)."""
+def _targets_at(frame: MapFrame, camera: dict, spec: InputSpec):
+    """``pixels (N, 2) -> true points (N, 3)`` from the frame's depth (NaN where none), with
+    the training code's own back-projection (DSAC++ builds its targets the same way);
+    None without depth."""
     if frame.depth is None:
         return None
     depth = np.asarray(frame.depth, dtype=np.float32)
     depth = np.where(depth > 0, depth, np.nan)  # 0 = no reading: no target, not a point at the camera
-    return grid_scene_coordinates(depth, camera, spec, frame.t, frame.q, out_hw, 8)
+    return lambda pixels: scene_coordinates_at(depth, camera, spec, frame.t, frame.q, pixels)
 
 
 def covariance_scale(errors: np.ndarray, covariances: np.ndarray, trim: float = 0.02) -> tuple[float, dict]:
@@ -204,13 +206,13 @@ def _make_map(frames, camera: dict, out, options: MapOptions, progress) -> dict:
     spec = input_spec_for(camera, options.input_height, encoder.stride)
     fx, fy, cx, cy = input_camera(camera, spec)
     K = intrinsic_matrix(fx, fy, cx, cy)
-    out_hw = (math.ceil(spec.crop[0] / encoder.stride), math.ceil(spec.crop[1] / encoder.stride))
     mapping_idx, validation_idx = split_frames(count, options.validation_share, options.validation_block)
 
-    builder = BufferBuilder(encoder, spec, K, len(mapping_idx), options.max_samples, options.seed)
+    builder = BufferBuilder(encoder, spec, K, len(mapping_idx), options.max_samples, options.seed,
+                            options.augmentation)
     for done, i in enumerate(mapping_idx):
         frame = frames[int(i)]
-        builder.add(frame.image, frame.t, frame.q, _cell_targets(frame, camera, spec, out_hw))
+        builder.add(frame.image, frame.t, frame.q, _targets_at(frame, camera, spec))
         report("encode", done + 1, len(mapping_idx), None)
     buffer = builder.finish()
     timings["encode_s"] = round(time.monotonic() - started, 1)

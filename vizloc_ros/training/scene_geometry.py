@@ -101,11 +101,20 @@ def grid_scene_coordinates(depth, camera: dict, spec: InputSpec, t, q, out_hw, s
     The depth is read at the original pixel nearest to the cell centre and the point is
     back-projected through that pixel's ray. ``constant_depth`` replaces the depth map
     (DSAC++'s heuristic targets for datasets without depth)."""
+    centres = cell_centres(out_hw[0], out_hw[1], stride)
+    return scene_coordinates_at(depth, camera, spec, t, q, centres, constant_depth)
+
+
+def scene_coordinates_at(depth, camera: dict, spec: InputSpec, t, q, pixels,
+                         constant_depth: float | None = None) -> np.ndarray:
+    """World coordinates (..., 3) float32 of the surface seen at network-input ``pixels``
+    (..., 2) (any positions, e.g. the cells of an augmented copy mapped back), NaN where
+    the depth is invalid. Same reading rule as :func:`grid_scene_coordinates`."""
     camera = check_camera(camera)
     sx, sy, left, top = crop_geometry(camera["width"], camera["height"], spec)
-    centres = cell_centres(out_hw[0], out_hw[1], stride)
-    u = np.clip(np.rint((centres[..., 0] + left + 0.5) / sx - 0.5), 0, camera["width"] - 1).astype(int)
-    v = np.clip(np.rint((centres[..., 1] + top + 0.5) / sy - 0.5), 0, camera["height"] - 1).astype(int)
+    pixels = np.asarray(pixels, dtype=np.float64)
+    u = np.clip(np.rint((pixels[..., 0] + left + 0.5) / sx - 0.5), 0, camera["width"] - 1).astype(int)
+    v = np.clip(np.rint((pixels[..., 1] + top + 0.5) / sy - 0.5), 0, camera["height"] - 1).astype(int)
     if constant_depth is not None:
         d = np.full(u.shape, float(constant_depth))
     else:
