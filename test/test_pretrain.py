@@ -52,6 +52,9 @@ def test_a_tiny_run_writes_the_encoder_and_a_state_that_resumes(tmp_path):
     # resuming to 5 steps continues from step 3, not from scratch
     assert P.main(["--out", str(out), *TINY[:6], "--steps", "5", "--batch", "2", "--threads", "1", "--resume"]) == 0
     assert json.loads((tmp_path / "enc.state.json").read_text())["step"] == 5
+    # the encoder's JSON names both commands and where each started (the schedule changed)
+    runs = json.loads((tmp_path / "enc.json").read_text())["runs"]
+    assert [r["from_step"] for r in runs] == [0, 3] and "--resume" in runs[1]["command"]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -201,7 +201,7 @@ def _state_paths(out: Path) -> tuple[Path, Path]:
 
 
 def save_state(out: Path, model: Pretrainer, optimizer: torch.optim.Optimizer, step: int, rng_state: dict,
-               history: list, config: PretrainConfig) -> None:
+               history: list, config: PretrainConfig, runs: list | None = None) -> None:
     from safetensors.torch import save
 
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -210,7 +210,7 @@ def save_state(out: Path, model: Pretrainer, optimizer: torch.optim.Optimizer, s
         for key, value in state.items():
             if torch.is_tensor(value):
                 tensors[f"opt.{pid}.{key}"] = value.detach().contiguous().reshape(value.shape)
-    doc = {"step": step, "rng": rng_state, "history": history, "config": asdict(config)}
+    doc = {"step": step, "rng": rng_state, "history": history, "config": asdict(config), "runs": runs or []}
     st, js = _state_paths(out)
     with staged_files([st, js], what="pretraining state") as (st_tmp, js_tmp):
         st_tmp.write_bytes(save(tensors))
@@ -260,7 +260,8 @@ def write_encoder(out: Path, encoder: SceneEncoder, summary: dict) -> Path:
 # --------------------------------------------------------------------------- main
 
 def pretrain(out: Path, config: PretrainConfig, resume: bool = False, save_every_min: float = 5.0,
-             max_minutes: float | None = None, seeds=None, init_encoder: Path | None = None) -> dict:
+             max_minutes: float | None = None, seeds=None, init_encoder: Path | None = None,
+             command: str | None = None) -> dict:
     torch.manual_seed(config.seed)
     torch.set_num_threads(max(1, config.threads))
     seeds = list(seeds if seeds is not None else list(SEED_USES["pretrain"])[:config.rooms])
@@ -276,13 +277,18 @@ def pretrain(out: Path, config: PretrainConfig, resume: bool = False, save_every
         model.encoder.load_state_dict({k: v.float() for k, v in load_file(str(init_encoder)).items()})
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng([config.seed, 11])
-    step, history = 0, []
+    step, history, runs = 0, [], []
     if resume and _state_paths(out)[1].exists():
         doc = load_state(out, model, optimizer)
         step, history = int(doc["step"]), list(doc["history"])
+        runs = list(doc.get("runs", []))
         rng.bit_generator.state = doc["rng"]
         LOG.info("resumed at step %d", step)
+    # every command that worked on this encoder, with the step it started from (a resumed
+    # run recomputes the schedule from its own --steps: the summary must say so)
+    runs.append({"command": command or "pretrain() from Python", "from_step": step})
     model.train()
+    first_step = step
     started = last_save = time.monotonic()
     window: list[float] = []
     while step < config.steps:
@@ -300,18 +306,18 @@ def pretrain(out: Path, config: PretrainConfig, resume: bool = False, save_every
             elapsed = time.monotonic() - started
             history.append({"step": step, "median_m": float(np.median(window)), "elapsed_s": round(elapsed, 1)})
             LOG.info("step %d/%d  median point error %.3f m  %.2f s/step", step, config.steps,
-                     np.median(window), elapsed / max(len(history) and step, 1))
+                     np.median(window), elapsed / max(step - first_step, 1))
             window = []
         now = time.monotonic()
         if now - last_save > save_every_min * 60 or step == config.steps:
-            save_state(out, model, optimizer, step, rng.bit_generator.state, history, config)
+            save_state(out, model, optimizer, step, rng.bit_generator.state, history, config, runs)
             last_save = now
         if max_minutes is not None and now - started > max_minutes * 60:
-            save_state(out, model, optimizer, step, rng.bit_generator.state, history, config)
+            save_state(out, model, optimizer, step, rng.bit_generator.state, history, config, runs)
             LOG.info("stopped after %.0f min at step %d (resume with --resume)", max_minutes, step)
             return {"finished": False, "step": step}
     summary = {
-        "made_by": "python -m vizloc_ros.mapping.pretrain " + " ".join(sys.argv[1:]),
+        "made_by": runs[-1]["command"], "runs": runs,
         "config": asdict(config), "room_seeds": seeds, "room_fovs_deg": [round(h, 1) for h in data.hfovs],
         "history": history, "final_median_point_error_m": history[-1]["median_m"] if history else None,
         "never_trained_on": "the demo room and every validation / evaluation seed (vizloc_ros.sim.rooms.SEED_USES)",
@@ -336,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = args.out.with_suffix("") if args.out.suffix in (".safetensors", ".json") else args.out
@@ -361,7 +368,8 @@ def main(argv=None) -> int:
                             batch=args.batch, lr=args.lr, seed=args.seed, threads=args.threads)
     try:
         result = pretrain(out, config, resume=args.resume, save_every_min=args.save_every,
-                          max_minutes=args.max_minutes, init_encoder=args.init_encoder)
+                          max_minutes=args.max_minutes, init_encoder=args.init_encoder,
+                          command="python -m vizloc_ros.mapping.pretrain " + " ".join(argv))
     except KeyboardInterrupt:  # the state saved last stays whole (written atomically): --resume goes on
         print(f"vizloc pretrain: interrupted; --resume continues from {_state_paths(out)[1]}", file=sys.stderr)
         return 130
