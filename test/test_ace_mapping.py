@@ -92,6 +92,21 @@ def test_buffer_holds_what_was_encoded_and_its_bound():
     np.testing.assert_allclose(buffer.camera_centres(), np.stack([p[0] for p in poses]), atol=1e-5)
 
 
+def test_the_fast_cpu_head_path_agrees_with_the_float32_convolutions():
+    """forward() runs the head as matrix products (bf16 hidden layers where the CPU does
+    bf16 natively): the coordinates must be the convolutional float32 ones, to rounding."""
+    model = build_model("ace", input_camera=[60.0, 60.0, 31.5, 23.5], head_width=64).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+        x = torch.randn(2, 3, 48, 64, generator=generator)
+        exact = model.coordinates_from_head(model.head(model.encoder(x)))
+        fast = model(x)
+    assert fast.shape == exact.shape == (2, 3, 6, 8)
+    assert float((fast - exact).abs().max()) <= 0.02 * float(exact.abs().max())
+
+
 def test_augmented_views_are_stored_at_the_original_pixels_they_show():
     """A view scaled and rolled about the principal point shows, at its pixel p', what the
     original image shows at back(p'): checked on an image whose channels are its own

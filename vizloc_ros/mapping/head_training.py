@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from vizloc_ros.localize.models.ace import CoordinateHead
+from vizloc_ros.localize.models.ace import CoordinateHead, native_bf16
 from vizloc_ros.mapping.buffer import FeatureBuffer
 
 
@@ -91,12 +91,7 @@ def low_precision(precision: str) -> bool:
     """Whether the head's hidden layers train in bfloat16 (see :class:`HeadTrainingConfig`)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "auto":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a torch without oneDNN: float32
-            return False
-    return precision == "bf16"
+    return native_bf16() if precision == "auto" else precision == "bf16"
 
 
 def _tau(progress: float, config: HeadTrainingConfig) -> float:

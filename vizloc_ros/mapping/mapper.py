@@ -70,6 +70,10 @@ class MapOptions:
     encoder: Path | None = None
     threads: int = 2
     seed: int = 0
+    #: the map's head: 512 wide fits and generalises better than 256 in the same time
+    #: (demo walk, 16 min on one busy thread: 0.086 m against 0.119 m with 3x the steps)
+    head_width: int = 512
+    head_layers: int = 3
     head: HeadTrainingConfig = field(default_factory=HeadTrainingConfig)
     augmentation: Augmentation = field(default_factory=Augmentation)
     pnp: PnpSettings = field(default_factory=PnpSettings)
@@ -224,7 +228,7 @@ def _make_map(frames, camera: dict, out, options: MapOptions, progress) -> dict:
                                         "threads": options.threads, "seed": options.seed})
     centre, scale = coordinate_frame(buffer, init_depth)
     model = AceLocalizer(input_camera=[fx, fy, cx, cy], camera=camera, feature_dim=encoder.feature_dim,
-                         encoder=encoder_ref, inlier_threshold=options.pnp.inlier_threshold,
+                         head_width=options.head_width, head_layers=options.head_layers, encoder=encoder_ref, inlier_threshold=options.pnp.inlier_threshold,
                          ransac_iterations=options.pnp.iterations, min_inliers=options.pnp.min_inliers,
                          refine_iterations=options.pnp.refine_iterations, confidence=options.pnp.confidence,
                          seed=options.pnp.seed, inlier_power=options.pnp.inlier_power)
