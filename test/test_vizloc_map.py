@@ -90,10 +90,14 @@ def test_a_7scenes_folder_maps_into_a_checkpoint_every_entry_point_runs(room, en
 
 def test_a_bag_maps_with_intrinsics_from_camera_info_and_every_nth_frame(room, encoder, tmp_path):
     out = tmp_path / "bag_map"  # the suffix is added, as save_checkpoint does
-    assert _map(room / "bags" / "seq-01", out, encoder, "--every", "2", "--no-depth") == 0
+    assert _map(room / "bags" / "seq-01", out, encoder, "--every", "2", "--no-depth", "--augment", "2",
+                "--head-width", "32") == 0
     meta = json.loads((tmp_path / "bag_map.json").read_text())
     scene = json.loads((room / "scene.json").read_text())["camera"]
     assert meta["training"]["frames"] == 15 and not meta["training"]["depth_supervised"]
+    assert meta["model_config"]["head_width"] == 32
+    # the two augmented copies add rows: more than one view's cells per mapping frame
+    assert meta["training"]["buffer_samples"] > meta["metrics"]["mapping_frames"] * 48
     assert meta["model_config"]["camera"]["fx"] == pytest.approx(scene["fx"])
 
 
@@ -229,12 +233,14 @@ def test_malformed_flags(flags, expected, room, encoder, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_usage_error_is_one_line_too(capsys):
+@pytest.mark.parametrize("flag, value", [("--steps", "-3"), ("--augment", "-1"), ("--augment", "two"),
+                                         ("--head-width", "0")])
+def test_a_usage_error_is_one_line_too(capsys, flag, value):
     with pytest.raises(SystemExit) as stop:
-        cli.main(["somewhere", "--out", "m", "--steps", "-3"])
+        cli.main(["somewhere", "--out", "m", flag, value])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--steps" in err
+    assert "\n" not in err and flag in err
 
 
 # --------------------------------------------------------------------------- interrupts

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from vizloc_ros.files import OutputError, check_not_a_link, scratch_folder, staged
 from vizloc_ros.localize.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vizloc_ros.localize.weights import shipped_weights
-from vizloc_ros.mapping.buffer import BYTES_PER_SAMPLE
+from vizloc_ros.mapping.buffer import BYTES_PER_SAMPLE, Augmentation
 from vizloc_ros.mapping.mapper import (DEFAULT_MAX_SAMPLES, ENCODER_NAME, MapOptions, MappingError, load_encoder,
                                       make_map)
 from vizloc_ros.mapping.refine import RefineOptions, refine_map
@@ -217,7 +217,8 @@ def run(args) -> dict:
     options = MapOptions(minutes=args.minutes if args.minutes is not None else MapOptions.minutes, steps=args.steps,
                          input_height=input_height(args.input_height, cam),
                          max_samples=args.max_samples, encoder=encoder_path, threads=args.threads,
-                         seed=args.seed, scene=Path(args.source).resolve().name)
+                         seed=args.seed, scene=Path(args.source).resolve().name, head_width=args.head_width,
+                         augmentation=Augmentation(copies=args.augment))
     progress = Progress(enabled=not (args.quiet or args.no_progress))
     try:
         with scratch_folder(tensors.with_name(tensors.name + ".work"), what="map") as scratch:
@@ -288,6 +289,17 @@ def _positive(kind):
     return parse
 
 
+def _count(text: str) -> int:
+    """A whole number >= 0 (a flag where 0 means "none")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = MapOptions()
     gigabytes = DEFAULT_MAX_SAMPLES * BYTES_PER_SAMPLE / 1e9
@@ -323,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"bound of the feature buffer, in cells (default {DEFAULT_MAX_SAMPLES:,}: "
                              f"{gigabytes:.1f} GB at {BYTES_PER_SAMPLE} bytes each); with more cells each "
                              "frame keeps an equal random share")
+    timing.add_argument("--augment", type=_count, default=defaults.augmentation.copies, metavar="N",
+                        help="also encode N scaled (2/3-3/2) and rolled (+-15 deg) copies of each frame, so the "
+                             f"map knows surfaces from other distances (default {defaults.augmentation.copies}; "
+                             "each copy adds about one frame's encoding time and buffer rows)")
+    timing.add_argument("--head-width", type=_positive(int), default=defaults.head_width, metavar="C",
+                        help=f"channels of the map's head (default {defaults.head_width}; 256 trains 3x "
+                             "faster per step, and fits less)")
     timing.add_argument("--input-height", type=_positive(int),
                         help=f"network input: the shorter image side is resized to this (default "
                              f"{defaults.input_height}, or the images' own if smaller); localization uses the same")
