@@ -79,7 +79,8 @@ def build_memory(model: AllocentricLocalizer, dataset, spec, device, batch_size:
             s, c = s.sum(0), c.sum(0)
             sums, counts = (s, c) if sums is None else (sums + s, counts + c)
     model.train(was_training)
-    model.set_memory(sums, counts, lo)
+    region = np.concatenate([t[:, :2].min(axis=0) - model.search_margin, t[:, :2].max(axis=0) + model.search_margin])
+    model.set_memory(sums, counts, lo, region)
     LOG.info("allocentric memory: %dx%d cells of %.2f m, %.0f%% observed", size[1], size[0],
              model.resolution, 100.0 * float((counts.sum(0) > 0).float().mean()))
 
