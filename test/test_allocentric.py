@@ -14,7 +14,8 @@ from vizloc_ros.training import train
 from vizloc_ros.training.datasets import SevenScenes
 from vizloc_ros.localize.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from vizloc_ros.localize.models.allocentric import (camera_level_attitude, correlate, correlate_direct,
-                                                    correlate_valid, crop_spectrum, fft_length, pose_from_scores,
+                                                    correlate_valid, crop_spectrum, fft_length, match_scores,
+                                                    pose_from_scores,
                                                     rotate_view_cells, rotate_views, rotated_support, splat,
                                                     window_scores, window_scores_at)
 from vizloc_ros.localize.preprocess import InputSpec
@@ -100,6 +101,23 @@ def test_window_scores_equal_the_convolution_in_the_window_dense_and_sparse():
     sparse = window_scores_at(F.pad(memory, (5, 5, 5, 5)), rotate_view_cells(view, angles, cells), cells, 11,
                               rows, cols, bands=2)
     assert torch.allclose(sparse, dense, atol=1e-4)
+
+
+def test_windowed_match_scores_equal_the_full_match_in_the_window():
+    """The training's global match scores the cells around the truth only: the same
+    scores as the full match there, for centres near the middle and near the edge."""
+    from vizloc_ros.training.recipes.allocentric import windowed_match_scores
+    torch.manual_seed(2)
+    memory = torch.randn(2, 6, 16, 16)
+    view = torch.zeros(2, 6, 9, 9)
+    view[:, :, 1:6, 4:9] = torch.randn(2, 6, 5, 5)
+    counts = (view.reshape(2, 2, 3, 9, 9).abs().sum(2) > 0).float()
+    angles = torch.tensor([0.0, 1.0, 2.5])
+    full = match_scores(memory, view, counts, angles, bands=2)
+    centre = torch.tensor([[8, 7], [3, 12]])                            # (column, row); the view reaches off the map
+    window = windowed_match_scores(memory, view, counts, angles, 2, centre, 3)
+    for b, (c, r) in enumerate(centre.tolist()):
+        assert torch.allclose(window[b], full[b, :, r - 3:r + 4, c - 3:c + 4], atol=1e-4)
 
 
 def test_splat_averages_features_per_cell_and_height_band():

@@ -157,7 +157,9 @@ def rotate_views(view: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 def correlate(memory: torch.Tensor, views: torch.Tensor, chunk_elements: float = 2 ** 24) -> torch.Tensor:
     """Scores (B, R, H, W): score[k, r, c] = sum over channels and cells of
     memory[:, r - h + i, c - h + j] * views[k, :, i, j] (zero outside the map), i.e. the
-    match of the view with the robot at cell (r, c) and heading k. Computed with FFTs.
+    match of the view with the robot at cell (r, c) and heading k. Computed with FFTs
+    (of fast lengths, at least H + S - 1 so that nothing wraps around; the views'
+    spectra in two passes as in :func:`correlate_valid`). Differentiable.
 
     memory (B, C, H, W) or (C, H, W) shared; views (B, R, C, S, S)."""
     if memory.dim() == 3:
@@ -165,14 +167,15 @@ def correlate(memory: torch.Tensor, views: torch.Tensor, chunk_elements: float =
     B, C, H, W = memory.shape
     R, S = views.shape[1], views.shape[-1]
     h = S // 2
-    P, Q = H + S - 1, W + S - 1
-    A = torch.fft.rfft2(memory.float(), s=(P, Q))                    # (B, C, P, Q')
+    P, Q = fft_length(H + S - 1), fft_length(W + S - 1)
+    A = torch.fft.rfft2(memory.float(), s=(P, Q)).transpose(-1, -2)[:, None]   # (B, 1, C, Q', P)
     # headings in chunks: the spectra of all rotated views at once can take gigabytes
     chunk = max(1, int(chunk_elements // max(B * C * P * (Q // 2 + 1), 1)))
     parts = []
     for start in range(0, R, chunk):
-        V = torch.fft.rfft2(views[:, start:start + chunk].float(), s=(P, Q))   # (B, r, C, P, Q')
-        prod = torch.einsum("bcpq,brcpq->brpq", A, V.conj())
+        V = torch.fft.rfft(views[:, start:start + chunk].float(), n=Q, dim=-1).transpose(-1, -2)
+        V = torch.fft.fft(V, n=P, dim=-1)                                       # (B, r, C, Q', P)
+        prod = (A * V.conj()).sum(2).transpose(-1, -2)                          # (B, r, P, Q')
         parts.append(torch.fft.irfft2(prod, s=(P, Q)))               # circular cross-correlation
     full = torch.roll(torch.cat(parts, dim=1), shifts=(h, h), dims=(-2, -1))
     return full[..., :H, :W].to(memory.dtype)
@@ -226,22 +229,23 @@ def crop_spectrum(crop: torch.Tensor, fft_hw: tuple[int, int]) -> torch.Tensor:
 
 def correlate_valid(spectrum: torch.Tensor, views: torch.Tensor, fft_hw: tuple[int, int],
                     out_hw: tuple[int, int]) -> torch.Tensor:
-    """Valid cross-correlation (R, h_out, w_out) of a memory crop with rotated views.
+    """Valid cross-correlation (..., R, h_out, w_out) of memory crops with rotated views.
 
-    ``spectrum`` is :func:`crop_spectrum` of a crop (C, L1, L2); views (R, C, S, S);
-    out[k, i, j] = sum over channels and view cells (a, b) of crop[:, i + a, j + b] *
-    views[k, :, a, b], for i < h_out <= L1 - S + 1 (likewise j). Only outputs that never
-    reach past the crop are asked for, so the FFT needs no zero padding beyond the crop
-    (``fft_hw`` >= the crop's size): the circular wrap-around lands on outputs that are not
-    returned. The views' spectra are the cost (R * C transforms): done in two passes, the
-    real FFT along the S rows of each view, then (transposed, so that it runs along
-    contiguous memory) the FFT along the columns, which transforms no zero-padded row.
+    ``spectrum`` is :func:`crop_spectrum` of crops (..., C, L1, L2); views (..., R, C, S, S)
+    (the same leading dimensions, e.g. none, or a batch); out[k, i, j] = sum over channels
+    and view cells (a, b) of crop[:, i + a, j + b] * views[k, :, a, b], for
+    i < h_out <= L1 - S + 1 (likewise j). Only outputs that never reach past the crop are
+    asked for, so the FFT needs no zero padding beyond the crop (``fft_hw`` >= the crop's
+    size): the circular wrap-around lands on outputs that are not returned. The views'
+    spectra are the cost (R * C transforms): done in two passes, the real FFT along the S
+    rows of each view, then (transposed, so that it runs along contiguous memory) the FFT
+    along the columns, which transforms no zero-padded row. Differentiable.
     """
     P, Q = fft_hw
-    V = torch.fft.rfft(views.float(), n=Q, dim=-1).transpose(-1, -2).contiguous()   # (R, C, Q', S)
-    V = torch.fft.fft(V, n=P, dim=-1)                                               # (R, C, Q', P)
-    prod = (spectrum[None] * V.conj()).sum(1).transpose(-1, -2)                    # (R, P, Q')
-    return torch.fft.irfft2(prod, s=fft_hw)[:, :out_hw[0], :out_hw[1]]
+    V = torch.fft.rfft(views.float(), n=Q, dim=-1).transpose(-1, -2).contiguous()   # (..., R, C, Q', S)
+    V = torch.fft.fft(V, n=P, dim=-1)                                               # (..., R, C, Q', P)
+    prod = (spectrum.unsqueeze(-4) * V.conj()).sum(-3).transpose(-1, -2)           # (..., R, P, Q')
+    return torch.fft.irfft2(prod, s=fft_hw)[..., :out_hw[0], :out_hw[1]]
 
 
 def window_scores(memory: torch.Tensor, views: torch.Tensor, rows: range, cols: range, bands: int = 1,
