@@ -13,7 +13,7 @@ from geo_helpers import TINY_INPUT, adam_losses, make_geo_scene, train_tiny
 from vizloc_ros.training import train
 from vizloc_ros.training.datasets import SevenScenes
 from vizloc_ros.localize.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from vizloc_ros.localize.models.allocentric import (camera_level_attitude, correlate, correlate_direct,
+from vizloc_ros.localize.models.allocentric import (camera_level_attitude, cell_table, correlate, correlate_direct,
                                                     correlate_valid, crop_spectrum, fft_length, match_scores,
                                                     pose_from_scores,
                                                     rotate_view_cells, rotate_views, rotated_support, splat,
@@ -98,8 +98,8 @@ def test_window_scores_equal_the_convolution_in_the_window_dense_and_sparse():
     assert torch.allclose(dense, full[:, 3:9, 14:24], atol=1e-4)
     cells = rotated_support(view, angles)
     assert len(cells) < 0.6 * 11 * 11
-    sparse = window_scores_at(F.pad(memory, (5, 5, 5, 5)), rotate_view_cells(view, angles, cells), cells, 11,
-                              rows, cols, bands=2)
+    sparse = window_scores_at(cell_table(F.pad(memory, (5, 5, 5, 5)), 2), (20, 24),
+                              rotate_view_cells(view, angles, cells), cells, 11, rows, cols)
     assert torch.allclose(sparse, dense, atol=1e-4)
 
 
@@ -320,3 +320,34 @@ def test_vizloc_train_saves_the_memory_and_the_estimator_and_replay_use_it(train
     options = replay.ReplayOptions(bag=scene / "bags" / "seq-05", out=tmp_path / "report", weights=trained,
                                    device="cpu", batch_size=4, progress=False)
     assert replay.run_replay(options)["frames"]["estimated"] == 8
+
+
+def test_a_frozen_trunk_is_cached_for_the_recipes_samples_and_referenced(trained, scene, monkeypatch):
+    """``trunk.cache`` with the allocentric recipe: the samples carry the trunk's output
+    (computed once, on the thinned frames), the heads train on it, the checkpoint
+    references the frozen trunk instead of storing it and loads with it."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(trained.parent / "cache"))
+    out = trained.parent / "cached"
+    train_tiny(scene, "allocentric", out,
+               {"model.args.backbone": "small", "model.args.feat_dim": "4", "model.args.resolution": "0.2",
+                "model.args.max_range": "3.0", "model.args.rotations": "36", "loss.memory_frames": "2",
+                "loss.min_separation": "4", "loss.memory_radius": "1.0", "loss.train_rotations": "12",
+                "loss.frame_stride": "2", "max_steps": "2", "storage_dtype": "fp32",
+                "trunk.from": str(trained.with_suffix(".safetensors")), "trunk.copy": "[trunk]",
+                "trunk.freeze": "[trunk]", "trunk.cache": "trunk"})
+    cached = list((trained.parent / "cache" / "vizloc_ros" / "features").glob("trunk-*.npy"))
+    assert len(cached) == 1 and len(np.load(cached[0])) == 15     # every 2nd of the 30 training frames
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["frozen_tensors"]["file"] == trained.with_suffix(".safetensors").name
+    assert meta["training"]["trunk"]["cached"] == "trunk"
+    with safe_open(str(out.with_suffix(".safetensors")), "pt") as stored:
+        assert not any(name.startswith("trunk.") for name in stored.keys())
+    source, _ = load_checkpoint(trained.with_suffix(".safetensors"))
+    model, _ = load_checkpoint(out.with_suffix(".safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(model.trunk.state_dict().values(),
+                                                 source.trunk.state_dict().values()))
+    assert model.has_memory
+    t, q, cov = model.localize(torch.randn(1, 3, 48, 64))
+    assert torch.isfinite(t).all() and np.isfinite(cov.numpy()).all()

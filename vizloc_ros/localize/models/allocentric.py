@@ -248,47 +248,54 @@ def correlate_valid(spectrum: torch.Tensor, views: torch.Tensor, fft_hw: tuple[i
     return torch.fft.irfft2(prod, s=fft_hw)[..., :out_hw[0], :out_hw[1]]
 
 
-def window_scores(memory: torch.Tensor, views: torch.Tensor, rows: range, cols: range, bands: int = 1,
-                  padded: bool = False) -> torch.Tensor:
+def window_scores(memory: torch.Tensor, views: torch.Tensor, rows: range, cols: range, bands: int = 1) -> torch.Tensor:
     """Direct correlation (K, len(rows), len(cols)) of views at a window of positions.
 
-    memory (bands * C, H, W), or with ``padded`` the same zero-padded by S // 2 on every
-    side (a caller that searches one memory many times pads it once); views
-    (K, bands * C, S, S), S odd; score[k, i, j] = sum over channels and view cells (a, b) of
-    memory[:, rows[i] - h + a, cols[j] - h + b] * views[k, :, a, b] (h = S // 2; zero
-    outside the memory): :func:`correlate` at those positions only. ``rows`` and ``cols``
-    must lie on the memory. Differentiable in memory and views.
+    memory (bands * C, H, W); views (K, bands * C, S, S), S odd; score[k, i, j] = sum over
+    channels and view cells (a, b) of memory[:, rows[i] - h + a, cols[j] - h + b] *
+    views[k, :, a, b] (h = S // 2; zero outside the memory): :func:`correlate` at those
+    positions only. ``rows`` and ``cols`` must lie on the memory. Differentiable.
     """
     K, BC, S, _ = views.shape
     cells = views.detach().abs().sum((0, 1)).flatten().nonzero()[:, 0]
-    return window_scores_at(memory if padded else F.pad(memory, (S // 2,) * 4), views.flatten(2)[:, :, cells],
-                            cells, S, rows, cols, bands)
+    return window_scores_at(cell_table(F.pad(memory, (S // 2,) * 4), bands), memory.shape[-2:],
+                            views.flatten(2)[:, :, cells], cells, S, rows, cols)
 
 
-def window_scores_at(padded: torch.Tensor, values: torch.Tensor, cells: torch.Tensor, size: int, rows: range,
-                     cols: range, bands: int = 1) -> torch.Tensor:
-    """:func:`window_scores` of sparse views: ``values`` (K, bands * C, N) at the view cells
-    ``cells`` (N,) (flat indices into size x size), the memory padded by size // 2.
+def cell_table(memory: torch.Tensor, bands: int) -> torch.Tensor:
+    """A grid (bands * C, H, W) as a table of (band, cell) rows of C features
+    (bands * H * W, C): what :func:`window_scores_at` gathers from, one contiguous row
+    (64 bytes for 16 fp32 channels) per entry."""
+    BC, H, W = memory.shape
+    return memory.reshape(bands, BC // bands, H, W).permute(0, 2, 3, 1).reshape(bands * H * W, BC // bands)
+
+
+def window_scores_at(table: torch.Tensor, shape, values: torch.Tensor, cells: torch.Tensor, size: int,
+                     rows: range, cols: range) -> torch.Tensor:
+    """:func:`window_scores` of sparse views on a memory of ``shape`` (H, W), given as
+    :func:`cell_table` of the memory zero-padded by size // 2 on every side: ``values``
+    (K, bands * C, N) at the view cells ``cells`` (N,) (flat indices into size x size).
 
     A ground-projected view is sparse (the camera's wedge, and in a cell one or two height
     bands), so only the (band, cell) entries that some view uses are gathered from the
-    memory: milliseconds for 64 positions x 5 headings, where a dense convolution with the
-    S x S kernels takes tens."""
+    memory, as rows of C features, and scored with one matrix product: milliseconds for
+    64 positions x 5 headings, where a dense convolution with the S x S kernels takes tens."""
     K, BC, N = values.shape
-    C = BC // bands
+    C = table.shape[1]
+    bands = BC // C
+    h = size // 2
+    Hp, Wp = shape[0] + 2 * h, shape[1] + 2 * h                      # memory row r is padded row r + h
     values = values.reshape(K, bands, C, N)
     used = values.detach().abs().sum((0, 2)).flatten().nonzero()[:, 0]   # (band, cell) entries in use
     if len(used) == 0:
         return values.new_zeros(K, len(rows), len(cols))
     band, n = used // N, used % N
     a, b = cells[n] // size, cells[n] % size
-    Hp, Wp = padded.shape[-2:]                                         # memory row r is padded row r + h
-    r = torch.as_tensor(list(rows), device=padded.device)
-    c = torch.as_tensor(list(cols), device=padded.device)
+    r = torch.as_tensor(list(rows), device=table.device)
+    c = torch.as_tensor(list(cols), device=table.device)
     index = band * (Hp * Wp) + (r[:, None, None] + a) * Wp + (c[None, :, None] + b)   # (rows, cols, used)
-    flat = padded.reshape(bands, C, Hp * Wp).transpose(0, 1).reshape(C, bands * Hp * Wp)
-    gathered = flat[:, index.flatten()].reshape(C, len(r) * len(c), len(used))
-    scores = torch.einsum("knc,cpn->kp", values.transpose(2, 3)[:, band, n], gathered)
+    gathered = table.index_select(0, index.flatten()).reshape(len(r) * len(c), len(used) * C)
+    scores = values.permute(0, 1, 3, 2)[:, band, n].reshape(K, len(used) * C) @ gathered.T
     return scores.reshape(K, len(r), len(c))
 
 
@@ -671,7 +678,7 @@ class AllocentricLocalizer(PoseRegressor):
             return self._search
         factor = self.search_factor
         view_half = self.view_size // 2      # the fine memory padded once for the refinements
-        fine = F.pad(unit_cells(self.memory()[None], self.bands)[0], (view_half,) * 4)
+        fine = cell_table(F.pad(unit_cells(self.memory()[None], self.bands)[0], (view_half,) * 4), self.bands)
         sums, counts = pool_grid(self.memory_sum[None], self.memory_count[None], factor)
         coarse = unit_cells(mean_grid(sums, counts), self.bands)[0]
         Hc, Wc = counts.shape[-2:]
@@ -684,7 +691,7 @@ class AllocentricLocalizer(PoseRegressor):
         h = int(math.ceil(self.max_range / (factor * self.resolution)))   # coarse view: 2 h + 1 cells
         crop = F.pad(coarse, (h, h, h, h))[:, r_lo:r_hi + 1 + 2 * h, c_lo:c_hi + 1 + 2 * h]
         fft_hw = (fft_length(crop.shape[1]), fft_length(crop.shape[2]))
-        self._search = {"device": device, "fine": fine, "spectrum": crop_spectrum(crop, fft_hw),
+        self._search = {"device": device, "fine": fine, "fine_shape": tuple(self.memory_count.shape[1:]), "spectrum": crop_spectrum(crop, fft_hw),
                         "fft_hw": fft_hw, "out_hw": (r_hi - r_lo + 1, c_hi - c_lo + 1), "offset": (r_lo, c_lo)}
         return self._search
 
@@ -704,13 +711,13 @@ class AllocentricLocalizer(PoseRegressor):
         r_lo, c_lo = index["offset"]
         best, best_score = None, -math.inf
         for k, r, c in peaks(logp, self.candidates):
-            *pose, score = self._refine(index["fine"], unit_view, observed, k * 2 * math.pi / R, r + r_lo, c + c_lo)
+            *pose, score = self._refine(index, unit_view, observed, k * 2 * math.pi / R, r + r_lo, c + c_lo)
             if score > best_score:
                 best, best_score = (*pose, neighbourhood_mass(logp, (k, r, c))), score
         x, y, yaw, cov3, mass = best
         return x, y, yaw, cov3 / max(mass, 0.01)
 
-    def _refine(self, memory, unit_view, observed: float, yaw0: float, row: int, col: int):
+    def _refine(self, index: dict, unit_view, observed: float, yaw0: float, row: int, col: int):
         """Full-resolution search around coarse cell (row, col) at heading yaw0: headings
         within one coarse bin either side, cells of the coarse cell and half a coarse cell
         around it; direct correlation. Returns x, y, yaw, the 3x3 covariance of the
@@ -719,15 +726,14 @@ class AllocentricLocalizer(PoseRegressor):
         step = 2 * math.pi / self.rotations
         span = max(int(math.ceil(2 * math.pi / self.coarse_rotations / step - 1e-9)), 1)
         margin = max(factor // 2, 1)
-        half = unit_view.shape[-1] // 2
-        H, W = memory.shape[1] - 2 * half, memory.shape[2] - 2 * half    # memory is padded by half a view
+        H, W = index["fine_shape"]
         rows = range(max(row * factor - margin, 0), min(row * factor + factor + margin, H))
         cols = range(max(col * factor - margin, 0), min(col * factor + factor + margin, W))
         offsets = step * torch.arange(-span, span + 1, dtype=torch.float64)
         angles = (yaw0 + offsets).float().to(unit_view.device)
         cells = rotated_support(unit_view[0], angles)
         values = rotate_view_cells(unit_view[0], angles, cells)                 # (K, C, N)
-        scores = window_scores_at(memory, values, cells, unit_view.shape[-1], rows, cols, self.bands) / observed
+        scores = window_scores_at(index["fine"], (H, W), values, cells, unit_view.shape[-1], rows, cols) / observed
         logp = torch.log_softmax(scores.double().flatten() / float(self.log_temperature.detach().exp()), dim=0)
         w = logp.exp().cpu()
         xs = self.map_origin[0] + (torch.arange(cols.start, cols.stop, dtype=torch.float64) + 0.5) * self.resolution

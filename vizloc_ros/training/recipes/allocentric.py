@@ -36,7 +36,7 @@ from torch import nn
 
 from vizloc_ros.localize.camera import input_camera
 from vizloc_ros.localize.models.allocentric import (AllocentricLocalizer, camera_level_attitude, correlate_valid,
-                                                    crop_spectrum, fft_length, mean_grid, observed_cells,
+                                                    cell_table, crop_spectrum, fft_length, mean_grid, observed_cells,
                                                     pool_grid, rotate_view_cells, rotate_views, rotated_support,
                                                     unit_cells, window_scores_at)
 from vizloc_ros.localize.preprocess import preprocess
@@ -253,9 +253,9 @@ class AllocentricLoss(nn.Module):
             angles = yaw[b] + step * (torch.arange(-span, span + 1, device=yaw.device, dtype=yaw.dtype) + float(slip[b]))
             cells = rotated_support(view[b].detach(), angles)
             values = rotate_view_cells(view[b], angles, cells)
-            scores = window_scores_at(F.pad(m, (half,) * 4), values, cells, view.shape[-1],
-                                      range(row0, row0 + 2 * w + 1), range(col0, col0 + 2 * w + 1),
-                                      model.bands) / observed[b]
+            scores = window_scores_at(cell_table(F.pad(m, (half,) * 4), model.bands), m.shape[-2:], values, cells,
+                                      view.shape[-1], range(row0, row0 + 2 * w + 1),
+                                      range(col0, col0 + 2 * w + 1)) / observed[b]
             logp = torch.log_softmax(scores.flatten() / model.log_temperature.exp(), dim=0)
             row, col = int(target[b, 1]) - row0, int(target[b, 0]) - col0   # the nearest heading: the middle one
             nll.append(-logp[(span * (2 * w + 1) + row) * (2 * w + 1) + col])
