@@ -334,7 +334,7 @@ def test_a_frozen_trunk_is_cached_for_the_recipes_samples_and_referenced(trained
                {"model.args.backbone": "small", "model.args.feat_dim": "4", "model.args.resolution": "0.2",
                 "model.args.max_range": "3.0", "model.args.rotations": "36", "loss.memory_frames": "2",
                 "loss.min_separation": "4", "loss.memory_radius": "1.0", "loss.train_rotations": "12",
-                "loss.frame_stride": "2", "max_steps": "2", "storage_dtype": "fp32",
+                "loss.frame_stride": "2", "max_steps": "2", "storage_dtype": "fp32", "model.args.depth_context": "true",
                 "trunk.from": str(trained.with_suffix(".safetensors")), "trunk.copy": "[trunk]",
                 "trunk.freeze": "[trunk]", "trunk.cache": "trunk"})
     cached = list((trained.parent / "cache" / "vizloc_ros" / "features").glob("trunk-*.npy"))

@@ -409,6 +409,35 @@ def _trunk(name: str, pretrained) -> tuple[nn.Module, int]:
     return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2), 128
 
 
+class ContextDepthHead(nn.Module):
+    """Depth at each stride-8 cell from its 3 x 3 neighbourhood of trunk features, the
+    image's mean feature (which part of the scene is in view, at what scale) and the
+    cell's normalised image row and column (below the horizon, the row of a floor cell
+    fixes its depth for a camera at a known height), then a dilated 3 x 3 layer.
+
+    Why: the localizer's query view is placed with this depth, and a head that sees only
+    a ResNet stage-2 neighbourhood (about 100 pixels) of a frozen trunk learned depth to
+    0.6 m (median) in a short run, where the match with the true depth was already within
+    0.1 m; the matching features were not the limit, the depth was."""
+
+    def __init__(self, channels: int, hidden: int = 64):
+        super().__init__()
+        self.local = nn.Conv2d(channels, hidden, 3, 1, 1)
+        self.mix = nn.Conv2d(hidden + channels + 2, hidden, 1)
+        self.wide = nn.Conv2d(hidden, hidden, 3, 1, padding=2, dilation=2)
+        self.out = nn.Conv2d(hidden, 1, 1)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, h, w = x.shape
+        rows = torch.linspace(-1.0, 1.0, h, dtype=x.dtype, device=x.device)[:, None].expand(h, w)
+        cols = torch.linspace(-1.0, 1.0, w, dtype=x.dtype, device=x.device)[None, :].expand(h, w)
+        where = torch.stack([rows, cols])[None].expand(B, 2, h, w)
+        scene = x.mean((2, 3), keepdim=True).expand(-1, -1, h, w)
+        y = F.relu(self.mix(torch.cat([F.relu(self.local(x)), scene, where], 1)))
+        return self.out(F.relu(self.wide(y)))
+
+
 class AllocentricLocalizer(PoseRegressor):
     """Ground-projected CNN features matched against an allocentric memory -> x, y, yaw.
 
@@ -434,6 +463,8 @@ class AllocentricLocalizer(PoseRegressor):
             third peak can win at full resolution where coarse cells blur the first.
         search_margin: metres around the mapping poses' extent where the camera is
             searched for (the memory's ``search_region``, set when the memory is built).
+        depth_context: the depth head sees the whole image's pooled features and each
+            cell's image row and column besides its neighbourhood (:class:`ContextDepthHead`).
 
     Where the time goes (one CPU thread, a 180x240 input, 16 x 3 channels, a 6 x 5 m
     room): the network ~15 ms; the global search at 0.4 m / 10 degrees ~5 ms (the
@@ -450,7 +481,8 @@ class AllocentricLocalizer(PoseRegressor):
                  input_camera=None, camera_height: float | None = None, camera_pitch: float = 0.0,
                  camera_roll: float = 0.0, height_sigma: float = 0.15, tilt_sigma_deg: float = 5.0,
                  online_update: bool = False, search_factor: int = 4, coarse_rotations: int | None = None,
-                 candidates: int = 3, search_margin: float = 1.0, pretrained: str | None = None):
+                 candidates: int = 3, search_margin: float = 1.0, depth_context: bool = False,
+                 pretrained: str | None = None):
         super().__init__()
         self._backbone_name = str(backbone)
         self.feat_dim = int(feat_dim)
@@ -473,9 +505,13 @@ class AllocentricLocalizer(PoseRegressor):
         self.trunk, channels = _trunk(self._backbone_name, pretrained)
         self.feature_head = nn.Sequential(nn.Conv2d(channels, 128, 3, 1, 1), nn.ReLU(inplace=True),
                                           nn.Conv2d(128, self.feat_dim, 1))
-        self.depth_head = nn.Sequential(nn.Conv2d(channels, 64, 3, 1, 1), nn.ReLU(inplace=True),
-                                        nn.Conv2d(64, 1, 1))
-        nn.init.zeros_(self.depth_head[-1].bias)
+        self.depth_context = bool(depth_context)
+        if self.depth_context:
+            self.depth_head = ContextDepthHead(channels)
+        else:
+            self.depth_head = nn.Sequential(nn.Conv2d(channels, 64, 3, 1, 1), nn.ReLU(inplace=True),
+                                            nn.Conv2d(64, 1, 1))
+            nn.init.zeros_(self.depth_head[-1].bias)
         # softmax temperatures of the full-resolution and of the global (coarse) match
         self.log_temperature = nn.Parameter(torch.tensor(math.log(0.05)))
         self.log_temperature_coarse = nn.Parameter(torch.tensor(math.log(0.05)))
@@ -494,7 +530,7 @@ class AllocentricLocalizer(PoseRegressor):
                 "height_sigma": self.height_sigma, "tilt_sigma_deg": self.tilt_sigma_deg,
                 "online_update": self.online_update, "search_factor": self.search_factor,
                 "coarse_rotations": self.coarse_rotations, "candidates": self.candidates,
-                "search_margin": self.search_margin}
+                "search_margin": self.search_margin, "depth_context": self.depth_context}
 
     @property
     def bands(self) -> int:
