@@ -82,6 +82,13 @@ def test_valid_correlation_of_a_crop_equals_the_full_correlation_there():
     fft_hw = (fft_length(crop.shape[1]), fft_length(crop.shape[2]))
     fast = correlate_valid(crop_spectrum(crop, fft_hw), views, fft_hw, (rows, cols))
     assert torch.allclose(fast, full[:, r_lo:r_lo + rows, c_lo:c_lo + cols], atol=1e-4)
+    # 8 headings from the spectra of the first 4: the other half turn is the flipped grid
+    view = torch.randn(1, 3, 9, 9)
+    headings = torch.arange(8) * (2 * math.pi / 8)
+    both = correlate_valid(crop_spectrum(crop, fft_hw), rotate_views(view, headings[:4])[0], fft_hw, (rows, cols),
+                           half_turns=True)
+    every = correlate_valid(crop_spectrum(crop, fft_hw), rotate_views(view, headings)[0], fft_hw, (rows, cols))
+    assert both.shape == every.shape == (8, rows, cols) and torch.allclose(both, every, atol=1e-4)
     assert fft_length(71) == 72 and fft_length(37) == 40 and fft_length(4) == 4
 
 
@@ -116,8 +123,12 @@ def test_windowed_match_scores_equal_the_full_match_in_the_window():
     full = match_scores(memory, view, counts, angles, bands=2)
     centre = torch.tensor([[8, 7], [3, 12]])                            # (column, row); the view reaches off the map
     window = windowed_match_scores(memory, view, counts, angles, 2, centre, 3)
+    headings = torch.arange(6) * (2 * math.pi / 6)
+    full_turn = match_scores(memory, view, counts, headings, bands=2)
+    halves = windowed_match_scores(memory, view, counts, headings[:3], 2, centre, 3, half_turns=True)
     for b, (c, r) in enumerate(centre.tolist()):
         assert torch.allclose(window[b], full[b, :, r - 3:r + 4, c - 3:c + 4], atol=1e-4)
+        assert torch.allclose(halves[b], full_turn[b, :, r - 3:r + 4, c - 3:c + 4], atol=1e-4)
 
 
 def test_splat_averages_features_per_cell_and_height_band():

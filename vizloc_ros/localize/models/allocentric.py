@@ -222,13 +222,15 @@ def fft_length(n: int) -> int:
 
 
 def crop_spectrum(crop: torch.Tensor, fft_hw: tuple[int, int]) -> torch.Tensor:
-    """The spectrum of a memory crop (C, L1, L2) that :func:`correlate_valid` reads:
-    ``rfft2(crop, s=fft_hw)`` with its two frequency axes swapped, (C, Q', P)."""
-    return torch.fft.rfft2(crop.float(), s=fft_hw).transpose(-1, -2).contiguous()
+    """The spectrum of a memory crop (C, L1, L2) that :func:`correlate_valid` reads: the
+    complex conjugate of ``rfft2(crop, s=fft_hw)`` with its two frequency axes swapped,
+    (C, Q', P) (conjugated once here, so that the product with each view's spectrum needs
+    no conjugated copy of the larger one)."""
+    return torch.fft.rfft2(crop.float(), s=fft_hw).transpose(-1, -2).conj().resolve_conj().contiguous()
 
 
 def correlate_valid(spectrum: torch.Tensor, views: torch.Tensor, fft_hw: tuple[int, int],
-                    out_hw: tuple[int, int]) -> torch.Tensor:
+                    out_hw: tuple[int, int], half_turns: bool = False) -> torch.Tensor:
     """Valid cross-correlation (..., R, h_out, w_out) of memory crops with rotated views.
 
     ``spectrum`` is :func:`crop_spectrum` of crops (..., C, L1, L2); views (..., R, C, S, S)
@@ -240,12 +242,30 @@ def correlate_valid(spectrum: torch.Tensor, views: torch.Tensor, fft_hw: tuple[i
     spectra are the cost (R * C transforms): done in two passes, the real FFT along the S
     rows of each view, then (transposed, so that it runs along contiguous memory) the FFT
     along the columns, which transforms no zero-padded row. Differentiable.
-    """
+
+    ``half_turns``: ``views`` are the first R headings of 2R evenly spaced ones (0 to pi),
+    and the output has all 2R: a view turned by a further half turn is the same grid
+    flipped about its centre cell (bilinear samples at the negated points), whose spectrum
+    is the conjugate of the first one's times a phase, so the second half costs no FFT
+    and the two share their products with the memory's spectrum (four real sums over the
+    channels give both)."""
     P, Q = fft_hw
     V = torch.fft.rfft(views.float(), n=Q, dim=-1).transpose(-1, -2).contiguous()   # (..., R, C, Q', S)
     V = torch.fft.fft(V, n=P, dim=-1)                                               # (..., R, C, Q', P)
-    prod = (spectrum.unsqueeze(-4) * V.conj()).sum(-3).transpose(-1, -2)           # (..., R, P, Q')
-    return torch.fft.irfft2(prod, s=fft_hw)[..., :out_hw[0], :out_hw[1]]
+    if not half_turns:
+        prod = (spectrum.unsqueeze(-4) * V).sum(-3).conj()                          # (..., R, Q', P)
+    else:
+        a, v = torch.view_as_real(spectrum).unsqueeze(-5), torch.view_as_real(V)
+        rr, ii = (a[..., 0] * v[..., 0]).sum(-3), (a[..., 1] * v[..., 1]).sum(-3)
+        ri, ir = (a[..., 0] * v[..., 1]).sum(-3), (a[..., 1] * v[..., 0]).sum(-3)
+        first = torch.complex(rr - ii, -(ri + ir))        # conj(sum conj(A) V): the views as given
+        S = views.shape[-1]
+        kx = torch.arange(V.shape[-2], device=V.device, dtype=torch.float32)[:, None]
+        ky = torch.arange(P, device=V.device, dtype=torch.float32)[None, :]
+        turn = torch.polar(torch.ones(()), 2 * math.pi * (S - 1) * (kx / Q + ky / P))   # conj of the flip's phase
+        second = torch.complex(rr + ii, ri - ir) * turn    # sum A V, times it: the views turned by pi
+        prod = torch.cat([first, second], dim=-3)
+    return torch.fft.irfft2(prod.transpose(-1, -2), s=fft_hw)[..., :out_hw[0], :out_hw[1]]
 
 
 def window_scores(memory: torch.Tensor, views: torch.Tensor, rows: range, cols: range, bands: int = 1) -> torch.Tensor:
@@ -737,8 +757,10 @@ class AllocentricLocalizer(PoseRegressor):
         probability is not concentrated around it)."""
         device = view.device
         R = self.coarse_rotations
-        views = rotate_views(unit_cells(coarse_view[None], self.bands), self.headings(R, device))[0]
-        scores = correlate_valid(index["spectrum"], views, index["fft_hw"], index["out_hw"])
+        half = R % 2 == 0   # headings k + R/2 from the spectra of headings k (correlate_valid)
+        angles = self.headings(R, device)[:R // 2 if half else R]
+        views = rotate_views(unit_cells(coarse_view[None], self.bands), angles)[0]
+        scores = correlate_valid(index["spectrum"], views, index["fft_hw"], index["out_hw"], half_turns=half)
         scores = scores / float(observed_cells(coarse_counts[None]))
         logp = torch.log_softmax(scores.double().flatten() / float(self.log_temperature_coarse.detach().exp()),
                                  dim=0).reshape(scores.shape)

@@ -136,11 +136,13 @@ def loss_options(block: dict) -> dict:
 
 
 def windowed_match_scores(memory: torch.Tensor, view: torch.Tensor, view_counts: torch.Tensor,
-                          angles: torch.Tensor, bands: int, centre: torch.Tensor, w: int) -> torch.Tensor:
+                          angles: torch.Tensor, bands: int, centre: torch.Tensor, w: int,
+                          half_turns: bool = False) -> torch.Tensor:
     """:func:`~vizloc_ros.localize.models.allocentric.match_scores` (B, R, 2w + 1, 2w + 1)
     at the cells within ``w`` of ``centre`` (B, 2: column, row) only, through a valid FFT
     correlation of a crop around them: the FFTs are the window plus the view wide, not the
-    local map plus the view."""
+    local map plus the view. ``half_turns``: ``angles`` are the first half of R evenly
+    spaced headings (:func:`~vizloc_ros.localize.models.allocentric.correlate_valid`)."""
     memory, view = unit_cells(memory, bands), unit_cells(view, bands)
     half = view.shape[-1] // 2
     size = 2 * w + 1
@@ -150,7 +152,8 @@ def windowed_match_scores(memory: torch.Tensor, view: torch.Tensor, view_counts:
     crops = torch.stack([m[:, r:r + span, c:c + span]
                          for m, (c, r) in zip(F.pad(memory, (half + w,) * 4).unbind(0), centre.tolist())])
     fft_hw = (fft_length(span),) * 2
-    scores = correlate_valid(crop_spectrum(crops, fft_hw), rotate_views(view, angles), fft_hw, (size, size))
+    scores = correlate_valid(crop_spectrum(crops, fft_hw), rotate_views(view, angles), fft_hw, (size, size),
+                             half_turns=half_turns)
     return scores / observed_cells(view_counts).to(scores.dtype)[:, None, None, None]
 
 
@@ -226,8 +229,9 @@ class AllocentricLoss(nn.Module):
         factor, R, w = model.search_factor, self.train_rotations, self.coarse_window
         memory = mean_grid(*pool_grid(sums, counts, factor))
         view, view_counts = model.egocentric_view(query, depth, resolution=factor * model.resolution)
-        scores = windowed_match_scores(memory, view, view_counts, model.headings(R, query.device), model.bands,
-                                       target, w)
+        half = R % 2 == 0   # the headings of the second half turn from the first's spectra
+        scores = windowed_match_scores(memory, view, view_counts, model.headings(R, query.device)[:R // 2 if half else R],
+                                       model.bands, target, w, half_turns=half)
         logp = torch.log_softmax(scores.flatten(1) / model.log_temperature_coarse.exp(), dim=1)
         k = torch.round(yaw / (2 * math.pi / R)).long() % R
         size = 2 * w + 1
