@@ -13,11 +13,16 @@ a point's height in the camera's level frame into its height above the floor).
   localised view is also integrated into it (the memory updated over time).
 * **localisation**: the current image's features are projected into an egocentric grid
   (camera at the centre, its forward direction along +x) and matched against the memory
-  over all ``rotations`` headings and all translations at once: the view is rotated, and
-  each rotation is cross-correlated with the map (a convolution, done with FFTs). A
-  softmax over the score volume (learned temperature) gives a distribution over (x, y,
-  yaw); the pose is its mean around the best cell and the 3x3 covariance its spread,
-  inflated when the probability mass is not concentrated there.
+  over every heading and every position where the camera can be: the view is rotated,
+  and each rotation is cross-correlated with the map. Coarse to fine: a global search on
+  ``search_factor`` times larger cells over ``coarse_rotations`` headings (a valid FFT
+  correlation over the memory's search region), then a direct search at the full
+  resolution and ``rotations`` heading step around its ``candidates`` best matches
+  (:meth:`AllocentricLocalizer.localize`; the tests check it finds the pose of one
+  exhaustive full-resolution search). A softmax over the refined scores (learned
+  temperature) gives a distribution over (x, y, yaw); the pose is its mean and the 3x3
+  covariance its spread, inflated when the global match's probability mass is not
+  concentrated around the winning candidate.
 * output: a planar pose, camera at (x, y, camera_height) with orientation
   yaw * nominal mount; its 6x6 covariance is the (x, y, yaw) covariance with
   ``height_sigma`` on z and ``tilt_sigma_deg`` on roll and pitch, so the fusion treats it
@@ -486,9 +491,10 @@ class AllocentricLocalizer(PoseRegressor):
         depth_context: the depth head sees the whole image's pooled features and each
             cell's image row and column besides its neighbourhood (:class:`ContextDepthHead`).
 
-    Where the time goes (one CPU thread, a 180x240 input, 16 x 3 channels, a 6 x 5 m
-    room): the network ~15 ms; the global search at 0.4 m / 10 degrees ~5 ms (the
-    36 x 48 spectra of the rotated 21 x 21 views); each refinement ~3 ms (64 cells x 5
+    Where the time goes (one CPU thread beside other jobs, a 180x240 input, 16 x 3
+    channels, the 6 x 5 m demo room; 30-40 ms in all): the network about 15 ms; the
+    global search at 0.4 m / 10 degrees (the spectra of 18 rotated 21 x 21 views of 48
+    channels, the other 18 headings from them); each refinement about 3 ms (64 cells x 5
     headings, gathered where the view has features).
     """
 
@@ -625,12 +631,6 @@ class AllocentricLocalizer(PoseRegressor):
 
     def memory(self) -> torch.Tensor:
         return mean_grid(self.memory_sum[None], self.memory_count[None])[0]
-
-    def coarse_memory(self, factor: int) -> torch.Tensor:
-        """The memory over factor x factor blocks (same origin, cells factor times
-        larger): the grid of the coarse search."""
-        sums, counts = pool_grid(self.memory_sum[None], self.memory_count[None], factor)
-        return mean_grid(sums, counts)[0]
 
     def set_memory(self, sums: torch.Tensor, counts: torch.Tensor, origin, region=None) -> None:
         """The memory: feature sums (bands * feat_dim, H, W) and point counts (bands, H, W)
