@@ -307,8 +307,9 @@ def zoo_config(name: str, dataset: dict, args, out: Path, source_checkpoint) -> 
         cfg["optim"] = {**cfg.get("optim", {}), "epochs": 1, "batch_size": 4, "val_every": 1}
         if not kitti:
             cfg["input"] = {"resize": 60, "crop": [56, 80]}
-        if name in SMALL_TRUNK:
+        if name in SMALL_TRUNK:  # a light trunk of its own: a copied ResNet trunk does not fit it
             args_["backbone"] = "small"
+            cfg.pop("trunk", None)
         if name == "dsac":
             args_["hypotheses"] = 64
             loss.update(hypotheses=16, e2e_after=max(args.steps // 2, 1))

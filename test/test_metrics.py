@@ -172,3 +172,16 @@ def test_few_scored_frames_are_warned_about_in_one_line():
     assert metrics.scored_frames_warning(9, 9).endswith("describe 9 frames")  # all, but too few for medians
     assert metrics.scored_frames_warning(40, 100) != ""  # enough, but under half
     assert metrics.scored_frames_warning(0, 0) == ""
+
+
+def test_planar_errors_measure_x_y_and_the_heading_of_the_optical_axis():
+    from vizloc_ros.localize.models.allocentric import OPTICAL_IN_LEVEL, rot_zyx
+    q_of = lambda yaw, pitch: geometry.matrix_to_quat(rot_zyx(yaw, pitch, 0.0) @ OPTICAL_IN_LEVEL)
+    t_gt = np.array([[1.0, 2.0, 1.3], [0.0, 0.0, 1.5]])
+    q_gt = np.stack([q_of(0.3, 0.0), q_of(-3.1, 0.1)])
+    t_est = np.array([[1.1, 2.0, 1.0], [0.3, 0.4, 1.3]])          # z errors do not count
+    q_est = np.stack([q_of(0.3 + np.radians(2), 0.2), q_of(3.1, 0.0)])   # nor does pitch; -3.1 vs 3.1 wraps
+    errors = metrics.planar_errors(t_est, q_est, t_gt, q_gt)
+    assert errors["median_planar_translation_m"] == pytest.approx((0.1 + 0.5) / 2)
+    assert errors["median_heading_deg"] == pytest.approx((2.0 + np.degrees(2 * np.pi - 6.2)) / 2, abs=1e-6)
+    assert errors["planar_within_25cm_5deg"] == 0.5

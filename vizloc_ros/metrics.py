@@ -8,6 +8,8 @@
   users get from the ``evo_ape`` / ``evo_rpe`` command lines on the same TUM files;
 * per-step errors: the error of each frame-to-frame motion, what an odometry drifts by
   per step (compares a network's relative head with the robot's odometry);
+* planar errors (x, y and heading): what a ground robot's localizer is judged by (the
+  allocentric model outputs only these, with the camera height and tilt of its mount);
 * covariance honesty: NEES = e^T C^-1 e of each pose against its published 6x6
   covariance, its mean per degree of freedom (near 1 when honest) and the share of frames
   inside the 95 % bound.
@@ -84,6 +86,23 @@ def summarize_errors(t_err, r_err) -> dict:
 
 def evaluate_poses(t_est, q_est, t_gt, q_gt) -> dict:
     return summarize_errors(*pose_errors(t_est, q_est, t_gt, q_gt))
+
+
+def planar_errors(t_est, q_est, t_gt, q_gt) -> dict:
+    """Errors in the ground plane of camera poses (orientation of the optical frame, z
+    forward, in a z-up world): the median x-y distance (m), the median heading error
+    (deg; the heading of the optical axis projected onto the plane) and the share of
+    frames within 25 cm and 5 deg of both."""
+    t_est, t_gt = np.asarray(t_est, float).reshape(-1, 3), np.asarray(t_gt, float).reshape(-1, 3)
+    if len(t_est) == 0:
+        return {}
+    forward_est = geometry.quat_to_matrix(np.asarray(q_est, float).reshape(-1, 4))[:, :, 2]
+    forward_gt = geometry.quat_to_matrix(np.asarray(q_gt, float).reshape(-1, 4))[:, :, 2]
+    heading = np.arctan2(forward_est[:, 1], forward_est[:, 0]) - np.arctan2(forward_gt[:, 1], forward_gt[:, 0])
+    h_err = np.degrees(np.abs(np.arctan2(np.sin(heading), np.cos(heading))))
+    xy_err = np.linalg.norm(t_est[:, :2] - t_gt[:, :2], axis=1)
+    return {"median_planar_translation_m": float(np.median(xy_err)), "median_heading_deg": float(np.median(h_err)),
+            "planar_within_25cm_5deg": float(np.mean((xy_err <= 0.25) & (h_err <= 5.0)))}
 
 
 def step_errors(t_est, q_est, t_gt, q_gt) -> dict:

@@ -528,13 +528,13 @@ def _batches(bar, model, trunk: TrunkPlan):
         yield from bar
 
 
-def _check_cacheable(config: dict, custom_loss) -> None:
+def _check_cacheable(config: dict, custom_loss, recipe) -> None:
     """A cached trunk output is computed once, from the plain image: anything that changes
     the image per step cannot be honoured, and is refused rather than ignored."""
     if float(config["augment"]["color_jitter"]) > 0 or config["augment"]["random_crop"]:
         raise ConfigError("trunk.cache computes the trunk's output once per frame: set augment.color_jitter: 0 "
                           "and augment.random_crop: false (augmentation would change it every step)")
-    if custom_loss is not None:
+    if custom_loss is not None and not recipe.reads_cached_trunk:
         raise ConfigError(f"trunk.cache is for pose-regression losses; {config['model']['name']} trains on its "
                           "own samples")
 
@@ -663,13 +663,18 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
                     "set them equal", config["tuple"]["steps"], model.architecture, model.context_frames)
     frames = train_set
     if trunk.cache:
-        _check_cacheable(config, custom_loss)
+        _check_cacheable(config, custom_loss, recipe)
+    if trunk.cache and custom_loss is None:
         frames = FeatureFrames(train_set, trunk_features(model, trunk, train_set, spec, device,
                                                          progress=progress and rank == 0))
     source = TupleDataset(frames, config["tuple"]["steps"], config["tuple"]["skip"],
                           stride=int(config["tuple"]["stride"])) if clips else frames
     if custom_loss is not None:
-        source = recipe.samples(model, train_set, config, spec)
+        cached = {}
+        if trunk.cache:  # the recipe's samples carry the cached trunk output of the frames it uses
+            cached["trunk_features"] = lambda dataset: trunk_features(model, trunk, dataset, spec, device,
+                                                                      progress=progress and rank == 0)
+        source = recipe.samples(model, train_set, config, spec, **cached)
     if len(source) == 0:
         raise ConfigError("the training split is too short for the requested tuples "
                           f"(steps={config['tuple']['steps']}, skip={config['tuple']['skip']})")
@@ -790,7 +795,7 @@ def _train(config: dict, resume: bool, progress: bool) -> dict:
             schedule.step()
         last = epoch + 1 == epochs or (config["max_steps"] and steps >= int(config["max_steps"]))
         if rank == 0 and ((epoch + 1) % config["optim"]["val_every"] == 0 or last):
-            recipe.prepare(model, train_set, spec, device)  # e.g. a retrieval database
+            recipe.prepare(model, train_set, spec, device, config)  # e.g. a retrieval database
             metrics, cov = validate(model, val_set, spec, device)
             score = selection_score(metrics, select_by, baseline)
             msg = (f"epoch {epoch + 1}/{epochs}: loss {running if running is not None else float('nan'):.3f}"

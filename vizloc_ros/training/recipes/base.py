@@ -49,6 +49,9 @@ class TrainingRecipe:
     #: training needs unlabeled sequences with odometry (the ``unlabeled`` config block):
     #: MapNet+.
     needs_unlabeled: bool = False
+    #: the recipe's own samples can carry a frozen trunk's cached output (``feature``) in
+    #: place of the images: :meth:`samples` then gets ``trunk_features`` (``trunk.cache``).
+    reads_cached_trunk: bool = False
 
     def loss(self, model, config: dict) -> nn.Module | None:
         """A module called as ``loss(net, x, batch)`` (``x`` the prepared images, ``batch``
@@ -59,12 +62,14 @@ class TrainingRecipe:
     def samples(self, model, dataset, config: dict, spec):
         """The samples :meth:`loss` needs (depth targets, triplets, ...), built from the
         training split; may set what the model learns from the data (intrinsics, mount).
-        Only called when :meth:`loss` is not None."""
+        Only called when :meth:`loss` is not None. A recipe that :attr:`reads_cached_trunk`
+        also gets ``trunk_features``, a function from a dataset (the split or part of it)
+        to the cached trunk output of its frames, when the config caches the trunk."""
         return dataset
 
-    def prepare(self, model, dataset, spec, device) -> None:
-        """Called before validation and saving, with the training split: e.g. build a
-        retrieval database or a map from the mapping images."""
+    def prepare(self, model, dataset, spec, device, config: dict | None = None) -> None:
+        """Called before validation and saving, with the training split and the config:
+        e.g. build a retrieval database or a map from the mapping images."""
 
 
 _RECIPES: dict[str, TrainingRecipe] = {}

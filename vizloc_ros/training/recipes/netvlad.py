@@ -275,7 +275,7 @@ class TripletRecipe(TrainingRecipe):
             self.prepare(model, dataset, spec, next(model.parameters()).device)
         return samples
 
-    def prepare(self, model, dataset, spec, device) -> None:
+    def prepare(self, model, dataset, spec, device, config: dict | None = None) -> None:
         """Build the database; with hard negatives, the next epoch mines it."""
         keep = build_database(model, dataset, spec, device)
         mining = getattr(self, "_mining", None)
