@@ -66,7 +66,8 @@ class TriangulationOptions:
     features: int = 1000  # SIFT keypoints per frame, at most
     # SIFT's contrast and edge thresholds: OpenCV's 0.04 and 10 find ~100 points on a smooth
     # 320x240 render; 0.002 and 30 find ~500, and more keypoints also mean more confirmed
-    # by a second partner (demo walks: 16 % of cells instead of 2 %, median error 0.6 %)
+    # by a second partner (every 8th frame of the demo walks: 16 % of cells with a target
+    # instead of 2 %, and a lower error)
     contrast: float = 0.002
     edge: float = 30.0
     partners: int = 4  # other frames each frame is matched with, at most
@@ -79,8 +80,8 @@ class TriangulationOptions:
     reprojection_px: float = 1.5
     agreement: float = 0.03  # relative depth difference of two views that agree
     # partners that must agree on a keypoint's depth: with one, 22 % of the demo walks'
-    # points were off by more than 10 % (occlusion corners that match along the epipolar
-    # line by chance); a second agreeing view leaves under 1 %
+    # points were off by more than 10 % (wrong matches that happen to lie near the
+    # epipolar line); a second agreeing view leaves 2-3 %
     min_views: int = 2
 
     def __post_init__(self):
