@@ -94,7 +94,8 @@ def test_a_bag_maps_with_intrinsics_from_camera_info_and_every_nth_frame(room, e
                 "--head-width", "32") == 0
     meta = json.loads((tmp_path / "bag_map.json").read_text())
     scene = json.loads((room / "scene.json").read_text())["camera"]
-    assert meta["training"]["frames"] == 15 and meta["training"]["triangulation"]["frames"] == 15  # no depth: triangulated
+    # a bag has no depth: its depth targets are triangulated
+    assert meta["training"]["frames"] == 15 and meta["training"]["triangulation"]["frames"] == 15
     assert meta["model_config"]["head_width"] == 32
     # the two augmented copies add rows: more than one view's cells per mapping frame
     assert meta["training"]["buffer_samples"] > meta["metrics"]["mapping_frames"] * 48
