@@ -94,7 +94,8 @@ def test_a_bag_maps_with_intrinsics_from_camera_info_and_every_nth_frame(room, e
                 "--head-width", "32") == 0
     meta = json.loads((tmp_path / "bag_map.json").read_text())
     scene = json.loads((room / "scene.json").read_text())["camera"]
-    assert meta["training"]["frames"] == 15 and not meta["training"]["depth_supervised"]
+    # a bag has no depth: its depth targets are triangulated
+    assert meta["training"]["frames"] == 15 and meta["training"]["triangulation"]["frames"] == 15
     assert meta["model_config"]["head_width"] == 32
     # the two augmented copies add rows: more than one view's cells per mapping frame
     assert meta["training"]["buffer_samples"] > meta["metrics"]["mapping_frames"] * 48
@@ -107,8 +108,10 @@ def test_intrinsics_given_by_hand_stand_in_for_a_missing_camera_info(room, encod
     err = _one_line_error(capsys)
     assert "'/left/camera_info' is not in" in err and "/camera/camera_info" in err and "--intrinsics" in err
     assert _map(bag, tmp_path / "m", encoder, "--camera-info-topic", "/left/camera_info",
-                "--intrinsics", "50,51,31.5,23.5") == 0
-    camera = json.loads((tmp_path / "m.json").read_text())["model_config"]["camera"]
+                "--intrinsics", "50,51,31.5,23.5", "--no-triangulate") == 0
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert "triangulation" not in meta["training"] and not meta["training"]["depth_supervised"]
+    camera = meta["model_config"]["camera"]
     assert (camera["fx"], camera["fy"], camera["width"], camera["height"]) == (50, 51, 64, 48)
 
 

@@ -131,8 +131,8 @@ class Progress:
     callback of :func:`make_map` and :func:`refine_map`; elapsed time and ETA as tqdm
     shows them (the head's step total is fixed from its measured rate after 20 steps)."""
 
-    LABELS = {"encode": "encoding frames", "head": "training head", "validate": "validating",
-              "refine": "refining (e2e)"}
+    LABELS = {"features": "finding keypoints", "triangulate": "triangulating pairs", "encode": "encoding frames",
+              "head": "training head", "validate": "validating", "refine": "refining (e2e)"}
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -147,7 +147,7 @@ class Progress:
         if stage != self.stage or self.bar is None or done < self.bar.n:
             self.close()
             self.stage = stage
-            unit = "step" if stage in ("head", "refine") else "frame"
+            unit = {"head": "step", "refine": "step", "triangulate": "pair"}.get(stage, "frame")
             self.bar = tqdm(total=total, desc=self.LABELS.get(stage, stage), unit=unit, file=sys.stderr,
                             dynamic_ncols=True, leave=True, smoothing=0.0)  # ETA from the stage's average speed
             self.bar.start_t = self.stage_started
@@ -218,7 +218,7 @@ def run(args) -> dict:
                          input_height=input_height(args.input_height, cam),
                          max_samples=args.max_samples, encoder=encoder_path, threads=args.threads,
                          seed=args.seed, scene=Path(args.source).resolve().name, head_width=args.head_width,
-                         augmentation=Augmentation(copies=args.augment))
+                         augmentation=Augmentation(copies=args.augment), triangulate=args.triangulate)
     progress = Progress(enabled=not (args.quiet or args.no_progress))
     try:
         with scratch_folder(tensors.with_name(tensors.name + ".work"), what="map") as scratch:
@@ -249,12 +249,18 @@ def summary(result: dict) -> str:
              f"frames: {result['frames']} ({metrics.get('mapping_frames', '?')} mapping, "
              f"{metrics.get('validation_frames', '?')} validation); buffer {training.get('buffer_samples', 0):,} "
              f"samples ({training.get('buffer_bytes', 0) / 1e6:.0f} MB)"
-             f"{', depth-supervised' if training.get('depth_supervised') else ''}; "
+             f"{', depth-supervised' if training.get('depth_supervised') else ''}"
+             f"{' (triangulated)' if training.get('triangulation') else ''}; "
              f"head {training.get('head_steps', '?')} steps",
              "time: " + ", ".join(f"{name} {timings[key]:.1f} s" for name, key in
-                                  (("encode", "encode_s"), ("head", "head_s"), ("validate", "validate_s"),
-                                   ("refine", "refine_s"), ("re-validate", "refine_validate_s"),
-                                   ("total", "total_s")) if key in timings)]
+                                  (("triangulate", "triangulate_s"), ("encode", "encode_s"), ("head", "head_s"),
+                                   ("validate", "validate_s"), ("refine", "refine_s"),
+                                   ("re-validate", "refine_validate_s"), ("total", "total_s")) if key in timings)]
+    triangulation = training.get("triangulation")
+    if triangulation:
+        lines.append(f"triangulated depth: {triangulation['points']:,} points in {triangulation['frames_with_points']} "
+                     f"of {triangulation['frames']} mapping frames ({triangulation['pairs']} pairs); "
+                     f"{100 * triangulation['buffer_rows_with_target']:.1f} % of the buffer's cells have a target")
     if validation:
         lines.append(f"validation: median {validation['median_translation_m']:.3f} m / "
                      f"{validation['median_rotation_deg']:.2f} deg, "
@@ -355,7 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pinhole intrinsics of the recorded images in pixels (width and height from the "
                            "images); win over camera_info and the folder's files")
     data.add_argument("--no-depth", action="store_true",
-                      help="ignore 7-Scenes .depth.png files (reprojection loss only)")
+                      help="ignore 7-Scenes .depth.png files (as if the recording had none)")
+    data.add_argument("--triangulate", action=argparse.BooleanOptionalAction, default=defaults.triangulate,
+                      help="without depth: match keypoints between mapping frames, triangulate them with the "
+                           "known poses and train the head on these sparse depths too (default on; "
+                           "--no-triangulate: reprojection loss only). A recording with depth uses its depth")
     data.add_argument("--image-topic", default="/camera/image_raw",
                       help="bag: sensor_msgs/Image or CompressedImage topic (default /camera/image_raw)")
     data.add_argument("--camera-info-topic",

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from vizloc_ros.localize.preprocess import InputSpec, preprocess
 from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.mapping.buffer import BYTES_PER_SAMPLE, Augmentation, BufferBuilder
 from vizloc_ros.mapping.head_training import HeadTrainingConfig, coordinate_frame, train_head
+from vizloc_ros.mapping.triangulation import TriangulationOptions, cell_radius, triangulate_frames
 from vizloc_ros.metrics import nees, pose_error_vectors, pose_errors
 from vizloc_ros.training.evaluate import validation_covariance
 from vizloc_ros.training.scene_geometry import scene_coordinates_at
@@ -78,6 +79,10 @@ class MapOptions:
     augmentation: Augmentation = field(default_factory=Augmentation)
     pnp: PnpSettings = field(default_factory=PnpSettings)
     scene: str = ""
+    # without depth in the recording: triangulate keypoints of the mapping frames with their
+    # poses and use them as sparse depth targets (mapping/triangulation.py)
+    triangulate: bool = True
+    triangulation: TriangulationOptions = field(default_factory=TriangulationOptions)
 
 
 def load_encoder(path: Path | None = None) -> tuple[SceneEncoder, dict]:
@@ -134,6 +139,19 @@ def _targets_at(frame: MapFrame, camera: dict, spec: InputSpec):
     depth = np.asarray(frame.depth, dtype=np.float32)
     depth = np.where(depth > 0, depth, np.nan)  # 0 = no reading: no target, not a point at the camera
     return lambda pixels: scene_coordinates_at(depth, camera, spec, frame.t, frame.q, pixels)
+
+
+class _Selected:
+    """The frames at ``indices`` of ``frames``, still read one at a time on demand."""
+
+    def __init__(self, frames, indices):
+        self.frames, self.indices = frames, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> MapFrame:
+        return self.frames[int(self.indices[k])]
 
 
 def covariance_scale(errors: np.ndarray, covariances: np.ndarray, trim: float = 0.02) -> tuple[float, dict]:
@@ -212,14 +230,25 @@ def _make_map(frames, camera: dict, out, options: MapOptions, progress) -> dict:
     K = intrinsic_matrix(fx, fy, cx, cy)
     mapping_idx, validation_idx = split_frames(count, options.validation_share, options.validation_block)
 
+    triangulated = None  # sparse depth of each mapping frame, where the recording has none
+    if options.triangulate and len(mapping_idx) and frames[int(mapping_idx[0])].depth is None:
+        tri_started = time.monotonic()
+        triangulated = triangulate_frames(_Selected(frames, mapping_idx), camera, options.triangulation,
+                                          lambda stage, done, total: report(stage, done, total, None),
+                                          threads=options.threads)
+        timings["triangulate_s"] = round(time.monotonic() - tri_started, 1)
+    encode_started = time.monotonic()
     builder = BufferBuilder(encoder, spec, K, len(mapping_idx), options.max_samples, options.seed,
                             options.augmentation)
+    radius = cell_radius(camera, spec, encoder.stride)
     for done, i in enumerate(mapping_idx):
         frame = frames[int(i)]
+        if triangulated is not None:
+            frame = replace(frame, depth=triangulated.depths[done].image(camera["height"], camera["width"], radius))
         builder.add(frame.image, frame.t, frame.q, _targets_at(frame, camera, spec))
         report("encode", done + 1, len(mapping_idx), None)
     buffer = builder.finish()
-    timings["encode_s"] = round(time.monotonic() - started, 1)
+    timings["encode_s"] = round(time.monotonic() - encode_started, 1)
 
     centres = buffer.camera_centres()
     spread = float(np.ptp(centres, axis=0).max()) if len(centres) > 1 else 0.0
@@ -257,6 +286,10 @@ def _make_map(frames, camera: dict, out, options: MapOptions, progress) -> dict:
                      "history": result.history[-20:], "timings": timings, "encoder": encoder_ref},
         "metrics": metrics, "validation_errors": validation_errors,
     }
+    if triangulated is not None:
+        meta["training"]["triangulation"] = {
+            **triangulated.summary, "seconds": timings["triangulate_s"],
+            "buffer_rows_with_target": float(torch.isfinite(buffer.targets).all(dim=1).float().mean())}
     path = save_checkpoint(out, model, meta, dtype="fp16")
     return {"checkpoint": str(path), **meta}
 
