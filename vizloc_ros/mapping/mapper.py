@@ -257,7 +257,8 @@ def _make_map(frames, camera: dict, out, options: MapOptions, progress) -> dict:
                                         "threads": options.threads, "seed": options.seed})
     centre, scale = coordinate_frame(buffer, init_depth)
     model = AceLocalizer(input_camera=[fx, fy, cx, cy], camera=camera, feature_dim=encoder.feature_dim,
-                         head_width=options.head_width, head_layers=options.head_layers, encoder=encoder_ref, inlier_threshold=options.pnp.inlier_threshold,
+                         head_width=options.head_width, head_layers=options.head_layers, encoder=encoder_ref,
+                         inlier_threshold=options.pnp.inlier_threshold,
                          ransac_iterations=options.pnp.iterations, min_inliers=options.pnp.min_inliers,
                          refine_iterations=options.pnp.refine_iterations, confidence=options.pnp.confidence,
                          seed=options.pnp.seed, inlier_power=options.pnp.inlier_power)
