@@ -118,7 +118,7 @@ class FusionConfig:
     # it can say it: this share of the network's covariance is added to the fused
     # covariance and to the prediction the gate compares with.
     abs_bias_share: float = setting(
-        0.5, "share of the network's covariance that is a bias common to all its poses of a "
+        0.5, "share of the network's (typical) covariance that is a bias common to all its poses of a "
         "walk (never averaged out): added to the fused covariance", minimum=0.0)
     min_abs_sigma_trans: float = setting(1e-3, "floor added to the network's translation sigma, m", above=0.0)
     min_abs_sigma_rot: float = setting(1e-4, "floor added to the network's rotation sigma, rad", above=0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,10 @@ from vizloc_ros.fusion.conventions import gtsam_cov_to_ros
 from vizloc_ros.fusion.measurements import DUPLICATE_S, Measurement, correlation_inflation
 from vizloc_ros.fusion.motion import MotionModel
 from vizloc_ros.fusion.smoother import Smoother
+
+#: network poses whose covariances set the level of the walk-long bias (abs_bias_share):
+#: a few seconds at camera rates, so the level follows a change of scene but not one frame
+BIAS_LEVEL_POSES = 50
 
 
 def X(i):
@@ -115,6 +120,8 @@ class WindowGraph:
         # abs_bias_share of the newest network covariance, ROS order and map axes: the
         # network's common bias, added to what is handed out (FusionConfig.abs_bias_share)
         self.bias_cov_ros: np.ndarray | None = None
+        # information matrices of the recent network poses, the level of the bias (_bias_cov)
+        self._recent_information: deque = deque(maxlen=BIAS_LEVEL_POSES)
 
     # ------------------------------------------------------------------ window extent
 
@@ -201,15 +208,31 @@ class WindowGraph:
             stamps[B(key.idx)] = meas.stamp
         self.keys = [key]
         self.key_stamps = [meas.stamp]
+        self._recent_information.clear()   # a new start: the level of the poses from here on
         self.bias_cov_ros = self._bias_cov(meas) if robust else None   # not for /initialpose
         self._update(graph, values, stamps, [])
         self._refresh()
 
     def _bias_cov(self, meas: Measurement) -> np.ndarray | None:
+        """``abs_bias_share`` of the network's typical covariance: the information-weighted
+        mean (the inverse of the mean inverse) of the last :data:`BIAS_LEVEL_POSES`
+        network poses, map axes, ROS order.
+
+        Why not the newest pose's: a localizer whose covariance changes from frame to frame
+        (a scene-coordinate map's grows tenfold when few cells agree) would make the
+        walk-long bias, a property of the network, jump with every frame; one uncertain
+        frame that passed the gate made the fused covariance several times too large."""
         share = self.config.abs_bias_share
         if share <= 0.0:
             return None
-        return share * gtsam_cov_to_ros(meas.cov, rotation=meas.pose.rotation().matrix())
+        cov = gtsam_cov_to_ros(meas.cov, rotation=meas.pose.rotation().matrix())
+        try:
+            self._recent_information.append(np.linalg.inv(0.5 * (cov + cov.T)))
+        except np.linalg.LinAlgError:  # a singular covariance: the level stays what it was
+            if not self._recent_information:
+                return share * cov
+        mean_information = np.mean(self._recent_information, axis=0)
+        return share * np.linalg.inv(0.5 * (mean_information + mean_information.T))
 
     def abs_noise(self, cov: np.ndarray, robust: bool = True):
         noise = gtsam.noiseModel.Gaussian.Covariance(cov)
