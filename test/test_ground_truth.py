@@ -171,3 +171,21 @@ def test_a_pose_topic_of_unreadable_messages_says_why():
     with pytest.raises(GroundTruthError, match=r"no valid ground truth on /gt \(1 message\(s\) could not be read, "
                                                r"e.g. .*zero quaternion"):
         reader.finish({})
+
+
+def test_an_output_at_an_images_own_stamp_is_held_there_whatever_the_rounding():
+    """The same header stamp as float seconds two ways (ns * 1e-9, sec + nanosec * 1e-9)
+    can differ by a rounding at epoch times; the pose published at the image's stamp must
+    be the one scored there, not the one before it."""
+    from vizloc_ros.ros_io.ground_truth import held_index, previous_poses
+
+    sec, nanosec = 1700000002, 366666667
+    two_ways = (sec * 10**9 + nanosec) * 1e-9, float(sec) + float(nanosec) * 1e-9
+    for published, query in (two_ways, two_ways[::-1]):
+        stamps = np.array([published - 1 / 30, published])
+        assert held_index(stamps, [query])[0] == 1
+        t, _ = previous_poses(stamps, np.array([[0.0, 0, 0], [1.0, 0, 0]]), np.tile([1.0, 0, 0, 0], (2, 1)),
+                              [query])
+        assert t[0, 0] == 1.0
+    # a later output is not held before its stamp
+    assert held_index([two_ways[0] + 0.01], [two_ways[0]])[0] == -1

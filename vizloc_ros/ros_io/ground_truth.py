@@ -311,13 +311,26 @@ def interpolate_poses(stamps, t, q, query, max_gap: float | None = None):
     return t_out, q_out
 
 
+#: s: stamps this close are the same instant. Float seconds at epoch times (1.7e9 s) are
+#: 0.24 us apart, and the same header stamp converted two ways (ns * 1e-9, or sec +
+#: nanosec * 1e-9) can differ by that much: a tolerance of 1e-9 s absorbed nothing, so
+#: an output at an image's own stamp was, by the rounding, held at that image or not
+SAME_STAMP_S = 1e-6
+
+
+def held_index(stamps, query) -> np.ndarray:
+    """Index of the latest of the sorted ``stamps`` at or before each ``query`` stamp
+    (within :data:`SAME_STAMP_S`); -1 before the first."""
+    return np.searchsorted(np.asarray(stamps, float), np.asarray(query, float) + SAME_STAMP_S, side="right") - 1
+
+
 def previous_poses(stamps, t, q, query):
     """Causal association: the latest pose at or before each query stamp (NaN before the first)."""
     t_out = np.full((len(query), 3), np.nan)
     q_out = np.full((len(query), 4), np.nan)
     if len(stamps) == 0:
         return t_out, q_out
-    idx = np.searchsorted(stamps, np.asarray(query) + 1e-9, side="right") - 1
+    idx = held_index(stamps, query)
     ok = idx >= 0
     t_out[ok] = t[idx[ok]]
     q_out[ok] = q[idx[ok]]
