@@ -5,14 +5,14 @@ best input? (issue #20)
 Renders walks of the demo room driven by real trajectories (every ``*.tum`` of a
 directory, default ``../shared/data/trajectories``; ``vizloc-synth --trajectory FILE
 --split test``), replays each of them and the demo's held-out walk with ``vizloc-replay``
-(the shipped MapNet, the bag's drifting odometry, the default fusion parameters or
-``--params-file``) and tabulates, from each report's ``metrics.json``: raw, fused and
+(the shipped default weights or ``--weights``, the bag's drifting odometry, the default
+fusion parameters or ``--params-file``) and tabulates, from each report's ``metrics.json``: raw, fused and
 odometry-only median and final translation error, NEES per dof of the network
 (``/vizloc/absolute_pose``) and of the fusion (``/vizloc/pose``), the share of frames
 inside the 95 % bound, reinitialisations, and the pass flags of the issue's targets.
 
 Usage: .venv/bin/python benchmarks/fusion_walks.py [DIR] [--work /tmp/fusion_walks]
-           [--params-file FILE] [--json benchmarks/results/fusion_walks.json]
+           [--weights W] [--params-file FILE] [--json benchmarks/results/fusion_walks.json]
 
 Rendered walks are kept in ``--work`` and reused; the replays run every time.
 """
@@ -45,12 +45,14 @@ def render(trajectory: Path, out: Path) -> Path:
     return bag
 
 
-def replay(bag: Path | None, out: Path, params_file: str | None) -> dict:
+def replay(bag: Path | None, out: Path, params_file: str | None, weights: str | None = None) -> dict:
     """``vizloc-replay`` of ``bag`` (None: the demo) into ``out``; its metrics.json."""
     cmd = _python_main("vizloc_ros.replay.cli") + (["--demo"] if bag is None else [str(bag)])
     cmd += ["--out", str(out), "--overwrite", "--no-progress"]
     if params_file:
         cmd += ["--params-file", params_file]
+    if weights:
+        cmd += ["--weights", weights]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"vizloc-replay {bag or '--demo'} failed:\n{done.stderr[-2000:]}")
@@ -114,6 +116,7 @@ def main(argv=None) -> int:
                         help="folder with *.tum trajectories (default: ../shared/data/trajectories)")
     parser.add_argument("--work", default="/tmp/fusion_walks", help="rendered walks and reports")
     parser.add_argument("--params-file", help="the nodes' parameter file, passed to vizloc-replay")
+    parser.add_argument("--weights", help="checkpoint, passed to vizloc-replay (default: its default, the demo map)")
     parser.add_argument("--json", default=str(REPO / "benchmarks/results/fusion_walks.json"))
     parser.add_argument("--no-demo", action="store_true", help="leave out the demo's held-out walk")
     args = parser.parse_args(argv)
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     for name, trajectory in walks:
         bag = None if trajectory is None else render(trajectory, work / "walks" / name)
-        metrics = replay(bag, work / "reports" / name.replace(" ", "_"), args.params_file)
+        metrics = replay(bag, work / "reports" / name.replace(" ", "_"), args.params_file, args.weights)
         rows.append(row_of(name, metrics))
         print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
     table = markdown_table(rows)
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
           "min(raw, odometry-only); fused final < both")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"targets": TARGETS, "params_file": args.params_file,
+    out.write_text(json.dumps({"targets": TARGETS, "params_file": args.params_file, "weights": args.weights,
                                "directory": str(args.directory), "seconds": time.perf_counter() - started,
                                "rows": rows, "table": table}, indent=1) + "\n")
     print(f"wrote {out}")

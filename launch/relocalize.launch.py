@@ -6,7 +6,10 @@
     ros2 launch vizloc_ros relocalize.launch.py prior_weights:=my_netvlad.safetensors
 
 Every parameter comes from ``params_file`` (config/vizloc.yaml by default). An argument
-left empty keeps the file's value; a non-empty one overrides it. ``demo:=true`` plays
+left empty keeps the file's value; a non-empty one overrides it. The regressor's weights
+(the argument's, else the file's) also go to the fusion as ``network_weights``: a map
+made by vizloc-map carries its errors' correlation time and bias share, which the
+fusion takes while ``noise_from_weights`` is true. ``demo:=true`` plays
 the demo scene's bag in a loop with ``--clock`` (rendered on first use and cached) and
 sets use_sim_time. ``visual_odom:=true`` (a checkpoint with a relative-pose head, VLocNet)
 makes the regressor publish its visual odometry and the fusion use it as odometry.
@@ -187,6 +190,12 @@ def _setup(context):
         fusion["odom_topic"] = VISUAL_ODOMETRY_TOPIC
         fusion["use_odom"] = True
     params_file = text["params_file"]
+    # the fusion reads the noise figures a map carries (noise_from_weights) from the
+    # weights the regressor runs: the argument's, else the file's (empty: both nodes take
+    # the shipped default)
+    network = text["weights"] or str(_regressor_file_params(params_file, "weights").get("weights") or "")
+    if network.strip():
+        fusion["network_weights"] = ParameterValue(network.strip(), value_type=str)
     nodes = [
         Node(package=PACKAGE, executable="vizloc_regressor", name="vizloc_regressor",
              output="screen", parameters=[params_file, regressor]),
@@ -194,7 +203,7 @@ def _setup(context):
              output="screen", parameters=[params_file, fusion]),
     ]
     if text["prior_weights"]:
-        prior = _regressor_file_params(params_file)
+        prior = _regressor_file_params(params_file, "prior_weights")
         prior.update(regressor)  # the same camera, device and sim time as the regressor's
         prior.update({"weights": ParameterValue(text["prior_weights"], value_type=str),
                       "max_rate": _rate(text["prior_rate"]), "visual_odometry": False,
@@ -217,9 +226,10 @@ def _setup(context):
     return actions
 
 
-def _regressor_file_params(params_file: str) -> dict:
+def _regressor_file_params(params_file: str, why: str) -> dict:
     """The regressor's ``ros__parameters`` from the params file (the prior node has another
-    name, so the file's section does not reach it by itself)."""
+    name, so the file's section does not reach it by itself; the fusion reads the
+    regressor's weights); ``why`` names the argument that needs them in an error."""
     import yaml
 
     try:
@@ -227,10 +237,10 @@ def _regressor_file_params(params_file: str) -> dict:
             content = yaml.safe_load(handle) or {}
         section = content.get("vizloc_regressor", {}).get("ros__parameters", {})
     except (OSError, AttributeError, yaml.YAMLError) as exc:
-        raise RuntimeError(f"prior_weights: cannot read the regressor's parameters from "
+        raise RuntimeError(f"{why}: cannot read the regressor's parameters from "
                            f"{params_file}: {exc}") from None
     if not isinstance(section, dict):
-        raise RuntimeError(f"prior_weights: vizloc_regressor.ros__parameters in {params_file} is not a mapping")
+        raise RuntimeError(f"{why}: vizloc_regressor.ros__parameters in {params_file} is not a mapping")
     return dict(section)
 
 

@@ -61,6 +61,8 @@ def test_calibration_writes_a_parameter_file_the_nodes_accept(walk_bag, tiny_wei
         assert np.isfinite(written[name]) and written[name] >= 0.0, name
     # an untrained network is far worse than its covariance says: a large scale
     assert written["abs_cov_scale"] > 10.0
+    # measured on the robot's walk: they win over the figures a map carries
+    assert written["noise_from_weights"] is False
     options = read_params_file(out).options   # the nodes' own checks, as vizloc-replay --params-file
     assert options["fusion_params"]["abs_cov_scale"] == written["abs_cov_scale"]
     assert "before" in stdout and "after" in stdout and "NEES/dof" in stdout
@@ -88,3 +90,21 @@ def test_correlation_time_of_an_exponentially_correlated_error_is_its_time_const
     assert calibrate.correlation_time(stamps, e, cov) == pytest.approx(tau, rel=0.25)
     white = rng.normal(size=(n, 6))
     assert calibrate.correlation_time(stamps, white, cov) < 0.1
+
+
+def test_the_bias_share_is_raised_until_the_fused_pose_is_honest():
+    """Where the measured figures leave the fused pose over-confident (MapNet on the demo
+    walk: NEES per dof 1.7 with its measured 0.10), abs_bias_share is raised until the
+    fused NEES per dof is 1; never lowered below what was measured."""
+    calls = []
+
+    def fused_nees(share):
+        calls.append(share)
+        return 3.0 / (1.0 + 20.0 * share)   # 1 at share 0.1, falling as the share grows
+
+    fitted = calibrate.fit_bias_share(fused_nees, 0.02)
+    assert fitted == pytest.approx(0.1, abs=0.01) and len(calls) <= calibrate.BIAS_FIT_ITERATIONS + 4
+    assert fitted >= 0.02
+    assert calibrate.fit_bias_share(lambda share: 0.8, 0.3) == 0.3     # honest already: kept
+    # far beyond the first guess: the upper end grows until the NEES falls below 1
+    assert calibrate.fit_bias_share(lambda share: 10.0 / (1.0 + 10.0 * share), 0.01) == pytest.approx(0.9, abs=0.05)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from vizloc_ros import geometry
+from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.replay import cli as replay
 from vizloc_ros.ros_io import messages
 from vizloc_ros.ros_io.bag_io import read_messages, topic_message_counts
@@ -193,9 +194,10 @@ def test_a_kitti_selection_keeps_its_frame_numbers_times_calibration_and_grey_im
 def test_a_converted_bag_replays_to_the_end_with_the_shipped_checkpoint(tmp_path, fast_cpu):
     """The whole point: vizloc-replay --no-fusion plays it, scores every frame against the
     bag's ground truth, and that ground truth is the folder's (base = camera * mount^-1)."""
-    root = write_kitti(tmp_path / "kitti", frames=3, width=248, height=184)  # the network's crop fits
+    root = write_kitti(tmp_path / "kitti", frames=3, width=248, height=184)  # MapNet's crop fits
     assert convert(root, "--out", tmp_path / "bag") == 0
-    options = replay.ReplayOptions(bag=tmp_path / "bag", out=tmp_path / "report", weights=replay.default_weights(),
+    options = replay.ReplayOptions(bag=tmp_path / "bag", out=tmp_path / "report",
+                                   weights=shipped_weights("mapnet_demo.safetensors"),
                                    fusion=False, fusion_process=False, device="cpu", progress=False)
     metrics = replay.run_replay(options)
     assert metrics["frames"] == {"images": 3, "estimated": 3, "evaluated": 3}

@@ -111,6 +111,21 @@ def test_launch_visual_odom_points_the_fusion_at_the_regressors_visual_odometry(
         assert line in source
 
 
+def test_launch_gives_the_fusion_the_regressors_weights_for_their_noise_figures(tmp_path):
+    """weights:= (else the params file's regressor weights) reaches the fusion as
+    network_weights, so a map's own correlation time is used (noise_from_weights)."""
+    source = LAUNCH.read_text()
+    assert 'fusion["network_weights"] = ParameterValue(network.strip(), value_type=str)' in source
+    assert 'text["weights"] or str(_regressor_file_params(params_file, "weights").get("weights") or "")' in source
+    read = _launch_helpers()["_regressor_file_params"]
+    params = tmp_path / "robot.yaml"
+    params.write_text("vizloc_regressor:\n  ros__parameters:\n    weights: /maps/lab.safetensors\n")
+    assert read(str(params), "weights")["weights"] == "/maps/lab.safetensors"
+    params.write_text("vizloc_regressor: [1, 2]\n")
+    with pytest.raises(RuntimeError, match="^weights: cannot read"):
+        read(str(params), "weights")
+
+
 def _launch_helpers():
     """The launch file's exit handlers and what they need, without launch installed: its
     stdlib imports, constants, the ProcessEnded class and the functions, compiled alone."""
@@ -121,7 +136,8 @@ def _launch_helpers():
                 and node.targets[0].id.startswith("NODE_"))
             or (isinstance(node, ast.ClassDef) and node.name == "ProcessEnded")
             or (isinstance(node, ast.FunctionDef)
-                and node.name in ("how_it_ended", "_node_exited", "_player_exited", "_node_label"))]
+                and node.name in ("how_it_ended", "_node_exited", "_player_exited", "_node_label",
+                                  "_regressor_file_params"))]
     namespace = {}
     exec(compile(ast.Module(body=keep, type_ignores=[]), str(LAUNCH), "exec"), namespace)  # noqa: S102
     return namespace
@@ -389,11 +405,12 @@ def test_empty_weights_use_the_default_checkpoint():
 
 
 def test_shipped_weights_are_found_from_the_source_tree():
-    if not (ROOT / "weights" / "mapnet_demo.safetensors").is_file():
+    # the default is the demo map (scene coordinates), MapNet stays selectable by its name
+    if not (ROOT / "weights" / "ace_demo.safetensors").is_file():
         with pytest.raises(ValueError, match="set the 'weights' parameter"):
             P.default_weights()
     else:
-        assert P.default_weights().name == "mapnet_demo.safetensors"
+        assert P.default_weights().name == "ace_demo.safetensors"
 
 
 @pytest.mark.parametrize("values, match", [

@@ -19,6 +19,7 @@ from PIL import Image
 
 from vizloc_ros.localize.estimator import PoseEstimator
 from vizloc_ros.localize.models import load_checkpoint
+from vizloc_ros.localize.weights import network_noise
 from vizloc_ros.localize.models.ace import AceLocalizer, SceneEncoder
 from vizloc_ros.mapping import cli, mapper
 from vizloc_ros.mapping.pretrain import write_encoder
@@ -78,6 +79,12 @@ def test_a_7scenes_folder_maps_into_a_checkpoint_every_entry_point_runs(room, en
     training = meta["training"]
     assert training["frames"] == 120 and training["head_steps"] == 5 and training["depth_supervised"]
     assert meta["metrics"]["validation_frames"] > 0 and "model_cov_scale" in meta["validation_errors"]
+    # how long its errors stay alike, for the fusion (noise_from_weights), unless no
+    # validation frame was localized at all
+    validation = meta["metrics"]["validation"]
+    if validation["failed_frames"] < meta["metrics"]["validation_frames"]:
+        noise = meta["validation_errors"]["fusion_noise"]
+        assert network_noise(out) == {k: noise[k] for k in ("abs_correlation_time", "abs_bias_share")}
     # the network input never exceeds the 64x48 images: the map localizes the camera it was made from
     assert max(meta["input"]["crop"]) <= 64
     estimator = PoseEstimator(out, device="cpu")

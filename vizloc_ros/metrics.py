@@ -12,7 +12,10 @@
   allocentric model outputs only these, with the camera height and tilt of its mount);
 * covariance honesty: NEES = e^T C^-1 e of each pose against its published 6x6
   covariance, its mean per degree of freedom (near 1 when honest) and the share of frames
-  inside the 95 % bound.
+  inside the 95 % bound;
+* how a localizer's errors behave over a walk: how long they stay alike (correlation
+  time) and which share of them is common to the whole walk (bias share), the two figures
+  the fusion needs besides the covariance.
 """
 from __future__ import annotations
 
@@ -188,6 +191,69 @@ def nees_summary(t_est, q_est, t_true, q_true, covariances) -> dict:
             "nees_share_within_95": float(np.mean(scored <= NEES_BOUND_95)) if scored.size else None,
             "nees_frames": int(scored.size),
             "nees_skipped_covariances": int(np.sum(finite_error) - scored.size)}
+
+
+def _normalised_errors(errors, covariances) -> np.ndarray:
+    """Each error axis divided by its own sigma (the covariance's diagonal); rows with a
+    non-finite value left as they are (the callers drop them)."""
+    sigma = np.sqrt(np.maximum(np.einsum("nii->ni", np.asarray(covariances, float).reshape(-1, POSE_DOF, POSE_DOF)),
+                               1e-18))
+    return np.asarray(errors, float).reshape(-1, POSE_DOF) / sigma
+
+
+def bias_share(errors, covariances) -> float:
+    """Share of a localizer's error that is common to the whole recording: the squared
+    mean of the normalised errors (each axis by its sigma) over their mean square, summed
+    over the axes. What no amount of fusing removes (the fusion's ``abs_bias_share``)."""
+    z = _normalised_errors(errors, covariances)
+    z = z[np.all(np.isfinite(z), axis=1)]
+    if not len(z):
+        return 0.0
+    energy = float(np.sum(np.mean(z * z, axis=0)))
+    return float(np.sum(np.mean(z, axis=0) ** 2) / energy) if energy > 0 else 0.0
+
+
+def correlation_time(stamps, errors, covariances, segments=None) -> float:
+    """How long a localizer's errors stay alike, in seconds (the fusion's
+    ``abs_correlation_time``): the integral of the mean autocorrelation of the normalised
+    errors (each axis by its sigma, mean removed) over the lags up to the first that is not
+    positive. For an exponential correlation exp(-dt / T) that integral is T.
+
+    ``segments`` (optional, one label per pose): lags are taken only between poses of the
+    same segment, for poses that come in separate runs (the held-out blocks of a map's
+    mapping walks); the time step is the median step inside the segments.
+    """
+    stamps = np.asarray(stamps, float).reshape(-1)
+    z = _normalised_errors(errors, covariances)
+    labels = np.zeros(len(stamps), int) if segments is None else np.asarray(segments).reshape(-1)
+    if len(z) != len(stamps) or len(labels) != len(stamps):
+        raise ValueError(f"{len(stamps)} stamps, {len(z)} errors and {len(labels)} segment labels")
+    finite = np.all(np.isfinite(z), axis=1) & np.isfinite(stamps)
+    stamps, z, labels = stamps[finite], z[finite], labels[finite]
+    if len(stamps) < 3:
+        return 0.0
+    z = z - np.mean(z, axis=0)
+    var = np.mean(z * z, axis=0)
+    keep = var > 0
+    if not np.any(keep):
+        return 0.0
+    z, var = z[:, keep], var[keep]
+    same = labels[1:] == labels[:-1]
+    steps = np.diff(stamps)[same]
+    steps = steps[steps > 0]
+    if not len(steps):
+        return 0.0
+    period = float(np.median(steps))
+    total = 0.0
+    for lag in range(1, len(z) // 2):
+        pairs = labels[:-lag] == labels[lag:]
+        if not np.any(pairs):
+            break
+        rho = float(np.mean(np.mean(z[:-lag][pairs] * z[lag:][pairs], axis=0) / var))
+        if rho <= 0.0:
+            break
+        total += rho
+    return total * period
 
 
 def _evo_trajectory(stamps, t, q):

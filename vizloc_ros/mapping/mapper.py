@@ -6,9 +6,10 @@ mapping and validation (contiguous blocks of ``validation_block`` frames, every
 ``1 / validation_share``-th block held out, so validation frames are not the direct
 neighbours of mapping frames); encode the mapping frames once into the buffer; train the
 head; localize the validation frames (encoder + head + PnP-RANSAC, as at run time) and
-calibrate the covariance on their errors; write the checkpoint atomically (safetensors +
-JSON with the intrinsics, the encoder's name and sha256, the training summary, the
-validation metrics and the covariance scale).
+calibrate the covariance on their errors, and measure how long those errors stay alike
+(the fusion's correlation time, :func:`fusion_noise`); write the checkpoint atomically
+(safetensors + JSON with the intrinsics, the encoder's name and sha256, the training
+summary, the validation metrics, the covariance scale and the fusion's noise figures).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from vizloc_ros.localize.weights import shipped_weights
 from vizloc_ros.mapping.buffer import BYTES_PER_SAMPLE, Augmentation, BufferBuilder
 from vizloc_ros.mapping.head_training import HeadTrainingConfig, coordinate_frame, train_head
 from vizloc_ros.mapping.triangulation import TriangulationOptions, cell_radius, triangulate_frames
-from vizloc_ros.metrics import nees, pose_error_vectors, pose_errors
+from vizloc_ros.metrics import bias_share, correlation_time, nees, pose_error_vectors, pose_errors
 from vizloc_ros.training.evaluate import validation_covariance
 from vizloc_ros.training.scene_geometry import scene_coordinates_at
 
@@ -168,14 +169,42 @@ def covariance_scale(errors: np.ndarray, covariances: np.ndarray, trim: float = 
                    "nees_median_before": float(np.median(values)), "trimmed_share": trim}
 
 
+#: s: consecutive validation frames further apart than this are separate runs
+_RUN_GAP_S = 1.0
+
+
+def fusion_noise(stamps, indices, errors, covariances) -> dict | None:
+    """What the fusion needs to know about a map's errors besides their covariance, from
+    its validation frames: ``abs_correlation_time`` (s; how long an error stays alike:
+    fused as independent, 15 correlated poses a second would shrink the fused covariance
+    as if each were a new look) and ``abs_bias_share`` (the share common to all of them).
+    Lags are taken only inside a run of consecutive frames (a held-out block); None with
+    fewer than 3 frames or no two consecutive ones. The fusion takes these in place of
+    its parameters' values (``noise_from_weights``), so that a map whose errors pass in a
+    quarter second is not fused as if they lasted the default second."""
+    stamps, indices = np.asarray(stamps, float), np.asarray(indices, int)
+    if len(stamps) < 3:
+        return None
+    steps = np.diff(stamps)
+    new_run = (np.diff(indices) != 1) | ~(steps > 0) | (steps > _RUN_GAP_S)
+    if np.all(new_run):
+        return None
+    runs = np.concatenate([[0], np.cumsum(new_run)])
+    return {"abs_correlation_time": round(correlation_time(stamps, errors, covariances, segments=runs), 4),
+            "abs_bias_share": round(bias_share(errors, covariances), 4),
+            "frames": int(len(stamps)), "runs": int(runs[-1] + 1),
+            "measured_on": "the map's validation frames (held-out blocks of the mapping walks)"}
+
+
 def validate_map(model: AceLocalizer, frames, validation_idx, spec: InputSpec, report=None) -> tuple[dict, dict]:
     """Localize the held-out frames through the run-time path (encoder + head + PnP-RANSAC)
     and calibrate the covariance on their errors: ``(metrics, validation_errors)`` for
     the checkpoint's JSON. Also used to recalibrate an existing map."""
     report = report or (lambda *a, **k: None)
-    t_est, q_est, covs, t_gt, q_gt, failed = [], [], [], [], [], 0
+    t_est, q_est, covs, t_gt, q_gt, stamps, failed = [], [], [], [], [], [], 0
     for done, i in enumerate(validation_idx):
         frame = frames[int(i)]
+        stamps.append(frame.stamp)
         x = preprocess(torch.from_numpy(np.ascontiguousarray(frame.image))[None], spec)
         t, q, cov = model.localize(x)
         t_est.append(t[0].double().numpy())
@@ -200,6 +229,11 @@ def validate_map(model: AceLocalizer, frames, validation_idx, spec: InputSpec, r
         if spread is not None:  # the spread of the validation errors, for tools that read cov_ros
             validation_errors["cov_ros"] = spread
         validation_errors["calibration"] = calib
+        noise = fusion_noise(np.asarray(stamps)[ok], np.asarray(validation_idx)[ok],
+                             pose_error_vectors(t_est[ok], q_est[ok], t_gt[ok], q_gt[ok]),
+                             np.stack(covs)[ok]) if ok.any() else None
+        if noise is not None:
+            validation_errors["fusion_noise"] = noise
     return metrics, validation_errors
 
 
@@ -295,4 +329,4 @@ def _make_map(frames, camera: dict, out, options: MapOptions, progress) -> dict:
     return {"checkpoint": str(path), **meta}
 
 
-__all__ = ["MapFrame", "MapOptions", "MappingError", "load_encoder", "make_map", "validate_map"]
+__all__ = ["MapFrame", "MapOptions", "MappingError", "fusion_noise", "load_encoder", "make_map", "validate_map"]

@@ -29,6 +29,7 @@ class FusionNode(Node):
         super().__init__(self.NODE_NAME)
         try:
             p = node_params.fusion_settings(declare_parameters(self, node_params.FUSION_PARAMS))
+            p.settings = node_params.with_network_weights(p.settings)
             self.core = FusionCore(p.config, p.settings)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
@@ -70,6 +71,9 @@ class FusionNode(Node):
               if s.publish_tf else "no TF")
         self.get_logger().info(f"fusing {', '.join(inputs)}; publishing {node_params.FUSED_POSE_TOPIC}, "
                                f"{node_params.PATH_TOPIC}, {tf}")
+        if self.core.network_noise:
+            figures = ", ".join(f"{k} {v:g}" for k, v in self.core.network_noise.items())
+            self.get_logger().info(f"network noise from {s.network_weights} (noise_from_weights): {figures}")
 
     # -- inputs ----------------------------------------------------------------
     def _on_absolute(self, msg) -> None:

@@ -25,6 +25,7 @@ Parameter types follow the default value, as rclpy infers them: bool, int, float
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -148,7 +149,7 @@ def config_value(param: Param, value):
 
 REGRESSOR_PARAMS: tuple[Param, ...] = (
     Param("weights", "", "checkpoint (.safetensors with its .json; or an exported .onnx / "
-          ".engine with the .json beside it); empty: the shipped weights/mapnet_demo.safetensors"),
+          ".engine with the .json beside it); empty: the shipped demo map weights/ace_demo.safetensors"),
     Param("device", "auto", "inference device: auto, cpu, cuda or cuda:N (cuda without a GPU "
           "falls back to the CPU with a warning)"),
     Param("precision", "fp32", "fp32 or fp16 (fp16 only on CUDA)", choices=("fp32", "fp16")),
@@ -374,8 +375,20 @@ def fusion_settings(values: dict) -> FusionNodeSettings:
                               settings=settings, config=fusion_config)
 
 
+def with_network_weights(settings: FusionSettings) -> FusionSettings:
+    """The fusion node's settings with an empty ``network_weights`` resolved to the shipped
+    default weights, the ones a regressor with an empty ``weights`` runs (none found:
+    left empty, so the parameter file's noise figures are used)."""
+    if not settings.noise_from_weights or settings.network_weights.strip():
+        return settings
+    try:
+        return dataclasses.replace(settings, network_weights=str(shipped_weights()))
+    except FileNotFoundError:
+        return settings
+
+
 def default_weights() -> Path:
-    """The shipped MapNet (see :mod:`vizloc_ros.localize.weights` for where it is looked up)."""
+    """The shipped demo map (see :mod:`vizloc_ros.localize.weights` for where it is looked up)."""
     try:
         return shipped_weights()
     except FileNotFoundError as exc:

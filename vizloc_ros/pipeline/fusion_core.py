@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from vizloc_ros.localize.weights import network_noise
 from vizloc_ros.pipeline.clock_guard import ClockGuard
 from vizloc_ros.pipeline.drops import Drop, DropCounting, DropReason
 from vizloc_ros.pipeline.plausibility import ImuPlausibility, OdomCovariancePlausibility
@@ -115,6 +116,16 @@ class FusionSettings:
     max_gap_s: float = setting(
         10.0, "s the inputs may go on ahead after a silence and the fusion continues (a gap); a "
               "move of every input further ahead is a clock jump: the fusion restarts", above=0.0)
+    # a map made by vizloc-map measures how long its errors stay alike (0.2-0.3 s for the
+    # demo map, against MapNet's second that the parameter file's default is): fusing it
+    # with the default would make the fused covariance four times too cautious
+    noise_from_weights: bool = setting(
+        True, "take abs_correlation_time and abs_bias_share from the network's checkpoint "
+              "(network_weights) where its JSON carries them (maps made by vizloc-map measure "
+              "them); false: this file's values")
+    network_weights: str = setting(
+        "", "checkpoint the regressor runs, read for noise_from_weights (its JSON only); empty: "
+            "the shipped default weights. The launch file sets it to the regressor's weights")
 
     def __post_init__(self):
         for f in fields(self):
@@ -144,8 +155,11 @@ class FusionCore(DropCounting):
             fusion_config = FusionConfig()
         elif isinstance(fusion_config, dict):
             fusion_config = FusionConfig.from_dict(fusion_config)
+        #: the fusion parameters taken from the network's checkpoint (noise_from_weights)
+        self.network_noise = (network_noise(self.settings.network_weights)
+                              if self.settings.noise_from_weights and self.settings.network_weights else {})
         self.config = dataclasses.replace(fusion_config, use_odom=self.settings.use_odom,
-                                          use_imu=self.settings.use_imu)
+                                          use_imu=self.settings.use_imu, **self.network_noise)
         self.fusion = SlidingWindowFusion(self.config)
         self.counters: Counter = Counter()
         self.path: deque = deque(maxlen=self.settings.path_max_length)

@@ -15,7 +15,10 @@ measured from that replay is:
   the autocorrelation of its normalised errors up to its first zero (for an exponential
   correlation exp(-dt / T) that integral is T);
 * ``abs_bias_share``: the share of its error that is common to the whole recording (the
-  squared mean of the normalised errors over their mean square);
+  squared mean of the normalised errors over their mean square), raised where the fused
+  pose is still over-confident with it (NEES per dof above 1: errors that drift over
+  seconds, which one correlation time does not describe) until its NEES per dof on the
+  walk is 1;
 * ``odom_floor_trans_per_m`` / ``odom_floor_rot_per_rad``: the odometry noise per metre
   travelled and per radian turned, chosen so that the relative motions between
   consecutive camera stamps, with the covariance the fusion gives them
@@ -48,13 +51,14 @@ from vizloc_ros.fusion.buffers import SensorBuffers
 from vizloc_ros.fusion.config import FusionConfig
 from vizloc_ros.fusion.conventions import pose3
 from vizloc_ros.fusion.motion import MotionModel
-from vizloc_ros.metrics import POSE_DOF, nees, nees_summary, pose_error_vectors, pose_errors
+from vizloc_ros.metrics import (POSE_DOF, bias_share, correlation_time, nees, nees_summary, pose_error_vectors,
+                                pose_errors)
 from vizloc_ros.pipeline.fusion_core import FusionCore, FusionSettings
 from vizloc_ros.ros_io import messages
 from vizloc_ros.ros_io.bag_io import read_messages
-from vizloc_ros.ros_io.ground_truth import interpolate_poses, previous_poses
+from vizloc_ros.ros_io.ground_truth import held_index, interpolate_poses, previous_poses
 from vizloc_ros.ros_io.tum import read_tum
-from vizloc_ros.replay.cli import ReplayOptions, run_replay
+from vizloc_ros.replay.cli import ReplayOptions, default_weights, run_replay
 from vizloc_ros.replay.fusion_side import TOPICS, ReplayError, bag_errors
 from vizloc_ros.replay.params_file import read_params_file
 
@@ -148,42 +152,6 @@ def network_figures(poses: NetworkPoses) -> dict:
             "bias_share": bias_share(errors, poses.cov)}
 
 
-def bias_share(errors, covariances) -> float:
-    """Share of the network's error that is common to the whole recording: the squared
-    mean of the normalised errors (each axis by its sigma) over their mean square, summed
-    over the axes. What no amount of fusing removes (``abs_bias_share``)."""
-    sigma = np.sqrt(np.maximum(np.einsum("nii->ni", np.asarray(covariances, float)), 1e-18))
-    z = errors / sigma
-    z = z[np.all(np.isfinite(z), axis=1)]
-    if not len(z):
-        return 0.0
-    energy = float(np.sum(np.mean(z * z, axis=0)))
-    return float(np.sum(np.mean(z, axis=0) ** 2) / energy) if energy > 0 else 0.0
-
-
-def correlation_time(stamps, errors, covariances) -> float:
-    """Integral of the mean autocorrelation of the normalised errors (each axis by its
-    sigma, mean removed) over lags up to the first that is not positive, in seconds."""
-    if len(stamps) < 3:
-        return 0.0
-    sigma = np.sqrt(np.maximum(np.einsum("nii->ni", np.asarray(covariances, float)), 1e-18))
-    z = errors / sigma
-    z = z - np.mean(z, axis=0)
-    var = np.mean(z * z, axis=0)
-    keep = var > 0
-    if not np.any(keep):
-        return 0.0
-    z, var = z[:, keep], var[keep]
-    period = float(np.median(np.diff(stamps)))
-    total = 0.0
-    for lag in range(1, len(z) // 2):
-        rho = float(np.mean(np.mean(z[:-lag] * z[lag:], axis=0) / var))
-        if rho <= 0.0:
-            break
-        total += rho
-    return total * period
-
-
 def odometry_figures(odometry: list, stamps, truth_t, truth_q, config) -> dict:
     """The odometry noise figures (per step floors, per metre, per radian) at which the
     fusion's own relative covariance (MotionModel.odom_between) gives the odometry's
@@ -235,17 +203,24 @@ def odometry_figures(odometry: list, stamps, truth_t, truth_q, config) -> dict:
             "trans_nees_after": after["trans"], "rot_nees_after": after["rot"], "steps": len(steps)}
 
 
-def _bisect(nees_of, lo: float, hi: float, log: bool = False) -> float:
+def _bisect(nees_of, lo: float, hi: float, log: bool = False, iterations: int = 30) -> float:
     """The figure in [lo, ...] at which ``nees_of`` (falling as the figure grows) is 1; ``hi``
     is grown until the NEES there is below 1; ``log``: bisect on a log scale (floors)."""
     while nees_of(hi) > 1.0 and hi < 100.0:
         lo, hi = hi, hi * 4.0
     if nees_of(lo) <= 1.0:
         return lo
-    for _ in range(30):
+    for _ in range(iterations):
         mid = math.sqrt(lo * hi) if log else 0.5 * (lo + hi)
         lo, hi = (mid, hi) if nees_of(mid) > 1.0 else (lo, mid)
     return hi
+
+
+def fit_bias_share(fused_nees, measured: float) -> float:
+    """The smallest ``abs_bias_share`` from ``measured`` up at which ``fused_nees(share)``
+    (the fused NEES per dof of the walk, falling as the share grows) is 1, to 3 decimals;
+    :data:`BIAS_FIT_ITERATIONS` bisection steps, each a run of the fusion."""
+    return round(_bisect(fused_nees, measured, max(2.0 * measured, 0.05), iterations=BIAS_FIT_ITERATIONS), 3)
 
 
 def imu_figures(imu, gt, base_R_imu, gravity) -> dict | None:
@@ -287,15 +262,25 @@ def imu_figures(imu, gt, base_R_imu, gravity) -> dict | None:
 
 # --------------------------------------------------------------------------- fusion again
 
-def fuse_again(bag: Path, report: Path, options: ReplayOptions, fusion_params: dict) -> dict:
+#: bisection steps when the bias share is fitted (each runs the fusion over the walk again)
+BIAS_FIT_ITERATIONS = 8
+
+
+def fuse_again(bag: Path, report: Path, options: ReplayOptions, fusion_params: dict,
+               noise_from_weights: bool | None = None) -> dict:
     """The fusion alone, run again on a replay's network poses and the bag's odometry / IMU
     (in stamp order, odometry and IMU first at equal stamps, as the replay's fusion side),
-    with ``fusion_params``; the NEES summary and the reinitialisations of its output."""
+    with ``fusion_params``; the NEES summary and the reinitialisations of its output.
+    As in the replay, the fusion reads the noise figures of the weights that made the
+    poses unless ``noise_from_weights`` (None: the options' value) is false."""
     use_odom = bool(options.odom_topic)
     use_imu = bool(options.imu_topic)
-    settings = FusionSettings(**{**options.fusion_settings, "map_frame": options.map_frame,
-                                 "odom_frame": options.odom_frame, "base_frame": options.base_frame,
-                                 "use_odom": use_odom, "use_imu": use_imu})
+    given = dict(options.fusion_settings)
+    if noise_from_weights is not None:
+        given["noise_from_weights"] = noise_from_weights
+    settings = FusionSettings(**{**given, "network_weights": str(options.weights or default_weights()),
+                                 "map_frame": options.map_frame, "odom_frame": options.odom_frame,
+                                 "base_frame": options.base_frame, "use_odom": use_odom, "use_imu": use_imu})
     core = FusionCore(dict(fusion_params), settings)
     events = []
     own = [t for t in (options.odom_topic, options.imu_topic) if t]
@@ -337,7 +322,7 @@ def _score_fused(fused, stamps, report: Path, counters) -> dict:
     f_q = np.stack([f[2] for f in fused])[order][keep]
     f_cov = np.stack([f[3] for f in fused])[order][keep]
     t, q = previous_poses(f_stamps, f_t, f_q, stamps)
-    idx = np.searchsorted(f_stamps, stamps + 1e-9, side="right") - 1
+    idx = held_index(f_stamps, stamps)
     gs, gt, gq = read_tum(report / "ground_truth.tum")
     truth_t, truth_q = interpolate_poses(gs, gt, gq, stamps)
     ok = (idx >= 0) & np.all(np.isfinite(truth_t), axis=1)
@@ -424,10 +409,25 @@ def calibrate(options: ReplayOptions, out: Path, base_file: Path | None, keep_re
         after_params = {**options.fusion_params, **values}
         FusionConfig.from_dict(after_params)  # the values are ones the fusion accepts
         before = fuse_again(options.bag, report, options, options.fusion_params)
-        after = fuse_again(options.bag, report, options, after_params)
-        write_params_file(out, values, base_file)
+        # measured on the robot's own walk: these win over what the weights carry
+        after = fuse_again(options.bag, report, options, after_params, noise_from_weights=False)
+        measured_bias = values["abs_bias_share"]
+        if (after["nees_per_dof"] or 0.0) > 1.0:
+            # still over-confident: the network's errors have slower parts than one
+            # exponential correlation time and the walk-wide mean describe (MapNet's drift
+            # over seconds); the bias share, the fusion's figure for what it cannot average
+            # out, is raised until the fused NEES per dof on this walk is 1
+            def fused_nees(share):
+                return fuse_again(options.bag, report, options, {**after_params, "abs_bias_share": share},
+                                  noise_from_weights=False)["nees_per_dof"] or 0.0
+
+            values["abs_bias_share"] = fit_bias_share(fused_nees, measured_bias)
+            after_params = {**options.fusion_params, **values}
+            after = fuse_again(options.bag, report, options, after_params, noise_from_weights=False)
+        write_params_file(out, {**values, "noise_from_weights": False}, base_file)
         read_params_file(out)  # read back with the nodes' own checks
         return {"values": values, "network": network, "odometry": odometry, "imu": imu,
+                "measured_bias_share": measured_bias,
                 "fused_before": before, "fused_after": after,
                 "network_nees_before": metrics["sources"]["absolute"].get("nees_per_dof")}
     finally:
@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params-file", metavar="YAML",
                         help="the robot's parameter file: replayed with, and copied into --out with "
                              "the measured values replaced")
-    parser.add_argument("--weights", help="checkpoint (default: the shipped weights/mapnet_demo)")
+    parser.add_argument("--weights", help="checkpoint (default: the shipped demo map, weights/ace_demo)")
     parser.add_argument("--ground-truth", default="/ground_truth/pose",
                         help="ground-truth topic or tf:PARENT->CHILD (default /ground_truth/pose)")
     parser.add_argument("--odom-topic", help="nav_msgs/Odometry topic (default /odom)")
@@ -512,9 +512,14 @@ def format_result(result: dict, out: Path) -> str:
     net, odo, before, after = result["network"], result["odometry"], result["fused_before"], result["fused_after"]
     lines = [f"vizloc-calibrate: wrote {out}"]
     lines += [f"  {name}: {value}" for name, value in result["values"].items()]
+    lines.append("  noise_from_weights: false (these figures win over those the weights carry)")
     lines.append(f"network: NEES/dof {_f(net['nees_per_dof'])} (after the scale: 1.00), "
                  f"errors correlated over {net['correlation_time']:.2f} s, "
                  f"{net['bias_share']:.0%} of them common to the whole recording")
+    if result["values"]["abs_bias_share"] > result["measured_bias_share"]:
+        lines.append(f"  abs_bias_share raised from {result['measured_bias_share']:g} to "
+                     f"{result['values']['abs_bias_share']:g}: with the measured one the fused pose was "
+                     f"over-confident (its errors have slower parts than one correlation time shows)")
     if odo["figures"] is None:
         lines.append(f"odometry: only {odo['steps']} steps between camera stamps; its figures were left as they were")
     else:

@@ -43,9 +43,9 @@ from vizloc_ros.ros_io import messages
 from vizloc_ros.ros_io.bag_io import list_topics, read_messages, require_messages, topic_message_counts
 from vizloc_ros.ros_io.camera_mount import FROM_FIXED_TF, CameraMountResolver, resolve_in_bag
 from vizloc_ros.ros_io.ground_truth import (GT_TYPES, TF_TYPES, GroundTruthError, GroundTruthReader,
-                                          default_max_gap, interpolate_poses, previous_poses)
+                                          default_max_gap, held_index, interpolate_poses, previous_poses)
 from vizloc_ros.ros_io.messages import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TYPES
-from vizloc_ros.localize.weights import shipped_weights
+from vizloc_ros.localize.weights import network_noise, shipped_weights, sidecar_json
 from vizloc_ros.replay.fusion_side import (ORDERS, FusionProcess, FusionSideSpec, InProcessFusion, ReplayError,
                                            bag_errors, fusion_settings_of)
 from vizloc_ros.replay.params_file import read_params_file
@@ -195,7 +195,9 @@ def run_replay(options: ReplayOptions) -> dict:
         use_odom=use_odom, use_imu=use_imu, visual_odometry=options.visual_odometry,
         coarse_prior=bool(options.prior_weights is not None and options.fusion),
         map_frame=options.map_frame, odom_frame=options.odom_frame, base_frame=options.base_frame,
-        fusion_params=dict(options.fusion_params), fusion_settings=dict(options.fusion_settings),
+        fusion_params=dict(options.fusion_params),
+        # the fusion reads the noise figures of the weights this replay runs (noise_from_weights)
+        fusion_settings={**options.fusion_settings, "network_weights": str(weights)},
         order=options.order)
     if options.fusion:  # bad fusion parameters: say so before anything runs
         # here, not at the top: vizloc_ros.fusion loads gtsam, which --no-fusion does without
@@ -203,7 +205,9 @@ def run_replay(options: ReplayOptions) -> dict:
 
         try:
             FusionConfig.from_dict(dict(options.fusion_params))
-            fusion_settings_of(spec)
+            settings = fusion_settings_of(spec)
+            if settings.noise_from_weights:  # a broken JSON: said now, not by the fusion side
+                network_noise(weights)
         except (ValueError, TypeError) as exc:
             raise ReplayError(f"fusion parameters: {exc}") from None
     try:
@@ -264,6 +268,10 @@ def _run_in(staging: Path, options: ReplayOptions, spec: FusionSideSpec, bag: Pa
         fusion_side.wait_ready()
         started = time.perf_counter()
         metrics = _regress(options, bag, topics, regressor, prior, fusion_side, started, tqdm, read_messages)
+        if options.fusion and fusion_settings_of(spec).noise_from_weights:
+            noise = network_noise(weights)
+            if noise:  # what the fusion took from the weights, beside the figures it gave
+                metrics["metrics"]["fusion_noise_from_weights"] = {"json": str(sidecar_json(weights)), **noise}
         write_report(staging, metrics)
         return metrics["metrics"]
     finally:
@@ -491,7 +499,7 @@ def _held_covariances(f_stamps, f_cov, query):
     stamp (the latest at or before it; NaN before the first), so a pose and the covariance
     it was published with are scored together."""
     held = np.full((len(query), 6, 6), np.nan)
-    idx = np.searchsorted(f_stamps, np.asarray(query) + 1e-9, side="right") - 1
+    idx = held_index(f_stamps, query)
     held[idx >= 0] = f_cov[idx[idx >= 0]]
     return held
 
@@ -508,7 +516,7 @@ def _error_band(t, q, truth_t, truth_q, cov, valid):
 
 
 def default_weights() -> Path:
-    """The shipped MapNet (see :mod:`vizloc_ros.localize.weights` for where it is looked up)."""
+    """The shipped demo map (see :mod:`vizloc_ros.localize.weights` for where it is looked up)."""
     try:
         return shipped_weights()
     except FileNotFoundError as exc:
@@ -559,13 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("bag", nargs="?", help="bag folder (rosbag2) or .bag file (ROS 1)")
     parser.add_argument("--demo", action="store_true",
                         help="replay the demo scene's test walk (rendered with vizloc-synth on first "
-                             "use and cached) with the shipped MapNet")
+                             "use and cached) with the shipped demo map (weights/ace_demo)")
     parser.add_argument("--params-file", metavar="YAML",
                         help="the nodes' parameter file (config/vizloc.yaml format: vizloc_regressor / "
                              "vizloc_fusion ros__parameters), checked as the nodes check it: the replay "
                              "runs the robot's fusion and network settings. Flags given here win over it; "
                              "a parameter it cannot reproduce offline is named in one warning")
-    parser.add_argument("--weights", help="checkpoint (default: the shipped weights/mapnet_demo)")
+    parser.add_argument("--weights", help="checkpoint (default: the shipped demo map, weights/ace_demo)")
     parser.add_argument("--image-topic",
                         help="sensor_msgs/Image or CompressedImage topic (default /camera/image_raw)")
     parser.add_argument("--ground-truth", default="/ground_truth/pose",

@@ -76,7 +76,7 @@ def read_params_file(path) -> ParamsFileOptions:
              for node in nodes if node in sections}
     regressor = fusion = None
     if node_params.REGRESSOR_NODE in given:
-        # empty weights stay empty: the replay's own default (the shipped MapNet), as the node's
+        # empty weights stay empty: the replay's own default (the shipped demo map), as the node's
         regressor = _checked(path, node_params.REGRESSOR_NODE, node_params.regressor_settings,
                              given[node_params.REGRESSOR_NODE], default_weights=lambda: "")
     if node_params.FUSION_NODE in given:

@@ -142,6 +142,10 @@ def format_table(metrics: dict) -> str:
                  f"rejected {counts.get('absolute_rejected', 0)}, dropped {counts.get('absolute_dropped', 0)}; "
                  f"{metrics['timing']['frames_per_second']:.1f} frames/s end to end on "
                  f"{metrics['timing']['device']}")
+    noise = metrics.get("fusion_noise_from_weights")
+    if noise:
+        figures = ", ".join(f"{k} {v:g}" for k, v in noise.items() if k != "json")
+        lines.append(f"fusion noise from the weights ({Path(noise['json']).name}, noise_from_weights): {figures}")
     warning = scored_frames_warning(frames["evaluated"], frames["estimated"],
                                     "the others have no ground truth near their stamp")
     return "\n".join(lines + ([warning] if warning else []))

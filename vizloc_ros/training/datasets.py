@@ -12,7 +12,9 @@ fails before training starts, not an hour into it.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +50,21 @@ def _matrix_pose(T, where: str):
 
 class SevenScenes(PoseDataset):
     """7-Scenes layout: ``seq-XX/frame-XXXXXX.color.png`` + ``.pose.txt`` (4x4 cam-to-world),
-    sequences of each split listed in ``TrainSplit.txt`` / ``TestSplit.txt`` ("sequence1")."""
+    sequences of each split listed in ``TrainSplit.txt`` / ``TestSplit.txt`` ("sequence1").
+
+    The folder has no timestamps: frame k of sequence s is stamped ``s * 1e4 + k /
+    frame_rate``; ``frame_rate`` None takes the camera rate that ``vizloc-synth`` writes in
+    ``scene.json`` (``rates_hz.camera``) and else 7-Scenes' own 30 Hz (its Kinect). The
+    stamps matter where time does: a map's error correlation time, sequence models' clips.
+    """
 
     name = "7scenes"
 
-    def __init__(self, root, split: str = "train", frame_rate: float = 30.0):
+    def __init__(self, root, split: str = "train", frame_rate: float | None = None):
         super().__init__()
         root = Path(root)
+        if frame_rate is None:
+            frame_rate = _synthetic_camera_rate(root) or 30.0
         split_file = root / {"train": "TrainSplit.txt", "test": "TestSplit.txt"}.get(split, "")
         if split not in ("train", "test"):
             raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
@@ -83,6 +93,16 @@ class SevenScenes(PoseDataset):
                 if not image.is_file():
                     raise DatasetError(f"image file is missing: {image}")
                 self.items.append((image, t, q, seq * 1e4 + k / frame_rate))
+
+
+def _synthetic_camera_rate(root: Path) -> float | None:
+    """The camera rate a ``vizloc-synth`` folder records in its ``scene.json``; None for
+    any other folder, or a file that does not say it."""
+    try:
+        rate = json.loads((root / "scene.json").read_text())["rates_hz"]["camera"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(rate) if isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0 else None
 
 
 class Cambridge(PoseDataset):
