@@ -76,6 +76,10 @@ def test_calibration_writes_a_parameter_file_the_nodes_accept(walk_bag, tiny_wei
     # a report of another bag is refused in one line
     rc, _, err = _run(capsys, tmp_path / "other_bag", "--out", tmp_path / "x.yaml", "--from-report", report)
     assert rc == 2 and err.count("\n") == 1 and "not of" in err, err
+    # and one made with other weights (the fusion reads the weights' noise figures)
+    other = tmp_path / "other.safetensors"
+    rc, _, err = _run(capsys, walk_bag, "--out", tmp_path / "x.yaml", "--weights", other, "--from-report", report)
+    assert rc == 2 and err.count("\n") == 1 and "was made with the weights" in err, err
 
 
 def test_correlation_time_of_an_exponentially_correlated_error_is_its_time_constant():

@@ -381,6 +381,14 @@ def calibrate(options: ReplayOptions, out: Path, base_file: Path | None, keep_re
                 raise ReplayError(f"--from-report {report}: not a vizloc-replay report ({exc})") from None
             if Path(metrics.get("bag", "")).resolve() != Path(options.bag).resolve():
                 raise ReplayError(f"--from-report {report} is a replay of {metrics.get('bag')}, not of {options.bag}")
+            # the weights that made the poses: the fusion reads their noise figures
+            # (noise_from_weights), so "before" must be the fusion that report ran
+            made_with = metrics.get("weights")
+            if made_with and options.weights is None:
+                options = dataclasses.replace(options, weights=Path(made_with))
+            elif made_with and Path(options.weights).resolve() != Path(made_with).resolve():
+                raise ReplayError(f"--from-report {report} was made with the weights {made_with}, "
+                                  f"not {options.weights}")
         else:
             report = keep_report if keep_report is not None else work / "replay"
             options = dataclasses.replace(options, out=report)
