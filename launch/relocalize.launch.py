@@ -8,8 +8,8 @@
 Every parameter comes from ``params_file`` (config/vizloc.yaml by default). An argument
 left empty keeps the file's value; a non-empty one overrides it. The regressor's weights
 (the argument's, else the file's) also go to the fusion as ``network_weights``: a map
-made by vizloc-map carries its errors' correlation time and bias share, which the
-fusion takes while ``noise_from_weights`` is true. ``demo:=true`` plays
+made by vizloc-map carries its errors' correlation time, which the fusion takes while
+``noise_from_weights`` is true. ``demo:=true`` plays
 the demo scene's bag in a loop with ``--clock`` (rendered on first use and cached) and
 sets use_sim_time. ``visual_odom:=true`` (a checkpoint with a relative-pose head, VLocNet)
 makes the regressor publish its visual odometry and the fusion use it as odometry.

@@ -120,9 +120,9 @@ class FusionSettings:
     # demo map, against MapNet's second that the parameter file's default is): fusing it
     # with the default would make the fused covariance four times too cautious
     noise_from_weights: bool = setting(
-        True, "take abs_correlation_time and abs_bias_share from the network's checkpoint "
+        True, "take abs_correlation_time (and abs_bias_share) from the network's checkpoint "
               "(network_weights) where its JSON carries them (maps made by vizloc-map measure "
-              "them); false: this file's values")
+              "the correlation time); false: this file's values")
     network_weights: str = setting(
         "", "checkpoint the regressor runs, read for noise_from_weights (its JSON only); empty: "
             "the shipped default weights. The launch file sets it to the regressor's weights")
