@@ -10,7 +10,7 @@ accuracy (median translation / rotation, share within 5 cm / 5 deg) with the ave
 NEES per degree of freedom of the published covariance, and the same on the relit walk.
 
     python benchmarks/bench_mapping.py [--scenes demo,room:3000,room:3001,room:3002]
-        [--minutes 6] [--frames 300] [--train-walks 4] [--lighting 7] [--depth]
+        [--minutes 6] [--frames 300] [--train-walks 4] [--every 1] [--lighting 7] [--depth]
         [--encoder weights/scene_encoder.safetensors] [--out benchmarks/results/bench_mapping.json]
 
 The rooms are evaluation seeds (vizloc_ros.sim.rooms.SEED_USES): the encoder never saw
@@ -49,24 +49,28 @@ def render(scene: str, frames: int, train_walks: int, lighting: int | None) -> t
     return train, test
 
 
-def _map_child(train: str, out: str, minutes: float, depth: bool, encoder: str | None, queue) -> None:
+def _map_child(train: str, out: str, minutes: float, depth: bool, encoder: str | None, queue,
+               every: int = 1) -> None:
     from vizloc_ros.mapping.mapper import MapOptions, make_map
     from vizloc_ros.mapping.sources import DatasetFrames
     from vizloc_ros.training.datasets import SevenScenes
     from vizloc_ros.training.scene_geometry import dataset_camera
 
-    dataset = SevenScenes(train, "train").preload(workers=2)
+    dataset = SevenScenes(train, "train")
+    dataset.items = dataset.items[::every]   # as vizloc-map --every
+    dataset = dataset.preload(workers=2)
     options = MapOptions(minutes=minutes, encoder=Path(encoder) if encoder else None, scene=Path(train).name)
     summary = make_map(DatasetFrames(dataset, use_depth=depth), dataset_camera(dataset), out, options)
     summary["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     queue.put(json.loads(json.dumps(summary, default=str)))
 
 
-def make_map_measured(train: Path, out: Path, minutes: float, depth: bool, encoder: str | None) -> dict:
+def make_map_measured(train: Path, out: Path, minutes: float, depth: bool, encoder: str | None,
+                      every: int = 1) -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     started = time.monotonic()
-    child = context.Process(target=_map_child, args=(str(train), str(out), minutes, depth, encoder, queue))
+    child = context.Process(target=_map_child, args=(str(train), str(out), minutes, depth, encoder, queue, every))
     child.start()
     summary = queue.get()
     child.join()
@@ -133,6 +137,8 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, default=6.0, help="head training budget per map")
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--train-walks", type=int, default=4)
+    parser.add_argument("--every", type=int, default=1,
+                        help="map every N-th training frame (as vizloc-map --every): many walks, same frame count")
     parser.add_argument("--lighting", type=int, default=7, help="lighting seed of the relit test walk (-1: none)")
     parser.add_argument("--depth", action="store_true", help="depth-supervised mapping")
     parser.add_argument("--encoder", default=None)
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
         out = args.maps / f"{scene.replace(':', '_')}{'_depth' if args.depth else ''}"
         for suffix in (".safetensors", ".json"):
             Path(str(out) + suffix).unlink(missing_ok=True)
-        summary = make_map_measured(train, out, args.minutes, args.depth, args.encoder)
+        summary = make_map_measured(train, out, args.minutes, args.depth, args.encoder, args.every)
         weights = Path(str(out) + ".safetensors")
         row = {"scene": scene, "map": summary, "map_mb": weights.stat().st_size / 1e6,
                "test": localize_walk(weights, test), "relit": localize_walk(weights, relit) if relit else None}

@@ -78,6 +78,7 @@ def test_a_7scenes_folder_maps_into_a_checkpoint_every_entry_point_runs(room, en
     assert isinstance(model, AceLocalizer) and meta["architecture"] == "ace"
     training = meta["training"]
     assert training["frames"] == 120 and training["head_steps"] == 5 and training["depth_supervised"]
+    assert training["command"].startswith("vizloc-map ") and "--steps 5" in training["command"]
     assert meta["metrics"]["validation_frames"] > 0 and "model_cov_scale" in meta["validation_errors"]
     # how long its errors stay alike, for the fusion (noise_from_weights), unless no
     # validation frame was localized at all

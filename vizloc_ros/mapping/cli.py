@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -218,7 +219,8 @@ def run(args) -> dict:
                          input_height=input_height(args.input_height, cam),
                          max_samples=args.max_samples, encoder=encoder_path, threads=args.threads,
                          seed=args.seed, scene=Path(args.source).resolve().name, head_width=args.head_width,
-                         augmentation=Augmentation(copies=args.augment), triangulate=args.triangulate)
+                         augmentation=Augmentation(copies=args.augment), triangulate=args.triangulate,
+                         command=getattr(args, "command", ""))
     progress = Progress(enabled=not (args.quiet or args.no_progress))
     try:
         with scratch_folder(tensors.with_name(tensors.name + ".work"), what="map") as scratch:
@@ -387,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # the command, recorded in the map's JSON so that a shipped map says how it was made
+    args.command = shlex.join([PROG, *(sys.argv[1:] if argv is None else [str(a) for a in argv])])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.steps is not None and args.minutes is not None:
         print(f"{PROG}: error: give --minutes or --steps, not both", file=sys.stderr)

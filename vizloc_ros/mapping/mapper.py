@@ -80,6 +80,7 @@ class MapOptions:
     augmentation: Augmentation = field(default_factory=Augmentation)
     pnp: PnpSettings = field(default_factory=PnpSettings)
     scene: str = ""
+    command: str = ""  # the command line that made the map (recorded in its JSON)
     # without depth in the recording: triangulate keypoints of the mapping frames with their
     # poses and use them as sparse depth targets (mapping/triangulation.py)
     triangulate: bool = True
@@ -324,7 +325,8 @@ def _make_map(frames, camera: dict, out, options: MapOptions, progress) -> dict:
                      "buffer_bytes": int(len(buffer) * BYTES_PER_SAMPLE), "depth_supervised": buffer.has_depth,
                      "head_steps": result.steps, "head_config": result.config, "init_depth_m": init_depth,
                      "coordinate_centre": [float(v) for v in centre], "coordinate_scale": scale,
-                     "history": result.history[-20:], "timings": timings, "encoder": encoder_ref},
+                     "history": result.history[-20:], "timings": timings, "encoder": encoder_ref,
+                     **({"command": options.command} if options.command else {})},
         "metrics": metrics, "validation_errors": validation_errors,
     }
     if triangulated is not None:
