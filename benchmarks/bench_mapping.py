@@ -10,7 +10,8 @@ accuracy (median translation / rotation, share within 5 cm / 5 deg) with the ave
 NEES per degree of freedom of the published covariance, and the same on the relit walk.
 
     python benchmarks/bench_mapping.py [--scenes demo,room:3000,room:3001,room:3002]
-        [--minutes 6] [--frames 300] [--train-walks 4] [--every 1] [--lighting 7] [--depth]
+        [--minutes 6 | --steps N] [--threads 2] [--frames 300] [--train-walks 4] [--every 1]
+        [--lighting 7] [--depth]
         [--encoder weights/scene_encoder.safetensors] [--out benchmarks/results/bench_mapping.json]
 
 The rooms are evaluation seeds (vizloc_ros.sim.rooms.SEED_USES): the encoder never saw
@@ -50,7 +51,7 @@ def render(scene: str, frames: int, train_walks: int, lighting: int | None) -> t
 
 
 def _map_child(train: str, out: str, minutes: float, depth: bool, encoder: str | None, queue,
-               every: int = 1) -> None:
+               every: int = 1, steps: int | None = None, threads: int = 2) -> None:
     from vizloc_ros.mapping.mapper import MapOptions, make_map
     from vizloc_ros.mapping.sources import DatasetFrames
     from vizloc_ros.training.datasets import SevenScenes
@@ -59,18 +60,20 @@ def _map_child(train: str, out: str, minutes: float, depth: bool, encoder: str |
     dataset = SevenScenes(train, "train")
     dataset.items = dataset.items[::every]   # as vizloc-map --every
     dataset = dataset.preload(workers=2)
-    options = MapOptions(minutes=minutes, encoder=Path(encoder) if encoder else None, scene=Path(train).name)
+    options = MapOptions(minutes=minutes, steps=steps, threads=threads, encoder=Path(encoder) if encoder else None,
+                         scene=Path(train).name)
     summary = make_map(DatasetFrames(dataset, use_depth=depth), dataset_camera(dataset), out, options)
     summary["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     queue.put(json.loads(json.dumps(summary, default=str)))
 
 
 def make_map_measured(train: Path, out: Path, minutes: float, depth: bool, encoder: str | None,
-                      every: int = 1) -> dict:
+                      every: int = 1, steps: int | None = None, threads: int = 2) -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     started = time.monotonic()
-    child = context.Process(target=_map_child, args=(str(train), str(out), minutes, depth, encoder, queue, every))
+    child = context.Process(target=_map_child,
+                            args=(str(train), str(out), minutes, depth, encoder, queue, every, steps, threads))
     child.start()
     summary = queue.get()
     child.join()
@@ -137,6 +140,10 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, default=6.0, help="head training budget per map")
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--train-walks", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="a fixed number of head steps instead of --minutes (accuracy that a busy "
+                             "machine cannot starve; the times then say how busy it was)")
+    parser.add_argument("--threads", type=int, default=2, help="the mapping's threads (MapOptions.threads)")
     parser.add_argument("--every", type=int, default=1,
                         help="map every N-th training frame (as vizloc-map --every): many walks, same frame count")
     parser.add_argument("--lighting", type=int, default=7, help="lighting seed of the relit test walk (-1: none)")
@@ -153,7 +160,8 @@ def main(argv=None) -> int:
         out = args.maps / f"{scene.replace(':', '_')}{'_depth' if args.depth else ''}"
         for suffix in (".safetensors", ".json"):
             Path(str(out) + suffix).unlink(missing_ok=True)
-        summary = make_map_measured(train, out, args.minutes, args.depth, args.encoder, args.every)
+        summary = make_map_measured(train, out, args.minutes, args.depth, args.encoder, args.every, args.steps,
+                                    args.threads)
         weights = Path(str(out) + ".safetensors")
         row = {"scene": scene, "map": summary, "map_mb": weights.stat().st_size / 1e6,
                "test": localize_walk(weights, test), "relit": localize_walk(weights, relit) if relit else None}
