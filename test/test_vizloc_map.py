@@ -86,6 +86,9 @@ def test_a_7scenes_folder_maps_into_a_checkpoint_every_entry_point_runs(room, en
     if validation["failed_frames"] < meta["metrics"]["validation_frames"]:
         noise = meta["validation_errors"]["fusion_noise"]
         assert network_noise(out) == {"abs_correlation_time": noise["abs_correlation_time"]}
+    # by default each frame is also encoded as scaled and rolled copies, and the map says so
+    assert training["augmentation"]["copies"] == 3 and training["augmentation"]["scale_max"] == 2.0
+    assert training["buffer_samples"] > meta["metrics"]["mapping_frames"] * 48  # 8x6 cells a view
     # the network input never exceeds the 64x48 images: the map localizes the camera it was made from
     assert max(meta["input"]["crop"]) <= 64
     estimator = PoseEstimator(out, device="cpu")

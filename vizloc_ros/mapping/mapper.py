@@ -77,7 +77,12 @@ class MapOptions:
     head_width: int = 512
     head_layers: int = 3
     head: HeadTrainingConfig = field(default_factory=HeadTrainingConfig)
-    augmentation: Augmentation = field(default_factory=Augmentation)
+    #: 3 scaled and rolled copies of each frame: the held-out walks' views are not the
+    #: mapping walks' (7,000 head steps: demo 0.071 m against 0.090 m without, relit 0.164
+    #: against 0.220 m; room:3001 level, 0.174 against 0.182 m; benchmarks/README.md);
+    #: encoding takes about 4x as long (1.5 minutes for 1,080 frames on one thread), the
+    #: head the same time per step, the buffer 3.2x the rows
+    augmentation: Augmentation = field(default_factory=lambda: Augmentation(copies=3))
     pnp: PnpSettings = field(default_factory=PnpSettings)
     scene: str = ""
     command: str = ""  # the command line that made the map (recorded in its JSON)
@@ -324,6 +329,7 @@ def _make_map(frames, camera: dict, out, options: MapOptions, progress) -> dict:
         "training": {"method": "ace mapping (vizloc-map)", "frames": count, "buffer_samples": len(buffer),
                      "buffer_bytes": int(len(buffer) * BYTES_PER_SAMPLE), "depth_supervised": buffer.has_depth,
                      "head_steps": result.steps, "head_config": result.config, "init_depth_m": init_depth,
+                     "augmentation": asdict(options.augmentation),
                      "coordinate_centre": [float(v) for v in centre], "coordinate_scale": scale,
                      "history": result.history[-20:], "timings": timings, "encoder": encoder_ref,
                      **({"command": options.command} if options.command else {})},
