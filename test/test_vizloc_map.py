@@ -86,6 +86,8 @@ def test_a_7scenes_folder_maps_into_a_checkpoint_every_entry_point_runs(room, en
     if validation["failed_frames"] < meta["metrics"]["validation_frames"]:
         noise = meta["validation_errors"]["fusion_noise"]
         assert network_noise(out) == {"abs_correlation_time": noise["abs_correlation_time"]}
+    # no copies by default, and the map says which augmentation it was made with
+    assert training["augmentation"]["copies"] == 0 and training["augmentation"]["scale_max"] == 2.0
     # the network input never exceeds the 64x48 images: the map localizes the camera it was made from
     assert max(meta["input"]["crop"]) <= 64
     estimator = PoseEstimator(out, device="cpu")

@@ -344,9 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{gigabytes:.1f} GB at {BYTES_PER_SAMPLE} bytes each); with more cells each "
                              "frame keeps an equal random share")
     timing.add_argument("--augment", type=_count, default=defaults.augmentation.copies, metavar="N",
-                        help="also encode N scaled (2/3-3/2) and rolled (+-15 deg) copies of each frame, so the "
-                             f"map knows surfaces from other distances (default {defaults.augmentation.copies}; "
-                             "each copy adds about one frame's encoding time and buffer rows)")
+                        help="also encode N scaled (1/2-2) and rolled (+-15 deg) copies of each frame, so the "
+                             "map knows surfaces from other distances and angles (default "
+                             f"{defaults.augmentation.copies}; each copy adds about one frame's encoding time and "
+                             "buffer rows; 0: the frames only)")
     timing.add_argument("--head-width", type=_positive(int), default=defaults.head_width, metavar="C",
                         help=f"channels of the map's head (default {defaults.head_width}; 256 trains 3x "
                              "faster per step, and fits less)")

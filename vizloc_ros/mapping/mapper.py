@@ -77,6 +77,12 @@ class MapOptions:
     head_width: int = 512
     head_layers: int = 3
     head: HeadTrainingConfig = field(default_factory=HeadTrainingConfig)
+    #: no copies by default: 3 scaled and rolled copies helped the demo's 4-walk map
+    #: (7,000 head steps: 0.071 m against 0.090 m, relit 0.164 against 0.220 m) but not
+    #: room:3001 (0.174 against 0.182 m at 7,000 steps, worse at 4,000), double the peak
+    #: memory and add 1.5 minutes of encoding; spreading the frames over more walks
+    #: (--every) helped every scene 2-3.6x (benchmarks/README.md), and the copies were not
+    #: measured on that recipe. `vizloc-map --augment 3` turns them on
     augmentation: Augmentation = field(default_factory=Augmentation)
     pnp: PnpSettings = field(default_factory=PnpSettings)
     scene: str = ""
@@ -324,6 +330,7 @@ def _make_map(frames, camera: dict, out, options: MapOptions, progress) -> dict:
         "training": {"method": "ace mapping (vizloc-map)", "frames": count, "buffer_samples": len(buffer),
                      "buffer_bytes": int(len(buffer) * BYTES_PER_SAMPLE), "depth_supervised": buffer.has_depth,
                      "head_steps": result.steps, "head_config": result.config, "init_depth_m": init_depth,
+                     "augmentation": asdict(options.augmentation),
                      "coordinate_centre": [float(v) for v in centre], "coordinate_scale": scale,
                      "history": result.history[-20:], "timings": timings, "encoder": encoder_ref,
                      **({"command": options.command} if options.command else {})},
