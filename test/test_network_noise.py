@@ -77,6 +77,10 @@ def test_network_noise_reads_the_checkpoint_json_and_refuses_bad_values(tmp_path
     (tmp_path / "map.json").write_text("{ not json")
     with pytest.raises(ValueError, match="map.json"):
         network_noise(weights)
+    for document, words in (([1, 2], "not a mapping"), ({"validation_errors": [1]}, "validation_errors")):
+        (tmp_path / "map.json").write_text(json.dumps(document))
+        with pytest.raises(ValueError, match=words):
+            network_noise(weights)
 
 
 def test_the_fusion_takes_the_figures_of_its_network_unless_told_not_to(tmp_path):

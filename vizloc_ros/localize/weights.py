@@ -70,7 +70,12 @@ def network_noise(weights) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read the checkpoint's JSON: {exc}") from None
-    block = (meta.get("validation_errors") or {}).get("fusion_noise") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the checkpoint's JSON is not a mapping")
+    errors = meta.get("validation_errors") or {}
+    if not isinstance(errors, dict):
+        raise ValueError(f"{path}: validation_errors is not a mapping")
+    block = errors.get("fusion_noise")
     if block is None:
         return {}
     if not isinstance(block, dict):
