@@ -81,8 +81,8 @@ class MapOptions:
     #: (7,000 head steps: 0.071 m against 0.090 m, relit 0.164 against 0.220 m) but not
     #: room:3001 (0.174 against 0.182 m at 7,000 steps, worse at 4,000), double the peak
     #: memory and add 1.5 minutes of encoding; spreading the frames over more walks
-    #: (--every) helped every scene 2-3.6x (benchmarks/README.md), and the copies were not
-    #: measured on that recipe. `vizloc-map --augment 3` turns them on
+    #: (--every) helped every scene 2-3.6x (benchmarks/README.md), and on that recipe the
+    #: copies added nothing (demo, 20 walks: 0.056 m either way). `--augment 3` turns them on
     augmentation: Augmentation = field(default_factory=Augmentation)
     pnp: PnpSettings = field(default_factory=PnpSettings)
     scene: str = ""
