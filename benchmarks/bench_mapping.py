@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--maps", type=Path, default=CACHE / "maps")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_mapping.json"))
     args = parser.parse_args(argv)
+    if args.every < 1 or args.threads < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--every, --threads and --steps must be at least 1")
     rows = []
     args.maps.mkdir(parents=True, exist_ok=True)
     for scene in [s.strip() for s in args.scenes.split(",") if s.strip()]:

@@ -232,8 +232,9 @@ def validate_map(model: AceLocalizer, frames, validation_idx, spec: InputSpec, r
         t_est, q_est, t_gt, q_gt = map(np.stack, (t_est, q_est, t_gt, q_gt))
         trans, rot = pose_errors(t_est, q_est, t_gt, q_gt)
         ok = np.array([not np.allclose(c, FAILED_COVARIANCE) for c in covs])
-        scale_factor, calib = covariance_scale(pose_error_vectors(t_est[ok], q_est[ok], t_gt[ok], q_gt[ok]),
-                                               np.stack(covs)[ok]) if ok.any() else (1.0, {"frames": 0})
+        # the localized frames' errors, ROS order: the covariance scale and the fusion's figures
+        errors, ok_covs = pose_error_vectors(t_est[ok], q_est[ok], t_gt[ok], q_gt[ok]), np.stack(covs)[ok]
+        scale_factor, calib = covariance_scale(errors, ok_covs) if ok.any() else (1.0, {"frames": 0})
         metrics["validation"] = {
             "median_translation_m": float(np.median(trans)), "median_rotation_deg": float(np.median(rot)),
             "within_5cm_5deg": float(np.mean((trans < 0.05) & (rot < 5.0))), "failed_frames": int(failed)}
@@ -242,9 +243,8 @@ def validate_map(model: AceLocalizer, frames, validation_idx, spec: InputSpec, r
         if spread is not None:  # the spread of the validation errors, for tools that read cov_ros
             validation_errors["cov_ros"] = spread
         validation_errors["calibration"] = calib
-        noise = fusion_noise(np.asarray(stamps)[ok], np.asarray(validation_idx)[ok],
-                             pose_error_vectors(t_est[ok], q_est[ok], t_gt[ok], q_gt[ok]),
-                             np.stack(covs)[ok]) if ok.any() else None
+        noise = fusion_noise(np.asarray(stamps)[ok], np.asarray(validation_idx)[ok], errors,
+                             ok_covs) if ok.any() else None
         if noise is not None:
             validation_errors["fusion_noise"] = noise
     return metrics, validation_errors

@@ -39,7 +39,11 @@ frame-to-frame step, in the earlier camera's frame: the visual odometry's uncert
 with ``metrics.validation_relative`` (its per-step errors); for models that give each
 frame its own covariance (``dsac``, ``netvlad``, ``allocentric``),
 ``validation_errors.model_cov_scale``, the factor that calibrates those covariances. Sequence models need nothing
-extra: ``model_config`` holds their clip length.
+extra: ``model_config`` holds their clip length. Read by the fusion, not the estimator:
+``validation_errors.fusion_noise.abs_correlation_time`` (and ``abs_bias_share`` where
+present), the fusion parameters a checkpoint measured for its own errors (``vizloc-map``
+writes the correlation time of its validation blocks; read without torch by
+:func:`vizloc_ros.localize.weights.network_noise`, taken while ``noise_from_weights``).
 
 Required on load: ``format``, ``architecture``, ``model_config``, ``rotation_format``,
 ``input`` (with ``resize``, ``crop``, ``mean``, ``std``) and ``pose_stats`` (with
