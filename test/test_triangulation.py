@@ -16,7 +16,8 @@ from vizloc_ros.mapping.cli import build_parser
 from vizloc_ros.mapping.head_training import HeadTrainingConfig
 from vizloc_ros.mapping.mapper import MapFrame, MapOptions, make_map
 from vizloc_ros.mapping.pretrain import write_encoder
-from vizloc_ros.mapping.triangulation import SparseDepth, TriangulationOptions, cell_radius, triangulate_frames
+from vizloc_ros.mapping.triangulation import (SparseDepth, TriangulationOptions, cell_radius, choose_partners,
+                                               triangulate_frames)
 from vizloc_ros.sim.catalog import get_scene
 from vizloc_ros.sim.render import PinholeCamera, Renderer
 from vizloc_ros.sim.trajectories import camera_poses, random_walk
@@ -125,3 +126,25 @@ def test_vizloc_map_triangulates_by_default_and_can_be_told_not_to():
     parser = build_parser()
     assert parser.parse_args(["src", "--out", "m"]).triangulate
     assert not parser.parse_args(["src", "--out", "m", "--no-triangulate"]).triangulate
+
+
+def test_a_camera_moving_along_its_axis_finds_partners_by_its_side_probes():
+    """A car on a straight road: the point ahead shows no parallax between two frames,
+    the roadside does (KITTI 06 had partners for 5 of 26 frames with the axis alone)."""
+    camera = {"fx": 718.9, "fy": 718.9, "cx": 607.2, "cy": 185.2, "width": 1241, "height": 376}
+    count = 12
+    centres = np.column_stack([np.zeros(count), np.zeros(count), 2.4 * np.arange(count)])
+    rotations = np.repeat(np.eye(3)[None], count, axis=0)  # optical axis along +z, the motion
+    partners = choose_partners(centres, rotations, camera, TriangulationOptions(scene_depth=10.0))
+    assert all(len(p) > 0 for p in partners)
+    for i, p in enumerate(partners):  # never the frame itself, and each partner once
+        assert i not in p and len(set(p.tolist())) == len(p)
+    # the axis probe alone would find none: every ray to it is parallel
+    axis_only = TriangulationOptions(scene_depth=10.0)
+    import vizloc_ros.mapping.triangulation as triangulation
+    saved = triangulation.PROBE_OFFSETS
+    triangulation.PROBE_OFFSETS = ((0.0, 0.0),)
+    try:
+        assert all(len(p) == 0 for p in choose_partners(centres, rotations, camera, axis_only))
+    finally:
+        triangulation.PROBE_OFFSETS = saved

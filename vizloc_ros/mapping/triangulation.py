@@ -16,12 +16,16 @@ The steps:
    KITTI's grey street images it finds more repeatable, better localised (sub-pixel)
    points, which is what the depth's accuracy rests on; 320x240 takes ~10 ms a frame.
 2. **Partners by pose**: for each frame, up to ``partners`` other frames that see the
-   same place with enough parallax. The probe is the point ``scene_depth`` metres along
-   the frame's optical axis: a partner must see it inside its image, and the angle
+   same place with enough parallax. The probes are points ``scene_depth`` metres deep
+   along the frame's optical axis and along four rays towards its image's sides
+   (``PROBE_OFFSETS``): a partner must see a probe inside its image, and the angle
    between the two rays to it must lie in [``min_parallax_deg``, ``max_parallax_deg``]
    (too little: the depth is noise; too much: the views look too different to match);
-   the partners whose angle is nearest ``target_parallax_deg`` win. Each pair is
-   matched once and gives points to both frames.
+   the partners whose angle is nearest ``target_parallax_deg`` win. The side probes
+   are for a camera that moves along its axis (a car on a straight road): the point
+   ahead has no parallax at all, the roadside has plenty (KITTI 06: 17 points from the
+   axis probe alone, in 5 of 26 frames). Each pair is matched once and gives points to
+   both frames.
 3. **Guided matching**: the relative pose of the two cameras is known, hence the
    fundamental matrix. A keypoint may only match keypoints within ``epipolar_px``
    (Sampson distance) of its epipolar line; among those the nearest descriptor must pass
@@ -157,6 +161,11 @@ def detect(image: np.ndarray, options: TriangulationOptions) -> _Features:
     return _Features(points, np.clip(np.rint(descriptors[unique]), 0, 255).astype(np.uint8))
 
 
+#: where a frame's probes lie, as offsets from the principal point in image widths and
+#: heights: the optical axis first, then left, right, up and down
+PROBE_OFFSETS = ((0.0, 0.0), (-0.3, 0.0), (0.3, 0.0), (0.0, -0.3), (0.0, 0.3))
+
+
 def default_scene_depth(centres: np.ndarray) -> float:
     """The probe distance when none is given: a third of the cameras' spread, 2 to 10 m
     (the mapping's own guess of how far the surfaces are)."""
@@ -167,11 +176,16 @@ def default_scene_depth(centres: np.ndarray) -> float:
 def choose_partners(centres: np.ndarray, rotations: np.ndarray, camera: dict,
                     options: TriangulationOptions) -> list[np.ndarray]:
     """For each frame (camera centres (N, 3), camera->map rotations (N, 3, 3)), the indices
-    of up to ``options.partners`` frames that see its probe point inside their image at a
-    parallax angle within the options' range, nearest ``target_parallax_deg`` first."""
+    of up to ``options.partners`` frames that see one of its probe points inside their
+    image at a parallax angle within the options' range, nearest ``target_parallax_deg``
+    first (each partner ranked by its best probe)."""
     camera = check_camera(camera)
     depth = options.scene_depth or default_scene_depth(centres)
-    probes = centres + depth * rotations[:, :, 2]  # (N, 3): on each optical axis
+    # the probes' rays in camera axes: the optical axis, then towards the image's sides
+    pixels = np.array([[camera["cx"] + du * camera["width"], camera["cy"] + dv * camera["height"]]
+                       for du, dv in PROBE_OFFSETS])
+    rays_cam = np.column_stack([(pixels[:, 0] - camera["cx"]) / camera["fx"],
+                                (pixels[:, 1] - camera["cy"]) / camera["fy"], np.ones(len(pixels))])
     margin = 0.1
     lo_u, hi_u = margin * camera["width"], (1 - margin) * camera["width"]
     lo_v, hi_v = margin * camera["height"], (1 - margin) * camera["height"]
@@ -179,19 +193,26 @@ def choose_partners(centres: np.ndarray, rotations: np.ndarray, camera: dict,
     cos_hi = math.cos(math.radians(options.min_parallax_deg))
     out = []
     for i in range(len(centres)):
-        local = np.einsum("nji,nj->ni", rotations, probes[i] - centres)  # probe in each camera
-        z = local[:, 2]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            u = camera["fx"] * local[:, 0] / z + camera["cx"]
-            v = camera["fy"] * local[:, 1] / z + camera["cy"]
-        ray_i = probes[i] - centres[i]
-        rays = probes[i] - centres
-        cosine = rays @ ray_i / np.maximum(np.linalg.norm(rays, axis=1) * np.linalg.norm(ray_i), 1e-12)
-        ok = (z > 0) & (u >= lo_u) & (u <= hi_u) & (v >= lo_v) & (v <= hi_v) & (cosine >= cos_lo) & (cosine <= cos_hi)
-        ok[i] = False
-        candidates = np.flatnonzero(ok)
-        angle = np.degrees(np.arccos(np.clip(cosine[candidates], -1.0, 1.0)))
-        order = np.argsort(np.abs(np.log(angle / options.target_parallax_deg)), kind="stable")
+        best = np.full(len(centres), np.inf)  # per partner: |log(angle / target)| of its best probe
+        for ray in rays_cam:
+            probe = centres[i] + depth * rotations[i] @ ray  # ``depth`` metres deep along the ray
+            local = np.einsum("nji,nj->ni", rotations, probe - centres)  # the probe in each camera
+            z = local[:, 2]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                u = camera["fx"] * local[:, 0] / z + camera["cx"]
+                v = camera["fy"] * local[:, 1] / z + camera["cy"]
+            ray_i = probe - centres[i]
+            rays = probe - centres
+            cosine = rays @ ray_i / np.maximum(np.linalg.norm(rays, axis=1) * np.linalg.norm(ray_i), 1e-12)
+            ok = (z > 0) & (u >= lo_u) & (u <= hi_u) & (v >= lo_v) & (v <= hi_v) \
+                & (cosine >= cos_lo) & (cosine <= cos_hi)
+            angle = np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+            with np.errstate(divide="ignore"):
+                score = np.where(ok, np.abs(np.log(np.maximum(angle, 1e-9) / options.target_parallax_deg)), np.inf)
+            best = np.minimum(best, score)
+        best[i] = np.inf
+        candidates = np.flatnonzero(np.isfinite(best))
+        order = np.argsort(best[candidates], kind="stable")
         out.append(candidates[order[:options.partners]])
     return out
 
