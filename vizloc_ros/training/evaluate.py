@@ -113,6 +113,71 @@ def validation_covariance(t_est, q_est, t_gt, q_gt) -> list | None:
     return cov.tolist()
 
 
+#: chains of this many consecutive steps measure a relative head's drift (10 Hz: up to 2 s,
+#: about how long the fusion integrates it between the network's absolute poses that it
+#: can trust as independent)
+DRIFT_HORIZONS = (1, 2, 5, 10, 20)
+
+
+def drift_covariance(t_rel, q_rel, gt_t_rel, gt_q_rel, horizons=DRIFT_HORIZONS) -> tuple[list | None, dict]:
+    """Per-step covariance (6x6, ROS order, as :func:`validation_covariance`) of a relative
+    (odometry) head that accounts for how its errors add up, and what was measured.
+
+    The fusion integrates the head's steps as independent, so their covariance must be
+    the one whose sum over K steps matches the drift of K chained steps. A learned
+    head's step errors are not independent (it misjudges a turn or a sideways shift for
+    many frames alike): on the demo validation walk, VLocNet's drift over 10-20 steps
+    was 5-11 times what the single steps' spread predicts. So the single-step covariance
+    is scaled, translation and rotation apart (its shape across the axes kept), by the
+    largest ratio of "drift over K steps / K" to it among ``horizons``. Steps are
+    ``(N, 3)`` translations and ``(N, 4)`` quaternions between consecutive frames; a
+    non-finite step breaks the chains through it.
+    """
+    t_rel, q_rel = np.asarray(t_rel, float), np.asarray(q_rel, float)
+    gt_t_rel, gt_q_rel = np.asarray(gt_t_rel, float), np.asarray(gt_q_rel, float)
+    finite = (np.all(np.isfinite(t_rel), axis=1) & np.all(np.isfinite(q_rel), axis=1)
+              & np.all(np.isfinite(gt_t_rel), axis=1) & np.all(np.isfinite(gt_q_rel), axis=1))
+    single = validation_covariance(t_rel[finite], q_rel[finite], gt_t_rel[finite], gt_q_rel[finite])
+    info = {"steps": int(finite.sum())}
+    if single is None:
+        return None, info
+    single = np.asarray(single)
+    base = {"translation": float(np.trace(single[:3, :3])), "rotation": float(np.trace(single[3:, 3:]))}
+    ratio = {"translation": 1.0, "rotation": 1.0}
+    horizon = {"translation": 1, "rotation": 1}
+    for k in horizons:
+        k = int(k)
+        starts = [s for s in range(len(t_rel) - k + 1) if finite[s:s + k].all()]
+        if k < 2 or len(starts) < 10:
+            continue
+        errors = []
+        for s in starts:
+            tp, qp = _chain(t_rel[s:s + k], q_rel[s:s + k])
+            tg, qg = _chain(gt_t_rel[s:s + k], gt_q_rel[s:s + k])
+            rot = geometry.so3_log(geometry.quat_to_matrix(qg) @ geometry.quat_to_matrix(qp).T)
+            errors.append(np.concatenate([tg - tp, rot]))
+        errors = np.asarray(errors)
+        per_step = errors.T @ errors / (len(errors) * k)
+        for part, block in (("translation", slice(0, 3)), ("rotation", slice(3, 6))):
+            if base[part] > 0:
+                r = float(np.trace(per_step[block, block]) / base[part])
+                if r > ratio[part]:
+                    ratio[part], horizon[part] = r, k
+    scale = np.sqrt(np.array([ratio["translation"]] * 3 + [ratio["rotation"]] * 3))
+    cov = single * np.outer(scale, scale)
+    info.update({"inflation": {part: round(ratio[part], 3) for part in ratio},
+                 "horizon_steps": horizon, "horizons": [int(k) for k in horizons]})
+    return cov.tolist(), info
+
+
+def _chain(t_steps, q_steps):
+    """Compose consecutive relative poses into the motion from the first frame to the last."""
+    t, q = np.zeros(3), np.array([1.0, 0.0, 0.0, 0.0])
+    for t_step, q_step in zip(t_steps, q_steps):
+        t, q = geometry.pose_compose(t, q, t_step, q_step)
+    return t, q
+
+
 def format_table(metrics: dict, title: str = "") -> str:
     """The table vizloc-eval prints: how many frames were scored (of how many, and why
     not the others), the median errors and threshold shares, the speed; a warning line
