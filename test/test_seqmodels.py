@@ -28,6 +28,7 @@ from vizloc_ros.training.recipes import recipe_for
 from vizloc_ros.localize.models import (FrameStream, LSTMPoseNet, MapNet, MapNetPlus, VidLoc, VLocNet,
                                build_model, load_checkpoint, save_checkpoint)
 from vizloc_ros.localize.models.lstm_posenet import DIRECTIONS
+from vizloc_ros.localize.models.vlocnet import local_correlation
 from vizloc_ros.sim.synthetic import SequenceSpec, SynthConfig, generate
 from vizloc_ros.localize.estimator import PoseEstimator
 from vizloc_ros.localize.preprocess import preprocess
@@ -114,6 +115,51 @@ def test_default_architectures():
         build_model("vidloc", clip_length=1)
     with pytest.raises(ValueError, match="ResNet"):
         build_model("vlocnet", backbone="googlenet")
+
+
+def test_local_correlation_finds_the_shift_between_two_maps():
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 64, 6, 7, generator=gen)
+    b = torch.roll(a, shifts=(1, -2), dims=(2, 3))  # b at (y + 1, x - 2) shows a at (y, x)
+    volume = local_correlation(a, b, 2)
+    assert volume.shape == (2, 25, 6, 7)
+    # offset (dy, dx) = (1, -2) is channel (1 + 2) * 5 + (-2 + 2) = 15, away from the borders
+    assert (volume[:, :, 1:4, 2:5].argmax(dim=1) == 15).all()
+    # each channel is the mean product with the shifted map, zero outside it
+    dy, dx = -1, 2
+    k = (dy + 2) * 5 + (dx + 2)
+    expected = (a[:, :, 1:, :5] * b[:, :, :-1, 2:]).mean(dim=1)
+    assert torch.allclose(volume[:, k, 1:, :5], expected)
+    assert (volume[:, k, 0, :] == 0).all() and (volume[:, k, :, 5:] == 0).all()
+    with pytest.raises(ValueError, match="one shape"):
+        local_correlation(a, b[:, :4], 2)
+
+
+def test_vlocnet_correlation_head_options_and_round_trip(tmp_path):
+    model = tiny("vlocnet", odom_head="correlation", odom_radius=2).eval()
+    assert model.config()["odom_head"] == "correlation" and model.config()["odom_radius"] == 2
+    clips = torch.randn(2, 3, 3, *CROP, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.forward_clips(clips)
+    assert out["relative"].shape == (2, 2, 6) and torch.isfinite(out["relative"]).all()
+    save_checkpoint(tmp_path / "m", model, {"input": {"resize": 32, "crop": list(CROP)}})
+    loaded, _ = load_checkpoint(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval().forward_clips(clips)["relative"], out["relative"], atol=1e-5)
+    # a checkpoint written before the option existed names no head: the pooled one
+    old = {k: v for k, v in tiny("vlocnet").config().items() if k not in ("odom_head", "odom_radius")}
+    assert build_model("vlocnet", **old).odom_head == "pooled"
+    # the paper's split: the streams part after layer2, whose maps the trunk now ends with
+    early = tiny("vlocnet", odom_head="correlation", odom_from="layer2").eval()
+    assert early.trunk(clips[:, 0]).shape[1] == 128 and early.config()["odom_from"] == "layer2"
+    with torch.no_grad():
+        both = early.forward_clips(clips)
+        assert both["relative"].shape == (2, 2, 6)
+        assert torch.allclose(both["pose"][:, 0], early(clips[:, 0]), atol=1e-5)
+    for bad in ({"odom_head": "flow"}, {"odom_radius": 0}, {"odom_radius": 2.5}, {"odom_radius": True},
+                {"odom_from": "layer4"}):
+        with pytest.raises(ValueError, match="odom_"):
+            build_model("vlocnet", feat_dim=16, **bad)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_ARGS))
