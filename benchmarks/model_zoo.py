@@ -87,7 +87,7 @@ NAMES = {"posenet": "PoseNet (GoogLeNet)", "posenet_resnet18": "PoseNet (ResNet-
          "posenet_resnet34": "PoseNet (ResNet-34)", "posenet_resnet50": "PoseNet (ResNet-50)",
          "mapnet": "MapNet", "dsac": "DSAC++", "netvlad": "NetVLAD", "allocentric": "Allocentric MapNet",
          "lstm_posenet": "LSTM-PoseNet", "vidloc": "VidLoc", "mapnet_plus": "MapNet+", "vlocnet": "VLocNet",
-         "mean_pose": "mean pose (baseline)"}
+         "ace": "ACE map (vizloc-map)", "mean_pose": "mean pose (baseline)"}
 #: models whose architecture takes a light "small" trunk (quick mode)
 SMALL_TRUNK = ("dsac", "netvlad", "allocentric")
 NEEDS_DEPTH = ("allocentric",)
@@ -363,6 +363,8 @@ class Checkpoints:
         if trained_by(name) != "vizloc-train":  # ace: a scene-coordinate map of vizloc-map
             if not kitti and getattr(args, "map", None):
                 return Path(args.map), "made by vizloc-map"
+            if kitti and trained_by(name) == "vizloc-map" and not args.quick:
+                return self._map(dataset)
             raise Skipped(f"made by {trained_by(name)}, not vizloc-train: give the demo map with --map "
                           "(benchmarks/bench_mapping.py measures maps)")
         shipped = Path(args.weights) / f"{name}_demo.safetensors" if args.weights else None
@@ -381,6 +383,23 @@ class Checkpoints:
         whole = (time.perf_counter() - started) / 60.0
         return (out.with_name(out.name + ".safetensors"),
                 f"trained here{' (quick)' if args.quick else ''}, whole run {whole:.1f} min")
+
+
+    def _map(self, dataset: dict) -> tuple[Path, str]:
+        """A scene-coordinate map of the folder's training (even) frames, made by vizloc-map
+        as a user would, with ``--kitti-map-minutes`` of head training on one thread."""
+        from vizloc_ros.mapping import cli as mapping_cli
+
+        out = self.work / dataset["name"].replace("/", "_") / "ace.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = [str(dataset["train"]), "--out", str(out), "--minutes", f"{self.args.kitti_map_minutes:g}",
+                   "--threads", "1", "--overwrite", "--no-progress", "--quiet"]
+        print(f"model_zoo: vizloc-map {' '.join(command)}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        code = mapping_cli.main(command)
+        if code != 0:
+            raise ZooError(f"vizloc-map failed on {dataset['name']} (exit {code})")
+        return out, f"mapped here (vizloc-map), whole run {(time.perf_counter() - started) / 60.0:.1f} min"
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -411,7 +430,10 @@ def checkpoint_size(weights: Path) -> tuple[float, str | None]:
 
 
 def training_minutes(weights: Path) -> float | None:
-    seconds = (json.loads(weights.with_suffix(".json").read_text()).get("training") or {}).get("seconds")
+    """Minutes until the kept checkpoint was saved; a map's whole mapping time (vizloc-map
+    records ``training.timings.total_s``)."""
+    training = json.loads(weights.with_suffix(".json").read_text()).get("training") or {}
+    seconds = training.get("seconds", (training.get("timings") or {}).get("total_s"))
     return None if seconds is None else float(seconds) / 60.0
 
 
@@ -571,6 +593,17 @@ def write_outputs(md_path: Path, json_path: Path, text: str, document: dict) -> 
 
 # --------------------------------------------------------------------------- main
 
+def _positive_minutes(text: str) -> float:
+    """argparse type: a finite number of minutes > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"need a number of minutes > 0, got {text}")
+    return value
+
+
 def _at_least_one(text: str) -> int:
     """argparse type: an integer >= 1 (a count of steps, epochs or frames)."""
     try:
@@ -603,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kitti-epochs", type=_at_least_one, default=100,
                         help="training epochs per model on a KITTI folder (100: 300 steps of 8 of the "
                              "25 even frames)")
+    parser.add_argument("--kitti-map-minutes", type=_positive_minutes, default=1.5,
+                        help="with ace among --models: vizloc-map's head training on a KITTI folder's even "
+                             "frames, minutes (default 1.5)")
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny inputs (CPU smoke run)")
     parser.add_argument("--steps", type=_at_least_one, default=20, help="training steps per model in --quick mode")
     parser.add_argument("--thin", type=_at_least_one, default=10,

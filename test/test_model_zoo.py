@@ -123,3 +123,33 @@ def test_every_table_line_has_every_column(zoo):
     assert {line.count("|") for line in table} == {len(zoo.COLUMNS) + 1}
     assert "0.150" in table[3] and "own visual odometry" in table[3]
     assert "2.6 + shared trunk mapnet_demo.safetensors" in table[2] and "skipped" in table[4]
+
+
+def test_ace_on_a_kitti_folder_is_mapped_by_vizloc_map_and_timed_by_its_total(zoo, tmp_path, monkeypatch):
+    from vizloc_ros.mapping import cli as mapping_cli
+
+    calls = []
+
+    def fake_map(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.write_bytes(b"map")
+        out.with_suffix(".json").write_text(json.dumps({"training": {"timings": {"total_s": 90.0}}}))
+        return 0
+
+    monkeypatch.setattr(mapping_cli, "main", fake_map)
+    args = SimpleNamespace(quick=False, kitti_map_minutes=4.0, weights=None, map=None, train_gpu_recipes=False)
+    dataset = {"name": "kitti/seq", "kind": "kitti", "train": tmp_path / "even", "val": tmp_path / "odd"}
+    weights, how = zoo.Checkpoints(args, tmp_path / "work").get("ace", dataset)
+    assert calls == [[str(tmp_path / "even"), "--out", str(weights), "--minutes", "4", "--threads", "1",
+                      "--overwrite", "--no-progress", "--quiet"]]
+    assert how.startswith("mapped here (vizloc-map)") and zoo.training_minutes(weights) == 1.5
+    # on the demo without --map, and in quick mode, a map is still left to vizloc-map
+    with pytest.raises(zoo.Skipped, match="vizloc-map"):
+        zoo.Checkpoints(args, tmp_path / "work").get("ace", {"name": "demo", "kind": "7scenes"})
+    monkeypatch.setattr(mapping_cli, "main", lambda argv: 2)
+    with pytest.raises(zoo.ZooError, match="vizloc-map failed"):
+        zoo.Checkpoints(args, tmp_path / "work2").get("ace", {**dataset, "name": "kitti/other"})
+    for bad in ("0", "-1", "nan", "x"):
+        with pytest.raises(Exception):
+            zoo._positive_minutes(bad)
