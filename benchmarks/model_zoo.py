@@ -287,6 +287,12 @@ def zoo_config(name: str, dataset: dict, args, out: Path, source_checkpoint) -> 
         for key in KITTI_DROPPED_LOSS_KEYS:
             loss.pop(key, None)
         cfg["data"].update(preload=True, kwargs={})
+        # one thread, no loader workers: the 25 frames are in memory, and torch flushes
+        # denormals only on the thread that asks (vizloc-train's main thread), while the
+        # worker of an intra-op pool made before it keeps its own floating-point mode:
+        # PoseNet's steps on KITTI took 6-11 s instead of 0.16 s in two of three runs
+        # (py-spy: the time in oneDNN's convolutions on the pool)
+        cfg.update(threads=1, workers=0)
         cfg["input"] = {"resize": 64, "crop": [64, 200]} if args.quick else dict(KITTI_INPUT)
         cfg["augment"] = {**(cfg.get("augment") or {}), "random_crop": False}
         if name == "dsac":   # no depth: DSAC++ heuristic targets, then the reprojection stage
