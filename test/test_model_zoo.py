@@ -71,6 +71,8 @@ def test_kitti_runs_drop_the_demo_loss_weights_and_take_the_trunk_trained_there(
     assert not set(zoo.KITTI_DROPPED_LOSS_KEYS) & set(mapnet["loss"])  # vizloc-train's defaults apply
     assert mapnet["max_steps"] is None and mapnet["optim"]["epochs"] == 40 and mapnet["optim"]["batch_size"] == 8
     assert mapnet["input"] == zoo.KITTI_INPUT
+    dsac = zoo.zoo_config("dsac", dataset, args, tmp_path / "dsac", lambda source: None)
+    assert dsac["optim"]["epochs"] == 40 * zoo.KITTI_EPOCH_FACTOR["dsac"]  # from scratch: more epochs
     asked = []
     shipped = ROOT / "weights" / "posenet_demo.safetensors"  # stands in for a KITTI-trained PoseNet
 
