@@ -148,3 +148,17 @@ def test_a_camera_moving_along_its_axis_finds_partners_by_its_side_probes():
         assert all(len(p) == 0 for p in choose_partners(centres, rotations, camera, axis_only))
     finally:
         triangulation.PROBE_OFFSETS = saved
+
+
+def test_pairs_that_kept_no_point_give_an_empty_depth_without_a_warning():
+    import warnings
+
+    from vizloc_ros.mapping.triangulation import _fuse
+
+    points = np.zeros((5, 2), np.float32)
+    empty = (np.zeros(0, np.int64), np.zeros(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for samples in ([], [empty], [empty, empty]):
+            depth = _fuse(samples, points, TriangulationOptions())
+            assert len(depth.u) == len(depth.v) == len(depth.depth) == 0

@@ -288,10 +288,10 @@ def _fuse(samples: list[tuple[np.ndarray, np.ndarray]], points: np.ndarray,
           options: TriangulationOptions) -> SparseDepth:
     """One frame's (keypoint index, depth) samples from all its pairs -> a depth per
     keypoint that at least ``min_views`` samples agree on (the median of those)."""
-    if not samples:
+    index = np.concatenate([s[0] for s in samples]) if samples else np.zeros(0, np.int64)
+    depth = np.concatenate([s[1] for s in samples]) if samples else np.zeros(0)
+    if not len(index):  # no pair, or pairs that kept no point (numpy warned on the empty median)
         return SparseDepth(*(np.zeros(0, np.float32) for _ in range(3)))
-    index = np.concatenate([s[0] for s in samples])
-    depth = np.concatenate([s[1] for s in samples])
     order = np.lexsort((depth, index))
     index, depth = index[order], depth[order]
     starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
