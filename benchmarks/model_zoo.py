@@ -73,6 +73,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vizloc_ros.cli_args import positive  # noqa: E402
 from vizloc_ros.files import staged_files  # noqa: E402
 from vizloc_ros.localize.estimator import PoseEstimator  # noqa: E402
 from vizloc_ros.localize.models import available_models  # noqa: E402
@@ -605,17 +606,6 @@ def write_outputs(md_path: Path, json_path: Path, text: str, document: dict) -> 
 
 # --------------------------------------------------------------------------- main
 
-def _positive_minutes(text: str) -> float:
-    """argparse type: a finite number of minutes > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"need a number of minutes > 0, got {text}")
-    return value
-
-
 def _at_least_one(text: str) -> int:
     """argparse type: an integer >= 1 (a count of steps, epochs or frames)."""
     try:
@@ -648,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kitti-epochs", type=_at_least_one, default=100,
                         help="training epochs per model on a KITTI folder (100: 300 steps of 8 of the "
                              "25 even frames)")
-    parser.add_argument("--kitti-map-minutes", type=_positive_minutes, default=4.0,
+    parser.add_argument("--kitti-map-minutes", type=positive(float), default=4.0,
                         help="with ace among --models: vizloc-map's head training on a KITTI folder's even "
                              "frames, minutes (default 4: on KITTI 06 1.5 left the map 26 m off, 4 gave 2 m)")
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny inputs (CPU smoke run)")

@@ -18,11 +18,12 @@ PACKAGE = ROOT / "vizloc_ros"
 
 #: stage -> the stages it may import (besides itself). The runtime (ros_io, localize,
 #: fusion, pipeline, nodes) never imports the offline tools (replay, training, sim).
-BASE = {"geometry", "settings", "files"}
+BASE = {"geometry", "settings", "files", "cli_args"}
 ALLOWED = {
     "geometry": set(),
     "settings": set(),
     "files": set(),
+    "cli_args": set(),
     "metrics": {"geometry"},
     "ros_io": BASE,
     "localize": BASE,

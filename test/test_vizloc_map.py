@@ -337,3 +337,17 @@ def test_refinement_moves_a_shifted_map_back_towards_the_true_poses(room):
     assert history["steps"] == 40
     assert history["mean_expected_loss_last"] < 0.6 * history["mean_expected_loss_first"]
     assert float(model.head.offset.detach().norm()) < 0.06
+
+
+@pytest.mark.parametrize("flag, value", [("--minutes", "inf"), ("--minutes", "nan"), ("--every", "0"),
+                                         ("--threads", "-1"), ("--steps", "2.5")])
+def test_a_number_flag_out_of_range_is_one_usage_line(flag, value, tmp_path, capsys):
+    """``--minutes inf`` once passed and crashed turning the budget into a step count."""
+    from vizloc_ros.mapping import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([str(tmp_path), "--out", str(tmp_path / "m.safetensors"), flag, value])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("vizloc-map: error:") and flag in err[-1] and "positive" in err[-1]
+    assert not list(tmp_path.iterdir())

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vizloc_ros.cli_args import positive
 from vizloc_ros.files import OutputError, check_not_a_link, scratch_folder, staged
 from vizloc_ros.localize.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vizloc_ros.localize.weights import shipped_weights
@@ -284,19 +285,6 @@ def summary(result: dict) -> str:
 
 # --------------------------------------------------------------------------- CLI
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
 def _count(text: str) -> int:
     """A whole number >= 0 (a flag where 0 means "none")."""
     try:
@@ -329,17 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the map to write (MAP.json beside it); refused if it exists, unless --overwrite")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing MAP")
     timing = parser.add_argument_group("training")
-    timing.add_argument("--minutes", type=_positive(float),
+    timing.add_argument("--minutes", type=positive(float),
                         help=f"head training budget, wall clock (default {defaults.minutes:g}); "
                              "the step count follows from the measured speed")
-    timing.add_argument("--steps", type=_positive(int),
+    timing.add_argument("--steps", type=positive(int),
                         help="a fixed number of head steps instead of --minutes (reproducible)")
-    timing.add_argument("--refine-minutes", type=_positive(float), metavar="M",
+    timing.add_argument("--refine-minutes", type=positive(float), metavar="M",
                         help="afterwards, refine the head for M minutes with DSAC++'s end-to-end loss "
                              "(differentiable hypothesis selection); kept only if validation does not get worse")
-    timing.add_argument("--every", type=_positive(int), default=1, metavar="N",
+    timing.add_argument("--every", type=positive(int), default=1, metavar="N",
                         help="map every N-th frame (default 1: all)")
-    timing.add_argument("--max-samples", type=_positive(int), default=DEFAULT_MAX_SAMPLES,
+    timing.add_argument("--max-samples", type=positive(int), default=DEFAULT_MAX_SAMPLES,
                         help=f"bound of the feature buffer, in cells (default {DEFAULT_MAX_SAMPLES:,}: "
                              f"{gigabytes:.1f} GB at {BYTES_PER_SAMPLE} bytes each); with more cells each "
                              "frame keeps an equal random share")
@@ -348,15 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "map knows surfaces from other distances and angles (default "
                              f"{defaults.augmentation.copies}; each copy adds about one frame's encoding time and "
                              "buffer rows; 0: the frames only)")
-    timing.add_argument("--head-width", type=_positive(int), default=defaults.head_width, metavar="C",
+    timing.add_argument("--head-width", type=positive(int), default=defaults.head_width, metavar="C",
                         help=f"channels of the map's head (default {defaults.head_width}; 256 trains 3x "
                              "faster per step, and fits less)")
-    timing.add_argument("--input-height", type=_positive(int),
+    timing.add_argument("--input-height", type=positive(int),
                         help=f"network input: the shorter image side is resized to this (default "
                              f"{defaults.input_height}, or the images' own if smaller); localization uses the same")
     timing.add_argument("--encoder", metavar="PATH",
                         help=f"the frozen encoder (default: the shipped weights/{ENCODER_NAME})")
-    timing.add_argument("--threads", type=_positive(int), default=os.cpu_count() or 1,
+    timing.add_argument("--threads", type=positive(int), default=os.cpu_count() or 1,
                         help="CPU threads (default: all cores)")
     timing.add_argument("--seed", type=int, default=defaults.seed, help=f"seed (default {defaults.seed})")
     data = parser.add_argument_group("input")

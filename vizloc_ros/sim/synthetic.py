@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from vizloc_ros.cli_args import positive
 from vizloc_ros.files import OutputBusy, check_not_a_link, exit_with_parent, staged
 from vizloc_ros.ros_io import messages
 from vizloc_ros.ros_io.bag_io import BagWriter
@@ -575,16 +576,6 @@ def _int_at_least(minimum: int):
 _positive_int = _int_at_least(2)  # frames: a sequence needs two poses for odometry
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vizloc-synth",
@@ -610,9 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-walks", type=_int_at_least(1), default=4,
                         help="number of training walks (default 4: seq-01..04; more go to seq-06 on)")
     parser.add_argument("--size", type=_parse_size, default=(320, 240), help="image WIDTHxHEIGHT (default 320x240)")
-    parser.add_argument("--focal", type=_positive_float, default=None,
+    parser.add_argument("--focal", type=positive(float), default=None,
                         help="focal length in pixels (default: 60 degree horizontal field of view)")
-    parser.add_argument("--camera-hz", type=_positive_float, default=15.0, help="camera rate (default 15)")
+    parser.add_argument("--camera-hz", type=positive(float), default=15.0, help="camera rate (default 15)")
     parser.add_argument("--trajectory", type=Path, action="append", default=None, metavar="FILE.tum",
                         help="drive a sequence with a real TUM trajectory instead of the random walks "
                              "(repeatable; sequences go to the test split unless --split train); "

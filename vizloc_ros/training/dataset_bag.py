@@ -60,6 +60,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vizloc_ros import geometry
+from vizloc_ros.cli_args import positive
 from vizloc_ros.files import OutputError, check_not_a_link, move_into_place, scratch_folder
 from vizloc_ros.localize.camera import CameraError, check_camera
 from vizloc_ros.ros_io import messages
@@ -409,16 +410,6 @@ class _Parser(argparse.ArgumentParser):
         raise ConversionError(f"{message} (see {PROG} --help)")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (np.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -440,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intrinsics", type=str, metavar="FX,FY,CX,CY",
                         help="pinhole intrinsics in pixels of the stored images (default: scene.json, KITTI "
                              "calib.txt, or 7-Scenes' 585 px at 640x480; required for Cambridge)")
-    parser.add_argument("--rate", type=_positive_float, metavar="HZ",
+    parser.add_argument("--rate", type=positive(float), metavar="HZ",
                         help="space the kept frames 1/HZ seconds apart instead of the dataset's own times")
     parser.add_argument("--compressed", action="store_true",
                         help=f"write sensor_msgs/CompressedImage (png) on {TOPIC_COMPRESSED} instead of raw Image")
