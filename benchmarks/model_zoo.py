@@ -410,6 +410,8 @@ class Checkpoints:
         print(f"model_zoo: vizloc-map {' '.join(command)}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         code = mapping_cli.main(command)
+        if code == 130:  # Ctrl-C stopped the mapping (it wrote nothing): stop the zoo too
+            raise KeyboardInterrupt
         if code != 0:
             raise ZooError(f"vizloc-map failed on {dataset['name']} (exit {code})")
         return out, f"mapped here (vizloc-map), whole run {(time.perf_counter() - started) / 60.0:.1f} min"

@@ -152,6 +152,9 @@ def test_ace_on_a_kitti_folder_is_mapped_by_vizloc_map_and_timed_by_its_total(zo
     monkeypatch.setattr(mapping_cli, "main", lambda argv: 2)
     with pytest.raises(zoo.ZooError, match="vizloc-map failed"):
         zoo.Checkpoints(args, tmp_path / "work2").get("ace", {**dataset, "name": "kitti/other"})
+    monkeypatch.setattr(mapping_cli, "main", lambda argv: 130)  # Ctrl-C in the mapping stops the zoo
+    with pytest.raises(KeyboardInterrupt):
+        zoo.Checkpoints(args, tmp_path / "work3").get("ace", {**dataset, "name": "kitti/third"})
     for bad in ("0", "-1", "nan", "inf", "x"):  # one usage line, exit 2
         with pytest.raises(SystemExit) as stopped:
             zoo.build_parser().parse_args(["--kitti-map-minutes", bad])
