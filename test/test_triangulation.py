@@ -128,7 +128,7 @@ def test_vizloc_map_triangulates_by_default_and_can_be_told_not_to():
     assert not parser.parse_args(["src", "--out", "m", "--no-triangulate"]).triangulate
 
 
-def test_a_camera_moving_along_its_axis_finds_partners_by_its_side_probes():
+def test_a_camera_moving_along_its_axis_finds_partners_by_its_side_probes(monkeypatch):
     """A car on a straight road: the point ahead shows no parallax between two frames,
     the roadside does (KITTI 06 had partners for 5 of 26 frames with the axis alone)."""
     camera = {"fx": 718.9, "fy": 718.9, "cx": 607.2, "cy": 185.2, "width": 1241, "height": 376}
@@ -139,15 +139,11 @@ def test_a_camera_moving_along_its_axis_finds_partners_by_its_side_probes():
     assert all(len(p) > 0 for p in partners)
     for i, p in enumerate(partners):  # never the frame itself, and each partner once
         assert i not in p and len(set(p.tolist())) == len(p)
-    # the axis probe alone would find none: every ray to it is parallel
-    axis_only = TriangulationOptions(scene_depth=10.0)
+    # the axis probe alone finds none: every ray to it is parallel
     import vizloc_ros.mapping.triangulation as triangulation
-    saved = triangulation.PROBE_OFFSETS
-    triangulation.PROBE_OFFSETS = ((0.0, 0.0),)
-    try:
-        assert all(len(p) == 0 for p in choose_partners(centres, rotations, camera, axis_only))
-    finally:
-        triangulation.PROBE_OFFSETS = saved
+    monkeypatch.setattr(triangulation, "PROBE_OFFSETS", ((0.0, 0.0),))
+    axis_only = choose_partners(centres, rotations, camera, TriangulationOptions(scene_depth=10.0))
+    assert all(len(p) == 0 for p in axis_only)
 
 
 def test_pairs_that_kept_no_point_give_an_empty_depth_without_a_warning():

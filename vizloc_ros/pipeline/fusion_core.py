@@ -116,9 +116,9 @@ class FusionSettings:
     max_gap_s: float = setting(
         10.0, "s the inputs may go on ahead after a silence and the fusion continues (a gap); a "
               "move of every input further ahead is a clock jump: the fusion restarts", above=0.0)
-    # a map made by vizloc-map measures how long its errors stay alike (0.2-0.3 s for the
-    # demo map, against MapNet's second that the parameter file's default is): fusing it
-    # with the default would make the fused covariance four times too cautious
+    # a map made by vizloc-map from contiguous frames measures how long its errors stay
+    # alike (0.05-0.3 s for maps of the demo room, against the parameter file's second):
+    # fused with the default, the fused covariance would be several times too cautious
     noise_from_weights: bool = setting(
         True, "take abs_correlation_time (and abs_bias_share) from the network's checkpoint "
               "(network_weights) where its JSON carries them (maps made by vizloc-map measure "
